@@ -1,0 +1,3 @@
+"""Probes and evaluation callbacks."""
+
+__all__: list[str] = []

@@ -1,0 +1,129 @@
+"""Loading Hugging Face causal LMs and tokenizers from a name, a local directory or a config dict.
+
+Every module in this package builds its language models through :func:`load_causal_lm` and
+:func:`load_tokenizer`, so a YAML config can say any of::
+
+    model: meta-llama/Llama-3.2-1B          # a hub name (needs the files in the local HF cache)
+    model: /path/to/exported/model          # a directory written by ``save_pretrained``
+    model: {model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}   # a tiny random model
+
+Without a tokenizer the default is byte-level (``ByT5Tokenizer(extra_ids=0)``): 256 bytes plus
+pad/eos/unk, no files needed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, PreTrainedModel
+
+ModelSpec = str | dict[str, Any]
+
+#: A Llama-style configuration small enough for CPU tests; override any field in YAML.
+TINY_LLAMA: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Map ``"bf16"``/``"bfloat16"``/... (or a ``torch.dtype``) to a ``torch.dtype``; ``None`` stays ``None``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}") from None
+
+
+def byte_tokenizer() -> ByT5Tokenizer:
+    """The default tokenizer: UTF-8 bytes (ids 3..258) plus pad=0, eos=1, unk=2. Needs no files."""
+    return ByT5Tokenizer(extra_ids=0)
+
+
+def load_tokenizer(tokenizer: str | None = None, model: ModelSpec | None = None):
+    """Tokenizer from ``tokenizer`` (name/path), else from ``model`` when it is a path/name with tokenizer
+    files, else the byte-level default. A pad token is always set (eos when the tokenizer has none)."""
+    source = tokenizer
+    if source is None and isinstance(model, str) and _has_tokenizer_files(model):
+        source = model
+    if source is None or source == "byte":
+        tok = byte_tokenizer()
+    else:
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=_is_local(source) or _offline())
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(model: ModelSpec, vocab_size: int | None = None, dtype: str | torch.dtype | None = None,
+                   seed: int | None = None) -> PreTrainedModel:
+    """Build a causal LM from a hub name, a local ``save_pretrained`` directory or a config dict.
+
+    For a config dict, ``model_type`` picks the architecture (default ``llama``) and missing fields come
+    from :data:`TINY_LLAMA`; ``vocab_size`` (usually ``len(tokenizer)``) fills the vocabulary size when the
+    dict leaves it out. ``seed`` makes the random initialisation of a config-dict model reproducible.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if isinstance(model, dict):
+        fields = dict(model)
+        model_type = fields.pop("model_type", "llama")
+        base = TINY_LLAMA if model_type == "llama" else {}
+        merged = {k: v for k, v in base.items() if k != "model_type"} | fields
+        if "vocab_size" not in merged:
+            if vocab_size is None:
+                raise ValueError("model config dict has no 'vocab_size' and no tokenizer size was given")
+            merged["vocab_size"] = vocab_size
+        merged.setdefault("pad_token_id", 0)
+        merged.setdefault("eos_token_id", 1)
+        merged.setdefault("bos_token_id", None)
+        config = AutoConfig.for_model(model_type, **merged)
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                lm = AutoModelForCausalLM.from_config(config)
+        else:
+            lm = AutoModelForCausalLM.from_config(config)
+        return lm.to(torch_dtype) if torch_dtype is not None else lm
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a name, a path or a config dict, got {type(model).__name__}")
+    if _is_local(model) and not (Path(model) / "config.json").exists():
+        raise FileNotFoundError(f"model directory {model!r} has no config.json (expected a save_pretrained export)")
+    kwargs = {"local_files_only": _is_local(model) or _offline()}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+
+
+def check_same_vocabulary(a: PreTrainedModel, b: PreTrainedModel, names: tuple[str, str] = ("student", "teacher")):
+    """Raise a clear ``ValueError`` when two models cannot be compared token by token."""
+    va, vb = a.get_output_embeddings().weight.shape[0], b.get_output_embeddings().weight.shape[0]
+    if va != vb:
+        raise ValueError(f"{names[0]} vocabulary size {va} != {names[1]} vocabulary size {vb}: "
+                         "both models must share one tokenizer/vocabulary")
+
+
+def _is_local(name: str) -> bool:
+    return os.path.isdir(name) or name.startswith((".", "/", "~"))
+
+
+def _has_tokenizer_files(name: str) -> bool:
+    if not os.path.isdir(name):
+        return not name.startswith((".", "/", "~"))
+    return any((Path(name) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
