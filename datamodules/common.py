@@ -33,3 +33,14 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, left: bool = Fa
             else:
                 out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
     return out
+
+
+def cache_dir(*parts: str) -> "Path":
+    """Where generated data and caches live: ``$LITPAPERS_CACHE`` or ``~/.cache/litpapers``, plus ``parts``."""
+    import os
+    from pathlib import Path
+
+    base = Path(os.environ.get("LITPAPERS_CACHE", Path.home() / ".cache" / "litpapers"))
+    path = base.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

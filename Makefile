@@ -1,0 +1,32 @@
+# `make test` and `make demo` each build .venv from nothing (Python 3.10+ is all they need).
+# CUDA users: make test TORCH_SPEC=torch TORCH_INDEX=https://download.pytorch.org/whl/cu126
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all demo benchmarks clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+demo: $(STAMP)
+	$(VENV)/bin/litpapers fit --config configs/ademamix/quick.yaml
+	@echo "TensorBoard logs: logs/ademamix_quick  (view: $(VENV)/bin/tensorboard --logdir logs)"
+
+clean:
+	rm -rf $(VENV) logs .cache
