@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks against the anchors; each prints one JSON object last."""
