@@ -52,6 +52,13 @@ class LitPapersCLI(LightningCLI):
                                    "init_args": {"logging_interval": "step"}}],
         })
 
+    def before_instantiate_classes(self) -> None:
+        # `--trainer.enable_progress_bar false` must win over the default RichProgressBar callback.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.get("enable_progress_bar") is False and config.trainer.get("callbacks"):
+            config.trainer.callbacks = [c for c in config.trainer.callbacks
+                                        if not str(c.get("class_path", "")).endswith("ProgressBar")]
+
     @staticmethod
     def configure_optimizers(lightning_module, optimizer, lr_scheduler: LRSchedulerTypeUnion | None = None):
         if not isinstance(lightning_module, PaperModule):
