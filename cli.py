@@ -16,6 +16,7 @@ import inspect
 import os
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeUnion
 
 # Imported so their classes resolve by short name (``--optimizer AdEMAMix``, ``CausalLM``, callbacks).
@@ -24,6 +25,8 @@ import datamodules  # noqa: F401
 import lit_modules  # noqa: F401
 import optimizers  # noqa: F401
 from lit_modules.base import PaperModule
+
+DEFAULT_CHECKPOINT_EVERY = 200
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -44,20 +47,29 @@ class LitPapersCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({
-            "trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                               "init_args": {"save_dir": "logs", "name": "litpapers"}},
-            "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
-                                  {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
-                                   "init_args": {"logging_interval": "step"}}],
-        })
+        parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                                "init_args": {"save_dir": "logs", "name": "litpapers"}}})
 
     def before_instantiate_classes(self) -> None:
-        # `--trainer.enable_progress_bar false` must win over the default RichProgressBar callback.
+        """Add the default callbacks a config did not list itself (a config's own ``callbacks`` list extends
+        these rather than silently dropping them): a rich progress bar, per-step LR logging, and a checkpoint
+        every ``DEFAULT_CHECKPOINT_EVERY`` steps plus ``last.ckpt`` so an interrupted run resumes with
+        ``--ckpt_path logs/<name>/version_N/checkpoints/last.ckpt``. Each is skipped when the matching trainer switch is off."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.trainer.get("enable_progress_bar") is False and config.trainer.get("callbacks"):
-            config.trainer.callbacks = [c for c in config.trainer.callbacks
-                                        if not str(c.get("class_path", "")).endswith("ProgressBar")]
+        trainer = config.trainer
+        listed = [str(c.get("class_path", "")) for c in (trainer.get("callbacks") or [])]
+        defaults = []
+        if trainer.get("enable_progress_bar") is not False and not any(c.endswith("ProgressBar") for c in listed):
+            defaults.append({"class_path": "lightning.pytorch.callbacks.RichProgressBar", "init_args": {}})
+        if trainer.get("logger") not in (False, None) and not any(c.endswith("LearningRateMonitor") for c in listed):
+            defaults.append({"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+                             "init_args": {"logging_interval": "step"}})
+        if trainer.get("enable_checkpointing") is not False and not any(c.endswith("ModelCheckpoint") for c in listed):
+            defaults.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                             "init_args": {"save_last": True, "every_n_train_steps": DEFAULT_CHECKPOINT_EVERY}})
+        if defaults:
+            trainer.callbacks = list(trainer.get("callbacks") or []) + [Namespace(class_path=d["class_path"], init_args=Namespace(**d["init_args"]))
+                                                                 for d in defaults]
 
     @staticmethod
     def configure_optimizers(lightning_module, optimizer, lr_scheduler: LRSchedulerTypeUnion | None = None):

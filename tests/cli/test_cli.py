@@ -34,7 +34,7 @@ def test_quick_config_trains_logs_to_tensorboard_and_resumes(tmp_path):
     events = list(Path("logs").rglob("events.out.tfevents.*"))
     assert events, "TensorBoard event file missing"
     assert {"train/loss", "val/loss", "val/ppl"} <= set(cli.trainer.callback_metrics)
-    ckpt = next(Path("logs").rglob("*.ckpt"))
+    ckpt = next(Path("logs").rglob("last.ckpt"))
     resumed = build_cli(["fit", "--config", QUICK, "--trainer.max_steps", "6", *FAST, "--ckpt_path", str(ckpt)])
     assert resumed.trainer.global_step == 6
 
