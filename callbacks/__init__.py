@@ -1,3 +1,14 @@
 """Probes and evaluation callbacks."""
 
-__all__: list[str] = []
+from callbacks.oversquashing import (
+    OverSquashingProbe,
+    RepresentationalCollapseProbe,
+    SequenceTaskProbe,
+    representational_collapse,
+    token_sensitivity,
+)
+from callbacks.quantization_eval import QuantizationEval, evaluate_against_full_precision, token_flip_stats
+from callbacks.return_alignment import ReturnAlignmentEval
+
+__all__: list[str, "QuantizationEval", "evaluate_against_full_precision", "token_flip_stats"] = ["ReturnAlignmentEval", "OverSquashingProbe", "RepresentationalCollapseProbe", "SequenceTaskProbe",
+                      "representational_collapse", "token_sensitivity"]

@@ -148,6 +148,7 @@ class SequenceTasksDataModule(L.LightningDataModule):
         self.separator, self.separator_every = separator, separator_every
         self.num_train, self.num_val, self.val_fraction = num_train, num_val, val_fraction
         self.batch_size, self.seed, self.tokenizer_name, self.num_workers = batch_size, seed, tokenizer, num_workers
+        self.tokenizer = None
         self.train_examples: list[dict] | None = None
         self.val_examples: list[dict] | None = None
 

@@ -1,5 +1,6 @@
 """AdEMAMix and the learning-rate schedules."""
 
-from optimizers.schedules import warmup_cosine_factor
+from optimizers.ademamix import AdEMAMix
+from optimizers.schedules import alpha_schedule, beta3_schedule, warmup_cosine_factor
 
-__all__ = ["warmup_cosine_factor"]
+__all__ = ["AdEMAMix", "alpha_schedule", "beta3_schedule", "warmup_cosine_factor"]

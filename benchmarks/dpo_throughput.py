@@ -1,0 +1,231 @@
+"""DPO training throughput: ``lit_modules.DPO`` (Lightning Trainer) vs TRL's ``DPOTrainer``, same model and data.
+
+    python -m benchmarks.dpo_throughput [--device cpu|cuda] [--quick]
+
+Both sides train the same tiny Llama (identical initial weights, byte-level tokenizer) with the sigmoid (DPO)
+loss, β = 0.1, on the same built-in preference pairs (prompts padded to a fixed length with a constant prefix,
+so every batch has about the same sequence length), batch size, fp32 weights and compute, AdamW (torch,
+non-fused; lr 1e-5 constant, β (0.9, 0.999), no weight decay), gradient clipping at 1.0, no gradient
+checkpointing, no bf16/fp16, one process, no dataloader workers. TRL: ``DPOConfig(bf16=False, fp16=False,
+gradient_checkpointing=False, optim="adamw_torch", lr_scheduler_type="constant", max_grad_norm=1.0,
+report_to="none")``; ours: ``Trainer(precision="32-true", gradient_clip_val=1.0, logger=False)``.
+
+Timing: each side runs in its own subprocess (clean peak-memory numbers); after ``warmup`` steps, the wall time
+to the end of the last of ``steps`` more steps is measured (forward + backward + optimizer step + each
+library's own per-step batch collation and metric bookkeeping; tokenization and reference precompute are
+excluded and the precompute time is reported separately). Sides alternate for ``repeats`` rounds; medians are
+reported, with ratios against TRL measured in the same run. With ``precompute_ref_logps`` (both sides'
+option) the reference forward is done once up front. Peak memory: the process's peak RSS (CPU) or
+``torch.cuda.max_memory_allocated`` during training (CUDA). Without ``trl`` installed the TRL sides are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+SIDES = ("ours", "ours_precompute", "trl", "trl_precompute")
+PREFIX = "You are a careful assistant. Answer with the answer only, nothing else, please.\n"
+
+
+def settings(args: argparse.Namespace) -> dict:
+    return {"hidden_size": args.hidden, "intermediate_size": 4 * args.hidden, "num_hidden_layers": args.layers,
+            "num_attention_heads": max(1, args.hidden // 64), "num_key_value_heads": max(1, args.hidden // 64)}
+
+
+def make_records(n: int, prompt_bytes: int) -> list[dict]:
+    """Built-in pairs with each prompt left-filled from ``PREFIX`` (repeated) to exactly ``prompt_bytes`` bytes."""
+    from datamodules.preference import builtin_preference_records
+
+    rows = []
+    for r in builtin_preference_records(n, seed=0):
+        fill = prompt_bytes - len(r["prompt"])
+        prefix = (PREFIX * (1 + max(fill, 0) // len(PREFIX)))[:max(fill, 0)]
+        rows.append({"prompt": prefix + r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})
+    return rows
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _peak(device: str) -> dict:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device == "cuda":
+        import torch
+
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _result(times: list[float], args: argparse.Namespace, precompute_s: float | None) -> dict:
+    elapsed = times[-1] - times[args.warmup - 1]
+    return {"pairs_per_s": args.steps * args.batch / elapsed, "seconds": elapsed, "precompute_s": precompute_s,
+            **_peak(args.device)}
+
+
+def run_ours(args: argparse.Namespace, precompute: bool) -> dict:
+    import lightning as L
+    import torch
+
+    from datamodules import PreferenceDataModule
+    from lit_modules import DPO
+
+    class StepTimer(L.Callback):
+        def __init__(self):
+            self.times: list[float] = []
+            self.start = None
+
+        def on_train_start(self, trainer, pl_module):
+            self.start = time.perf_counter()
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            _sync(args.device)
+            self.times.append(time.perf_counter())
+
+    n_steps = args.warmup + args.steps
+    dm = PreferenceDataModule.from_records(make_records(n_steps * args.batch, args.prompt_bytes),
+                                           batch_size=args.batch, val_fraction=0.0, max_prompt_length=1024,
+                                           max_length=2048)
+    module = DPO(model=settings(args), loss="sigmoid", beta=0.1, lr=1e-5, lr_decay="constant",
+                 precompute_ref_logps=precompute, ref_cache_dir=tempfile.mkdtemp())
+    timer = StepTimer()
+    trainer = L.Trainer(max_steps=n_steps, accelerator=args.device, devices=1, precision="32-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    return _result(timer.times, args, timer.start - t0 if precompute else None)
+
+
+def run_trl(args: argparse.Namespace, precompute: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from lit_modules.hf import byte_tokenizer, load_causal_lm
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_train_begin(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_end(self, *a, **k):
+            _sync(args.device)
+            self.times.append(time.perf_counter())
+
+    n_steps = args.warmup + args.steps
+    tokenizer = byte_tokenizer()
+    model = load_causal_lm(settings(args), vocab_size=len(tokenizer), seed=0)
+    config = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=n_steps,
+                       learning_rate=1e-5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+                       optim="adamw_torch", beta=0.1, loss_type=["sigmoid"], bf16=False, fp16=False,
+                       gradient_checkpointing=False, precompute_ref_log_probs=precompute, max_length=None,
+                       report_to="none", logging_steps=10**6, save_strategy="no", disable_tqdm=True,
+                       dataloader_num_workers=0, use_cpu=args.device == "cpu", seed=0)
+    timer = StepTimer()
+    t0 = time.perf_counter()
+    ref_model = None if precompute else copy.deepcopy(model)  # TRL would reload it from a hub name otherwise
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, processing_class=tokenizer, callbacks=[timer],
+                         train_dataset=Dataset.from_list(make_records(n_steps * args.batch, args.prompt_bytes)))
+    precompute_s = time.perf_counter() - t0 if precompute else None  # includes TRL's tokenization map
+    trainer.train()
+    return _result(timer.times, args, precompute_s)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    side = args.worker
+    fn = run_trl if side.startswith("trl") else run_ours
+    print("RESULT " + json.dumps(fn(args, precompute=side.endswith("precompute"))), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="smaller model, fewer steps and repeats")
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--batch", type=int, default=8, help="pairs per step")
+    p.add_argument("--prompt-bytes", type=int, default=120, help="prompt length in bytes (= tokens)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch default)")
+    p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    size = (128, 2, 10, 2) if args.quick else ((256, 4, 30, 3) if args.device == "cpu" else (512, 6, 50, 3))
+    args.hidden = args.hidden or size[0]
+    args.layers = args.layers or size[1]
+    args.steps = args.steps or size[2]
+    args.repeats = args.repeats or size[3]
+    if args.worker:
+        return worker(args)
+
+    try:
+        import trl  # noqa: F401
+        sides = SIDES
+    except ImportError:
+        sides = tuple(s for s in SIDES if not s.startswith("trl"))
+    forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                 if k in ("device", "hidden", "layers", "batch", "prompt_bytes", "steps", "warmup", "threads")]
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    for r in range(args.repeats):
+        for side in sides:
+            out = subprocess.run([sys.executable, "-m", "benchmarks.dpo_throughput", f"--worker={side}", *forwarded],
+                                 capture_output=True, text=True, env=env)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode or not line:
+                raise RuntimeError(f"{side} failed:\n{out.stderr[-3000:]}")
+            runs[side].append(json.loads(line[-1][7:]))
+            print(f"round {r + 1}/{args.repeats} {side}: {runs[side][-1]['pairs_per_s']:.2f} pairs/s", flush=True)
+
+    med = lambda side, key: statistics.median(x[key] for x in runs[side]) if runs[side][0].get(key) is not None else None  # noqa: E731
+    summary = {s: {k: med(s, k) for k in runs[s][0]} for s in sides}
+    ratios = {}
+    if "trl" in summary:
+        anchor = summary["trl"]["pairs_per_s"]
+        ratios = {f"{s}_vs_trl": summary[s]["pairs_per_s"] / anchor for s in sides}
+        ratios["ours_precompute_vs_trl_precompute"] = (summary["ours_precompute"]["pairs_per_s"]
+                                                      / summary["trl_precompute"]["pairs_per_s"])
+    ratios["ours_precompute_vs_ours"] = summary["ours_precompute"]["pairs_per_s"] / summary["ours"]["pairs_per_s"]
+    import torch
+
+    print(json.dumps({
+        "benchmark": "dpo_throughput", "device": args.device, "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "settings": {"model": settings(args) | {"vocab_size": 259, "model_type": "llama"}, "batch_pairs": args.batch,
+                     "prompt_tokens": args.prompt_bytes, "response_tokens": "1-8 (+EOS)", "steps": args.steps,
+                     "warmup": args.warmup, "repeats": args.repeats, "precision": "fp32",
+                     "optimizer": "torch AdamW (non-fused), lr 1e-5 constant, clip 1.0",
+                     "trl": "DPOConfig(bf16=False, fp16=False, gradient_checkpointing=False, optim='adamw_torch')",
+                     "ours": "lit_modules.DPO + Lightning Trainer(precision='32-true', logger=False)"},
+        "median": summary, "ratios": ratios, "raw": runs,
+    }))
+
+
+if __name__ == "__main__":
+    main()

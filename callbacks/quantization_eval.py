@@ -1,0 +1,198 @@
+"""How far a quantized model's behaviour is from its full-precision self (QDPO's offline proxies, PAPERS.md §4).
+
+On a held-out prompt set, against the full-precision model (FP):
+
+- ``flip_rate``: teacher-forcing FP's own greedy answers, the fraction of answer positions where the
+  quantized model's argmax differs from FP's ("token flipping");
+- ``fp_margin_at_flips``: FP's top-1 − top-2 log-probability gap at the flipped positions (flips happen where
+  it is small), and ``fp_margin``: the same gap averaged over all answer positions;
+- ``quant_margin``: the quantized model's log p(FP's top-1) − max over other tokens of log p, averaged over
+  answer positions (> 0 where no flip; QDPO should widen it);
+- ``fp_loglik``: FP's log-likelihood per token of the quantized model's own greedy answers (EOS included);
+- ``rouge_l``: Rouge-L F1 (``torchmetrics``' ``ROUGEScore``, word tokens) of its answers against FP's;
+- ``same_answer``: fraction of answers identical to FP's;
+- ``check_score``: fraction of answers the built-in task's :func:`~datamodules.instruction_tasks.check_answer`
+  accepts (only for built-in prompts, which carry ``task``/``params``).
+
+:func:`evaluate_against_full_precision` is the pure evaluation (the benchmark calls it for RTN, QDPO and FP);
+:class:`QuantizationEval` runs it on a :class:`lit_modules.QDPO`: at train start (= the RTN model), after
+each validation (fake-quantized policy) and at train end on the converted real low-bit model, logging
+``val/quant/<metric>`` (``val/quant_final/<metric>`` at the end, plus FP's ceiling as ``val/fp/<metric>``)
+and writing every result to ``<log_dir>/quantization_eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.text.rouge import ROUGEScore
+
+from datamodules.common import pad_sequences
+from datamodules.instruction import load_instruction_records
+from datamodules.instruction_tasks import check_answer
+from datamodules.qdpo_pairs import generate_answers, unique_prompt_records
+
+log = logging.getLogger(__name__)
+
+
+def token_flip_stats(fp_logits: Tensor, q_logits: Tensor) -> dict[str, Tensor]:
+    """Per-position flip statistics for (N, V) logits of the same N positions.
+
+    With ℓ = log_softmax: a = argmax ℓ_fp, flipped = (argmax ℓ_q ≠ a),
+    fp_margin = ℓ_fp[a] − max_{v≠a} ℓ_fp[v], quant_margin = ℓ_q[a] − max_{v≠a} ℓ_q[v]; each (N,).
+    """
+    fp_lp, q_lp = fp_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
+    top2 = fp_lp.topk(2, dim=-1)
+    a = top2.indices[:, 0]
+    q_top = q_lp.gather(-1, a[:, None]).squeeze(-1)
+    q_other = q_lp.scatter(-1, a[:, None], float("-inf")).amax(-1)
+    return {"flipped": q_lp.argmax(-1) != a, "fp_margin": top2.values[:, 0] - top2.values[:, 1],
+            "quant_margin": q_top - q_other}
+
+
+def _answer_batch(tokenizer, prompts: list[str], answers: list[str], max_prompt_length: int):
+    """Right-padded prompt+answer+EOS ids, attention mask and a mask over the answer(+EOS) positions."""
+    seqs, masks = [], []
+    for prompt, answer in zip(prompts, answers):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_length:]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seqs.append(p + a)
+        masks.append([0] * len(p) + [1] * len(a))
+    return (pad_sequences(seqs, tokenizer.pad_token_id), pad_sequences([[1] * len(s) for s in seqs], 0),
+            pad_sequences(masks, 0))
+
+
+@torch.no_grad()
+def _teacher_forced(models: list[nn.Module], tokenizer, prompts: list[str], answers: list[str],
+                    batch_size: int, max_prompt_length: int):
+    """Yield, per batch, each model's logits at the positions predicting answer tokens, and those tokens."""
+    for start in range(0, len(prompts), batch_size):
+        ids, attn, mask = _answer_batch(tokenizer, prompts[start:start + batch_size],
+                                        answers[start:start + batch_size], max_prompt_length)
+        keep = mask[:, 1:].bool()
+        logits = []
+        for m in models:
+            device = next(m.parameters()).device
+            out = m(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits
+            logits.append(out[:, :-1][keep.to(device)].float().cpu())
+        yield logits, ids[:, 1:][keep]
+
+
+def evaluate_against_full_precision(full_precision: nn.Module, model: nn.Module, tokenizer, records: list[dict],
+                                    fp_answers: list[str] | None = None, max_new_tokens: int = 32,
+                                    batch_size: int = 64, max_prompt_length: int = 128) -> dict[str, float | None]:
+    """The metrics of the module docstring for ``model`` on ``records`` (rows with ``prompt``; built-in rows
+    also ``task``/``params``). ``fp_answers``: FP's greedy answers, generated when not given."""
+    prompts = [r["prompt"] for r in records]
+    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_length=max_prompt_length)
+    modes = [full_precision.training, model.training]
+    full_precision.eval(), model.eval()
+    if fp_answers is None:
+        fp_answers = generate_answers(full_precision, tokenizer, prompts, **gen)
+    answers = generate_answers(model, tokenizer, prompts, **gen)
+    stats: dict[str, list[Tensor]] = {"flipped": [], "fp_margin": [], "quant_margin": []}
+    for (fp_logits, q_logits), _ in _teacher_forced([full_precision, model], tokenizer, prompts, fp_answers,
+                                                    batch_size, max_prompt_length):
+        for k, v in token_flip_stats(fp_logits, q_logits).items():
+            stats[k].append(v)
+    flat = {k: torch.cat(v) for k, v in stats.items()}
+    loglik, n_tokens = 0.0, 0
+    for (fp_logits,), targets in _teacher_forced([full_precision], tokenizer, prompts, answers, batch_size,
+                                                 max_prompt_length):
+        loglik += float(fp_logits.log_softmax(-1).gather(-1, targets[:, None]).sum())
+        n_tokens += len(targets)
+    flipped = flat["flipped"]
+    checkable = [(r, a) for r, a in zip(records, answers) if "task" in r and "params" in r]
+    full_precision.train(modes[0]), model.train(modes[1])
+    return {
+        "flip_rate": float(flipped.float().mean()),
+        "fp_margin_at_flips": float(flat["fp_margin"][flipped].mean()) if flipped.any() else None,
+        "fp_margin": float(flat["fp_margin"].mean()),
+        "quant_margin": float(flat["quant_margin"].mean()),
+        "fp_loglik": loglik / max(n_tokens, 1),
+        "rouge_l": float(ROUGEScore(rouge_keys="rougeL")(answers, fp_answers)["rougeL_fmeasure"]),
+        "same_answer": sum(a == b for a, b in zip(answers, fp_answers)) / len(answers),
+        "check_score": (sum(check_answer(r, a) for r, a in checkable) / len(checkable)) if checkable else None,
+        "num_prompts": len(records),
+    }
+
+
+class QuantizationEval(L.Callback):
+    """Evaluate a :class:`lit_modules.QDPO`'s quantized policy against its full-precision model.
+
+    Args:
+        path: prompt records (as :class:`datamodules.InstructionDataModule`); ``None`` = built-in tasks.
+        num_prompts: prompts drawn (built-in) before deduplication and removing training prompts.
+        seed: seed of the built-in prompt generator (different from the pairs' ``prompt_seed``).
+        max_new_tokens, batch_size, max_prompt_length: generation settings (greedy).
+        exclude_training_prompts: drop prompts the datamodule trains on (its ``records()``' ``prompt``).
+    """
+
+    def __init__(self, path: str | None = None, num_prompts: int = 256, seed: int = 12345,
+                 max_new_tokens: int = 32, batch_size: int = 64, max_prompt_length: int = 128,
+                 exclude_training_prompts: bool = True):
+        super().__init__()
+        self.path, self.num_prompts, self.seed = path, num_prompts, seed
+        self.gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_length=max_prompt_length)
+        self.exclude_training_prompts = exclude_training_prompts
+        self.records: list[dict] | None = None
+        self.fp_answers: list[str] | None = None
+        self.results: list[dict] = []
+
+    def _prepare(self, trainer: L.Trainer, pl_module) -> None:
+        if self.records is not None:
+            return
+        for attr in ("full_precision", "policy", "tokenizer"):
+            if not hasattr(pl_module, attr):
+                raise TypeError(f"QuantizationEval needs a module with .{attr} (lit_modules.QDPO), "
+                                f"got {type(pl_module).__name__}")
+        records, _ = unique_prompt_records(load_instruction_records(self.path, self.num_prompts, self.seed,
+                                                                    require_response=False))
+        dm = trainer.datamodule
+        if self.exclude_training_prompts and dm is not None and hasattr(dm, "records"):
+            train_prompts = {row["prompt"] for row in dm.records() if "prompt" in row}
+            kept = [r for r in records if r["prompt"] not in train_prompts]
+            log.info("QuantizationEval: %d of %d eval prompts also used for training were removed",
+                     len(records) - len(kept), len(records))
+            records = kept
+        if not records:
+            raise ValueError("QuantizationEval: no evaluation prompts left after removing training prompts")
+        self.records = records
+        self.fp_answers = generate_answers(pl_module.full_precision, pl_module.tokenizer,
+                                           [r["prompt"] for r in records], **self.gen)
+
+    def _run(self, trainer: L.Trainer, pl_module, model: nn.Module, prefix: str) -> dict:
+        self._prepare(trainer, pl_module)
+        metrics = evaluate_against_full_precision(pl_module.full_precision, model, pl_module.tokenizer, self.records,
+                                                  self.fp_answers, **self.gen)
+        self.results.append({"stage": prefix, "step": trainer.global_step, **metrics})
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()
+                                        if v is not None and not math.isnan(v)}, step=trainer.global_step)
+        self._write(trainer)
+        return metrics
+
+    def _write(self, trainer: L.Trainer) -> None:
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "quantization_eval.json").write_text(json.dumps(self.results, indent=2))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self._run(trainer, pl_module, pl_module.full_precision, "val/fp")
+            self._run(trainer, pl_module, pl_module.policy, "val/quant")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._run(trainer, pl_module, pl_module.policy, "val/quant")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            converted = pl_module.quantized_model() if hasattr(pl_module, "quantized_model") else pl_module.policy
+            self._run(trainer, pl_module, converted, "val/quant_final")

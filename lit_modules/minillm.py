@@ -1,0 +1,476 @@
+"""MiniLLM: knowledge distillation of a causal LM by minimising the *reverse* KL, KL[q_θ ‖ p], on student
+samples (Gu et al., ICLR 2024, arXiv 2306.08543; reference code microsoft/LMOps ``minillm/``), with its
+baselines as ``objective`` values of the same module:
+
+===========  ==============================================================================================
+``sft``      cross-entropy on the data's responses (no teacher)
+``kd``       word-level KD: (1−kd_ratio)·CE + kd_ratio·Σ_t KL(p ‖ q_θ) on the data's responses
+``seqkd``    SeqKD: cross-entropy on responses *sampled from the teacher*
+``gkd``      TRL GKD style: generalized JSD_β(p, q_θ) per token on responses *sampled from the student*
+             (β=1: reverse KL(q_θ ‖ p), β=0: forward KL(p ‖ q_θ))
+``minillm``  the policy-gradient estimator below (+ the PT loss)
+===========  ==============================================================================================
+
+MiniLLM (paper §2.2, LMOps ``minillm/losses.py``, ``sampler.py``). With per-token reward
+r_t = log p(y_t|y_<t,x) − log q_θ(y_t|y_<t,x) and R_t = Σ_{t'≥t} r_t',
+
+    ∇KL[q_θ‖p] = −E_{y~q_θ} Σ_t (R_t − 1) ∇log q_θ(y_t|y_<t,x)
+               = E_{y~q_θ} Σ_t [ ∇KL(q_θ(·|y_<t) ‖ p(·|y_<t))          ← single-step term, exact over the vocab
+                                 − R_{t+1} ∇log q_θ(y_t|y_<t) ]          ← long-term term
+
+- length normalisation: R_{t+1} → R_{t+1}/(number of tokens summed);
+- teacher-mixed sampling: y_t ~ p̃ = α·p + (1−α)·q_θ with per-token weight w_t = q_θ(y_t)/p̃(y_t);
+- PPO-style clipped surrogate, ratio ρ_t = w_t·q_θ(y_t)/q_θold(y_t), clip ε, ``ppo_epochs`` steps per rollout;
+- L = L_long + L_single + lm_coef·L_PT, L_PT = (1−kd_ratio)·LM + kd_ratio·forward KL on a pretraining batch
+  (the datamodule's ``pt_input_ids``; without a pretraining stream, the batch's own gold responses).
+
+As in the reference code the rewards are divided by ``reward_scaling`` (0.5), discounted by ``gamma`` and
+whitened over the batch; with ``single_step=False`` the long-term term uses R_t (r_t included) so the
+estimator stays unbiased. ``max_steps`` counts optimizer steps: each rollout batch makes ``ppo_epochs`` of them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from transformers import PreTrainedModel
+
+from datamodules.instruction_tasks import check_answer
+from lit_modules.base import PaperModule
+from lit_modules.causal_lm import CausalLM
+from lit_modules.hf import ModelSpec, check_same_vocabulary, load_causal_lm, load_tokenizer
+
+OBJECTIVES = ("sft", "kd", "seqkd", "gkd", "minillm")
+DEFAULT_TEACHER = "checkpoints/minillm_teacher"
+
+
+# ----------------------------------------------------------------------------------------------- the math
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ x·m / max(Σ m, 1)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tokens]: (B, T, V), (B, T) → (B, T), in fp32."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def kl_per_token(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """KL(a ‖ b) = Σ_v a_v (log a_v − log b_v) at every position, exactly over the vocabulary (fp32)."""
+    log_a, log_b = torch.log_softmax(logits_a.float(), -1), torch.log_softmax(logits_b.float(), -1)
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def entropy_per_token(logits: torch.Tensor) -> torch.Tensor:
+    """H(q) = −Σ_v q_v log q_v at every position."""
+    logq = torch.log_softmax(logits.float(), -1)
+    return -(logq.exp() * logq).sum(-1)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token generalized JSD of GKD (Agarwal et al. 2024; TRL ``GKDTrainer.generalized_jsd_loss``):
+    with M = β·p + (1−β)·q,  JSD_β = β·KL(p ‖ M) + (1−β)·KL(q ‖ M); TRL's endpoints: β=0 → KL(p ‖ q)
+    (forward), β=1 → KL(q ‖ p) (reverse)."""
+    if beta == 0.0:
+        return kl_per_token(teacher_logits, student_logits)
+    if beta == 1.0:
+        return kl_per_token(student_logits, teacher_logits)
+    logq, logp = torch.log_softmax(student_logits.float(), -1), torch.log_softmax(teacher_logits.float(), -1)
+    logm = torch.logsumexp(torch.stack([logp + math.log(beta), logq + math.log(1 - beta)]), 0)
+    kl_pm = (logp.exp() * (logp - logm)).sum(-1)
+    kl_qm = (logq.exp() * (logq - logm)).sum(-1)
+    return beta * kl_pm + (1 - beta) * kl_qm
+
+
+def future_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, include_current: bool = False,
+                   length_norm: bool = True) -> torch.Tensor:
+    """Per position t: R = Σ_{t'>t} γ^{t'−t−1} r_t' (``include_current``: Σ_{t'≥t} γ^{t'−t} r_t'), over the
+    unmasked tokens; with ``length_norm`` divided by the number of tokens summed (≥ 1), the paper's
+    R^norm_{t+1} = R_{t+1}/(T−t−1). Masked positions get 0."""
+    rewards = rewards.float() * mask
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        if include_current:
+            running = rewards[:, t] + gamma * running
+            out[:, t] = running
+        else:
+            out[:, t] = running
+            running = rewards[:, t] + gamma * running
+    if length_norm:
+        m = mask.float()
+        remaining = m.flip(-1).cumsum(-1).flip(-1)  # tokens from t to the end, t included
+        count = remaining if include_current else remaining - m
+        out = out / count.clamp(min=1)
+    return out * mask
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean)/std over the unmasked entries (LMOps ``utils.whiten``)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def ppo_clipped_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                     weights: torch.Tensor, mask: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO surrogate with importance weights (LMOps ``losses._pg_loss``): ρ = w·exp(log q_θ − log q_old),
+    L = mean_t max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)). Returns (loss, fraction of tokens where the clip is active)."""
+    ratio = weights * torch.exp(logprobs - old_logprobs)
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_frac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clip_frac
+
+
+def minillm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor,
+                 mask: torch.Tensor, old_logprobs: torch.Tensor, mix_logprobs: torch.Tensor | None = None, *,
+                 single_step: bool = True, length_norm: bool = True, gamma: float = 1.0,
+                 reward_scaling: float = 1.0, reward_clip: float | None = None, whiten_advantages: bool = False,
+                 clip_eps: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The MiniLLM estimator on one rollout batch (response positions only, shapes (B, T[, V])).
+
+    ``old_logprobs`` = log q_θold(y_t) at sampling time; ``mix_logprobs`` = log p̃(y_t) (``None``: sampled
+    from the student, w = 1). Rewards r_t = (log p(y_t) − log q_θold(y_t))/reward_scaling (clipped to
+    ±reward_clip). Returns (loss, stats); the loss's gradient at θ = θold with the defaults (γ 1, no length
+    norm, no whitening, no mixing) is, in expectation over y ~ q_θ, ∇KL[q_θ‖p] times 1/(tokens per batch).
+    """
+    mask = mask.float()
+    logq = gather_logprobs(student_logits, tokens)
+    with torch.no_grad():
+        logp = gather_logprobs(teacher_logits, tokens)
+        rewards = (logp - old_logprobs) / reward_scaling
+        if reward_clip is not None:
+            rewards = rewards.clamp(-reward_clip, reward_clip)
+        adv = future_returns(rewards, mask, gamma, include_current=not single_step, length_norm=length_norm)
+        if whiten_advantages:
+            adv = whiten(adv, mask)
+        weights = torch.ones_like(logq) if mix_logprobs is None else torch.exp(old_logprobs - mix_logprobs)
+    pg_loss, clip_frac = ppo_clipped_loss(logq, old_logprobs, adv, weights, mask, clip_eps)
+    single = masked_mean(kl_per_token(student_logits, teacher_logits), mask)
+    loss = pg_loss + single if single_step else pg_loss
+    with torch.no_grad():
+        stats = {"pg_loss": pg_loss.detach(), "single_step": single.detach(), "clip_frac": clip_frac,
+                 "reward": masked_mean(logp - old_logprobs, mask),
+                 "reverse_kl": ((old_logprobs - logp) * mask).sum(-1).mean(),
+                 "entropy": masked_mean(entropy_per_token(student_logits), mask),
+                 "importance_weight": masked_mean(weights, mask)}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@dataclass
+class Rollout:
+    """Sampled responses for left-padded prompts. ``response_ids`` are padded with ``pad_id`` after EOS;
+    ``response_mask`` is 1 on sampled tokens (EOS included). Log-probs are of the sampled tokens."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    student_logprobs: torch.Tensor
+    mix_logprobs: torch.Tensor
+
+
+def _cache_arg(model: PreTrainedModel | None) -> str:
+    """The KV-cache keyword of ``model.forward``: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    return "cache" if model is not None and "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
+
+
+def _step(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
+          cache_arg: str):
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache})
+    return out.logits[:, -1].float(), getattr(out, cache_arg)
+
+
+@torch.no_grad()
+def sample_mixed(student: PreTrainedModel, teacher: PreTrainedModel | None, prompt_ids: torch.Tensor,
+                 prompt_mask: torch.Tensor, max_new_tokens: int, alpha: float = 0.0, eos_id: int | None = 1,
+                 pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
+    """Sample y_t ~ p̃ = α·p + (1−α)·q (softmax of logits/temperature; temperature 0 = greedy on p̃),
+    stepping student and (when α > 0) teacher together with their KV caches, batched. A sequence that
+    emitted ``eos_id`` gets ``pad_id`` (mask 0) afterwards; the loop stops when every sequence is done.
+    ``alpha=1`` samples from the teacher (SeqKD)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"teacher-mix alpha must be in [0, 1], got {alpha}")
+    if alpha > 0 and teacher is None:
+        raise ValueError("teacher-mixed sampling (alpha > 0) needs a teacher")
+    use_student, use_teacher = alpha < 1.0, alpha > 0.0
+    b = prompt_ids.shape[0]
+    mask = prompt_mask.long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, pos = prompt_ids, positions
+    s_cache = t_cache = None
+    s_arg, t_arg = _cache_arg(student), _cache_arg(teacher)
+    done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
+    tokens, masks, s_lps, m_lps = [], [], [], []
+    for _ in range(max_new_tokens):
+        if use_student:
+            s_logits, s_cache = _step(student, ids, mask, pos, s_cache, s_arg)
+        if use_teacher:
+            t_logits, t_cache = _step(teacher, ids, mask, pos, t_cache, t_arg)
+        temp = temperature if temperature > 0 else 1.0
+        logq = torch.log_softmax(s_logits / temp, -1) if use_student else None
+        logp = torch.log_softmax(t_logits / temp, -1) if use_teacher else None
+        if use_student and use_teacher:
+            logmix = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
+        else:
+            logmix = logq if use_student else logp
+        if temperature > 0:
+            nxt = torch.multinomial(logmix.exp(), 1, generator=generator).squeeze(-1)
+        else:
+            nxt = logmix.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens.append(nxt)
+        masks.append(~done)
+        s_lps.append((logq if use_student else logmix).gather(-1, nxt[:, None]).squeeze(-1))
+        m_lps.append(logmix.gather(-1, nxt[:, None]).squeeze(-1))
+        if eos_id is not None:
+            done = done | (nxt == eos_id)
+        if bool(done.all()):
+            break
+        ids = nxt[:, None]
+        pos = pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    stack = lambda xs: torch.stack(xs, dim=1)  # noqa: E731
+    return Rollout(prompt_ids, prompt_mask, stack(tokens), stack(masks).long(), stack(s_lps), stack(m_lps))
+
+
+def response_logits(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
+    """Logits (B, T, V) that predict each response token, from one forward over prompt + response."""
+    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
+    mask = torch.cat([rollout.prompt_mask.long(), rollout.response_mask.long()], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    p, t = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    return logits[:, p - 1: p + t - 1]
+
+
+# ----------------------------------------------------------------------------------------------- module
+class MiniLLM(PaperModule):
+    """Distil ``teacher`` into ``student`` with MiniLLM or one of its baselines (see the module docstring).
+
+    Args:
+        student: hub name, ``save_pretrained`` directory or config dict (tiny random model) of the student.
+        teacher: the same for the frozen teacher; default ``checkpoints/minillm_teacher``, written by
+            ``configs/minillm/teacher_sft.yaml``. Not needed for ``objective: sft``.
+        tokenizer: tokenizer name/path; default: the student's (or teacher's) directory, else byte-level.
+        objective: one of ``sft``, ``kd``, ``seqkd``, ``gkd``, ``minillm``.
+        teacher_dtype: e.g. ``bf16`` to hold the teacher in half precision.
+        teacher_mix_alpha: α of teacher-mixed sampling (0 = pure student sampling).
+        single_step: use the exact single-step term (else the long-term term includes r_t).
+        length_norm: normalise the long-term return by the number of future tokens.
+        ppo_epochs: optimizer steps per rollout batch; clip_eps: PPO clip ε.
+        gamma, reward_scaling, reward_clip, whiten_advantages: reward shaping of the reference code.
+        lm_coef: weight of the PT loss (MiniLLM); kd_ratio: KD share in the PT loss and in ``kd``.
+        gkd_beta: β of the generalized JSD (``gkd``; 1 = reverse KL).
+        max_new_tokens, temperature: rollout length cap and sampling temperature.
+        eval_max_new_tokens, eval_temperature, eval_seed: validation sampling (temperature 0 = greedy).
+        grad_clip: gradient-norm clip (manual optimization: set it here, not on the Trainer).
+        export_dir: ``save_pretrained`` the student (and tokenizer) there when training ends.
+        lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio: see :class:`PaperModule`.
+    """
+
+    def __init__(self, student: ModelSpec | None = None, teacher: ModelSpec | None = DEFAULT_TEACHER,
+                 tokenizer: str | None = None, objective: str = "minillm", teacher_dtype: str | None = None,
+                 init_seed: int = 0, teacher_mix_alpha: float = 0.2, single_step: bool = True,
+                 length_norm: bool = True, ppo_epochs: int = 4, clip_eps: float = 0.2, gamma: float = 1.0,
+                 reward_scaling: float = 0.5, reward_clip: float | None = None, whiten_advantages: bool = True,
+                 lm_coef: float = 1.0, kd_ratio: float = 0.5, gkd_beta: float = 1.0, max_new_tokens: int = 32,
+                 temperature: float = 1.0, eval_max_new_tokens: int | None = None, eval_temperature: float = 1.0,
+                 eval_seed: int = 0, grad_clip: float | None = 1.0, export_dir: str | None = None,
+                 lr: float = 5e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
+                 warmup_steps: int = 0, lr_decay: str = "cosine", min_lr_ratio: float = 0.1):
+        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
+        if not 0.0 <= teacher_mix_alpha < 1.0:
+            raise ValueError(f"teacher_mix_alpha must be in [0, 1), got {teacher_mix_alpha}")
+        if ppo_epochs < 1 or max_new_tokens < 1:
+            raise ValueError(f"ppo_epochs ({ppo_epochs}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+        if not 0.0 <= gkd_beta <= 1.0 or not 0.0 <= kd_ratio <= 1.0:
+            raise ValueError(f"gkd_beta ({gkd_beta}) and kd_ratio ({kd_ratio}) must be in [0, 1]")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints leave the frozen teacher out
+        student = {} if student is None else student
+        self.tokenizer = load_tokenizer(tokenizer, student if isinstance(student, str) else teacher)
+        self.model: PreTrainedModel = _load("student", student, len(self.tokenizer), None, init_seed,
+                                            "configs/minillm/sft.yaml")
+        self.teacher: PreTrainedModel | None = None
+        if objective != "sft":
+            if teacher is None:
+                raise ValueError(f"objective={objective!r} needs a teacher (model.teacher)")
+            self.teacher = _load("teacher", teacher, len(self.tokenizer), teacher_dtype, init_seed + 1,
+                                 "configs/minillm/teacher_sft.yaml")
+            check_same_vocabulary(self.model, self.teacher)
+            self.teacher.requires_grad_(False).eval()
+        self.export_dir = export_dir
+        self.val_loss = torchmetrics.MeanMetric()
+        self.val_rouge = torchmetrics.text.ROUGEScore(rouge_keys="rougeL", accumulate="best")
+        self.val_valid = torchmetrics.MeanMetric()
+        self.val_length = torchmetrics.MeanMetric()
+        self.history: dict[str, list[float]] = {"step": [], "reward": [], "reverse_kl": []}
+
+    # -- bookkeeping: frozen teacher stays in eval mode, out of the optimizer and of the checkpoint
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def trainable_parameters(self):
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("teacher."))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    # -- rollouts and losses
+    def rollout(self, batch: dict, alpha: float, max_new_tokens: int | None = None, temperature: float | None = None,
+                generator: torch.Generator | None = None) -> Rollout:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return sample_mixed(self.model, self.teacher, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                max_new_tokens or self.hparams.max_new_tokens, alpha, self.tokenizer.eos_token_id,
+                                self.pad_id, self.hparams.temperature if temperature is None else temperature,
+                                generator)
+        finally:
+            self.model.train(was_training)
+
+    def _lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
+                 kd_ratio: float) -> torch.Tensor:
+        """(1−kd_ratio)·CE(labels) + kd_ratio·mean_t KL(p ‖ q_θ) over the labelled positions."""
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        target = labels[:, 1:]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+        if kd_ratio > 0:
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            kd = masked_mean(kl_per_token(t_logits, logits), target != -100)
+            loss = (1 - kd_ratio) * loss + kd_ratio * kd
+        return loss
+
+    def _pt_loss(self, batch: dict) -> torch.Tensor:
+        kd_ratio = self.hparams.kd_ratio if self.teacher is not None else 0.0
+        if "pt_input_ids" in batch:
+            return self._lm_loss(batch["pt_input_ids"], batch["pt_input_ids"], None, kd_ratio)
+        return self._lm_loss(batch["input_ids"], batch["labels"], batch["attention_mask"], kd_ratio)
+
+    def _rollout_loss(self, rollout: Rollout, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        hp = self.hparams
+        s_logits = response_logits(self.model, rollout)
+        mask = rollout.response_mask
+        if hp.objective == "seqkd":
+            return masked_mean(-gather_logprobs(s_logits, rollout.response_ids), mask), {}
+        if hp.objective == "gkd":
+            loss = masked_mean(generalized_jsd(s_logits, teacher_logits, hp.gkd_beta), mask)
+            return loss, {"entropy": masked_mean(entropy_per_token(s_logits.detach()), mask)}
+        mix = rollout.mix_logprobs if hp.teacher_mix_alpha > 0 else None
+        return minillm_loss(s_logits, teacher_logits, rollout.response_ids, mask, rollout.student_logprobs, mix,
+                            single_step=hp.single_step, length_norm=hp.length_norm, gamma=hp.gamma,
+                            reward_scaling=hp.reward_scaling, reward_clip=hp.reward_clip,
+                            whiten_advantages=hp.whiten_advantages, clip_eps=hp.clip_eps)
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        hp = self.hparams
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        rollout, teacher_logits, stats = None, None, {}
+        if hp.objective in ("seqkd", "gkd", "minillm"):
+            alpha = {"seqkd": 1.0, "gkd": 0.0, "minillm": hp.teacher_mix_alpha}[hp.objective]
+            rollout = self.rollout(batch, alpha)
+            if hp.objective != "seqkd":
+                with torch.no_grad():
+                    teacher_logits = response_logits(self.teacher, rollout)
+            stats["response_length"] = rollout.response_mask.sum(-1).float().mean()
+        for _ in range(hp.ppo_epochs if hp.objective == "minillm" else 1):
+            if rollout is None:
+                kd_ratio = hp.kd_ratio if hp.objective == "kd" else 0.0
+                loss = self._lm_loss(batch["input_ids"], batch["labels"], batch["attention_mask"], kd_ratio)
+            else:
+                loss, step_stats = self._rollout_loss(rollout, teacher_logits)
+                stats.update(step_stats)
+                if hp.objective == "minillm" and hp.lm_coef > 0:
+                    stats["pt_loss"] = self._pt_loss(batch)
+                    loss = loss + hp.lm_coef * stats["pt_loss"]
+            opt.zero_grad()
+            self.manual_backward(loss)
+            if hp.grad_clip:
+                self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+            opt.step()
+            if sched is not None:
+                sched.step()
+        n = batch["input_ids"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n)
+        if "reward" in stats:
+            self.history["step"].append(self.global_step)
+            self.history["reward"].append(float(stats["reward"]))
+            self.history["reverse_kl"].append(float(stats["reverse_kl"]))
+
+    # -- evaluation: Rouge-L (best over references), valid-answer rate, response length
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        hp = self.hparams
+        n = batch["input_ids"].shape[0]
+        self.val_loss.update(self._lm_loss(batch["input_ids"], batch["labels"], batch["attention_mask"], 0.0),
+                             weight=n)
+        gen = torch.Generator(device=self.device).manual_seed(hp.eval_seed + batch_idx)
+        rollout = self.rollout(batch, 0.0, hp.eval_max_new_tokens or hp.max_new_tokens, hp.eval_temperature, gen)
+        texts = self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+        examples = batch["examples"]
+        self.val_rouge.update(texts, [ex["references"] or [""] for ex in examples])
+        valid = [float(check_answer(ex, t)) for ex, t in zip(examples, texts) if "task" in ex and "params" in ex]
+        if valid:
+            self.val_valid.update(torch.tensor(valid, device=self.device))
+        self.val_length.update(rollout.response_mask.sum(-1).float())
+        self.log("val/loss", self.val_loss, on_epoch=True, batch_size=n)
+        self.log("val/response_length", self.val_length, on_epoch=True, batch_size=n)
+        if valid:
+            self.log("val/valid_rate", self.val_valid, prog_bar=True, on_epoch=True, batch_size=n)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/rougeL", self.val_rouge.compute()["rougeL_fmeasure"], prog_bar=True, sync_dist=True)
+        self.val_rouge.reset()
+
+    def on_train_end(self) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        if self.history["step"] and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            import matplotlib.pyplot as plt
+
+            fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+            for ax, key in zip(axes, ("reward", "reverse_kl")):
+                ax.plot(self.history["step"], self.history[key])
+                ax.set_xlabel("optimizer step")
+                ax.set_title(key)
+            fig.tight_layout()
+            self.logger.experiment.add_figure("train/reward_and_kl", fig, global_step=self.global_step)
+            plt.close(fig)
+        if self.export_dir and self.trainer.is_global_zero:
+            CausalLM.export(self, self.export_dir)  # saves self.model + self.tokenizer
+
+
+def _load(role: str, spec: ModelSpec, vocab_size: int, dtype: str | None, seed: int, how: str) -> PreTrainedModel:
+    """``load_causal_lm`` with an error that says how to make a missing local model."""
+    try:
+        return load_causal_lm(spec, vocab_size=vocab_size, dtype=dtype, seed=seed)
+    except (OSError, FileNotFoundError, ValueError) as e:
+        if isinstance(spec, str):
+            raise FileNotFoundError(f"{role} model {spec!r} could not be loaded ({e}). If it is the default "
+                                    f"local checkpoint, train it first: litpapers fit --config {how}") from e
+        raise

@@ -1,0 +1,166 @@
+"""RADT: Return-Aligned Decision Transformer (Tanaka et al., TMLR 2025, arXiv 2402.03923; PAPERS.md §3).
+
+Reference: CyberAgentAILab/radt (``gym/models/radt.py``, ``gym/conf/*.yaml``). Returns-to-go leave the token
+stream: the transformer sees only interleaved (s_t, a_t) tokens ``Linear(x) + E_time[t]``, and the returns are
+a separate sequence c_t = Linear(R̂_t / scale) that steers every block in two ways:
+
+* **SeqRA** (sequence-level return alignment, §4.1): cross-attention from each token to the returns,
+  query = h, key = LN_k(c + E_time), value = LN_v(c), *timestep-causal* (a token of step i sees c_j, j ≤ i),
+  with a gate α = Linear_{2d→d}([attn_out; h]) initialised to zero: h ← (1 + α) ⊙ attn_out + h.
+* **StepRA** (step-level return alignment, §4.2): adaptive LayerNorm,
+  [γ_sa, β_sa, γ_ca, β_ca, γ_mlp, β_mlp] = Linear_{d→6d}(SiLU(c_t)) per timestep (shared by s_t and a_t),
+  LN(h)·(1 + γ) + β with affine-free LNs (eps 1e-6) and the modulation Linear zero-initialised (adaLN-Zero),
+  in a post-norm block:  h = LN(x + SA(x))∘(sa); h = LN((1+α)⊙CA(h) + h)∘(ca); h = LN(h + MLP(h))∘(mlp).
+
+``seqra``/``stepra`` switch each off for the paper's ablations; without StepRA the block is pre-norm
+(x ← x + SA(LN x); x ← x + (1+α)⊙CA(LN x); x ← x + MLP(LN x); final LN), as in the reference. The action
+comes from the s_t token (Linear + tanh), trained with MSE on unpadded positions (``return_conditioned``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lit_modules.return_conditioned import (
+    MLP,
+    Attention,
+    ReturnConditionedPolicy,
+    SelfAttention,
+    interleave,
+    token_attention_mask,
+)
+
+
+def seqra_mask(valid: torch.Tensor, tokens_per_step: int = 2) -> torch.Tensor:
+    """Boolean cross-attention mask (B, 1, n·K, K): token q (of step ⌊q/n⌋) may see return j iff
+    j ≤ ⌊q/n⌋ and (step j is real or j = ⌊q/n⌋); ``valid`` (B, K) marks real steps."""
+    K = valid.shape[1]
+    step = torch.arange(K * tokens_per_step, device=valid.device) // tokens_per_step
+    j = torch.arange(K, device=valid.device)
+    causal = j[None, :] <= step[:, None]
+    own = j[None, :] == step[:, None]
+    return (causal & (valid[:, None, :].bool() | own))[:, None]
+
+
+def modulate(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Adaptive LayerNorm output x·(1 + γ) + β (x already normalised)."""
+    return x * (1 + gamma) + beta
+
+
+class SeqRA(Attention):
+    """Timestep-causal cross-attention to the return sequence with a zero-initialised gate; returns the gated
+    update (1 + α) ⊙ attn_out, α = Linear_{2d→d}([attn_out; query]) — the block adds the residual."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__(dim, n_heads, dropout)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.ln_k, self.ln_v = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.gate = nn.Linear(2 * dim, dim)
+
+    def reset_gate(self) -> None:
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, h: torch.Tensor, returns: torch.Tensor, time: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.attend(self.q(h), self.k(self.ln_k(returns + time)), self.v(self.ln_v(returns)), mask)
+        alpha = self.gate(torch.cat([out, h], dim=-1))
+        return (1 + alpha) * out
+
+
+class StepRA(nn.Module):
+    """adaLN-Zero modulation: six (B, n·K, d) tensors γ_sa, β_sa, γ_ca, β_ca, γ_mlp, β_mlp from SiLU(c_t),
+    repeated for the n tokens of each step; zero at initialisation."""
+
+    def __init__(self, dim: int, tokens_per_step: int = 2):
+        super().__init__()
+        self.tokens_per_step = tokens_per_step
+        self.net = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def reset_zero(self) -> None:
+        nn.init.zeros_(self.net[1].weight)
+        nn.init.zeros_(self.net[1].bias)
+
+    def forward(self, returns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.net(returns).repeat_interleave(self.tokens_per_step, dim=1).chunk(6, dim=-1)
+
+
+class RADTBlock(nn.Module):
+    """One RADT layer: post-norm adaLN block with StepRA, pre-norm block without (see module docstring)."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float, seqra: bool, stepra: bool):
+        super().__init__()
+        self.attn, self.mlp = SelfAttention(dim, n_heads, dropout), MLP(dim, dropout)
+        self.cross = SeqRA(dim, n_heads, dropout) if seqra else None
+        self.stepra = StepRA(dim) if stepra else None
+        norm = (lambda: nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)) if stepra else (lambda: nn.LayerNorm(dim))
+        self.norm_attn, self.norm_mlp = norm(), norm()
+        self.norm_cross = norm() if seqra else None
+
+    def forward(self, x: torch.Tensor, returns: torch.Tensor, time: torch.Tensor, attn_mask: torch.Tensor,
+                cross_mask: torch.Tensor) -> torch.Tensor:
+        if self.stepra is None:  # pre-norm
+            x = x + self.attn(self.norm_attn(x), attn_mask)
+            if self.cross is not None:
+                x = x + self.cross(self.norm_cross(x), returns, time, cross_mask)
+            return x + self.mlp(self.norm_mlp(x))
+        g_sa, b_sa, g_ca, b_ca, g_mlp, b_mlp = self.stepra(returns)
+        h = modulate(self.norm_attn(x + self.attn(x, attn_mask)), g_sa, b_sa)
+        if self.cross is not None:
+            h = modulate(self.norm_cross(h + self.cross(h, returns, time, cross_mask)), g_ca, b_ca)
+        return modulate(self.norm_mlp(h + self.mlp(h)), g_mlp, b_mlp)
+
+
+class RADT(ReturnConditionedPolicy):
+    """Return-Aligned Decision Transformer.
+
+    Args:
+        seqra: use SeqRA cross-attention to the returns (ablation: ``False``).
+        stepra: use StepRA adaptive LayerNorm (ablation: ``False``; the block becomes pre-norm).
+        Others: see :class:`~lit_modules.return_conditioned.ReturnConditionedPolicy` (paper defaults).
+    """
+
+    def __init__(self, state_dim: int | None = None, act_dim: int | None = None, discrete: bool | None = None,
+                 seqra: bool = True, stepra: bool = True, embed_dim: int = 128, n_layers: int = 3, n_heads: int = 1,
+                 dropout: float = 0.1, context_len: int = 20, max_timestep: int = 1000, rtg_scale: float = 1000.0,
+                 lr: float = 1e-4, weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
+                 warmup_steps: int = 10_000, lr_decay: str = "constant", min_lr_ratio: float = 0.1):
+        super().__init__(state_dim, act_dim, discrete, embed_dim, n_layers, n_heads, dropout, context_len,
+                         max_timestep, rtg_scale, lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio)
+        if not (seqra or stepra):
+            raise ValueError("RADT needs seqra=True or stepra=True: with both off the returns never reach the model")
+        self.seqra, self.stepra = seqra, stepra
+        self.save_hyperparameters()
+        self.build_if_sized()
+
+    def build_networks(self) -> None:
+        d = self.embed_dim
+        self.embed_timestep = nn.Embedding(self.max_timestep, d)
+        self.embed_return = nn.Linear(1, d)
+        self.embed_state = nn.Linear(self.state_dim, d)
+        self.embed_action = nn.Linear(self.act_dim, d)
+        self.embed_ln = nn.LayerNorm(d)
+        self.embed_drop = nn.Dropout(self.dropout)
+        self.blocks = nn.ModuleList(RADTBlock(d, self.n_heads, self.dropout, self.seqra, self.stepra)
+                                    for _ in range(self.n_layers))
+        self.ln_f = nn.Identity() if self.stepra else nn.LayerNorm(d)
+
+    def reset_special_parameters(self) -> None:
+        for block in self.blocks:
+            if block.cross is not None:
+                block.cross.reset_gate()
+            if block.stepra is not None:
+                block.stepra.reset_zero()
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor, returns: torch.Tensor, timesteps: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """Hidden state of each s_t token (B, K, d) from normalised states, action vectors, R̂/scale, t, mask."""
+        time = self.embed_timestep(timesteps)
+        x = interleave(self.embed_state(states) + time, self.embed_action(actions) + time)
+        x = self.embed_drop(self.embed_ln(x))
+        c = self.embed_return(returns[..., None])
+        attn_mask, cross_mask = token_attention_mask(mask.repeat_interleave(2, dim=1)), seqra_mask(mask)
+        for block in self.blocks:
+            x = block(x, c, time, attn_mask, cross_mask)
+        B, K = states.shape[:2]
+        return self.ln_f(x).view(B, K, 2, -1)[:, :, 0]

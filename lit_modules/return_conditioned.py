@@ -1,0 +1,213 @@
+"""What Decision Transformer and RADT share: input handling, the action loss, the training loop, acting.
+
+Both read windows of K steps (states s, actions a, returns-to-go R̂, timesteps t, padding mask m) from
+``datamodules.OfflineRLDataModule`` and predict a_t from the state token of step t (PAPERS.md §3):
+
+* states are normalised with the dataset's mean/std (buffers, so a checkpoint is self-contained);
+  returns-to-go are divided by ``rtg_scale`` (1000 for MuJoCo in both papers);
+* continuous actions: ``â = tanh(Linear(h_s))`` and loss = Σ m_t ‖â_t − a_t‖² / (A Σ m_t) (MSE on unpadded
+  positions); discrete actions (``Discrete(n)``): logits ``Linear(h_s)``, cross-entropy on unpadded positions;
+* :meth:`act` returns the action for the newest position of each window (the evaluation rollouts in
+  ``callbacks.ReturnAlignmentEval`` call it once per environment step for all episodes together).
+
+Subclasses set their own options, call ``save_hyperparameters()`` and :meth:`build_if_sized` in ``__init__``,
+and implement :meth:`build_networks` (``self.state_dim``/``self.act_dim`` are known) and
+``forward(states, actions, returns, timesteps, mask) -> hidden state of each state token (B, K, d)`` on
+normalised states, scaled returns and embedded-ready actions. The state/action sizes may be left ``None`` and
+are then read from the datamodule at ``setup`` (and stored in the hyperparameters for ``load_from_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from lit_modules.base import PaperModule
+
+
+def token_attention_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Boolean self-attention mask (B, 1, L, L): query i may see key j iff j ≤ i and (key j is real or j = i).
+
+    ``valid`` (B, L) marks real tokens. Letting each padding token see itself keeps every softmax row finite;
+    padding never feeds a real token because real tokens cannot see padding keys.
+    """
+    L = valid.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(L, dtype=torch.bool, device=valid.device)
+    return (causal & (valid[:, None, :].bool() | eye))[:, None]
+
+
+def interleave(*streams: torch.Tensor) -> torch.Tensor:
+    """Tokens of step t in order: (B, K, d) × n → (B, n·K, d) as [x¹_0, …, xⁿ_0, x¹_1, …]."""
+    B, K, d = streams[0].shape
+    return torch.stack(streams, dim=2).reshape(B, len(streams) * K, d)
+
+
+class Attention(nn.Module):
+    """Multi-head attention core: softmax(QKᵀ/√d_h + mask) V per head, output projection, dropout."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by n_heads {n_heads}")
+        self.n_heads, self.dropout = n_heads, dropout
+        self.proj = nn.Linear(dim, dim)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q (B, Lq, d), k/v (B, Lk, d), boolean ``mask`` broadcastable to (B, heads, Lq, Lk) → (B, Lq, d)."""
+        B, Lq, d = q.shape
+        heads = lambda x: x.reshape(B, x.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(out.transpose(1, 2).reshape(B, Lq, d)))
+
+
+class SelfAttention(Attention):
+    """Masked multi-head self-attention (fused QKV projection)."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__(dim, n_heads, dropout)
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.attend(*self.qkv(x).chunk(3, dim=-1), mask)
+
+
+class MLP(nn.Sequential):
+    """Linear(d, 4d) → GELU → Linear(4d, d) → dropout."""
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+
+class ReturnConditionedPolicy(PaperModule):
+    """Base of :class:`~lit_modules.DecisionTransformer` and :class:`~lit_modules.RADT` (see module docstring).
+
+    Args:
+        state_dim, act_dim: observation size and action size (number of actions if ``discrete``); ``None``
+            takes them from the datamodule at ``setup``.
+        discrete: categorical action head (``None``: from the datamodule, else continuous).
+        embed_dim, n_layers, n_heads, dropout: transformer size (paper: 128, 3, 1, 0.1).
+        context_len: K (paper: 20); longer windows are cut to the last K steps.
+        max_timestep: size of the timestep embedding table (episode steps ≥ it are clamped).
+        rtg_scale: returns-to-go are divided by it (paper: 1000 on MuJoCo).
+        lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio: see :class:`PaperModule`
+            (paper: AdamW 1e-4, wd 1e-4, 10k linear warm-up, then constant).
+    """
+
+    def __init__(self, state_dim: int | None = None, act_dim: int | None = None, discrete: bool | None = None,
+                 embed_dim: int = 128, n_layers: int = 3, n_heads: int = 1, dropout: float = 0.1,
+                 context_len: int = 20, max_timestep: int = 1000, rtg_scale: float = 1000.0, lr: float = 1e-4,
+                 weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 10_000,
+                 lr_decay: str = "constant", min_lr_ratio: float = 0.1):
+        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
+        if rtg_scale <= 0:
+            raise ValueError(f"rtg_scale must be > 0, got {rtg_scale}")
+        self.embed_dim, self.n_layers, self.n_heads, self.dropout = embed_dim, n_layers, n_heads, dropout
+        self.context_len, self.max_timestep, self.rtg_scale = context_len, max_timestep, rtg_scale
+        self.state_dim, self.act_dim, self.discrete = state_dim, act_dim, bool(discrete)
+        self.val_loss = torchmetrics.MeanMetric()
+        self.built = False
+
+    def build_if_sized(self) -> None:
+        """Build the networks now if the sizes are known (subclasses call this at the end of ``__init__``)."""
+        if self.state_dim is not None and self.act_dim is not None:
+            self._build()
+
+    def _build(self) -> None:
+        self.register_buffer("state_mean", torch.zeros(self.state_dim))
+        self.register_buffer("state_std", torch.ones(self.state_dim))
+        self.build_networks()
+        self.action_head = nn.Linear(self.embed_dim, self.act_dim)
+        self.apply(self._init_weights)
+        self.reset_special_parameters()
+        self.built = True
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """GPT-2 initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def build_networks(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def reset_special_parameters(self) -> None:
+        """Hook for initialisations that must survive the generic one (RADT's zero-init gate and adaLN)."""
+
+    def setup(self, stage: str) -> None:
+        """Take sizes and state statistics from an attached ``OfflineRLDataModule``."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "state_dim"):
+            if not self.built:
+                raise ValueError(f"{type(self).__name__}: state_dim/act_dim not given and no OfflineRLDataModule "
+                                 "attached to read them from")
+            return
+        if not self.built:
+            self.state_dim, self.act_dim, self.discrete = dm.state_dim, dm.act_dim, dm.discrete
+            self.hparams.update(state_dim=dm.state_dim, act_dim=dm.act_dim, discrete=dm.discrete)
+            self._build()
+        elif (self.state_dim, self.act_dim, self.discrete) != (dm.state_dim, dm.act_dim, dm.discrete):
+            raise ValueError(f"{type(self).__name__} was built for state_dim={self.state_dim}, act_dim="
+                             f"{self.act_dim}, discrete={self.discrete} but the data has {dm.state_dim}, "
+                             f"{dm.act_dim}, {dm.discrete}")
+        if dm.max_episode_len > self.max_timestep:
+            raise ValueError(f"episodes of {dm.dataset} reach {dm.max_episode_len} steps > max_timestep="
+                             f"{self.max_timestep}; raise --model.max_timestep")
+        if stage == "fit":
+            self.state_mean.copy_(torch.as_tensor(dm.state_mean))
+            self.state_std.copy_(torch.as_tensor(dm.state_std))
+
+    # -- inputs and outputs ----------------------------------------------------------------------------------
+    def prepare_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(normalised states, action vectors (one-hot if discrete), R̂/scale, clamped timesteps, mask), last K."""
+        K = self.context_len
+        states = (batch["states"][:, -K:] - self.state_mean) / self.state_std
+        actions = batch["actions"][:, -K:]
+        actions = F.one_hot(actions.long(), self.act_dim).float() if self.discrete else actions.float()
+        returns = batch["returns_to_go"][:, -K:].float() / self.rtg_scale
+        timesteps = batch["timesteps"][:, -K:].clamp(0, self.max_timestep - 1)
+        return states, actions, returns, timesteps, batch["mask"][:, -K:].float()
+
+    def predict_actions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, K, A): tanh actions (continuous) or logits (discrete) from each step's state token."""
+        out = self.action_head(self(*self.prepare_inputs(batch)))
+        return out if self.discrete else torch.tanh(out)
+
+    def action_loss(self, pred: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE Σ m‖â − a‖²/(A Σ m) or cross-entropy Σ m CE / Σ m over the unpadded positions."""
+        actions, mask = actions[:, -pred.shape[1]:], mask[:, -pred.shape[1]:].float()
+        if self.discrete:
+            per_step = F.cross_entropy(pred.flatten(0, 1), actions.long().flatten(), reduction="none")
+            per_step = per_step.view_as(mask)
+        else:
+            per_step = ((pred - actions.float()) ** 2).mean(-1)
+        return (per_step * mask).sum() / mask.sum().clamp_min(1.0)
+
+    @torch.no_grad()
+    def act(self, states: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor,
+            timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Action for the newest step of each window (B, A) (or (B,) ints when discrete); raw states/returns."""
+        batch = {"states": states, "actions": actions, "returns_to_go": returns_to_go, "timesteps": timesteps,
+                 "mask": mask}
+        pred = self.predict_actions(batch)[:, -1]
+        return pred.argmax(-1) if self.discrete else pred
+
+    # -- training loop ---------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.action_loss(self.predict_actions(batch), batch["actions"], batch["mask"])
+        self.log("train/action_loss", loss, prog_bar=True, batch_size=batch["states"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        n = batch["mask"][:, -self.context_len:].sum()
+        loss = self.action_loss(self.predict_actions(batch), batch["actions"], batch["mask"])
+        self.val_loss.update(loss, weight=n)
+        self.log("val/action_loss", self.val_loss, prog_bar=True, on_epoch=True, batch_size=int(n))
+

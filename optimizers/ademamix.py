@@ -1,0 +1,258 @@
+"""AdEMAMix (Pagliardini, Ablin, Grangier; ICLR 2025; arXiv 2409.03137, Algorithm 1; PAPERS.md §5).
+
+Adam with a second, slow gradient EMA mixed into the numerator:
+
+    m1 ← β1·m1 + (1 − β1)·g                 (fast EMA, bias-corrected: m̂1 = m1 / (1 − β1^t))
+    m2 ← β3(t)·m2 + (1 − β3(t))·g           (slow EMA, **no** bias correction)
+    ν  ← β2·ν + (1 − β2)·g²                 (ν̂ = ν / (1 − β2^t))
+    θ  ← θ − η·[(m̂1 + α(t)·m2) / (√ν̂ + ε) + λ·θ]   (decoupled weight decay, scaled by the learning rate)
+
+α(t) and β3(t) warm up over ``t_alpha``/``t_beta3`` steps (:func:`optimizers.schedules.alpha_schedule`,
+:func:`optimizers.schedules.beta3_schedule`, with β_start = β1). ``betas[0] == 0`` keeps no m1 (m̂1 = g):
+the state is then as large as AdamW's.
+
+Three implementations of the same update, chosen per parameter group:
+
+* ``foreach=False``: a per-parameter loop, written as the formula above (the reference);
+* ``foreach=None/True`` (default, CPU and CUDA): multi-tensor ``torch._foreach_*`` ops per (device, dtype, step)
+  bucket, with the bias corrections folded into two scalars (9 passes over memory);
+* ``fused=True``: the same update as one ``torch.compile``d function per bucket, which Inductor lowers to a single
+  loop per tensor that reads p, g, m1, m2, ν once and writes p, m1, m2, ν once (Triton on CUDA, C++/OpenMP on CPU —
+  needs a C++ compiler there). The first step pays the compilation; the per-step scalars are passed as one small
+  tensor so that changing learning rates and schedules never recompile.
+
+The step count is a Python ``int`` per parameter (``state["step"]``), saved and restored by ``state_dict``, so a
+resumed run continues the α/β3 schedules where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import astuple, dataclass
+
+import torch
+from torch.optim import Optimizer
+
+from optimizers.schedules import alpha_schedule, beta3_schedule
+
+
+def validate_hyperparameters(lr: float, betas: tuple[float, float, float], alpha: float, t_alpha: int | None,
+                             t_beta3: int | None, eps: float, weight_decay: float) -> None:
+    """Raise ``ValueError`` naming the first invalid argument."""
+    for name, value in (("lr", lr), ("alpha", alpha), ("eps", eps), ("weight_decay", weight_decay)):
+        if not value >= 0.0:
+            raise ValueError(f"AdEMAMix: {name} must be >= 0, got {value}")
+    if len(betas) != 3:
+        raise ValueError(f"AdEMAMix: betas must be (beta1, beta2, beta3), got {betas}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"AdEMAMix: betas[{i}] (beta{i + 1}) must be in [0, 1), got {beta}")
+    for name, value in (("t_alpha", t_alpha), ("t_beta3", t_beta3)):
+        if value is not None and not value > 0:
+            raise ValueError(f"AdEMAMix: {name} must be a positive number of steps or None, got {value}")
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """Everything the update needs at step ``t`` of a parameter group, as plain floats."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    beta3: float
+    alpha: float
+    bias_correction1: float  # 1 − β1^t (1 when β1 = 0)
+    bias_correction2: float  # 1 − β2^t
+    eps: float
+    weight_decay: float
+
+
+def step_scalars(group: dict, t: int) -> StepScalars:
+    """The group's hyperparameters at step ``t`` (≥ 1) with the α and β3 schedules applied."""
+    beta1, beta2, beta3 = group["betas"]
+    return StepScalars(lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                       beta3=beta3_schedule(t, beta1, beta3, group["t_beta3"]),
+                       alpha=alpha_schedule(t, group["alpha"], group["t_alpha"]),
+                       bias_correction1=1.0 - beta1 ** t, bias_correction2=1.0 - beta2 ** t,
+                       eps=group["eps"], weight_decay=group["weight_decay"])
+
+
+def loop_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
+                m2s: list[torch.Tensor], nus: list[torch.Tensor], s: StepScalars) -> None:
+    """Reference path: the formula of the module docstring, one parameter at a time."""
+    for i, (p, g, m2, nu) in enumerate(zip(params, grads, m2s, nus)):
+        if m1s is None:
+            m1_hat = g
+        else:
+            m1s[i].mul_(s.beta1).add_(g, alpha=1.0 - s.beta1)
+            m1_hat = m1s[i] / s.bias_correction1
+        m2.mul_(s.beta3).add_(g, alpha=1.0 - s.beta3)
+        nu.mul_(s.beta2).addcmul_(g, g, value=1.0 - s.beta2)
+        denom = (nu / s.bias_correction2).sqrt_().add_(s.eps)
+        update = (m1_hat + s.alpha * m2) / denom + s.weight_decay * p
+        p.add_(update, alpha=-s.lr)
+
+
+@dataclass(frozen=True)
+class FoldedScalars:
+    """The update with the bias corrections folded into scalars (c1 = 1 − β1^t, c2 = √(1 − β2^t)):
+
+    θ ← decay·θ − step_size · (m1 + alpha_c1·m2) / (√ν + eps_c2),   with decay = 1 − ηλ, step_size = η·c2/c1,
+    alpha_c1 = α·c1, eps_c2 = ε·c2 — equal to the formula in the module docstring, with one division and one
+    square root per element and no per-element bias-correction divisions.
+    """
+
+    beta1: float
+    beta2: float
+    beta3: float
+    alpha_c1: float
+    eps_c2: float
+    step_size: float
+    decay: float
+
+    @classmethod
+    def of(cls, s: StepScalars) -> FoldedScalars:
+        c1, c2 = s.bias_correction1, math.sqrt(s.bias_correction2)
+        return cls(beta1=s.beta1, beta2=s.beta2, beta3=s.beta3, alpha_c1=s.alpha * c1, eps_c2=s.eps * c2,
+                   step_size=s.lr * c2 / c1, decay=1.0 - s.lr * s.weight_decay)
+
+
+def foreach_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
+                   m2s: list[torch.Tensor], nus: list[torch.Tensor], s: StepScalars) -> None:
+    """Multi-tensor path (tensors on one device with one dtype): :class:`FoldedScalars`' form, ``_foreach_*`` ops."""
+    f = FoldedScalars.of(s)
+    if m1s is not None:
+        torch._foreach_lerp_(m1s, grads, 1.0 - f.beta1)
+    torch._foreach_lerp_(m2s, grads, 1.0 - f.beta3)
+    torch._foreach_mul_(nus, f.beta2)
+    torch._foreach_addcmul_(nus, grads, grads, value=1.0 - f.beta2)
+    denom = torch._foreach_sqrt(nus)
+    torch._foreach_add_(denom, f.eps_c2)
+    numer = torch._foreach_add(m1s if m1s is not None else grads, m2s, alpha=f.alpha_c1)
+    if f.decay != 1.0:
+        torch._foreach_mul_(params, f.decay)
+    torch._foreach_addcdiv_(params, numer, denom, value=-f.step_size)
+
+
+def _fused_body(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
+                m2s: list[torch.Tensor], nus: list[torch.Tensor], scalars: torch.Tensor) -> None:
+    """One elementwise expression per tensor in :class:`FoldedScalars`' form, for ``torch.compile`` to turn into
+    one loop each; the math runs in ``scalars.dtype`` (float32, or float64 for float64 parameters).
+
+    ``scalars`` holds the :class:`FoldedScalars` fields in order, so new values never trigger a recompile.
+    """
+    beta1, beta2, beta3, alpha_c1, eps_c2, step_size, decay = scalars.unbind()
+    acc = scalars.dtype
+    for i, (p, g, m2, nu) in enumerate(zip(params, grads, m2s, nus)):
+        g_acc = g.to(acc)
+        m2_new = beta3 * m2.to(acc) + (1.0 - beta3) * g_acc
+        nu_new = beta2 * nu.to(acc) + (1.0 - beta2) * g_acc * g_acc
+        if m1s is None:
+            m1_new = g_acc
+        else:
+            m1_new = beta1 * m1s[i].to(acc) + (1.0 - beta1) * g_acc
+            m1s[i].copy_(m1_new)
+        p.copy_(decay * p.to(acc) - step_size * (m1_new + alpha_c1 * m2_new) / (nu_new.sqrt() + eps_c2))
+        m2.copy_(m2_new)
+        nu.copy_(nu_new)
+
+
+_compiled_body: Callable | None = None
+
+
+def fused_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
+                 m2s: list[torch.Tensor], nus: list[torch.Tensor], s: StepScalars) -> None:
+    """Compiled path: :func:`_fused_body` through ``torch.compile`` (compiled once per process, lazily)."""
+    global _compiled_body
+    if _compiled_body is None:
+        _compiled_body = torch.compile(_fused_body, fullgraph=True)
+    acc = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    scalars = torch.tensor(astuple(FoldedScalars.of(s)), dtype=acc).to(params[0].device, non_blocking=True)
+    _compiled_body(params, grads, m1s, m2s, nus, scalars)
+
+
+class AdEMAMix(Optimizer):
+    """AdEMAMix optimizer (see the module docstring for the update and the three implementations).
+
+    Args:
+        params: parameters or parameter groups (each group may override any argument below).
+        lr: learning rate η (a learning-rate scheduler may change it every step).
+        betas: (β1, β2, β3): fast EMA, second moment, slow EMA decays, each in [0, 1). β1 = 0 keeps no m1.
+        alpha: weight α of the slow EMA in the numerator.
+        t_alpha: steps over which α warms up linearly from 0 (``None``: constant α). Usually the run length.
+        t_beta3: steps over which β3 warms up from β1 (half-life interpolation; ``None``: constant β3).
+        eps: ε added to √ν̂.
+        weight_decay: decoupled weight decay λ (the update subtracts η·λ·θ).
+        foreach: multi-tensor path (``None``/``True``, the default) or the per-parameter loop (``False``).
+        fused: ``True`` = the ``torch.compile``d single-pass path (CUDA or CPU); excludes ``foreach=True``.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+                 alpha: float = 5.0, t_alpha: int | None = None, t_beta3: int | None = None, eps: float = 1e-8,
+                 weight_decay: float = 0.0, foreach: bool | None = None, fused: bool | None = None):
+        betas = tuple(betas)
+        validate_hyperparameters(lr, betas, alpha, t_alpha, t_beta3, eps, weight_decay)
+        if fused and foreach:
+            raise ValueError("AdEMAMix: fused=True and foreach=True are mutually exclusive")
+        defaults = dict(lr=lr, betas=betas, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
+                        weight_decay=weight_decay, foreach=foreach, fused=fused)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["betas"] = tuple(group["betas"])
+        validate_hyperparameters(group["lr"], group["betas"], group["alpha"], group["t_alpha"], group["t_beta3"],
+                                 group["eps"], group["weight_decay"])
+
+    def _buckets(self, group: dict) -> dict[tuple, tuple[list, list, list | None, list, list]]:
+        """Advance the step of every parameter with a gradient (creating its state on first use) and bucket
+        (param, grad, m1, m2, ν) by (device, dtype, step), the unit one multi-tensor call can update."""
+        keep_m1 = group["betas"][0] != 0.0
+        buckets: dict[tuple, tuple[list, list, list | None, list, list]] = defaultdict(
+            lambda: ([], [], [] if keep_m1 else None, [], []))
+        for index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"AdEMAMix does not support sparse gradients (parameter {index} of its group); "
+                                   "use a dense embedding or another optimizer")
+            if torch.is_complex(p):
+                raise RuntimeError(f"AdEMAMix does not support complex parameters (parameter {index} of its group); "
+                                   "optimize torch.view_as_real(p) instead")
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                if keep_m1:
+                    state["exp_avg_fast"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_slow"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            params, grads, m1s, m2s, nus = buckets[(p.device, p.dtype, state["step"])]
+            params.append(p)
+            grads.append(p.grad)
+            if keep_m1:
+                m1s.append(state["exp_avg_fast"])
+            m2s.append(state["exp_avg_slow"])
+            nus.append(state["exp_avg_sq"])
+        return buckets
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One update of every parameter that has a gradient; ``closure`` re-evaluates and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["fused"]:
+                update = fused_update
+            elif group["foreach"] is False:
+                update = loop_update
+            else:
+                update = foreach_update
+            for (_, _, t), tensors in self._buckets(group).items():
+                update(*tensors, step_scalars(group, t))
+        return loss

@@ -1,0 +1,216 @@
+"""Over-squashing probes: math on hand-built models with known answers, side-effect freedom, configs via the CLI."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from callbacks import (OverSquashingProbe, RepresentationalCollapseProbe, SequenceTaskProbe,
+                       representational_collapse, token_sensitivity)
+from callbacks.oversquashing import find_causal_lm
+from cli import build_cli
+from lit_modules import CausalLM
+from lit_modules.hf import byte_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE_CONFIGS = sorted((ROOT / "configs" / "probes").glob("*.yaml"))
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 2}
+
+
+class WeightedMeanLM(nn.Module):
+    """One 'layer' of causal attention with fixed, position-only scores and no positional encoding:
+    y_t = Σ_{j≤t} w_j V e_j / Σ_{j≤t} w_j.  w ≡ 1 is uniform attention (y_t = mean of the value vectors);
+    w_j = 0 makes the model ignore position j."""
+
+    def __init__(self, vocab: int = 16, d: int = 8, weights: list[float] | None = None, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.embed = nn.Embedding(vocab, d)
+        self.embed.weight.data = torch.randn(vocab, d, generator=g)
+        self.value = nn.Linear(d, d, bias=False)
+        self.value.weight.data = torch.randn(d, d, generator=g)
+        self.weights = weights
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def forward(self, input_ids=None, inputs_embeds=None, output_hidden_states=False):
+        e = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        n = e.shape[1]
+        w = torch.ones(n) if self.weights is None else torch.tensor(self.weights[:n], dtype=e.dtype)
+        w = w.view(1, n, 1)
+        y = (w * self.value(e)).cumsum(1) / w.cumsum(1).clamp_min(1e-12)
+        return SimpleNamespace(hidden_states=(e, y), logits=y @ self.embed.weight.T)
+
+
+def test_collapse_of_uniform_attention_is_exact_and_decays_as_one_over_n():
+    # [x]*k + [a] vs [x]*k + [a, a]: y = (k v_x + v_a)/(k+1) vs (k v_x + 2 v_a)/(k+2),
+    # so Δ = k (v_a - v_x) / ((k+1)(k+2)) and ‖Δ‖∞ · k → ‖v_a - v_x‖∞.
+    model = WeightedMeanLM()
+    x, a = 3, 7
+    with torch.no_grad():
+        gap = (model.value(model.embed.weight[a]) - model.value(model.embed.weight[x])).abs().max().item()
+    scaled = []
+    for k in (1, 4, 16, 64, 256):
+        delta = representational_collapse(model, [x] * k + [a], [x] * k + [a, a])
+        assert delta == pytest.approx(k * gap / ((k + 1) * (k + 2)), rel=1e-5)
+        scaled.append(delta * k)
+    assert scaled[-1] == pytest.approx(gap, rel=0.02)
+    # layer 0 is the embedding of the last token, which is `a` in both sequences
+    assert representational_collapse(model, [x] * 4 + [a], [x] * 4 + [a, a], layer=0) == 0.0
+
+
+def test_sensitivity_of_weighted_mean_is_w_i_times_frobenius_norm_of_V():
+    # y_last = Σ_i w_i V e_i / Σ w  =>  ∂y_last/∂e_i = (w_i / Σ w) V, exactly; w_i = 0 ignores position i.
+    weights = [1.0, 0.0, 2.0, 0.0, 1.0, 4.0]
+    model = WeightedMeanLM(weights=weights)
+    v_norm = torch.linalg.matrix_norm(model.value.weight).item()
+    expected = torch.tensor(weights) / sum(weights) * v_norm
+    sens = token_sensitivity(model, [1, 2, 3, 4, 5, 6])
+    torch.testing.assert_close(sens, expected, rtol=1e-5, atol=1e-7)
+    assert sens[1] == 0 and sens[3] == 0
+    estimate = token_sensitivity(model, [1, 2, 3, 4, 5, 6], num_projections=4000, chunk_size=1000)
+    torch.testing.assert_close(estimate, expected, rtol=0.05, atol=1e-7)
+
+
+def test_sensitivity_matches_full_jacobian_on_tiny_llama():
+    lm = CausalLM(model=TINY).model
+    ids = torch.tensor([5, 9, 40, 40, 7, 3])
+    embeds = lm.get_input_embeddings()(ids[None]).detach()
+
+    def last_state(e):
+        return lm(inputs_embeds=e, output_hidden_states=True).hidden_states[-1][0, -1]
+
+    lm.eval()
+    jac = torch.autograd.functional.jacobian(last_state, embeds)[:, 0]  # (d_out, n, d_in)
+    expected = jac.pow(2).sum(dim=(0, 2)).sqrt()
+    torch.testing.assert_close(token_sensitivity(lm, ids, chunk_size=7), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_collapse_on_tiny_llama_identical_pairs_zero_and_bf16_runs():
+    lm = CausalLM(model=TINY).model
+    ids = [10] * 12
+    assert representational_collapse(lm, ids, ids) == 0.0
+    assert representational_collapse(lm, ids, ids + [10]) > 0.0
+    assert representational_collapse(lm, [10] * 12 + [11], [10] * 12 + [11, 11],
+                                     autocast_dtype=torch.bfloat16) >= 0.0
+
+
+class LastTokenOracle(nn.Module):
+    """Greedy 'model': after '=' it emits the token before '=', otherwise EOS — a perfect copy_last solver."""
+
+    def __init__(self, vocab: int, eq_id: int, eos_id: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 2)
+        self.vocab, self.eq_id, self.eos_id = vocab, eq_id, eos_id
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, output_hidden_states=False):
+        prev = torch.cat([input_ids[:, :1], input_ids[:, :-1]], dim=1)
+        target = torch.where(input_ids == self.eq_id, prev, torch.full_like(input_ids, self.eos_id))
+        return SimpleNamespace(logits=nn.functional.one_hot(target, self.vocab).float())
+
+
+def test_task_probe_accuracy_by_length_and_position_on_an_oracle():
+    tok = byte_tokenizer()
+    model = LastTokenOracle(len(tok), tok("=", add_special_tokens=False)["input_ids"][0], tok.eos_token_id)
+    probe = SequenceTaskProbe(tasks=["copy_last", "count_ones", "find_odd"], lengths=[5, 9], num_samples=20)
+    results = probe.measure(model, tok)
+    acc = results["accuracy"]
+    assert acc["copy_last", 5] == acc["copy_last", 9] == 1.0  # always the last digit: right
+    assert acc["count_ones", 5] == acc["count_ones", 9] == 0.0  # answers "1", truth is "5"/"9"
+    # find_odd is right exactly when the odd digit is last: only the last position bin (0.8-1.0]; lengths 5
+    # and 9 place no other index in it (3/4 = 0.75, 7/8 = 0.875 -> 0.875 is in the last bin and is wrong).
+    by_pos = {x: a for (t, x), a in results["by_position"].items() if t == "find_odd"}
+    assert by_pos[0.1] == 0.0 and 0.0 < by_pos[0.9] < 1.0
+    assert results["by_position"]["copy_last", 1.0] == 1.0
+    scalars = probe.scalars(results)
+    assert scalars["probes/tasks/copy_last/acc"] == 1.0 and scalars["probes/tasks/count_ones/acc"] == 0.0
+
+
+def test_probes_leave_training_state_grads_and_requires_grad_untouched(tmp_path):
+    module = CausalLM(model=TINY)
+    lm = module.model
+    lm.train()
+    batch = torch.randint(3, 50, (2, 8))
+    lm(input_ids=batch, labels=batch).loss.backward()
+    frozen = lm.get_input_embeddings().weight
+    frozen.requires_grad_(False)
+    grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+    flags = {n: p.requires_grad for n, p in lm.named_parameters()}
+    trainer = SimpleNamespace(is_global_zero=True, global_step=3, loggers=[], sanity_checking=False)
+    probes = [RepresentationalCollapseProbe(lengths=[4, 8], figure_dir=str(tmp_path)),
+              OverSquashingProbe(lengths=[6], num_samples=1, figure_dir=str(tmp_path)),
+              SequenceTaskProbe(lengths=[3, 4], num_samples=2, figure_dir=str(tmp_path))]
+    for probe in probes:
+        probe.on_validation_end(trainer, module)
+        assert probe.results is not None
+        assert all(m.training for m in lm.modules())
+        assert {n: p.requires_grad for n, p in lm.named_parameters()} == flags
+        for n, p in lm.named_parameters():
+            if n in grads:
+                assert torch.equal(p.grad, grads[n]), n
+            else:
+                assert p.grad is None, n
+    assert {p.name for p in tmp_path.glob("*.png")} == {"collapse.png", "sensitivity.png", "tasks.png"}
+    scalars = probes[0].scalars(probes[0].results)
+    assert set(scalars) >= {"probes/collapse/ones/fp32/delta", "probes/collapse/ones_commas/bf16/tv"}
+
+
+def test_probe_frequency_and_rank_zero_guard():
+    module = CausalLM(model=TINY)
+    probe = OverSquashingProbe(lengths=[4], num_samples=1, every_n_steps=2, on_validation=False)
+    calls = []
+    probe.measure = lambda model, tok: calls.append(1) or {"profiles": {4: torch.ones(4)}}
+    for step in range(1, 6):
+        probe.on_train_batch_end(SimpleNamespace(is_global_zero=True, global_step=step, loggers=[]), module, None,
+                                 None, 0)
+    assert len(calls) == 2  # steps 2 and 4
+    probe.on_validation_end(SimpleNamespace(is_global_zero=True, global_step=7, loggers=[], sanity_checking=False),
+                            module)
+    assert len(calls) == 2  # on_validation=False
+    other_rank = SimpleNamespace(is_global_zero=False, global_step=6, loggers=[])
+    probe.on_train_batch_end(other_rank, module, None, None, 0)
+    assert len(calls) == 2
+
+
+def test_find_causal_lm_lookup():
+    module = CausalLM(model=TINY)
+    assert find_causal_lm(module) is module.model
+    assert find_causal_lm(module.model) is module.model
+    with pytest.raises(TypeError, match="no causal LM"):
+        find_causal_lm(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("config", PROBE_CONFIGS, ids=lambda p: p.name)
+def test_probe_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_cli(["fit", "--config", str(config), "--print_config"])
+    assert info.value.code in (0, None)
+    assert "RepresentationalCollapseProbe" in capsys.readouterr().out
+
+
+def test_quick_config_trains_two_steps_with_probes_logging_to_tensorboard():
+    cli = build_cli(["fit", "--config", str(ROOT / "configs/probes/tasks_quick.yaml"), "--trainer.max_steps", "2",
+                     "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                     "--trainer.enable_progress_bar", "false", "--data.init_args.num_train", "64",
+                     "--model.init_args.export_dir", "null"])
+    assert cli.trainer.global_step == 2
+    probes = [c for c in cli.trainer.callbacks if hasattr(c, "results")]
+    assert len(probes) == 3 and all(p.results is not None for p in probes)
+    assert {"collapse.png", "sensitivity.png", "tasks.png"} <= {p.name for p in Path("logs").rglob("*.png")}
+
+
+def test_validate_config_runs_probes_on_a_local_model_directory(tmp_path):
+    exported = CausalLM(model=TINY).export(tmp_path / "hf_model")
+    cli = build_cli(["validate", "--config", str(ROOT / "configs/probes/probe_local_model.yaml"),
+                     "--model.init_args.model", str(exported), "--trainer.enable_progress_bar", "false",
+                     "--trainer.limit_val_batches", "1"])
+    probes = [c for c in cli.trainer.callbacks if hasattr(c, "results")]
+    assert len(probes) == 3 and all(p.results is not None for p in probes)
+    assert cli.model.model.config.hidden_size == TINY["hidden_size"]

@@ -1,0 +1,105 @@
+"""The teacher-mixed sampler: mixture probabilities, EOS handling, left padding / positions / masks."""
+
+from types import SimpleNamespace
+
+import torch
+
+from lit_modules.hf import load_causal_lm
+from lit_modules.minillm import response_logits, sample_mixed
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 2}
+
+
+class Scripted(torch.nn.Module):
+    """A fake LM that emits ``script[b, step]`` with certainty and records what the sampler passed in."""
+
+    def __init__(self, script: list[list[int]], vocab: int = 10):
+        super().__init__()
+        self.script, self.vocab, self.calls = torch.tensor(script), vocab, []
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
+        step = 0 if past_key_values is None else past_key_values  # the "cache" is the step count
+        self.calls.append({"ids": input_ids.clone(), "mask": attention_mask.clone(), "pos": position_ids.clone()})
+        logits = torch.full((input_ids.shape[0], input_ids.shape[1], self.vocab), -1e4)
+        logits[torch.arange(input_ids.shape[0]), -1, self.script[:, step]] = 0.0
+        return SimpleNamespace(logits=logits, past_key_values=step + 1)
+
+
+def test_finished_sequences_get_padding_and_masks():
+    lm = Scripted([[5, 1, 6, 6], [5, 6, 1, 6], [5, 6, 6, 6]])
+    prompt = torch.tensor([[7, 8], [7, 8], [7, 8]])
+    out = sample_mixed(lm, None, prompt, torch.ones_like(prompt), max_new_tokens=4, eos_id=1, pad_id=0)
+    assert out.response_ids.tolist() == [[5, 1, 0, 0], [5, 6, 1, 0], [5, 6, 6, 6]]
+    assert out.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+
+
+def test_stops_when_every_sequence_is_done():
+    lm = Scripted([[5, 1, 6, 6, 6, 6], [1, 6, 6, 6, 6, 6]])
+    prompt = torch.tensor([[7], [7]])
+    out = sample_mixed(lm, None, prompt, torch.ones_like(prompt), max_new_tokens=6, eos_id=1, pad_id=0)
+    assert out.response_ids.tolist() == [[5, 1], [1, 0]]
+    assert len(lm.calls) == 2  # no forward after the last EOS
+
+
+def test_left_padded_prompts_get_positions_and_growing_attention_mask():
+    lm = Scripted([[5, 6, 6], [5, 6, 6]])
+    prompt = torch.tensor([[0, 0, 7], [7, 8, 9]])
+    mask = torch.tensor([[0, 0, 1], [1, 1, 1]])
+    sample_mixed(lm, None, prompt, mask, max_new_tokens=3, eos_id=None, pad_id=0)
+    first, second, third = lm.calls
+    assert first["pos"].tolist() == [[0, 0, 0], [0, 1, 2]]
+    assert second["pos"].tolist() == [[1], [3]] and third["pos"].tolist() == [[2], [4]]
+    assert second["mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert second["ids"].tolist() == [[5], [5]]
+
+
+def test_sampled_logprobs_match_a_full_forward_with_left_padding():
+    torch.manual_seed(0)
+    student = load_causal_lm(TINY, vocab_size=12, seed=1).eval()
+    teacher = load_causal_lm(TINY | {"hidden_size": 48}, vocab_size=12, seed=2).eval()
+    prompt = torch.tensor([[0, 0, 4, 5], [6, 7, 8, 9]])
+    mask = (prompt != 0).long()
+    alpha = 0.3
+    out = sample_mixed(student, teacher, prompt, mask, max_new_tokens=6, alpha=alpha, eos_id=1, pad_id=0)
+    with torch.no_grad():
+        logq = torch.log_softmax(response_logits(student, out), -1).gather(-1, out.response_ids[..., None])[..., 0]
+        logp = torch.log_softmax(response_logits(teacher, out), -1).gather(-1, out.response_ids[..., None])[..., 0]
+    m = out.response_mask.bool()
+    torch.testing.assert_close(out.student_logprobs[m], logq[m], atol=1e-4, rtol=1e-4)
+    mix = torch.log(alpha * logp.exp() + (1 - alpha) * logq.exp())
+    torch.testing.assert_close(out.mix_logprobs[m], mix[m], atol=1e-4, rtol=1e-4)
+    # the same prompt without left padding gives the same first-step distribution
+    alone = load_causal_lm(TINY, vocab_size=12, seed=1).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(alone(torch.tensor([[4, 5]])).logits[0, -1], -1)[out.response_ids[0, 0]]
+    torch.testing.assert_close(out.student_logprobs[0, 0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_empirical_first_token_frequencies_follow_the_mixture():
+    vocab, n, alpha = 6, 40000, 0.2
+    student = load_causal_lm(TINY, vocab_size=vocab, seed=3).eval()
+    teacher = load_causal_lm(TINY, vocab_size=vocab, seed=4).eval()
+    with torch.no_grad():  # sharpen both so p and q differ clearly
+        student.lm_head.weight.mul_(30)
+        teacher.lm_head.weight.mul_(30)
+        prompt = torch.tensor([[2, 3]])
+        q = torch.softmax(student(prompt).logits[0, -1], -1)
+        p = torch.softmax(teacher(prompt).logits[0, -1], -1)
+    assert (p - q).abs().sum() > 0.5
+    prompts = prompt.expand(n, 2)
+    gen = torch.Generator().manual_seed(0)
+    out = sample_mixed(student, teacher, prompts, torch.ones_like(prompts), max_new_tokens=1, alpha=alpha,
+                       eos_id=None, generator=gen)
+    freq = torch.bincount(out.response_ids[:, 0], minlength=vocab).float() / n
+    target = alpha * p + (1 - alpha) * q
+    # 4 standard errors of a binomial frequency
+    assert ((freq - target).abs() <= 4 * (target * (1 - target) / n).sqrt() + 1e-3).all(), (freq, target)
+    assert (freq - q).abs().max() > 0.02  # and it is not just the student
+
+
+def test_alpha_one_samples_the_teacher_only():
+    lm_s = Scripted([[5, 5]])
+    lm_t = Scripted([[6, 1]])
+    out = sample_mixed(lm_s, lm_t, torch.tensor([[7]]), torch.ones(1, 1, dtype=torch.long), 4, alpha=1.0)
+    assert out.response_ids.tolist() == [[6, 1]] and lm_s.calls == []

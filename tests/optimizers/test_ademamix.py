@@ -1,0 +1,256 @@
+"""AdEMAMix against hand-computed updates, closed-form schedules, AdamW (α = 0) and itself across paths/resumes.
+
+Expected values are computed here with plain Python floats from PAPERS.md §5:
+m1 ← β1 m1 + (1−β1) g;  m2 ← β3 m2 + (1−β3) g;  ν ← β2 ν + (1−β2) g²;
+θ ← θ − η[(m1/(1−β1^t) + α m2)/(√(ν/(1−β2^t)) + ε) + λθ].
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import cli
+from optimizers import AdEMAMix, alpha_schedule, beta3_schedule
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "ademamix"
+PATHS = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
+PATH_IDS = ["loop", "foreach", "compiled"]
+
+
+def reference_trajectory(theta, grads, lr, b1, b2, b3, alpha, eps, wd, t_alpha=None, t_beta3=None):
+    """Scalar AdEMAMix written out with floats; the schedules are written out here too (not imported)."""
+    m1 = m2 = nu = 0.0
+    for t, g in enumerate(grads, start=1):
+        a = alpha if t_alpha is None else min(t * alpha / t_alpha, alpha)
+        if t_beta3 is None or t >= t_beta3:
+            beta3 = b3
+        else:
+            x = t / t_beta3
+            beta3 = min(math.exp(math.log(b1) * math.log(b3) / ((1 - x) * math.log(b3) + x * math.log(b1))), b3)
+        m1 = b1 * m1 + (1 - b1) * g
+        m2 = beta3 * m2 + (1 - beta3) * g
+        nu = b2 * nu + (1 - b2) * g * g
+        m1_hat = m1 / (1 - b1 ** t) if b1 > 0 else g
+        theta = theta - lr * ((m1_hat + a * m2) / (math.sqrt(nu / (1 - b2 ** t)) + eps) + wd * theta)
+    return theta
+
+
+def run_optimizer(theta0, grad_seq, **kwargs):
+    p = torch.nn.Parameter(torch.tensor(theta0, dtype=torch.float64))
+    opt = AdEMAMix([p], **kwargs)
+    for g in grad_seq:
+        p.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+    return p.detach().tolist(), opt
+
+
+@pytest.mark.parametrize("path", PATHS[:2], ids=PATH_IDS[:2])  # compiled: covered by the ten-step test
+def test_one_step_matches_hand_computed_value(path):
+    # t = 1, g = 0.5, θ = 1, η = 0.1, β = (0.9, 0.999, 0.99), α = 2, λ = 0.1, ε = 1e-8:
+    # m1 = 0.05 → m̂1 = 0.5; m2 = 0.005; ν = 0.00025 → √ν̂ = 0.5;
+    # update = (0.5 + 2·0.005)/(0.5 + 1e-8) + 0.1·1 = 0.51/0.50000001 + 0.1 ≈ 1.12; θ = 1 − 0.1·update.
+    expected = 1.0 - 0.1 * (0.51 / 0.50000001 + 0.1)
+    assert expected == pytest.approx(0.888000002, abs=1e-9)
+    (theta,), _ = run_optimizer([1.0], [[0.5]], lr=0.1, betas=(0.9, 0.999, 0.99), alpha=2.0, weight_decay=0.1,
+                                **path)
+    assert theta == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_ten_steps_with_schedules_match_scalar_reference(path):
+    grads = [[0.3, -1.2, 0.05], [-0.7, 0.4, 0.2], [1.5, 0.0, -0.3], [0.1, 0.9, 0.6], [-0.2, -0.5, 1.1],
+             [0.8, 0.3, -0.9], [-1.0, 0.7, 0.4], [0.25, -0.6, 0.0], [0.6, 0.2, -0.4], [-0.3, 1.0, 0.5]]
+    hyper = dict(lr=0.05, b1=0.9, b2=0.95, b3=0.999, alpha=5.0, eps=1e-8, wd=0.1, t_alpha=6, t_beta3=6)
+    theta0 = [1.0, -0.5, 2.0]
+    expected = [reference_trajectory(theta0[i], [g[i] for g in grads], **hyper) for i in range(3)]
+    got, opt = run_optimizer(theta0, grads, lr=0.05, betas=(0.9, 0.95, 0.999), alpha=5.0, eps=1e-8, weight_decay=0.1,
+                             t_alpha=6, t_beta3=6, **path)
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert opt.state[opt.param_groups[0]["params"][0]]["step"] == 10
+
+
+def test_schedules_closed_forms():
+    # α(t) = min(tα/T, α), T = 100, α = 8: t = 0, T/2, T, 2T → 0, 4, 8, 8.
+    assert [alpha_schedule(t, 8.0, 100) for t in (0, 50, 100, 200)] == [0.0, 4.0, 8.0, 8.0]
+    assert alpha_schedule(7, 8.0, None) == 8.0
+    # β3(T/2) with β_start = 0.9, β3 = 0.999: exp(ln0.9·ln0.999/(½ln0.999 + ½ln0.9))
+    #   = exp((−0.105360516)(−0.0010005003)/(−0.0531805082)) = exp(−0.00198218) = 0.99801979
+    values = [beta3_schedule(t, 0.9, 0.999, 100) for t in (0, 50, 100, 200)]
+    assert values[0] == pytest.approx(0.9, abs=1e-12)
+    assert values[1] == pytest.approx(0.99801979, abs=1e-8)
+    assert values[2] == 0.999 and values[3] == 0.999
+    # Same half-life view: half-life h(β) = ln0.5/lnβ is linear in t (h(0.9)=6.579, h(0.999)=692.801).
+    half_life = lambda b: math.log(0.5) / math.log(b)  # noqa: E731
+    assert half_life(values[1]) == pytest.approx((6.5788 + 692.8005) / 2, abs=1e-3)
+    # β_start = 0 is the limit β3^(T/t): at T/2, 0.999² = 0.998001.
+    assert beta3_schedule(50, 0.0, 0.999, 100) == pytest.approx(0.998001, abs=1e-12)
+    assert beta3_schedule(0, 0.0, 0.999, 100) == 0.0 and beta3_schedule(3, 0.9, 0.999, None) == 0.999
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_beta1_zero_allocates_no_fast_ema_and_uses_the_raw_gradient(path):
+    (theta,), opt = run_optimizer([1.0], [[0.5], [-0.25]], lr=0.1, betas=(0.0, 0.9, 0.99), alpha=1.0, **path)
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    assert set(state) == {"step", "exp_avg_slow", "exp_avg_sq"}
+    # t=1: m2 = 0.005, ν = 0.025, ν̂ = 0.25 → θ = 1 − 0.1·(0.5 + 0.005)/(0.5 + 1e-8)
+    # t=2: m2 = 0.99·0.005 − 0.0025 = 0.00245, ν = 0.0225 + 0.00625 = 0.02875, ν̂ = 0.02875/0.19
+    t1 = 1 - 0.1 * 0.505 / (0.5 + 1e-8)
+    t2 = t1 - 0.1 * (-0.25 + 0.00245) / (math.sqrt(0.02875 / 0.19) + 1e-8)
+    assert theta == pytest.approx(t2, abs=1e-12)
+
+
+def test_alpha_zero_is_adamw():
+    # With α = 0 the slow EMA drops out: θ ← θ − η[m̂1/(√ν̂ + ε) + λθ] is exactly torch.optim.AdamW.
+    torch.manual_seed(0)
+    shapes = [(4, 3), (5,), (2, 2, 2)]
+    ours = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_a = AdEMAMix(ours, lr=0.01, betas=(0.9, 0.99, 0.999), alpha=0.0, weight_decay=0.1)
+    opt_b = torch.optim.AdamW(theirs, lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, eps=1e-8)
+    for _ in range(20):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt_a.step()
+        opt_b.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def random_problem(dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(16, 8), (8,), (3, 5, 2), (1,), (40,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=dtype) for s in shapes] for _ in range(30)]
+    return params, grads
+
+
+def make(params, **path):
+    groups = [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0, "lr": 0.02}]
+    return AdEMAMix(groups, lr=0.01, betas=(0.9, 0.999, 0.999), alpha=5.0, t_alpha=12, t_beta3=12, **path)
+
+
+def train(opt, params, grads):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+
+
+# float64: the three paths agree to 1e-12; float32: they differ only by the rounding of θ (~|θ|·2⁻²⁴ per step,
+# ~3e-6 after 30 steps for |θ| ≈ 3), exactly as each differs from a float64 run.
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_paths_agree_over_many_steps(dtype, atol):
+    results = []
+    for path in PATHS:
+        params, grads = random_problem(dtype)
+        train(make(params, **path), params, grads)
+        results.append(params)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("path", PATHS[:2], ids=PATH_IDS[:2])
+def test_resume_from_state_dict_continues_the_schedule(path):
+    params, grads = random_problem()
+    straight = make(params, **path)
+    train(straight, params, grads[:20])
+
+    params2, _ = random_problem()
+    first = make(params2, **path)
+    train(first, params2, grads[:10])
+    saved = first.state_dict()
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params2]
+    resumed = make(resumed_params, **path)
+    resumed.load_state_dict(saved)
+    assert resumed.state[resumed_params[0]]["step"] == 10
+    train(resumed, resumed_params, grads[10:20])
+    for a, b in zip(params, resumed_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_closure_is_evaluated_with_grad_and_its_loss_returned():
+    p = torch.nn.Parameter(torch.tensor([3.0]))
+    opt = AdEMAMix([p], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 9.0
+    assert p.item() < 3.0
+
+
+def test_sparse_and_complex_gradients_are_rejected():
+    emb = torch.nn.Embedding(5, 2, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        AdEMAMix(emb.parameters()).step()
+    z = torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+    z.grad = torch.ones_like(z)
+    with pytest.raises(RuntimeError, match="complex"):
+        AdEMAMix([z]).step()
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(lr=-1e-3), "lr"), (dict(alpha=-1.0), "alpha"), (dict(eps=-1e-8), "eps"),
+    (dict(weight_decay=-0.1), "weight_decay"), (dict(betas=(1.0, 0.999, 0.9999)), r"betas\[0\]"),
+    (dict(betas=(0.9, -0.1, 0.9999)), r"betas\[1\]"), (dict(betas=(0.9, 0.999, 1.5)), r"betas\[2\]"),
+    (dict(betas=(0.9, 0.999)), "betas"), (dict(t_alpha=0), "t_alpha"), (dict(t_beta3=-5), "t_beta3"),
+    (dict(fused=True, foreach=True), "fused"),
+])
+def test_invalid_hyperparameters_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        AdEMAMix([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+def test_invalid_param_group_override_is_rejected():
+    with pytest.raises(ValueError, match="weight_decay"):
+        AdEMAMix([{"params": [torch.nn.Parameter(torch.zeros(1))], "weight_decay": -1.0}])
+
+
+def test_defaults_hold_every_constructor_argument():
+    # cli.rebuild_on_module_groups re-creates the optimizer from `defaults`.
+    opt = AdEMAMix([torch.nn.Parameter(torch.zeros(1))], lr=0.5, t_alpha=7, t_beta3=9, foreach=False)
+    assert set(opt.defaults) == {"lr", "betas", "alpha", "t_alpha", "t_beta3", "eps", "weight_decay", "foreach",
+                                 "fused"}
+    clone = type(opt)([torch.nn.Parameter(torch.zeros(1))], **opt.defaults)
+    assert clone.defaults == opt.defaults
+
+
+FAST = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.callbacks", "[]", "--data.init_args.max_documents", "40"]
+
+
+def test_quick_config_trains_with_ademamix_through_the_cli():
+    run = cli.build_cli(["fit", "--config", str(CONFIGS / "quick.yaml"), *FAST])
+    opt = run.trainer.optimizers[0]
+    assert type(opt).__name__ == "AdEMAMix"
+    assert opt.defaults["t_alpha"] == 300 and opt.defaults["betas"] == (0.9, 0.999, 0.999)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # the module's groups
+    assert {s["step"] for s in opt.state.values()} == {2}
+    assert math.isfinite(float(run.trainer.callback_metrics["val/loss"]))
+
+
+def test_optimizer_short_name_resolves_on_the_adamw_config():
+    run = cli.build_cli(["fit", "--config", str(CONFIGS / "quick_adamw.yaml"), "--optimizer", "AdEMAMix",
+                         "--optimizer.lr", "1e-3", "--optimizer.t_alpha", "2", *FAST])
+    opt = run.trainer.optimizers[0]
+    assert type(opt).__name__ == "AdEMAMix" and opt.defaults["lr"] == 1e-3 and opt.defaults["alpha"] == 5.0
+
+
+@pytest.mark.parametrize("name", ["quick.yaml", "paper_110m.yaml"])
+def test_configs_parse(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_cli(["fit", "--config", str(CONFIGS / name), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["optimizer"]["class_path"] == "optimizers.AdEMAMix"
+    assert config["optimizer"]["init_args"]["t_alpha"] == config["trainer"]["max_steps"]
