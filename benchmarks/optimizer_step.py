@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="small parameter set, few repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="steps per timed turn")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     hidden, layers, vocab = SIZES["quick" if args.quick else args.device]
     repeats = args.repeats or (5 if args.quick else 15)

@@ -152,8 +152,8 @@ def token_sensitivity(model: nn.Module, input_ids: IdSequence, layer: int = -1, 
     vectors, ‖J_i‖²_F = Σ_j ‖e_jᵀ J_i‖². Estimate: m Gaussian u_j, E‖uᵀJ‖² = ‖J‖²_F, so ‖J_i‖²_F ≈ (1/m)Σ_j‖u_jᵀJ_i‖².
     Rows are independent only in eval mode, which this function sets (and restores).
     """
-    ids = torch.tensor(_as_list(input_ids), device=_device(model))
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        ids = torch.tensor(_as_list(input_ids), device=_device(model))
         embeds = model.get_input_embeddings()(ids[None]).detach()  # (1, n, d)
         d = embeds.shape[-1]
         if num_projections is None:

@@ -8,7 +8,7 @@ episode draws its own open-loop *phase-oscillator gait*
 with per-joint amplitudes A ~ U(0.2, 1), a frequency f ~ U(0.5, 4) Hz, per-joint phases φ ~ U(0, 2π) and
 action noise σ ~ U(0, 0.4); a fraction ``random_fraction`` of episodes are uniform random actions instead.
 Depending on the phases the gait runs forwards, backwards or flips, which gives returns from strongly negative
-to strongly positive (the distribution is printed by ``python -m datamodules.offline_rl_generate``).
+to strongly positive (``python -m benchmarks.radt`` prints the distribution of the built-in datasets).
 Rollouts run ``num_envs`` episodes at a time in a ``gymnasium.vector.SyncVectorEnv`` and are written with
 ``minari.create_dataset_from_buffers`` from whole-episode ``EpisodeBuffer``s (no jax needed).
 """
@@ -124,18 +124,3 @@ def return_summary(returns: np.ndarray) -> dict[str, float]:
     q = np.percentile(np.asarray(returns, dtype=np.float64), [0, 5, 50, 95, 100])
     return dict(zip(["min", "p5", "p50", "p95", "max"], (round(float(x), 1) for x in q)))
 
-
-if __name__ == "__main__":
-    import json
-    import time
-
-    from datamodules.offline_rl import OfflineRLDataModule
-
-    for name in BUILTIN_DATASETS:
-        start = time.perf_counter()
-        dm = OfflineRLDataModule(dataset=name)
-        dm.prepare_data()
-        dm.setup("fit")
-        print(json.dumps({"dataset": name, "episodes": len(dm.episode_returns), "steps": int(dm.total_steps),
-                          "seconds_incl_cache": round(time.perf_counter() - start, 1),
-                          "returns": return_summary(dm.episode_returns)}))

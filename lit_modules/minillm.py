@@ -169,13 +169,15 @@ def minillm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tok
 @dataclass
 class Rollout:
     """Sampled responses for left-padded prompts. ``response_ids`` are padded with ``pad_id`` after EOS;
-    ``response_mask`` is 1 on sampled tokens (EOS included). Log-probs are of the sampled tokens."""
+    ``response_mask`` is 1 on sampled tokens (EOS included). Log-probs are of the sampled tokens: student
+    log q(y_t), teacher log p(y_t) (``None`` without a teacher) and mixture log p̃(y_t)."""
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     student_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor | None
     mix_logprobs: torch.Tensor
 
 
@@ -185,63 +187,107 @@ def _cache_arg(model: PreTrainedModel | None) -> str:
         else "past_key_values"
 
 
-def _step(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
-          cache_arg: str):
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache})
-    return out.logits[:, -1].float(), getattr(out, cache_arg)
+class _IncrementalLM:
+    """One causal LM decoding with its KV cache over left-padded prompts: :meth:`start` reads the prompt,
+    :meth:`feed` appends k tokens (attended, also after EOS); both return the log-distributions (B, k, V)
+    of the token following each position read."""
+
+    def __init__(self, model: PreTrainedModel, prompt_mask: torch.Tensor, temperature: float):
+        self.model, self.cache_arg, self.cache = model, _cache_arg(model), None
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.mask = prompt_mask.long()
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         **{self.cache_arg: self.cache})
+        self.cache, self.positions = getattr(out, self.cache_arg), positions
+        return torch.log_softmax(out.logits.float() / self.temperature, -1)
+
+    def start(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        return self._forward(prompt_ids, self.positions)[:, -1:]
+
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, torch.ones_like(ids)], 1)
+        return self._forward(ids, self.positions[:, -1:] + torch.arange(1, ids.shape[1] + 1, device=ids.device))
 
 
 @torch.no_grad()
-def sample_mixed(student: PreTrainedModel, teacher: PreTrainedModel | None, prompt_ids: torch.Tensor,
+def sample_mixed(student: PreTrainedModel | None, teacher: PreTrainedModel | None, prompt_ids: torch.Tensor,
                  prompt_mask: torch.Tensor, max_new_tokens: int, alpha: float = 0.0, eos_id: int | None = 1,
                  pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
-    """Sample y_t ~ p̃ = α·p + (1−α)·q (softmax of logits/temperature; temperature 0 = greedy on p̃),
-    stepping student and (when α > 0) teacher together with their KV caches, batched. A sequence that
-    emitted ``eos_id`` gets ``pad_id`` (mask 0) afterwards; the loop stops when every sequence is done.
-    ``alpha=1`` samples from the teacher (SeqKD)."""
+    """Sample y_t ~ p̃ = α·p + (1−α)·q (softmax of logits/temperature), batched with KV caches; a sequence
+    that emitted ``eos_id`` gets ``pad_id`` (mask 0) afterwards and the loop stops when all are done.
+
+    The mixture is drawn as: at each step a coin c_t ~ Bernoulli(α), independent of everything before;
+    y_t ~ p(·|y_<t) if c_t else q(·|y_<t). Marginalising c_t gives exactly y_t | y_<t ~ α·p + (1−α)·q for
+    every sequence. The coin is shared by the batch (sequences stay independent given the coins, each with
+    the exact mixture law), so the teacher only has to run at the ~α·T steps that draw from it: it catches
+    up on the tokens it has not seen in one chunked forward, and once more at the end to score every
+    sampled token (log p for the rewards and for log p̃). ``alpha=0``: student only; ``alpha=1``: teacher
+    only (SeqKD). ``temperature=0`` is greedy (for α ∈ {0, 1} only).
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"teacher-mix alpha must be in [0, 1], got {alpha}")
     if alpha > 0 and teacher is None:
         raise ValueError("teacher-mixed sampling (alpha > 0) needs a teacher")
-    use_student, use_teacher = alpha < 1.0, alpha > 0.0
-    b = prompt_ids.shape[0]
-    mask = prompt_mask.long()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    ids, pos = prompt_ids, positions
-    s_cache = t_cache = None
-    s_arg, t_arg = _cache_arg(student), _cache_arg(teacher)
-    done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
-    tokens, masks, s_lps, m_lps = [], [], [], []
-    for _ in range(max_new_tokens):
-        if use_student:
-            s_logits, s_cache = _step(student, ids, mask, pos, s_cache, s_arg)
-        if use_teacher:
-            t_logits, t_cache = _step(teacher, ids, mask, pos, t_cache, t_arg)
-        temp = temperature if temperature > 0 else 1.0
-        logq = torch.log_softmax(s_logits / temp, -1) if use_student else None
-        logp = torch.log_softmax(t_logits / temp, -1) if use_teacher else None
-        if use_student and use_teacher:
-            logmix = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
+    if temperature <= 0 and 0 < alpha < 1:
+        raise ValueError("greedy decoding (temperature 0) of a teacher-student mixture is not defined; "
+                         "use alpha 0 or 1")
+    device = prompt_ids.device
+    stu = _IncrementalLM(student, prompt_mask, temperature) if alpha < 1 else None
+    tea = _IncrementalLM(teacher, prompt_mask, temperature) if teacher is not None else None
+    coins = (torch.rand(max_new_tokens, generator=generator, device=generator.device if generator else device)
+             < alpha).tolist()
+    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
+    tokens, masks, s_lps, t_lps = [], [], [], []
+    t_next, t_seen = None, 0  # teacher: log-dist of token index t_seen (None before its first call)
+
+    def teacher_catch_up(upto: int):
+        """Feed the teacher tokens [t_seen, upto): score them, and leave t_next = log-dist of token ``upto``."""
+        nonlocal t_next, t_seen
+        if t_next is None:
+            t_next = tea.start(prompt_ids)[:, -1]
+        if upto > t_seen:
+            chunk = torch.stack(tokens[t_seen:upto], 1)
+            dists = torch.cat([t_next[:, None], tea.feed(chunk)], 1)
+            t_lps.extend(dists[:, :-1].gather(-1, chunk[..., None]).squeeze(-1).unbind(1))
+            t_next, t_seen = dists[:, -1], upto
+
+    s_next = stu.start(prompt_ids)[:, -1] if stu is not None else None
+    for t in range(max_new_tokens):
+        if stu is None or coins[t]:
+            teacher_catch_up(t)
+            logits = t_next
         else:
-            logmix = logq if use_student else logp
+            logits = s_next
         if temperature > 0:
-            nxt = torch.multinomial(logmix.exp(), 1, generator=generator).squeeze(-1)
+            nxt = torch.multinomial(logits.exp(), 1, generator=generator).squeeze(-1)
         else:
-            nxt = logmix.argmax(-1)
+            nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)
         masks.append(~done)
-        s_lps.append((logq if use_student else logmix).gather(-1, nxt[:, None]).squeeze(-1))
-        m_lps.append(logmix.gather(-1, nxt[:, None]).squeeze(-1))
+        if stu is not None:
+            s_lps.append(s_next.gather(-1, nxt[:, None]).squeeze(-1))
         if eos_id is not None:
             done = done | (nxt == eos_id)
-        if bool(done.all()):
+        if bool(done.all()) or t == max_new_tokens - 1:
             break
-        ids = nxt[:, None]
-        pos = pos[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if stu is not None:
+            s_next = stu.feed(nxt[:, None])[:, -1]
     stack = lambda xs: torch.stack(xs, dim=1)  # noqa: E731
-    return Rollout(prompt_ids, prompt_mask, stack(tokens), stack(masks).long(), stack(s_lps), stack(m_lps))
+    response = stack(tokens)
+    logp = None
+    if tea is not None:
+        teacher_catch_up(response.shape[1])
+        logp = stack(t_lps)
+    if stu is None:
+        logq = logmix = logp
+    else:
+        logq = stack(s_lps)
+        logmix = logq if alpha == 0 else torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
+    return Rollout(prompt_ids, prompt_mask, response, stack(masks).long(), logq, logp, logmix)
 
 
 def response_logits(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
@@ -303,15 +349,17 @@ class MiniLLM(PaperModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints leave the frozen teacher out
         student = {} if student is None else student
-        self.tokenizer = load_tokenizer(tokenizer, student if isinstance(student, str) else teacher)
-        self.model: PreTrainedModel = _load("student", student, len(self.tokenizer), None, init_seed,
-                                            "configs/minillm/sft.yaml")
+        if objective != "sft" and teacher is None:
+            raise ValueError(f"objective={objective!r} needs a teacher (model.teacher)")
+        student_how, teacher_how = ("student", student, "sft.yaml"), ("teacher", teacher, "teacher_sft.yaml")
+        owner = student_how if isinstance(student, str) else teacher_how if objective != "sft" else student_how
+        self.tokenizer = _clear_load_error(*owner, lambda: load_tokenizer(tokenizer, owner[1]))
+        self.model: PreTrainedModel = _clear_load_error(
+            *student_how, lambda: load_causal_lm(student, vocab_size=len(self.tokenizer), seed=init_seed))
         self.teacher: PreTrainedModel | None = None
         if objective != "sft":
-            if teacher is None:
-                raise ValueError(f"objective={objective!r} needs a teacher (model.teacher)")
-            self.teacher = _load("teacher", teacher, len(self.tokenizer), teacher_dtype, init_seed + 1,
-                                 "configs/minillm/teacher_sft.yaml")
+            self.teacher = _clear_load_error(*teacher_how, lambda: load_causal_lm(
+                teacher, vocab_size=len(self.tokenizer), dtype=teacher_dtype, seed=init_seed + 1))
             check_same_vocabulary(self.model, self.teacher)
             self.teacher.requires_grad_(False).eval()
         self.export_dir = export_dir
@@ -346,7 +394,8 @@ class MiniLLM(PaperModule):
         was_training = self.model.training
         self.model.eval()
         try:
-            return sample_mixed(self.model, self.teacher, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+            return sample_mixed(self.model, self.teacher if alpha > 0 else None, batch["prompt_input_ids"],
+                                batch["prompt_attention_mask"],
                                 max_new_tokens or self.hparams.max_new_tokens, alpha, self.tokenizer.eos_token_id,
                                 self.pad_id, self.hparams.temperature if temperature is None else temperature,
                                 generator)
@@ -465,12 +514,13 @@ class MiniLLM(PaperModule):
             CausalLM.export(self, self.export_dir)  # saves self.model + self.tokenizer
 
 
-def _load(role: str, spec: ModelSpec, vocab_size: int, dtype: str | None, seed: int, how: str) -> PreTrainedModel:
-    """``load_causal_lm`` with an error that says how to make a missing local model."""
+def _clear_load_error(role: str, spec: ModelSpec, config: str, load):
+    """Run ``load()``; a model/tokenizer path that cannot be loaded becomes an error saying how to make it."""
     try:
-        return load_causal_lm(spec, vocab_size=vocab_size, dtype=dtype, seed=seed)
-    except (OSError, FileNotFoundError, ValueError) as e:
+        return load()
+    except (OSError, ValueError) as e:
         if isinstance(spec, str):
-            raise FileNotFoundError(f"{role} model {spec!r} could not be loaded ({e}). If it is the default "
-                                    f"local checkpoint, train it first: litpapers fit --config {how}") from e
+            raise FileNotFoundError(f"{role} model {spec!r} could not be loaded ({type(e).__name__}: {e}). If it is "
+                                    f"the default local checkpoint, make it first: litpapers fit --config "
+                                    f"configs/minillm/{config}") from e
         raise

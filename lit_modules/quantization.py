@@ -10,7 +10,9 @@ output row when ``group_size`` is ``None``) at ``bits`` ∈ {2..8}::
 
 - :func:`prepare_qat` swaps every quantized ``nn.Linear`` for torchao's ``FakeQuantizedLinear``
   (``quantize_(model, QATConfig(weight_config=IntxFakeQuantizeConfig(...), step="prepare"))``): the forward
-  uses Q(w), the backward is the straight-through estimator ∂L/∂w := ∂L/∂Q(w) onto the latent fp weights.
+  uses Q(w), the backward is the straight-through estimator ∂L/∂w := ∂L/∂Q(w) onto the latent fp weights,
+  clipped as torchao does: zero where round(w/scale) fell outside the integer range — only a group's positive
+  maximum can (max/scale = (2^bits − 1)/2 may round up to 2^(bits−1)), depending on float rounding.
 - :func:`convert_qat` turns those layers into ``nn.Linear`` with real quantized weights
   (``QATConfig(IntxWeightOnlyConfig(...), step="convert")``: torchao's ``IntxUnpackedToInt8Tensor`` — the
   integer codes stored one per int8 byte plus fp32 per-group scales; it runs on CPU and GPU by dequantizing

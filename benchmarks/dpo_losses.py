@@ -1,0 +1,160 @@
+"""DPO vs DiscoPOP vs the other preference losses on the built-in checkable instruction task.
+
+    python -m benchmarks.dpo_losses [--device cpu|cuda] [--quick] [--losses sigmoid,discopop,...]
+
+1. SFT: a tiny byte-level Llama (``lit_modules.CausalLM``) is trained briefly on the built-in instruction task
+   (``datamodules.InstructionDataModule``, seed 0) so that it answers some prompts validly — the starting
+   policy and the reference of every preference run.
+2. Preference pairs: ``datamodules.PreferenceDataModule`` built-in pairs (seed 1: chosen passes
+   ``check_answer``, rejected is a plausible invalid answer); 10 % held out.
+3. Each loss trains a copy of the SFT policy for the same steps, batches (same seed), β, lr and schedule,
+   with precomputed reference log-probs (computed once, then served from the cache to every loss).
+4. Evaluation: held-out reward accuracy (fraction of held-out pairs with r_chosen > r_rejected,
+   r = β·(log π − log π_ref)), and on fresh prompts (seed 2) greedy answers are checked with
+   ``check_answer``: validity rate, and the win rate vs the starting policy's greedy answers on the same prompts
+   (win = only ours valid, loss = only the start's valid, tie = both or neither; win rate = (wins + ½ ties)/n).
+
+Prints one JSON object last (raw numbers per loss, and each loss's differences vs ``sigmoid`` (DPO) measured
+in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import lightning as L
+import torch
+
+from datamodules import InstructionDataModule, PreferenceDataModule
+from datamodules.common import pad_sequences
+from datamodules.instruction_tasks import check_answer, format_prompt, generate_examples
+from lit_modules import DPO, CausalLM
+from lit_modules.preference_losses import PREFERENCE_LOSSES
+
+MODEL = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 4}
+ALL_LOSSES = ("sigmoid", "discopop", "hinge", "ipo", "kto_pair", "padll", "cell", "aql", "aqfl", "pfl")
+
+
+def trainer(args: argparse.Namespace, steps: int, **kwargs) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator=args.device, devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                     num_sanity_val_steps=0, **kwargs)
+
+
+def sft(args: argparse.Namespace, out_dir: str) -> str:
+    L.seed_everything(0, verbose=False)
+    module = CausalLM(model=MODEL, init_seed=0, lr=args.sft_lr, warmup_steps=20, weight_decay=0.0)
+    dm = InstructionDataModule(num_examples=4000, batch_size=32, seed=0, val_fraction=0.05)
+    trainer(args, args.sft_steps, limit_val_batches=0).fit(module, datamodule=dm)
+    return str(module.export(out_dir))
+
+
+@torch.no_grad()
+def greedy_answers(model: torch.nn.Module, tokenizer, prompts: list[str], device: str, max_new_tokens: int = 12,
+                   batch_size: int = 64) -> list[str]:
+    """Greedy completions (up to EOS) of ``prompts``, left-padded batches."""
+    model.eval()
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch_size]]
+        input_ids = pad_sequences(ids, tokenizer.pad_token_id, left=True).to(device)
+        mask = pad_sequences([[1] * len(x) for x in ids], 0, left=True).to(device)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        answers += tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+    return answers
+
+
+def validity(examples: list[dict], answers: list[str]) -> list[bool]:
+    return [check_answer(ex, a) for ex, a in zip(examples, answers)]
+
+
+def win_rate(ours: list[bool], start: list[bool]) -> dict:
+    wins = sum(o and not s for o, s in zip(ours, start))
+    losses = sum(s and not o for o, s in zip(ours, start))
+    ties = len(ours) - wins - losses
+    return {"win_rate": (wins + 0.5 * ties) / len(ours), "wins": wins, "losses": losses, "ties": ties}
+
+
+def run_loss(args: argparse.Namespace, loss: str, sft_dir: str, cache: str, eval_examples: list[dict],
+             start_valid: list[bool]) -> dict:
+    L.seed_everything(1, verbose=False)
+    kwargs = {"tau": 0.05} if loss == "discopop" else {}
+    module = DPO(model=sft_dir, loss=loss, beta=args.beta, loss_kwargs=kwargs, lr=args.lr, warmup_steps=10,
+                 precompute_ref_logps=True, ref_cache_dir=cache)
+    dm = PreferenceDataModule(num_examples=args.pairs, seed=1, batch_size=args.batch, val_fraction=0.1)
+    t0 = time.perf_counter()
+    tr = trainer(args, args.steps, limit_val_batches=0)
+    tr.fit(module, datamodule=dm)
+    train_s = time.perf_counter() - t0
+    val = trainer(args, args.steps).validate(module, datamodule=dm, verbose=False)[0]
+    prompts = [format_prompt(ex["instruction"], ex["context"]) for ex in eval_examples]
+    valid = validity(eval_examples, greedy_answers(module.policy, module.tokenizer, prompts, args.device))
+    return {"val_reward_accuracy": val["val/reward_accuracy"], "val_reward_margin": val["val/reward_margin"],
+            "val_loss": val["val/loss"], "valid_rate": sum(valid) / len(valid),
+            **win_rate(valid, start_valid), "train_seconds": train_s}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="fewer steps/prompts, DPO and DiscoPOP only")
+    p.add_argument("--losses", default=None, help=f"comma-separated, default all: {','.join(ALL_LOSSES)}")
+    p.add_argument("--sft-steps", type=int, default=None)
+    p.add_argument("--sft-lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=None, help="preference-optimisation steps per loss")
+    p.add_argument("--batch", type=int, default=16, help="pairs per step")
+    p.add_argument("--pairs", type=int, default=3000, help="built-in preference pairs (10%% held out)")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--eval-prompts", type=int, default=None)
+    args = p.parse_args()
+    args.sft_steps = args.sft_steps or (60 if args.quick else 250)
+    args.steps = args.steps or (20 if args.quick else 150)
+    args.eval_prompts = args.eval_prompts or (100 if args.quick else 500)
+    losses = args.losses.split(",") if args.losses else (["sigmoid", "discopop"] if args.quick else list(ALL_LOSSES))
+    unknown = set(losses) - set(PREFERENCE_LOSSES)
+    if unknown:
+        raise SystemExit(f"unknown losses {sorted(unknown)}; choose from {sorted(PREFERENCE_LOSSES)}")
+    torch.set_float32_matmul_precision("high")
+
+    work = tempfile.mkdtemp(prefix="dpo_losses_")
+    t0 = time.perf_counter()
+    sft_dir = sft(args, os.path.join(work, "sft"))
+    sft_s = time.perf_counter() - t0
+    eval_examples = generate_examples(args.eval_prompts, seed=2)
+    start = CausalLM(model=sft_dir).to(args.device)
+    prompts = [format_prompt(ex["instruction"], ex["context"]) for ex in eval_examples]
+    start_valid = validity(eval_examples, greedy_answers(start.model, start.tokenizer, prompts, args.device))
+    del start
+
+    results = {}
+    for loss in losses:
+        results[loss] = run_loss(args, loss, sft_dir, os.path.join(work, "ref_cache"), eval_examples, start_valid)
+        r = results[loss]
+        print(f"{loss:>9}: held-out reward acc {r['val_reward_accuracy']:.3f}  valid {r['valid_rate']:.3f}  "
+              f"win rate vs start {r['win_rate']:.3f}  ({r['train_seconds']:.0f}s)", flush=True)
+    anchor = results.get("sigmoid")
+    vs_dpo = {loss: {k: r[k] - anchor[k] for k in ("val_reward_accuracy", "valid_rate", "win_rate")}
+              for loss, r in results.items()} if anchor else {}
+    print(json.dumps({
+        "benchmark": "dpo_losses", "device": args.device, "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "settings": {"model": MODEL | {"vocab_size": 259}, "sft_steps": args.sft_steps, "sft_lr": args.sft_lr,
+                     "po_steps": args.steps, "batch_pairs": args.batch, "pairs": args.pairs, "beta": args.beta,
+                     "lr": args.lr, "eval_prompts": args.eval_prompts, "discopop_tau": 0.05,
+                     "precompute_ref_logps": True, "sft_seconds": sft_s},
+        "start_policy": {"valid_rate": sum(start_valid) / len(start_valid)},
+        "results": results, "minus_dpo": vs_dpo,
+    }))
+
+
+if __name__ == "__main__":
+    main()
