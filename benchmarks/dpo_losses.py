@@ -111,14 +111,20 @@ def main() -> None:
     p.add_argument("--sft-lr", type=float, default=3e-3)
     p.add_argument("--steps", type=int, default=None, help="preference-optimisation steps per loss")
     p.add_argument("--batch", type=int, default=16, help="pairs per step")
-    p.add_argument("--pairs", type=int, default=3000, help="built-in preference pairs (10%% held out)")
+    p.add_argument("--pairs", type=int, default=None,
+                   help="built-in preference pairs, 10%% held out (default: one epoch of --steps)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--eval-prompts", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--sft-dir", default=None, help="reuse this SFT export if it exists, else write it there")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.sft_steps = args.sft_steps or (60 if args.quick else 250)
     args.steps = args.steps or (20 if args.quick else 150)
     args.eval_prompts = args.eval_prompts or (100 if args.quick else 500)
+    args.pairs = args.pairs or max(200, round(args.steps * args.batch / 0.9) + 1)
     losses = args.losses.split(",") if args.losses else (["sigmoid", "discopop"] if args.quick else list(ALL_LOSSES))
     unknown = set(losses) - set(PREFERENCE_LOSSES)
     if unknown:
@@ -127,7 +133,9 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="dpo_losses_")
     t0 = time.perf_counter()
-    sft_dir = sft(args, os.path.join(work, "sft"))
+    sft_dir = args.sft_dir or os.path.join(work, "sft")
+    if not os.path.exists(os.path.join(sft_dir, "config.json")):
+        sft(args, sft_dir)
     sft_s = time.perf_counter() - t0
     eval_examples = generate_examples(args.eval_prompts, seed=2)
     start = CausalLM(model=sft_dir).to(args.device)
@@ -150,7 +158,7 @@ def main() -> None:
         "settings": {"model": MODEL | {"vocab_size": 259}, "sft_steps": args.sft_steps, "sft_lr": args.sft_lr,
                      "po_steps": args.steps, "batch_pairs": args.batch, "pairs": args.pairs, "beta": args.beta,
                      "lr": args.lr, "eval_prompts": args.eval_prompts, "discopop_tau": 0.05,
-                     "precompute_ref_logps": True, "sft_seconds": sft_s},
+                     "precompute_ref_logps": True, "sft_seconds": sft_s, "torch_threads": args.threads},
         "start_policy": {"valid_rate": sum(start_valid) / len(start_valid)},
         "results": results, "minus_dpo": vs_dpo,
     }))

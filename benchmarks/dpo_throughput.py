@@ -172,7 +172,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch default)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default 1 on CPU: on a shared machine more threads oversubscribe "
+                        "the cores and swamp the timings; 0 = torch default)")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = p.parse_args()
     size = (128, 2, 10, 2) if args.quick else ((256, 4, 30, 3) if args.device == "cpu" else (512, 6, 50, 3))
@@ -180,6 +182,8 @@ def main() -> None:
     args.layers = args.layers or size[1]
     args.steps = args.steps or size[2]
     args.repeats = args.repeats or size[3]
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else 0
     if args.worker:
         return worker(args)
 
@@ -219,7 +223,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "settings": {"model": settings(args) | {"vocab_size": 259, "model_type": "llama"}, "batch_pairs": args.batch,
                      "prompt_tokens": args.prompt_bytes, "response_tokens": "1-8 (+EOS)", "steps": args.steps,
-                     "warmup": args.warmup, "repeats": args.repeats, "precision": "fp32",
+                     "warmup": args.warmup, "repeats": args.repeats, "precision": "fp32", "torch_threads": args.threads,
                      "optimizer": "torch AdamW (non-fused), lr 1e-5 constant, clip 1.0",
                      "trl": "DPOConfig(bf16=False, fp16=False, gradient_checkpointing=False, optim='adamw_torch')",
                      "ours": "lit_modules.DPO + Lightning Trainer(precision='32-true', logger=False)"},

@@ -39,15 +39,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, device: torch.device, repeats: int) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
+def _time_interleaved(fns: dict, device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, calls interleaved round-robin (fair on a noisy machine); one warm-up."""
+    for fn in fns.values():
         fn()
-        _sync(device)
-        out.append(time.perf_counter() - t)
+    out = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            out[name].append(time.perf_counter() - t)
     return out
 
 
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = args.size or ("100m" if device.type == "cuda" else "tiny")
     batch = args.batch or (64 if device.type == "cuda" else 16)
     new_tokens = args.new_tokens or (32 if args.quick else (256 if device.type == "cuda" else 64))
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (5 if args.quick else 9)
     dtype = resolve_dtype(args.dtype or ("bf16" if device.type == "cuda" else "float32"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -98,9 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         sample_mixed(student, None, prompts, mask, new_tokens, alpha=0.0, eos_id=None, pad_id=0)
 
     tokens = batch * new_tokens
-    times = {"anchor_generate_plus_teacher_forward": _time(anchor, device, repeats),
-             "ours_teacher_mixed": _time(ours, device, repeats),
-             "ours_student_only_alpha0": _time(ours_student_only, device, repeats)}
+    times = _time_interleaved({"anchor_generate_plus_teacher_forward": anchor, "ours_teacher_mixed": ours,
+                               "ours_student_only_alpha0": ours_student_only}, device, repeats)
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     result = {
         "benchmark": "minillm_rollout", "device": str(device),

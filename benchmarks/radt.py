@@ -1,7 +1,7 @@
 """RADT speed: vectorized return-alignment evaluation vs a one-episode-at-a-time loop, and RADT's training step
 vs Decision Transformer's at equal size.
 
-    python -m benchmarks.radt [--device cpu|cuda] [--quick]
+    python -m benchmarks.radt [--device cpu|cuda] [--quick] [--threads N]
 
 1. **Evaluation** (needs gymnasium + MuJoCo; skipped with a note otherwise): an untrained paper-size RADT
    (embed 128, 3 layers, 1 head, K 20) acts in ``HalfCheetah-v5`` limited to ``steps`` steps per episode
@@ -137,8 +137,12 @@ def builtin_data() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (use 1 on a shared machine: idle-spinning threads slow down ~10x)")
     parser.add_argument("--quick", action="store_true", help="fewer steps/repeats, no dataset report")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     result: dict = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__,

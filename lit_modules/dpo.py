@@ -17,6 +17,7 @@ import copy
 import hashlib
 import inspect
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("loss", "reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "logps_chosen",
            "logps_rejected")
+REWARD_CURVES = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
 
 
 def sequence_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor, length_normalize: bool = False) -> Tensor:
@@ -119,6 +121,7 @@ class DPO(PaperModule):
         #: (N, 2) precomputed reference log-probs [chosen, rejected] by pair index (NaN = not computed).
         self.ref_logps_table: Tensor | None = None
         self.val_metrics = torchmetrics.MetricCollection({k: torchmetrics.MeanMetric() for k in METRICS})
+        self.reward_history: list[tuple[float, ...]] = []  # (step, *REWARD_CURVES) per validation
 
     # ------------------------------------------------------------------ networks (override points)
     def build_policy(self) -> nn.Module:
@@ -234,8 +237,9 @@ class DPO(PaperModule):
             log.info("DPO: loaded precomputed reference log-probs from %s", file)
         else:
             table = self.compute_ref_logps_table(reference, loaders)
-            if self.trainer.is_global_zero:
-                torch.save(table, file)
+            if self.trainer.is_global_zero:  # write-then-rename: other ranks never read a partial file
+                torch.save(table, file.with_suffix(".tmp"))
+                os.replace(file.with_suffix(".tmp"), file)
             log.info("DPO: precomputed reference log-probs of %d pairs -> %s", len(table), file)
         del reference
         self.ref_logps_table = table.to(self.device)
@@ -286,6 +290,29 @@ class DPO(PaperModule):
         self.val_metrics.reset()
         self.log("val/loss", values.pop("val/loss"), prog_bar=True)
         self.log_dict(values)
+        if not self.trainer.sanity_checking:
+            self.reward_history.append((self.global_step, *(float(values[f"val/{k}"]) for k in REWARD_CURVES)))
+            self._log_reward_figure()
+
+    def _log_reward_figure(self) -> None:
+        """Validation rewards (chosen, rejected, margin) and reward accuracy vs step, as a TensorBoard figure."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        if not isinstance(self.logger, TensorBoardLogger) or len(self.reward_history) < 2:
+            return
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(8, 3))
+        ax_reward, ax_acc = fig.subplots(1, 2)
+        steps = [h[0] for h in self.reward_history]
+        for i, name in enumerate(REWARD_CURVES[:-1], start=1):
+            ax_reward.plot(steps, [h[i] for h in self.reward_history], marker="o", label=name)
+        ax_acc.plot(steps, [h[-1] for h in self.reward_history], marker="o")
+        ax_reward.set(xlabel="step", ylabel="β·(log π − log π_ref)", title="val rewards")
+        ax_acc.set(xlabel="step", ylabel="fraction", title="val reward accuracy", ylim=(0, 1))
+        ax_reward.legend()
+        fig.tight_layout()
+        self.logger.experiment.add_figure("val/rewards", fig, global_step=self.global_step)
 
     # ------------------------------------------------------------------ export
     def export(self, path: str | Path) -> Path:

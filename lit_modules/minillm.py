@@ -204,8 +204,14 @@ class _IncrementalLM:
         self.cache, self.positions = getattr(out, self.cache_arg), positions
         return torch.log_softmax(out.logits.float() / self.temperature, -1)
 
-    def start(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        return self._forward(prompt_ids, self.positions)[:, -1:]
+    def start(self, prompt_ids: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Read the prompt (and ``ids`` after it, if given) in one forward."""
+        if ids is None or ids.shape[1] == 0:
+            return self._forward(prompt_ids, self.positions)[:, -1:]
+        k = ids.shape[1]
+        positions = torch.cat([self.positions, self.positions[:, -1:] + torch.arange(1, k + 1, device=ids.device)], 1)
+        self.mask = torch.cat([self.mask, torch.ones_like(ids)], 1)
+        return self._forward(torch.cat([prompt_ids, ids], 1), positions)[:, -(k + 1):]
 
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], 1)
@@ -246,13 +252,16 @@ def sample_mixed(student: PreTrainedModel | None, teacher: PreTrainedModel | Non
     def teacher_catch_up(upto: int):
         """Feed the teacher tokens [t_seen, upto): score them, and leave t_next = log-dist of token ``upto``."""
         nonlocal t_next, t_seen
-        if t_next is None:
-            t_next = tea.start(prompt_ids)[:, -1]
-        if upto > t_seen:
-            chunk = torch.stack(tokens[t_seen:upto], 1)
+        chunk = torch.stack(tokens[t_seen:upto], 1) if upto > t_seen else None
+        if t_next is None:  # first call: prompt and chunk in one forward
+            dists = tea.start(prompt_ids, chunk)
+        elif chunk is not None:
             dists = torch.cat([t_next[:, None], tea.feed(chunk)], 1)
+        else:
+            return
+        if chunk is not None:
             t_lps.extend(dists[:, :-1].gather(-1, chunk[..., None]).squeeze(-1).unbind(1))
-            t_next, t_seen = dists[:, -1], upto
+        t_next, t_seen = dists[:, -1], upto
 
     s_next = stu.start(prompt_ids)[:, -1] if stu is not None else None
     for t in range(max_new_tokens):

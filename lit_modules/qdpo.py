@@ -79,8 +79,10 @@ class QDPO(DPO):
         except OSError as e:
             raise FileNotFoundError(f"QDPO: cannot load the full-precision model {self.model_spec!r} ({e}). If it "
                                     f"is a local export, train it first: `{FP_SFT_HINT}`") from e
+        policy = prepare_qat(copy.deepcopy(full_precision), self.bits, self.group_size, self.include_lm_head)
+        policy.train()  # from_pretrained leaves models in eval mode
         self.full_precision = self._frozen(full_precision)
-        return prepare_qat(copy.deepcopy(full_precision), self.bits, self.group_size, self.include_lm_head)
+        return policy
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -12,18 +12,34 @@ TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num
 
 
 class Scripted(torch.nn.Module):
-    """A fake LM that emits ``script[b, step]`` with certainty and records what the sampler passed in."""
+    """A fake LM: after reading n response tokens it emits ``script[b, n]`` with certainty (the "cache" is n);
+    it records what the sampler passed in."""
 
     def __init__(self, script: list[list[int]], vocab: int = 10):
         super().__init__()
         self.script, self.vocab, self.calls = torch.tensor(script), vocab, []
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
-        step = 0 if past_key_values is None else past_key_values  # the "cache" is the step count
         self.calls.append({"ids": input_ids.clone(), "mask": attention_mask.clone(), "pos": position_ids.clone()})
-        logits = torch.full((input_ids.shape[0], input_ids.shape[1], self.vocab), -1e4)
-        logits[torch.arange(input_ids.shape[0]), -1, self.script[:, step]] = 0.0
-        return SimpleNamespace(logits=logits, past_key_values=step + 1)
+        b, k = input_ids.shape
+        read = 0 if past_key_values is None else past_key_values + k
+        nxt = [0] * k if past_key_values is None else list(range(past_key_values + 1, read + 1))
+        logits = torch.full((b, k, self.vocab), -1e4)
+        for i, n in enumerate(nxt):
+            logits[torch.arange(b), i, self.script[:, min(n, self.script.shape[1] - 1)]] = 0.0
+        return SimpleNamespace(logits=logits, past_key_values=read)
+
+
+class Fixed(torch.nn.Module):
+    """A fake LM whose next-token distribution is ``probs`` whatever the context."""
+
+    def __init__(self, probs: list[float]):
+        super().__init__()
+        self.logits, self.calls = torch.tensor(probs).log(), 0
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
+        self.calls += 1
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1), past_key_values=0)
 
 
 def test_finished_sequences_get_padding_and_masks():
@@ -39,7 +55,7 @@ def test_stops_when_every_sequence_is_done():
     prompt = torch.tensor([[7], [7]])
     out = sample_mixed(lm, None, prompt, torch.ones_like(prompt), max_new_tokens=6, eos_id=1, pad_id=0)
     assert out.response_ids.tolist() == [[5, 1], [1, 0]]
-    assert len(lm.calls) == 2  # no forward after the last EOS
+    assert len(lm.calls) == 2  # the prompt, then one token: no forward after the last EOS
 
 
 def test_left_padded_prompts_get_positions_and_growing_attention_mask():
@@ -76,26 +92,31 @@ def test_sampled_logprobs_match_a_full_forward_with_left_padding():
     torch.testing.assert_close(out.student_logprobs[0, 0], ref, atol=1e-4, rtol=1e-4)
 
 
-def test_empirical_first_token_frequencies_follow_the_mixture():
-    vocab, n, alpha = 6, 40000, 0.2
-    student = load_causal_lm(TINY, vocab_size=vocab, seed=3).eval()
-    teacher = load_causal_lm(TINY, vocab_size=vocab, seed=4).eval()
-    with torch.no_grad():  # sharpen both so p and q differ clearly
-        student.lm_head.weight.mul_(30)
-        teacher.lm_head.weight.mul_(30)
-        prompt = torch.tensor([[2, 3]])
-        q = torch.softmax(student(prompt).logits[0, -1], -1)
-        p = torch.softmax(teacher(prompt).logits[0, -1], -1)
-    assert (p - q).abs().sum() > 0.5
-    prompts = prompt.expand(n, 2)
+def test_empirical_frequencies_follow_the_mixture_with_independent_steps():
+    p, q, alpha, n = [0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7], 0.2, 3000
+    teacher, student = Fixed(p), Fixed(q)
     gen = torch.Generator().manual_seed(0)
-    out = sample_mixed(student, teacher, prompts, torch.ones_like(prompts), max_new_tokens=1, alpha=alpha,
-                       eos_id=None, generator=gen)
-    freq = torch.bincount(out.response_ids[:, 0], minlength=vocab).float() / n
-    target = alpha * p + (1 - alpha) * q
-    # 4 standard errors of a binomial frequency
-    assert ((freq - target).abs() <= 4 * (target * (1 - target) / n).sqrt() + 1e-3).all(), (freq, target)
-    assert (freq - q).abs().max() > 0.02  # and it is not just the student
+    prompt = torch.tensor([[2, 3]])
+    samples = torch.cat([sample_mixed(student, teacher, prompt, torch.ones_like(prompt), max_new_tokens=2,
+                                      alpha=alpha, eos_id=None, generator=gen).response_ids for _ in range(n)])
+    mix = alpha * torch.tensor(p) + (1 - alpha) * torch.tensor(q)  # [0.22, 0.1, 0.1, 0.58]
+    tol = lambda x: 4 * (x * (1 - x) / n) ** 0.5  # noqa: E731  4 standard errors of a frequency
+    for step in range(2):
+        freq = torch.bincount(samples[:, step], minlength=4).float() / n
+        assert ((freq - mix).abs() <= tol(mix)).all(), (step, freq, mix)
+    # the two steps draw their coins independently: P(y1 = y2 = 0) = mix_0² (= 0.048), not α·p0² + (1−α)·q0² (0.106)
+    both = ((samples[:, 0] == 0) & (samples[:, 1] == 0)).float().mean()
+    assert abs(both - mix[0] ** 2) <= tol(mix[0] ** 2)
+
+
+def test_teacher_runs_only_at_the_steps_that_draw_from_it():
+    teacher, student = Fixed([0.5, 0.5]), Fixed([0.5, 0.5])
+    prompt = torch.tensor([[1, 1]])
+    out = sample_mixed(student, teacher, prompt, torch.ones_like(prompt), max_new_tokens=200, alpha=0.2,
+                       eos_id=None, generator=torch.Generator().manual_seed(0))
+    assert out.response_ids.shape == (1, 200) and student.calls == 200
+    assert teacher.calls < 0.35 * 200  # ≈ α·T catch-ups + prompt + final scoring, not one per step
+    torch.testing.assert_close(out.teacher_logprobs, torch.full((1, 200), 0.5).log())
 
 
 def test_alpha_one_samples_the_teacher_only():
@@ -103,3 +124,4 @@ def test_alpha_one_samples_the_teacher_only():
     lm_t = Scripted([[6, 1]])
     out = sample_mixed(lm_s, lm_t, torch.tensor([[7]]), torch.ones(1, 1, dtype=torch.long), 4, alpha=1.0)
     assert out.response_ids.tolist() == [[6, 1]] and lm_s.calls == []
+    torch.testing.assert_close(out.mix_logprobs, out.teacher_logprobs)

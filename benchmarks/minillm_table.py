@@ -1,0 +1,118 @@
+"""MiniLLM's results table on the built-in instruction tasks: every ``configs/minillm`` row through the CLI.
+
+    python -m benchmarks.minillm_table [--quick] [--device cpu|cuda] [--workdir outputs/minillm_table]
+
+Pipeline (each step is ``litpapers fit --config configs/minillm/<row>.yaml`` run in ``--workdir``):
+teacher_sft → sft (the student's SFT, also the initialisation of every other row) → one run per row.
+"SFT +N" continues the SFT student with SFT for the same number of steps as the distillation rows
+(compute-matched baseline). Each model is then evaluated on the same held-out prompts: Rouge-L (best over
+the valid answers), the rate of valid answers (the task's checker) and the mean response length, sampling
+at temperature 1 (``--eval-seeds`` seeds, averaged). Prints a markdown table, then one JSON object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "minillm"
+ROWS = [("SFT +N (no KD)", "sft", True), ("KD", "kd", False), ("SeqKD", "seqkd", False),
+        ("GKD reverse KL", "gkd_reverse", False), ("MiniLLM", "minillm", False),
+        ("MiniLLM w/o length norm", "minillm_no_length_norm", False),
+        ("MiniLLM w/o teacher-mix", "minillm_no_teacher_mix", False),
+        ("MiniLLM w/o single-step", "minillm_no_single_step", False)]
+
+
+def _fit(config: str, steps: int, extra: list[str], device: str):
+    from cli import build_cli
+
+    args = ["fit", "--config", str(CONFIGS / f"{config}.yaml"), "--trainer.max_steps", str(steps),
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.accelerator", device, "--trainer.limit_val_batches", "0"] + extra
+    t = time.perf_counter()
+    cli = build_cli(args)
+    return cli, time.perf_counter() - t
+
+
+def _evaluate(student_dir: str, device: str, seeds: int, num_val: int) -> dict[str, float]:
+    """Validate the exported model at ``student_dir`` (as an SFT-objective MiniLLM: no teacher needed)."""
+    import lightning as L
+
+    from datamodules import InstructionDataModule
+    from lit_modules import MiniLLM
+
+    runs = []
+    for seed in range(seeds):
+        module = MiniLLM(student=student_dir, teacher=None, objective="sft", max_new_tokens=16, eval_seed=1000 * seed)
+        data = InstructionDataModule(num_examples=6000, num_val=num_val, batch_size=50, max_response_length=16,
+                                     seed=0, template="Q: {instruction}\nA: ")
+        trainer = L.Trainer(accelerator=device, logger=False, enable_progress_bar=False, enable_model_summary=False)
+        runs.append(trainer.validate(module, data, verbose=False)[0])
+    keys = ("val/rougeL", "val/valid_rate", "val/response_length", "val/loss")
+    return {k.split("/")[1]: statistics.mean(float(r[k]) for r in runs) for k in keys}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test, meaningless numbers)")
+    ap.add_argument("--workdir", default="outputs/minillm_table")
+    ap.add_argument("--teacher-steps", type=int, default=None)
+    ap.add_argument("--sft-steps", type=int, default=None)
+    ap.add_argument("--row-steps", type=int, default=None, help="optimizer steps per distillation row")
+    ap.add_argument("--eval-seeds", type=int, default=None)
+    ap.add_argument("--num-val", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", nargs="*", default=None, help="subset of row config names")
+    args = ap.parse_args(argv)
+    teacher_steps = args.teacher_steps or (20 if args.quick else 1000)
+    sft_steps = args.sft_steps or (10 if args.quick else 600)
+    row_steps = args.row_steps or (8 if args.quick else 200)
+    seeds = args.eval_seeds or (1 if args.quick else 3)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)  # the configs write checkpoints/ and logs/ relative to the working directory
+
+    results, wall = [], {}
+    _, wall["teacher_sft"] = _fit("teacher_sft", teacher_steps, [], args.device)
+    results.append({"row": "Teacher (SFT)", "config": "teacher_sft", "steps": teacher_steps,
+                    **_evaluate("checkpoints/minillm_teacher", args.device, seeds, args.num_val)})
+    _, wall["sft"] = _fit("sft", sft_steps, [], args.device)
+    results.append({"row": "SFT (student init)", "config": "sft", "steps": sft_steps,
+                    **_evaluate("checkpoints/minillm_student_sft", args.device, seeds, args.num_val)})
+    for label, config, is_sft in ROWS:
+        if args.rows and config not in args.rows:
+            continue
+        export = f"checkpoints/minillm_row_{config}"
+        extra = ["--model.init_args.export_dir", export]
+        if is_sft:  # continue the SFT student with SFT for the rows' number of steps
+            extra += ["--model.init_args.student", "checkpoints/minillm_student_sft", "--model.init_args.lr", "5e-4",
+                      "--model.init_args.warmup_steps", "0"]
+        _, wall[config] = _fit(config, row_steps, extra, args.device)
+        results.append({"row": label, "config": config, "steps": row_steps,
+                        **_evaluate(export, args.device, seeds, args.num_val)})
+
+    lines = ["| row | config | optimizer steps | Rouge-L | valid-answer rate | mean response tokens | val CE |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['row']} | {r['config']}.yaml | {r['steps']} | {r['rougeL']:.3f} | {r['valid_rate']:.3f} "
+                     f"| {r['response_length']:.2f} | {r['loss']:.3f} |")
+    print("\n".join(lines))
+    out = {"benchmark": "minillm_table", "device": args.device, "threads": args.threads, "quick": args.quick,
+           "eval": {"num_val": args.num_val, "sampling": "temperature 1", "seeds": seeds},
+           "rows": results, "wall_seconds": wall}
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""QDPO vs round-to-nearest PTQ vs the full-precision model: the offline proxies of PAPERS.md §4.
+
+    python -m benchmarks.qdpo_table [--device cpu|cuda] [--quick] [--model DIR] [--bits 4] [--group-size 32]
+
+Setup (the built-in one): the full-precision model (FP) is ``--model`` (default ``checkpoints/minillm_teacher``,
+the MiniLLM teacher: a tiny byte-level Llama SFT'd on the built-in instruction tasks); when that directory is
+missing it is trained first with ``configs/minillm/teacher_sft.yaml`` for ``--sft-steps`` steps and saved there.
+RTN = FP with every non-``lm_head`` linear weight quantized by symmetric per-group round-to-nearest
+(``--bits``/``--group-size``), no training. QDPO = the same quantizer, trained with sigmoid DPO (β, lr, steps
+below) through fake quantization on pairs (FP greedy answer ≻ RTN greedy answer, identical pairs dropped) for
+``--num-prompts`` built-in prompts, then converted to real low-bit weights. All three are evaluated by
+:func:`callbacks.quantization_eval.evaluate_against_full_precision` on the same held-out prompts (none used
+for training), greedy decoding, fp32. ``recovered`` = (QDPO − RTN) / (FP − RTN) per metric: 1 = back to FP.
+Timings are wall-clock seconds of each stage (one run per seed; medians over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+METRICS = ("flip_rate", "fp_margin_at_flips", "quant_margin", "fp_loglik", "rouge_l", "same_answer", "check_score")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_full_precision(path: Path, steps: int, accelerator: str) -> float:
+    """SFT the FP model with the MiniLLM teacher config and export it to ``path``; returns seconds."""
+    import cli
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as logs:
+        cli.build_cli(["fit", "--config", str(ROOT / "configs/minillm/teacher_sft.yaml"),
+                       "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+                       "--trainer.accelerator", accelerator, "--trainer.devices", "1",
+                       "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
+                       "--trainer.logger.init_args.save_dir", logs, "--model.export_dir", str(path)])
+    return time.perf_counter() - start
+
+
+def eval_records(n: int, exclude: set[str]) -> list[dict]:
+    from datamodules.instruction import load_instruction_records
+    from datamodules.qdpo_pairs import unique_prompt_records
+
+    records, _ = unique_prompt_records(load_instruction_records(None, n, seed=12345, require_response=False))
+    return [r for r in records if r["prompt"] not in exclude]
+
+
+def run_seed(args, seed: int, device: torch.device, accelerator: str) -> dict:
+    import lightning as L
+
+    from callbacks.quantization_eval import evaluate_against_full_precision
+    from datamodules.qdpo_pairs import QDPOPairsDataModule, generate_answers
+    from lit_modules import QDPO
+    from lit_modules.quantization import quantize_rtn
+
+    L.seed_everything(seed, verbose=False)
+    module = QDPO(model=str(args.model), bits=args.bits, group_size=args.group_size, beta=args.beta, lr=args.lr,
+                  warmup_steps=args.warmup_steps, ref_cache_dir=args.cache)
+    dm = QDPOPairsDataModule(num_prompts=args.num_prompts, prompt_seed=1 + seed, max_new_tokens=args.max_new_tokens,
+                             generation_batch_size=args.generation_batch_size, batch_size=args.batch_size,
+                             val_fraction=0.0, seed=seed, pairs_cache_dir=args.cache)
+    timings = {}
+    start = time.perf_counter()
+    dm.trainer = SimpleNamespace(lightning_module=module, strategy=SimpleNamespace(root_device=device))
+    rows = dm.records()  # generation (or the disk cache), timed apart from training
+    timings["pairs_s"] = time.perf_counter() - start
+    dm.trainer = None
+    trainer = L.Trainer(max_steps=args.steps, accelerator=accelerator, devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0)
+    start = time.perf_counter()
+    trainer.fit(module, dm)
+    timings["train_s"] = time.perf_counter() - start
+
+    records = eval_records(args.eval_prompts, {r["prompt"] for r in rows})
+    fp = module.full_precision.to(device)
+    tok = module.tokenizer
+    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size)
+    start = time.perf_counter()
+    fp_answers = generate_answers(fp, tok, [r["prompt"] for r in records], **gen)
+    models = {"fp": fp, "rtn": quantize_rtn(fp, args.bits, args.group_size).to(device),
+              "qdpo": module.quantized_model().to(device)}
+    results = {name: evaluate_against_full_precision(fp, m, tok, records, fp_answers, **gen)
+               for name, m in models.items()}
+    timings["eval_s"] = time.perf_counter() - start
+    return {"seed": seed, "pairs_generated": len(rows), "pairs_kept": len(dm.pairs),
+            "pairs_identical_dropped": dm.num_dropped_identical, "eval_prompts": len(records),
+            "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+            "timings_s": timings, "results": results}
+
+
+def median_table(runs: list[dict]) -> dict[str, dict[str, float | None]]:
+    table = {}
+    for name in ("fp", "rtn", "qdpo"):
+        table[name] = {}
+        for k in METRICS:
+            values = [r["results"][name][k] for r in runs if r["results"][name][k] is not None]
+            table[name][k] = statistics.median(values) if values else None
+    return table
+
+
+def recovered(table: dict) -> dict[str, float | None]:
+    """(QDPO − RTN) / (FP − RTN) per metric (None when FP and RTN tie or a value is missing)."""
+    out = {}
+    for k in METRICS:
+        fp, rtn, q = table["fp"][k], table["rtn"][k], table["qdpo"][k]
+        out[k] = None if None in (fp, rtn, q) or abs(fp - rtn) < 1e-12 else (q - rtn) / (fp - rtn)
+    return out
+
+
+def markdown(table: dict, rec: dict) -> str:
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for name, label in (("fp", "full precision (ceiling)"), ("rtn", "RTN (PTQ baseline)"), ("qdpo", "QDPO")):
+        lines.append(f"| {label} | " + " | ".join(fmt(table[name][k]) for k in METRICS) + " |")
+    lines.append("| recovered (QDPO−RTN)/(FP−RTN) | " + " | ".join(fmt(rec[k]) for k in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="fewer prompts/steps, one seed")
+    parser.add_argument("--model", type=Path, default=Path("checkpoints/minillm_teacher"))
+    parser.add_argument("--sft-steps", type=int, default=1500, help="FP training steps when --model is missing")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="QDPO steps (default 200, quick 100)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="pair prompts (default 2000, quick 1000)")
+    parser.add_argument("--eval-prompts", type=int, default=None, help="eval prompts drawn (default 600, quick 300)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--generation-batch-size", type=int, default=128)
+    parser.add_argument("--cache", default=None, help="pairs/reference cache dir (default $LITPAPERS_CACHE)")
+    args = parser.parse_args(argv)
+    if importlib.util.find_spec("torchao") is None:
+        out = {"benchmark": "qdpo_table", "skipped": "torchao is not installed (pip install torchao)"}
+        print(json.dumps(out))
+        return out
+    args.steps = args.steps or (100 if args.quick else 200)
+    args.num_prompts = args.num_prompts or (1000 if args.quick else 2000)
+    args.eval_prompts = args.eval_prompts or (300 if args.quick else 600)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    device = torch.device(args.device)
+
+    sft_s = None
+    if not (args.model / "config.json").exists():
+        sft_s = train_full_precision(args.model, args.sft_steps, accelerator)
+    runs = [run_seed(args, seed, device, accelerator) for seed in seeds]
+    table = median_table(runs)
+    rec = recovered(table)
+    print(markdown(table, rec))
+    out = {
+        "benchmark": "qdpo_table",
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+                   + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"seeds": seeds},
+        "fp_sft_s": sft_s,
+        "median": table,
+        "recovered": rec,
+        "median_timings_s": {k: statistics.median(r["timings_s"][k] for r in runs) for k in runs[0]["timings_s"]},
+        "runs": runs,
+    }
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

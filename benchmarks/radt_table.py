@@ -1,0 +1,118 @@
+"""Return-alignment table: DT, RADT and the two RADT ablations on the built-in datasets, several seeds.
+
+    python -m benchmarks.radt_table [--device cpu|cuda] [--quick] [--envs halfcheetah swimmer] [--seeds 0 1 2]
+                                    [--steps 1500] [--embed-dim 64] [--n-layers 2] [--batch-size 32] [--threads N]
+
+Each run trains one model with the same recipe (AdamW, wd 1e-4, linear warm-up then constant lr, grad clip
+0.25, dropout 0.1, K and RTG scale as below) on the built-in scripted dataset, then evaluates it with
+``ReturnAlignmentEval`` (7 targets from the 5th to the 95th return percentile, ``episodes`` episodes each,
+the same seeded episodes for every model). The CPU defaults shrink the paper's recipe (embed 128, 3 layers,
+batch 64, 100k steps at lr 1e-4) so 4 variants × 3 seeds fit in ~20 min on 2 cores: say so when quoting.
+Every finished run is cached as JSON under ``$LITPAPERS_CACHE/radt_table/`` (keyed by all settings), so an
+interrupted table resumes where it stopped. The anchor is DT, trained and evaluated in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+
+import lightning as L
+import numpy as np
+import torch
+
+from callbacks import ReturnAlignmentEval
+from datamodules import OfflineRLDataModule
+from datamodules.common import cache_dir
+from lit_modules import RADT, DecisionTransformer
+
+ENVS = {"halfcheetah": ("litpapers/halfcheetah/scripted-v0", 1000.0), "swimmer": ("litpapers/swimmer/scripted-v0", 20.0)}
+VARIANTS = {"DT": (DecisionTransformer, {}), "RADT": (RADT, {}), "RADT (SeqRA only)": (RADT, {"stepra": False}),
+            "RADT (StepRA only)": (RADT, {"seqra": False})}
+
+
+def run_one(env: str, variant: str, seed: int, settings: dict, device: str) -> dict:
+    """Train one model and evaluate its return alignment; cached by all settings."""
+    key = json.dumps({"env": env, "variant": variant, "seed": seed, **settings}, sort_keys=True)
+    path = cache_dir("radt_table") / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    dataset, rtg_scale = ENVS[env]
+    dm = OfflineRLDataModule(dataset=dataset, context_len=settings["context_len"], batch_size=settings["batch_size"],
+                             val_fraction=0.0)
+    cls, kw = VARIANTS[variant]
+    L.seed_everything(seed, verbose=False)
+    model = cls(embed_dim=settings["embed_dim"], n_layers=settings["n_layers"], n_heads=1, dropout=0.1,
+                context_len=settings["context_len"], rtg_scale=rtg_scale, lr=settings["lr"], weight_decay=1e-4,
+                warmup_steps=settings["warmup_steps"], lr_decay="constant", **kw)
+    trainer = L.Trainer(max_steps=settings["steps"], gradient_clip_val=0.25, accelerator=device, devices=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    result = ReturnAlignmentEval(episodes_per_target=settings["episodes"]).evaluate(model, dm)
+    out = {"env": env, "variant": variant, "seed": seed, "train_s": round(train_s, 1),
+           "eval_s": round(time.perf_counter() - start, 1), **result}
+    path.write_text(json.dumps(out))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (use 1 on a shared machine: idle-spinning threads slow down ~10x)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 100 steps, 2 episodes per target")
+    parser.add_argument("--envs", nargs="+", default=["halfcheetah"], choices=sorted(ENVS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--warmup-steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--embed-dim", type=int, default=64)
+    parser.add_argument("--n-layers", type=int, default=2)
+    parser.add_argument("--context-len", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--episodes", type=int, default=3, help="evaluation episodes per target")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.seeds, args.steps, args.warmup_steps, args.episodes = args.seeds[:1], 100, 10, 2
+    settings = {k: getattr(args, k) for k in ("steps", "warmup_steps", "lr", "embed_dim", "n_layers", "context_len",
+                                               "batch_size", "episodes")}
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    start = time.perf_counter()
+    runs = [run_one(env, variant, seed, settings, args.device)
+            for env in args.envs for seed in args.seeds for variant in VARIANTS]
+    table = {}
+    for env in args.envs:
+        for variant in VARIANTS:
+            errs = [r["mean_error"] for r in runs if r["env"] == env and r["variant"] == variant]
+            table[f"{env} / {variant}"] = {
+                "mean_alignment_error": round(statistics.mean(errs), 2),
+                "std_over_seeds": round(statistics.stdev(errs), 2) if len(errs) > 1 else 0.0,
+                "per_seed": [round(e, 2) for e in errs]}
+        dt = table[f"{env} / DT"]["mean_alignment_error"]
+        for variant in VARIANTS:
+            table[f"{env} / {variant}"]["ratio_vs_DT"] = round(table[f"{env} / {variant}"]["mean_alignment_error"] / dt, 3)
+    per_target = {f"{r['env']} / {r['variant']} / seed {r['seed']}":
+                  {"targets": [round(t, 1) for t in r["targets"]],
+                   "actual_mean": [round(float(np.mean(a)), 1) for a in r["actual"]]} for r in runs}
+    print(json.dumps({"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                                  "torch_threads": torch.get_num_threads(), "device": args.device},
+                      "settings": settings, "seeds": args.seeds, "wall_s_this_invocation": round(time.perf_counter() - start, 1),
+                      "train_s_total": round(sum(r["train_s"] for r in runs), 1),
+                      "eval_s_total": round(sum(r["eval_s"] for r in runs), 1),
+                      "table": table, "per_target": per_target}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""QDPO's generated preference pairs: deduplication (counted), disk caching keyed by models/quantization/
+prompts/decoding (a rerun does not generate), batched greedy generation, clear errors."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import datamodules.qdpo_pairs as qdpo_pairs
+from datamodules.qdpo_pairs import QDPOPairsDataModule, generate_answers, unique_prompt_records
+from lit_modules import QDPO
+from lit_modules.hf import byte_tokenizer, load_causal_lm
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 2}
+
+
+def _attach(dm, module):
+    dm.trainer = SimpleNamespace(lightning_module=module, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    return dm
+
+
+@pytest.fixture
+def fake_generation(monkeypatch):
+    """Replace generation: FP answers "a0", "a1", ...; the quantized model agrees on every third prompt."""
+    calls = []
+
+    def fake(model, tokenizer, prompts, *args, **kwargs):
+        calls.append(model)
+        fp = model is module.full_precision
+        return [f"a{i}" if fp or i % 3 == 0 else f"q{i}" for i in range(len(prompts))]
+
+    module = QDPO(model=TINY, group_size=16)
+    monkeypatch.setattr(qdpo_pairs, "generate_answers", fake)
+    return module, calls
+
+
+def test_identical_pairs_dropped_and_counted(fake_generation):
+    module, calls = fake_generation
+    dm = _attach(QDPOPairsDataModule(num_prompts=40, val_fraction=0.25), module)
+    dm.setup("fit")
+    n = len(dm.prompt_records())
+    identical = len(range(0, n, 3))
+    assert dm.num_dropped_identical == identical
+    assert len(dm.pairs) == n - identical == len(dm.train_pairs) + len(dm.val_pairs)
+    assert calls == [module.full_precision, module.policy]  # chosen from FP, rejected from the quantized model
+    row = dm.pairs[0]["row"]
+    assert row["chosen"] != row["rejected"] and row["chosen"].startswith("a") and "task" in row["example"]
+
+
+def test_cache_hit_does_not_regenerate_and_key_tracks_settings(fake_generation, tmp_path):
+    module, calls = fake_generation
+    first = _attach(QDPOPairsDataModule(num_prompts=30), module)
+    first.prepare_data()
+    first.setup("fit")
+    assert len(calls) == 2 and first.cache_file.exists()
+
+    again = _attach(QDPOPairsDataModule(num_prompts=30), module)
+    again.prepare_data()
+    again.setup("fit")
+    assert len(calls) == 2  # read from disk
+    assert again.cache_file == first.cache_file
+    assert [p["chosen_ids"] for p in again.pairs] == [p["chosen_ids"] for p in first.pairs]
+
+    _attach(QDPOPairsDataModule(num_prompts=30, max_new_tokens=8), module).prepare_data()  # decoding changed
+    assert len(calls) == 4
+    _attach(QDPOPairsDataModule(num_prompts=31), module).prepare_data()  # prompts changed
+    assert len(calls) == 6
+    module.quant_tag, module._fingerprint = "int8-g16", None  # quantization changed
+    _attach(QDPOPairsDataModule(num_prompts=30), module).prepare_data()
+    assert len(calls) == 8
+
+
+def test_greedy_generation_is_batch_invariant_and_stops_at_eos():
+    tok = byte_tokenizer()
+    model = load_causal_lm(TINY, vocab_size=len(tok), seed=0).eval()
+    prompts = ["### Instruction:\nName an even number between 4 and 9.\n### Response:\n", "hi", "a longer prompt here"]
+    batched = generate_answers(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    single = [generate_answers(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    assert all(len(a.encode()) <= 6 for a in batched)
+
+
+def test_prompt_deduplication_keeps_first():
+    rows = [{"prompt": "x", "i": 0}, {"prompt": "y", "i": 1}, {"prompt": "x", "i": 2}]
+    kept, removed = unique_prompt_records(rows)
+    assert [r["i"] for r in kept] == [0, 1] and removed == 1
+
+
+def test_needs_a_module_with_pair_models():
+    dm = QDPOPairsDataModule(num_prompts=5)
+    with pytest.raises(RuntimeError, match="pair_models"):
+        dm.prepare_data()
+    with pytest.raises(RuntimeError, match="pair_models"):
+        _attach(QDPOPairsDataModule(num_prompts=5), torch.nn.Linear(2, 2)).prepare_data()
+
+
+def test_prompt_file_errors_name_the_line(tmp_path, fake_generation):
+    module, _ = fake_generation
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"instruction": "Say hi."}\n{"text": "no prompt"}\n')
+    with pytest.raises(KeyError, match=r"prompts.jsonl:2.*neither 'instruction' nor 'prompt'"):
+        _attach(QDPOPairsDataModule(path=str(path)), module).prepare_data()

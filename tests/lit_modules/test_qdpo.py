@@ -1,0 +1,104 @@
+"""QDPO module (policy = fake-quantized copy, reference = initial quantized model, real-quantized export), its
+evaluation metrics against the full-precision model, and the shipped config through the real CLI."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from callbacks.quantization_eval import evaluate_against_full_precision, token_flip_stats
+from cli import build_cli
+from datamodules.instruction import load_instruction_records
+from lit_modules import QDPO
+from lit_modules.hf import byte_tokenizer, load_causal_lm
+from lit_modules.quantization import quantize_rtn
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 2}
+
+
+def test_token_flip_stats_hand_computed():
+    # Position 0: FP prefers token 0 by log 2 (probs 2/3, 1/3); quantized prefers token 1 -> a flip.
+    # Position 1: both prefer token 1.
+    fp = torch.log(torch.tensor([[2.0, 1.0, 1e-9], [1.0, 3.0, 1e-9]]))
+    q = torch.log(torch.tensor([[1.0, 3.0, 1e-9], [1.0, 4.0, 1e-9]]))
+    s = token_flip_stats(fp, q)
+    assert s["flipped"].tolist() == [True, False]
+    assert torch.allclose(s["fp_margin"], torch.log(torch.tensor([2.0, 3.0])), atol=1e-5)
+    # quantized margin of FP's top-1 token: log(1/3) at position 0, log(4/1) at position 1
+    assert torch.allclose(s["quant_margin"], torch.log(torch.tensor([1 / 3, 4.0])), atol=1e-5)
+
+
+def test_policy_starts_as_rtn_and_only_it_trains():
+    module = QDPO(model=TINY, bits=4, group_size=16)
+    ids = torch.randint(3, 259, (2, 10))
+    with torch.no_grad():
+        rtn = quantize_rtn(module.full_precision, bits=4, group_size=16)
+        assert torch.equal(module.policy.eval()(ids).logits, rtn(ids).logits)
+    assert not any(p.requires_grad for p in module.full_precision.parameters())
+    trainable = {id(p) for _, p in module.trainable_parameters()}
+    assert trainable == {id(p) for p in module.policy.parameters()}
+    assert module.ref_model is None and module.precompute_ref_logps  # reference = precomputed initial policy
+
+
+def test_evaluating_the_full_precision_model_against_itself():
+    tok = byte_tokenizer()
+    fp = load_causal_lm(TINY, vocab_size=len(tok), seed=0)
+    records = load_instruction_records(None, 6, seed=3, require_response=False)
+    m = evaluate_against_full_precision(fp, fp, tok, records, max_new_tokens=4, batch_size=4)
+    assert m["flip_rate"] == 0.0 and m["same_answer"] == 1.0 and m["fp_margin_at_flips"] is None
+    assert m["quant_margin"] == pytest.approx(m["fp_margin"])
+    assert m["fp_loglik"] < 0 and 0.0 <= m["check_score"] <= 1.0 and m["num_prompts"] == 6
+
+
+def test_bad_arguments_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="group_size=48 does not divide the input width 32"):
+        QDPO(model=TINY, bits=4, group_size=48)
+    with pytest.raises(ValueError, match="bits=12 is not supported"):
+        QDPO(model=TINY, bits=12)
+    with pytest.raises(FileNotFoundError, match="configs/minillm/teacher_sft.yaml"):
+        QDPO(model=str(tmp_path / "missing_export"))
+
+
+def _tiny_fp_export(path: Path) -> str:
+    tok = byte_tokenizer()
+    load_causal_lm({}, vocab_size=len(tok), seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_int4_config_parses(root, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_cli(["fit", "--config", str(root / "configs/qdpo/int4.yaml"), "--print_config"])
+    assert e.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "lit_modules.QDPO"
+    assert printed["data"]["class_path"] == "datamodules.QDPOPairsDataModule"
+
+
+def test_int4_config_missing_fp_model_says_what_to_run(root):
+    # jsonargparse re-raises instantiation errors as ValueError, keeping QDPO's message
+    with pytest.raises((FileNotFoundError, ValueError), match="litpapers fit --config configs/minillm/teacher_sft"):
+        build_cli(["--config", str(root / "configs/qdpo/int4.yaml"), "--model.model", "./no_such_dir"],
+                  run=False)
+
+
+def test_int4_config_runs_end_to_end(root, tmp_path):
+    fp_dir = _tiny_fp_export(tmp_path / "fp")
+    small = tmp_path / "small.yaml"
+    small.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.QuantizationEval\n"
+                     "      init_args: {num_prompts: 24, max_new_tokens: 6}\n")
+    cli = build_cli(["fit", "--config", str(root / "configs/qdpo/int4.yaml"), "--config", str(small),
+                     "--model.model", fp_dir, "--model.export_dir", "exported", "--trainer.max_steps", "2",
+                     "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+                     "--data.num_prompts", "40", "--data.max_new_tokens", "6", "--data.batch_size", "4"])
+    assert cli.trainer.global_step == 2
+    stages = [r["stage"] for r in cli.trainer.callbacks[0].results]
+    assert stages[:2] == ["val/fp", "val/quant"] and stages[-1] == "val/quant_final"
+    assert (Path(cli.trainer.log_dir) / "quantization_eval.json").exists()
+    loaded = load_causal_lm("exported")  # real int4 weights, loadable with torchao installed
+    assert type(loaded.model.layers[0].mlp.down_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    ids = torch.randint(3, 259, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, cli.model.policy.eval()(ids).logits, atol=1e-5)
