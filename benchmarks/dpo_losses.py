@@ -58,8 +58,8 @@ def sft(args: argparse.Namespace, out_dir: str) -> str:
 @torch.no_grad()
 def greedy_answers(model: torch.nn.Module, tokenizer, prompts: list[str], device: str, max_new_tokens: int = 12,
                    batch_size: int = 64) -> list[str]:
-    """Greedy completions (up to EOS) of ``prompts``, left-padded batches."""
-    model.eval()
+    """Greedy completions (up to EOS) of ``prompts``, left-padded batches, on ``device``."""
+    model.eval().to(device)
     answers = []
     for i in range(0, len(prompts), batch_size):
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch_size]]

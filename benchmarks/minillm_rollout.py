@@ -1,13 +1,20 @@
 """Rollout speed of MiniLLM's teacher-mixed sampler vs the anchor: the student's HF ``generate`` plus one
 teacher forward over its output (what a sampler without mixing needs for the rewards).
 
-    python -m benchmarks.minillm_rollout [--device cpu|cuda] [--quick] [--size tiny|100m]
+    python -m benchmarks.minillm_rollout [--device cpu|cuda] [--quick] [--size tiny|100m] [--no-train-step]
 
 Both sides: same random-init Llama student/teacher (config dicts), same left-padded prompt batch, the same
 number of new tokens (``eos_token_id=None`` on ``generate`` and ``eos_id=None`` in ours, so no sequence stops
 early), multinomial sampling at temperature 1 with no top-k/top-p, fp32 on CPU / ``--dtype`` on CUDA,
-``torch.no_grad``. Ours additionally runs the teacher at every step (α = 0.2 mixture). Prints one JSON object
-with the median tokens/s of each side and the ratio ours/anchor.
+``torch.no_grad``. Ours additionally samples from the α = 0.2 teacher-student mixture and returns the teacher's
+and the mixture's log-probs of every token. Prints one JSON object with the median tokens/s of each side and
+the ratio ours/anchor.
+
+Training step (when ``trl`` is installed): TRL's ``GKDTrainer`` (λ = 1 on-policy, β = 1 reverse KL,
+``bf16=False``, ``gradient_checkpointing=False``, AdamW) vs ``MiniLLM(objective="gkd", gkd_beta=1)`` in a
+Lightning ``Trainer``: same models, batch, prompts (the built-in tasks), ``max_new_tokens``; seconds per
+optimizer step, median over steps after a warm-up. MiniLLM's own step (rollout + 4 PPO epochs + PT loss) is
+reported too, per rollout and per optimizer step.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default=None, help="model dtype (default fp32 on cpu, bf16 on cuda)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    ap.add_argument("--no-train-step", action="store_true", help="skip the training-step comparison")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     size = args.size or ("100m" if device.type == "cuda" else "tiny")
@@ -116,8 +124,99 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_ours_vs_anchor": tps["ours_teacher_mixed"] / tps["anchor_generate_plus_teacher_forward"],
         "ratio_student_only_vs_anchor": tps["ours_student_only_alpha0"] / tps["anchor_generate_plus_teacher_forward"],
     }
+    if not args.no_train_step:
+        result["train_step"] = train_step_comparison(s_cfg, t_cfg, device, batch, 16, 12 if args.quick else 30)
     print(json.dumps(result, indent=1))
     return result
+
+
+class _StepTimer:
+    """Wall time of each optimizer step, for a Lightning Trainer (callback) or an HF Trainer (callback)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times, self._t = device, [], 0.0
+
+    def begin(self, *_, **__):
+        _sync(self.device)
+        self._t = time.perf_counter()
+
+    def end(self, *_, **__):
+        _sync(self.device)
+        self.times.append(time.perf_counter() - self._t)
+
+
+def train_step_comparison(s_cfg: dict, t_cfg: dict, device: torch.device, batch: int, new_tokens: int,
+                          steps: int) -> dict:
+    import lightning as L
+
+    from datamodules import InstructionDataModule
+    from datamodules.instruction import collate_instruction
+    from datamodules.instruction_tasks import generate_examples
+    from lit_modules import MiniLLM
+    from lit_modules.hf import byte_tokenizer
+
+    if s_cfg["vocab_size"] != 259:
+        return {"skipped": "the training-step comparison uses the byte-level tasks (size tiny)"}
+    template = "Q: {instruction}\nA: "
+    out = {"settings": {"batch": batch, "max_new_tokens": new_tokens, "steps_timed": steps - 2, "lr": 5e-4,
+                        "precision": "fp32", "gradient_checkpointing": False}}
+
+    def ours(objective: str) -> list[float]:
+        module = MiniLLM(student=s_cfg, teacher=t_cfg, objective=objective, gkd_beta=1.0, max_new_tokens=new_tokens,
+                         lr=5e-4, init_seed=0)
+        timer = _StepTimer(device)
+        cb = type("T", (L.Callback,), {"on_train_batch_start": timer.begin, "on_train_batch_end": timer.end})()
+        trainer = L.Trainer(accelerator=device.type, max_steps=steps * (module.hparams.ppo_epochs
+                            if objective == "minillm" else 1), limit_val_batches=0, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[cb])
+        trainer.fit(module, InstructionDataModule(num_examples=batch * (steps + 1) + 1, num_val=1, batch_size=batch,
+                                                  max_response_length=new_tokens, template=template))
+        return timer.times[2:]
+
+    gkd, minillm = ours("gkd"), ours("minillm")
+    out["ours_gkd_s_per_step"] = statistics.median(gkd)
+    out["ours_minillm_s_per_rollout_batch"] = statistics.median(minillm)
+    out["ours_minillm_s_per_optimizer_step"] = statistics.median(minillm) / 4
+    try:
+        import os
+
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError as e:
+        out["trl"] = f"skipped: {e}"
+        return out
+    import tempfile
+
+    tok = byte_tokenizer()
+
+    def collate(rows):  # TRL's ChatML collator needs a fast tokenizer; build the same fields ourselves
+        items = [{"record": {}, "prompt_ids": tok(template.format(instruction=r["instruction"]),
+                                                   add_special_tokens=False)["input_ids"],
+                  "response_ids": tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]}
+                 for r in rows]
+        b = collate_instruction(items, tok.pad_token_id)
+        return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"],
+                "prompts": b["prompt_input_ids"], "prompt_attention_mask": b["prompt_attention_mask"]}
+
+    examples = generate_examples(batch * (steps + 1), seed=0)
+    data = Dataset.from_list([{"instruction": e["instruction"], "response": e["response"]} for e in examples])
+    timer = _StepTimer(device)
+    cb = type("T", (TrainerCallback,), {"on_step_begin": timer.begin, "on_step_end": timer.end})()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = GKDConfig(output_dir=tmp, per_device_train_batch_size=batch, max_steps=steps, lmbda=1.0, beta=1.0,
+                        max_new_tokens=new_tokens, temperature=1.0, bf16=False, gradient_checkpointing=False,
+                        report_to=[], logging_steps=10_000, save_strategy="no", use_cpu=device.type == "cpu",
+                        learning_rate=5e-4, dataloader_num_workers=0, disable_tqdm=True)
+        trainer = GKDTrainer(model=load_causal_lm(s_cfg, seed=0).to(device),
+                             teacher_model=load_causal_lm(t_cfg, seed=1).to(device), args=cfg, train_dataset=data,
+                             processing_class=tok, data_collator=collate, callbacks=[cb])
+        trainer.train()
+    out["trl_gkd_s_per_step"] = statistics.median(timer.times[2:])
+    out["ratio_ours_gkd_steps_per_s_vs_trl_gkd"] = out["trl_gkd_s_per_step"] / out["ours_gkd_s_per_step"]
+    return out
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num-val", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", nargs="*", default=None, help="subset of row config names")
+    ap.add_argument("--reuse", action="store_true", help="keep an existing teacher / SFT student in --workdir")
     args = ap.parse_args(argv)
     teacher_steps = args.teacher_steps or (20 if args.quick else 1000)
     sft_steps = args.sft_steps or (10 if args.quick else 600)
@@ -83,10 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     os.chdir(workdir)  # the configs write checkpoints/ and logs/ relative to the working directory
 
     results, wall = [], {}
-    _, wall["teacher_sft"] = _fit("teacher_sft", teacher_steps, [], args.device)
+    if not (args.reuse and Path("checkpoints/minillm_teacher/config.json").exists()):
+        _, wall["teacher_sft"] = _fit("teacher_sft", teacher_steps, [], args.device)
     results.append({"row": "Teacher (SFT)", "config": "teacher_sft", "steps": teacher_steps,
                     **_evaluate("checkpoints/minillm_teacher", args.device, seeds, args.num_val)})
-    _, wall["sft"] = _fit("sft", sft_steps, [], args.device)
+    if not (args.reuse and Path("checkpoints/minillm_student_sft/config.json").exists()):
+        _, wall["sft"] = _fit("sft", sft_steps, [], args.device)
     results.append({"row": "SFT (student init)", "config": "sft", "steps": sft_steps,
                     **_evaluate("checkpoints/minillm_student_sft", args.device, seeds, args.num_val)})
     for label, config, is_sft in ROWS:

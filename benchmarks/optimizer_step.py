@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     hidden, layers, vocab = SIZES["quick" if args.quick else args.device]
-    repeats = args.repeats or (5 if args.quick else 15)
-    steps = args.steps or (5 if args.quick else 10)
+    repeats = args.repeats or (5 if args.quick else 9)
+    steps = args.steps or (3 if args.quick else 5)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     gen = torch.Generator().manual_seed(0)

@@ -12,7 +12,13 @@ fp32; the three probes at their settings there, run at every validation). Interl
   their figures drawn for a TensorBoard logger.
 
 Overhead of the config's schedule = rounds × probe_round_s / (max_steps × step_s), rounds =
-max_steps // val_check_interval; medians of each. The last line printed is one JSON object.
+max_steps // val_check_interval; medians of each.
+
+End to end, also interleaved: the same Lightning ``Trainer.fit`` (fresh seeded model, ``e2e_steps`` steps,
+validation every ``e2e_steps // 2`` steps, TensorBoard logger, no checkpointing) with and without the probes;
+``e2e_ratio`` = median time with / median without. Two probe rounds in ``e2e_steps`` steps is denser than the
+config's schedule; ``e2e_overhead_at_config_schedule`` rescales the measured per-round cost to it.
+The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -36,6 +42,29 @@ ROOT = Path(__file__).resolve().parents[1]
 def instantiate(spec: dict):
     module_name, _, class_name = spec["class_path"].rpartition(".")
     return getattr(importlib.import_module(module_name), class_name)(**spec.get("init_args", {}))
+
+
+def fit_seconds(config: dict, device: str, steps: int, with_probes: bool) -> float:
+    """Wall time of ``Trainer.fit`` for ``steps`` steps of the config's module/data, with or without its probes."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    L.seed_everything(0, verbose=False)
+    model_spec = {**config["model"], "init_args": {**config["model"].get("init_args", {}), "export_dir": None}}
+    module, data = instantiate(model_spec), instantiate(config["data"])
+    probes = [instantiate(c) for c in config["trainer"]["callbacks"] if c["class_path"].startswith("callbacks.")]
+    for probe in probes:
+        probe.figure_dir = None
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(max_steps=steps, val_check_interval=steps // 2, check_val_every_n_epoch=None,
+                            limit_val_batches=config["trainer"].get("limit_val_batches", 1.0),
+                            gradient_clip_val=config["trainer"].get("gradient_clip_val"), accelerator=device,
+                            devices=1, logger=TensorBoardLogger(tmp, name="e2e"), enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            callbacks=probes if with_probes else [])
+        start = time.perf_counter()
+        trainer.fit(module, data)
+        return time.perf_counter() - start
 
 
 def main() -> None:
@@ -102,7 +131,15 @@ def main() -> None:
             step_times.append(train_steps(steps_per_sample))
             probe_times.append(probe_round())
 
+    e2e_steps, e2e_repeats = (100, 2) if args.quick else (300, 3)
+    e2e = {"with": [], "without": []}
+    for _ in range(e2e_repeats):
+        for side in ("without", "with"):
+            e2e[side].append(fit_seconds(config, args.device, e2e_steps, side == "with"))
+
     step_s, probe_s = statistics.median(step_times), statistics.median(probe_times)
+    with_s, without_s = statistics.median(e2e["with"]), statistics.median(e2e["without"])
+    per_round_s = (with_s - without_s) / 2
     overhead = rounds * probe_s / (max_steps * step_s)
     result = {
         "benchmark": "probe_overhead", "device": args.device, "config": str(Path(args.config).relative_to(ROOT)),
@@ -114,6 +151,9 @@ def main() -> None:
         "median_step_s": step_s, "median_probe_round_s": probe_s,
         "probe_round_in_steps": probe_s / step_s,
         "overhead_ratio": overhead, "within_5_percent": overhead <= 0.05,
+        "e2e_settings": f"Trainer.fit {e2e_steps} steps, 2 probe rounds, {e2e_repeats} repeats per side",
+        "e2e_fit_s": e2e, "e2e_ratio": with_s / without_s,
+        "e2e_overhead_at_config_schedule": rounds * per_round_s / (max_steps * without_s / e2e_steps),
     }
     print(json.dumps(result))
 

@@ -1,7 +1,7 @@
 """Return-alignment table: DT, RADT and the two RADT ablations on the built-in datasets, several seeds.
 
     python -m benchmarks.radt_table [--device cpu|cuda] [--quick] [--envs halfcheetah swimmer] [--seeds 0 1 2]
-                                    [--steps 1500] [--embed-dim 64] [--n-layers 2] [--batch-size 32] [--threads N]
+                                    [--steps 800] [--embed-dim 64] [--n-layers 2] [--batch-size 32] [--threads N]
 
 Each run trains one model with the same recipe (AdamW, wd 1e-4, linear warm-up then constant lr, grad clip
 0.25, dropout 0.1, K and RTG scale as below) on the built-in scripted dataset, then evaluates it with
@@ -73,8 +73,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 100 steps, 2 episodes per target")
     parser.add_argument("--envs", nargs="+", default=["halfcheetah"], choices=sorted(ENVS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--warmup-steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--warmup-steps", type=int, default=80)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--embed-dim", type=int, default=64)
     parser.add_argument("--n-layers", type=int, default=2)

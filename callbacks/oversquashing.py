@@ -29,6 +29,7 @@ TensorBoard (``add_figure``) and, with ``figure_dir``, to PNG files.
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import re
 from collections.abc import Iterator, Sequence
@@ -45,7 +46,9 @@ from lit_modules.hf import load_tokenizer  # noqa: I001  (before datamodules: li
 from datamodules.sequence_tasks import TASKS, encode_prompt, format_digits, make_example
 
 IdSequence = Sequence[int] | torch.Tensor
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+#: precision name -> (autocast dtype, parameter dtype of a temporary copy of the model or None)
+_PRECISIONS = {"fp32": (None, None), "bf16": (torch.bfloat16, None), "bf16_weights": (None, torch.bfloat16)}
+_LINESTYLES = {"fp32": "-", "bf16": "--", "bf16_weights": ":"}
 FAMILIES = ("ones", "digits", "ones_commas")
 
 
@@ -261,7 +264,9 @@ class RepresentationalCollapseProbe(_Probe):
     Args:
         lengths: numbers of digits n.
         families: subset of ``ones``, ``digits`` (random, averaged over ``num_samples``), ``ones_commas``.
-        precisions: subset of ``fp32``, ``bf16`` (autocast).
+        precisions: subset of ``fp32``, ``bf16`` (autocast: matmuls in bf16, residual stream and norms stay
+            fp32) and ``bf16_weights`` (a temporary bf16 copy of the model: every activation in bf16, as when a
+            model is served in bf16 — the paper's setting; costs one model copy per round).
         prefix: text before the digits (e.g. a task tag ``"count:"``); the tokenizer's BOS goes first if any.
         layer: hidden-state index for the scalars (the figure uses it too).
     """
@@ -269,7 +274,7 @@ class RepresentationalCollapseProbe(_Probe):
     name = "collapse"
 
     def __init__(self, lengths: list[int] = (8, 16, 32, 64, 128, 256), families: list[str] = FAMILIES,
-                 precisions: list[str] = ("fp32", "bf16"), prefix: str = "", num_samples: int = 2, layer: int = -1,
+                 precisions: list[str] = ("fp32", "bf16"), prefix: str = "", num_samples: int = 1, layer: int = -1,
                  seed: int = 0, every_n_steps: int = 0, on_validation: bool = True, figure_dir: str | None = None,
                  tokenizer: str | None = None):
         super().__init__(every_n_steps, on_validation, figure_dir, tokenizer)
@@ -299,7 +304,9 @@ class RepresentationalCollapseProbe(_Probe):
         flat = [seq for group in pairs.values() for pair in group for seq in pair]
         results = {}
         for precision in self.precisions:
-            hidden, logits = last_token_states(model, flat, _PRECISIONS[precision])
+            autocast_dtype, weights_dtype = _PRECISIONS[precision]
+            run_model = copy.deepcopy(model).to(weights_dtype) if weights_dtype is not None else model
+            hidden, logits = last_token_states(run_model, flat, autocast_dtype)
             delta = (hidden[0::2] - hidden[1::2]).abs().amax(-1)  # (pairs, layers)
             tv = total_variation(logits[0::2], logits[1::2])
             i = 0
@@ -320,7 +327,8 @@ class RepresentationalCollapseProbe(_Probe):
         return out
 
     def figure(self, results: dict) -> Figure:
-        fig = Figure(figsize=(9, 3.6), layout="constrained")
+        fig = Figure(figsize=(9, 3.8), dpi=72)
+        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.84, wspace=0.22)
         axes = fig.subplots(1, 2)
         for ax, key, title in ((axes[0], "delta", "‖Δ‖∞ of last hidden state"), (axes[1], "tv", "TV of next-token dist.")):
             values = [r[key][self.layer] if key == "delta" else r[key] for r in results.values()]
@@ -329,7 +337,7 @@ class RepresentationalCollapseProbe(_Probe):
                 for p in self.precisions:
                     ys = [results[fam, p, n][key] for n in self.lengths]
                     ys = [y[self.layer] if key == "delta" else y for y in ys]
-                    style = dict(color=f"C{ci}", linestyle="-" if p == "fp32" else "--")
+                    style = dict(color=f"C{ci}", linestyle=_LINESTYLES[p])
                     ax.plot(self.lengths, [max(y, floor) for y in ys], marker="o", label=f"{fam} {p}", **style)
                     zeros = [n for n, y in zip(self.lengths, ys) if y == 0]
                     ax.plot(zeros, [floor] * len(zeros), marker="v", markersize=9, linestyle="none", color=f"C{ci}")
@@ -350,12 +358,13 @@ class OverSquashingProbe(_Probe):
     Args:
         lengths, num_samples: prompts of random digits (or ``family``) of these lengths, this many each.
         num_projections: ``None`` = exact Jacobian norms (hidden-size backward rows), else a Gaussian estimate.
+        num_bins: relative-position bins of the figure's mean curve.
     """
 
     name = "sensitivity"
 
-    def __init__(self, lengths: list[int] = (16, 32, 64), family: str = "digits", num_samples: int = 2,
-                 prefix: str = "", layer: int = -1, num_projections: int | None = None, num_bins: int = 20,
+    def __init__(self, lengths: list[int] = (16, 32, 64), family: str = "digits", num_samples: int = 1,
+                 prefix: str = "", layer: int = -1, num_projections: int | None = None, num_bins: int = 10,
                  seed: int = 0, every_n_steps: int = 0, on_validation: bool = True, figure_dir: str | None = None,
                  tokenizer: str | None = None):
         super().__init__(every_n_steps, on_validation, figure_dir, tokenizer)
@@ -392,10 +401,20 @@ class OverSquashingProbe(_Probe):
                 "probes/sensitivity/last_over_middle": region(1.0, 1.0, include_last=True) / middle}
 
     def figure(self, results: dict) -> Figure:
-        fig = Figure(figsize=(5, 3.6), layout="constrained")
+        fig = Figure(figsize=(5, 3.6), dpi=72)
+        fig.subplots_adjust(left=0.16, right=0.97, bottom=0.14, top=0.91)
         ax = fig.subplots()
+        sums, counts = torch.zeros(self.num_bins), torch.zeros(self.num_bins)
         for n, p in results["profiles"].items():
-            ax.plot(torch.linspace(0, 1, len(p)).tolist(), p.tolist(), marker=".", label=f"n={n}")
+            x = torch.linspace(0, 1, len(p))
+            ax.plot(x.tolist(), p.tolist(), linewidth=0.8, alpha=0.6, label=f"n={n}")
+            bins = (x * self.num_bins).long().clamp(max=self.num_bins - 1)
+            sums.index_add_(0, bins, p.float())
+            counts.index_add_(0, bins, torch.ones_like(p, dtype=torch.float))
+        centers = (torch.arange(self.num_bins) + 0.5) / self.num_bins
+        keep = counts > 0
+        ax.plot(centers[keep].tolist(), (sums[keep] / counts[keep]).tolist(), color="black", marker="o",
+                linewidth=2, label=f"mean in {self.num_bins} bins")
         ax.set(yscale="log", xlabel="relative position i/(n-1) of the input token",
                ylabel="‖∂h_last/∂e_i‖_F / mean", title="Sensitivity of the last token to each input")
         ax.legend(fontsize=7)
@@ -428,14 +447,14 @@ class SequenceTaskProbe(_Probe):
     """Greedy accuracy on the tasks of ``datamodules.sequence_tasks`` for each length, and by relative position
     of the relevant token (``find_odd`` binned into ``num_bins``; ``copy_first``/``copy_last`` at 0 and 1).
 
-    The prediction is the leading integer of the continuation (so a trailing EOS or text is ignored, a wrong or
-    extra digit is an error). Logged: ``probes/tasks/<task>/acc`` (mean over lengths) and ``probes/tasks/acc``.
+    The prediction is the leading integer of the continuation up to the first EOS (so trailing text is ignored,
+    a wrong or extra digit is an error). Logged: ``probes/tasks/<task>/acc`` (mean over lengths) and ``probes/tasks/acc``.
     Use the same ``separator`` as the training data.
     """
 
     name = "tasks"
 
-    def __init__(self, tasks: list[str] = TASKS, lengths: list[int] = (4, 8, 16, 32, 64), num_samples: int = 32,
+    def __init__(self, tasks: list[str] = TASKS, lengths: list[int] = (4, 8, 16, 32, 64), num_samples: int = 16,
                  separator: str = "", separator_every: int = 3, num_bins: int = 5, seed: int = 1234,
                  every_n_steps: int = 0, on_validation: bool = True, figure_dir: str | None = None,
                  tokenizer: str | None = None):
@@ -457,7 +476,9 @@ class SequenceTaskProbe(_Probe):
                                          max(len(a) for a in answers) + 1)
         by_length: dict[tuple[str, int], list[float]] = {}
         by_position: dict[tuple[str, float], list[float]] = {}
+        eos = tokenizer.eos_token_id
         for ex, gen in zip(examples, generated):
+            gen = gen[:gen.index(eos)] if eos in gen else gen
             match = _LEADING_INT.match(tokenizer.decode(gen, skip_special_tokens=True))
             ok = float(match is not None and match.group(1) == ex["answer"])
             by_length.setdefault((ex["task"], ex["length"]), []).append(ok)
@@ -477,12 +498,15 @@ class SequenceTaskProbe(_Probe):
         return out
 
     def figure(self, results: dict) -> Figure:
-        fig = Figure(figsize=(9, 3.6), layout="constrained")
+        fig = Figure(figsize=(9, 3.6), dpi=72)
+        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.91, wspace=0.22)
         left, right = fig.subplots(1, 2)
         for t in self.tasks:
             left.plot(self.lengths, [results["accuracy"][t, n] for n in self.lengths], marker="o", label=t)
         left.set(xscale="log", xlabel="sequence length (digits)", ylabel="greedy accuracy", ylim=(-0.03, 1.03),
                  title="Task accuracy vs length")
+        left.set_xticks(self.lengths, [str(n) for n in self.lengths])
+        left.minorticks_off()
         left.legend(fontsize=7)
         for t in ("find_odd", "copy_first", "copy_last"):
             pos = {x: a for (task, x), a in results["by_position"].items() if task == t}

@@ -89,6 +89,7 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: seed of the built-in generator and of the split.
         tokenizer: tokenizer name/path; ``None`` uses the module's tokenizer (byte-level by default).
         chat_template: a Jinja chat template for tokenizers without one (only for message-list rows).
+        num_workers: DataLoader worker processes.
 
     Subclasses (or :meth:`from_records`) can supply rows in memory by overriding :meth:`records`.
     """
@@ -105,7 +106,7 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError(f"need 1 <= max_prompt_length < max_length, got {max_prompt_length}, {max_length}")
         if tasks is not None and set(tasks) - set(TASKS):
             raise ValueError(f"unknown tasks {sorted(set(tasks) - set(TASKS))}; choose from {sorted(TASKS)}")
-        self.save_hyperparameters(ignore=["_records"])
+        self.save_hyperparameters()
         self.path, self.fields = path, (prompt_field, chosen_field, rejected_field)
         self.num_examples, self.tasks, self.seed = num_examples, tasks, seed
         self.max_prompt_length, self.max_length = max_prompt_length, max_length

@@ -221,6 +221,14 @@ class DPO(PaperModule):
         return table
 
     def on_fit_start(self) -> None:
+        self.prepare_reference_logps()
+
+    def on_validation_start(self) -> None:  # `trainer.validate` without a preceding fit
+        self.prepare_reference_logps()
+
+    def prepare_reference_logps(self) -> None:
+        """With ``precompute_ref_logps``: fill :attr:`ref_logps_table` once (from the disk cache when the same
+        reference and data were seen before), using a temporary reference that is freed afterwards."""
         if not self.precompute_ref_logps or self.ref_logps_table is not None:
             return
         loaders = self._ref_loaders()

@@ -26,7 +26,8 @@ r_t = log p(y_t|y_<t,x) − log q_θ(y_t|y_<t,x) and R_t = Σ_{t'≥t} r_t',
 
 As in the reference code the rewards are divided by ``reward_scaling`` (0.5), discounted by ``gamma`` and
 whitened over the batch; with ``single_step=False`` the long-term term uses R_t (r_t included) so the
-estimator stays unbiased. ``max_steps`` counts optimizer steps: each rollout batch makes ``ppo_epochs`` of them.
+estimator stays unbiased. Every training step is one optimizer step (automatic optimization: gradient clipping,
+accumulation and DDP come from the Trainer); a rollout is reused for ``ppo_epochs`` consecutive steps.
 """
 
 from __future__ import annotations
@@ -198,24 +199,26 @@ class _IncrementalLM:
         self.mask = prompt_mask.long()
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                         **{self.cache_arg: self.cache})
+                         logits_to_keep=keep, **{self.cache_arg: self.cache})
         self.cache, self.positions = getattr(out, self.cache_arg), positions
-        return torch.log_softmax(out.logits.float() / self.temperature, -1)
+        logits = out.logits[:, -keep:].float()
+        return torch.log_softmax(logits if self.temperature == 1.0 else logits / self.temperature, -1)
 
     def start(self, prompt_ids: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Read the prompt (and ``ids`` after it, if given) in one forward."""
         if ids is None or ids.shape[1] == 0:
-            return self._forward(prompt_ids, self.positions)[:, -1:]
+            return self._forward(prompt_ids, self.positions, 1)
         k = ids.shape[1]
         positions = torch.cat([self.positions, self.positions[:, -1:] + torch.arange(1, k + 1, device=ids.device)], 1)
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], 1)
-        return self._forward(torch.cat([prompt_ids, ids], 1), positions)[:, -(k + 1):]
+        return self._forward(torch.cat([prompt_ids, ids], 1), positions, k + 1)
 
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], 1)
-        return self._forward(ids, self.positions[:, -1:] + torch.arange(1, ids.shape[1] + 1, device=ids.device))
+        k = ids.shape[1]
+        return self._forward(ids, self.positions[:, -1:] + torch.arange(1, k + 1, device=ids.device), k)
 
 
 @torch.no_grad()
@@ -329,7 +332,6 @@ class MiniLLM(PaperModule):
         gkd_beta: β of the generalized JSD (``gkd``; 1 = reverse KL).
         max_new_tokens, temperature: rollout length cap and sampling temperature.
         eval_max_new_tokens, eval_temperature, eval_seed: validation sampling (temperature 0 = greedy).
-        grad_clip: gradient-norm clip (manual optimization: set it here, not on the Trainer).
         export_dir: ``save_pretrained`` the student (and tokenizer) there when training ends.
         lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio: see :class:`PaperModule`.
     """
@@ -341,7 +343,7 @@ class MiniLLM(PaperModule):
                  reward_scaling: float = 0.5, reward_clip: float | None = None, whiten_advantages: bool = True,
                  lm_coef: float = 1.0, kd_ratio: float = 0.5, gkd_beta: float = 1.0, max_new_tokens: int = 32,
                  temperature: float = 1.0, eval_max_new_tokens: int | None = None, eval_temperature: float = 1.0,
-                 eval_seed: int = 0, grad_clip: float | None = 1.0, export_dir: str | None = None,
+                 eval_seed: int = 0, export_dir: str | None = None,
                  lr: float = 5e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 0, lr_decay: str = "cosine", min_lr_ratio: float = 0.1):
         super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
@@ -355,7 +357,6 @@ class MiniLLM(PaperModule):
         if not 0.0 <= gkd_beta <= 1.0 or not 0.0 <= kd_ratio <= 1.0:
             raise ValueError(f"gkd_beta ({gkd_beta}) and kd_ratio ({kd_ratio}) must be in [0, 1]")
         self.save_hyperparameters()
-        self.automatic_optimization = False
         self.strict_loading = False  # checkpoints leave the frozen teacher out
         student = {} if student is None else student
         if objective != "sft" and teacher is None:
@@ -377,6 +378,9 @@ class MiniLLM(PaperModule):
         self.val_valid = torchmetrics.MeanMetric()
         self.val_length = torchmetrics.MeanMetric()
         self.history: dict[str, list[float]] = {"step": [], "reward": [], "reverse_kl": []}
+        self._rollout: Rollout | None = None  # the rollout batch being reused for PPO's inner epochs
+        self._teacher_logits: torch.Tensor | None = None
+        self._rollout_uses = 0
 
     # -- bookkeeping: frozen teacher stays in eval mode, out of the optimizer and of the checkpoint
     def train(self, mode: bool = True):
@@ -445,41 +449,38 @@ class MiniLLM(PaperModule):
                             reward_scaling=hp.reward_scaling, reward_clip=hp.reward_clip,
                             whiten_advantages=hp.whiten_advantages, clip_eps=hp.clip_eps)
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """One optimizer step. Sampling objectives draw a rollout from this batch's prompts; MiniLLM reuses it
+        for ``ppo_epochs`` consecutive steps (its PPO inner epochs), each with this step's batch for L_PT."""
         hp = self.hparams
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        rollout, teacher_logits, stats = None, None, {}
-        if hp.objective in ("seqkd", "gkd", "minillm"):
+        n = batch["input_ids"].shape[0]
+        if hp.objective in ("sft", "kd"):
+            kd_ratio = hp.kd_ratio if hp.objective == "kd" else 0.0
+            loss = self._lm_loss(batch["input_ids"], batch["labels"], batch["attention_mask"], kd_ratio)
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
+            return loss
+        reuse = hp.ppo_epochs if hp.objective == "minillm" else 1
+        if self._rollout is None or self._rollout_uses >= reuse:
             alpha = {"seqkd": 1.0, "gkd": 0.0, "minillm": hp.teacher_mix_alpha}[hp.objective]
             rollout = self.rollout(batch, alpha)
+            teacher_logits = None
             if hp.objective != "seqkd":
                 with torch.no_grad():
                     teacher_logits = response_logits(self.teacher, rollout)
-            stats["response_length"] = rollout.response_mask.sum(-1).float().mean()
-        for _ in range(hp.ppo_epochs if hp.objective == "minillm" else 1):
-            if rollout is None:
-                kd_ratio = hp.kd_ratio if hp.objective == "kd" else 0.0
-                loss = self._lm_loss(batch["input_ids"], batch["labels"], batch["attention_mask"], kd_ratio)
-            else:
-                loss, step_stats = self._rollout_loss(rollout, teacher_logits)
-                stats.update(step_stats)
-                if hp.objective == "minillm" and hp.lm_coef > 0:
-                    stats["pt_loss"] = self._pt_loss(batch)
-                    loss = loss + hp.lm_coef * stats["pt_loss"]
-            opt.zero_grad()
-            self.manual_backward(loss)
-            if hp.grad_clip:
-                self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
-            opt.step()
-            if sched is not None:
-                sched.step()
-        n = batch["input_ids"].shape[0]
+            self._rollout, self._teacher_logits, self._rollout_uses = rollout, teacher_logits, 0
+        self._rollout_uses += 1
+        loss, stats = self._rollout_loss(self._rollout, self._teacher_logits)
+        stats["response_length"] = self._rollout.response_mask.sum(-1).float().mean()
+        if hp.objective == "minillm" and hp.lm_coef > 0:
+            stats["pt_loss"] = self._pt_loss(batch)
+            loss = loss + hp.lm_coef * stats["pt_loss"]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n)
         if "reward" in stats:
             self.history["step"].append(self.global_step)
             self.history["reward"].append(float(stats["reward"]))
             self.history["reverse_kl"].append(float(stats["reverse_kl"]))
+        return loss
 
     # -- evaluation: Rouge-L (best over references), valid-answer rate, response length
     def validation_step(self, batch: dict, batch_idx: int) -> None:

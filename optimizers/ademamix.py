@@ -138,25 +138,23 @@ def foreach_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: l
 
 def _fused_body(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
                 m2s: list[torch.Tensor], nus: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """One elementwise expression per tensor in :class:`FoldedScalars`' form, for ``torch.compile`` to turn into
-    one loop each; the math runs in ``scalars.dtype`` (float32, or float64 for float64 parameters).
-
-    ``scalars`` holds the :class:`FoldedScalars` fields in order, so new values never trigger a recompile.
+    """:class:`FoldedScalars`' update as out-of-place ``_foreach`` expressions written back at the end, for
+    ``torch.compile``: Inductor fuses the chain into multi-tensor kernels (one loop per tensor), so each
+    tensor is read and written once. ``scalars`` holds the :class:`FoldedScalars` fields in order (a tensor, so new
+    values never trigger a recompile); its dtype is the parameters' precision (float64) or float32.
     """
     beta1, beta2, beta3, alpha_c1, eps_c2, step_size, decay = scalars.unbind()
-    acc = scalars.dtype
-    for i, (p, g, m2, nu) in enumerate(zip(params, grads, m2s, nus)):
-        g_acc = g.to(acc)
-        m2_new = beta3 * m2.to(acc) + (1.0 - beta3) * g_acc
-        nu_new = beta2 * nu.to(acc) + (1.0 - beta2) * g_acc * g_acc
-        if m1s is None:
-            m1_new = g_acc
-        else:
-            m1_new = beta1 * m1s[i].to(acc) + (1.0 - beta1) * g_acc
-            m1s[i].copy_(m1_new)
-        p.copy_(decay * p.to(acc) - step_size * (m1_new + alpha_c1 * m2_new) / (nu_new.sqrt() + eps_c2))
-        m2.copy_(m2_new)
-        nu.copy_(nu_new)
+    mul, add = torch._foreach_mul, torch._foreach_add
+    m2_new = add(mul(m2s, beta3), mul(grads, 1.0 - beta3))
+    nu_new = add(mul(nus, beta2), mul(mul(grads, grads), 1.0 - beta2))
+    m1_new = grads if m1s is None else add(mul(m1s, beta1), mul(grads, 1.0 - beta1))
+    denom = add(torch._foreach_sqrt(nu_new), eps_c2)
+    update = mul(torch._foreach_div(add(m1_new, mul(m2_new, alpha_c1)), denom), step_size)
+    torch._foreach_copy_(params, torch._foreach_sub(mul(params, decay), update))
+    if m1s is not None:
+        torch._foreach_copy_(m1s, m1_new)
+    torch._foreach_copy_(m2s, m2_new)
+    torch._foreach_copy_(nus, nu_new)
 
 
 _compiled_body: Callable | None = None

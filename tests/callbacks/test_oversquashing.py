@@ -100,25 +100,28 @@ def test_collapse_on_tiny_llama_identical_pairs_zero_and_bf16_runs():
 
 
 class LastTokenOracle(nn.Module):
-    """Greedy 'model': after '=' it emits the token before '=', otherwise EOS — a perfect copy_last solver."""
+    """Greedy 'model': after '=' it emits the token before '=', after EOS a stray digit '9', otherwise EOS —
+    a perfect copy_last solver whose continuation goes on past its EOS."""
 
-    def __init__(self, vocab: int, eq_id: int, eos_id: int):
+    def __init__(self, vocab: int, eq_id: int, eos_id: int, nine: int):
         super().__init__()
         self.embed = nn.Embedding(vocab, 2)
-        self.vocab, self.eq_id, self.eos_id = vocab, eq_id, eos_id
+        self.vocab, self.eq_id, self.eos_id, self.nine = vocab, eq_id, eos_id, nine
 
     def get_input_embeddings(self):
         return self.embed
 
     def forward(self, input_ids, output_hidden_states=False):
         prev = torch.cat([input_ids[:, :1], input_ids[:, :-1]], dim=1)
-        target = torch.where(input_ids == self.eq_id, prev, torch.full_like(input_ids, self.eos_id))
+        target = torch.where(input_ids == self.eos_id, self.nine, torch.full_like(input_ids, self.eos_id))
+        target = torch.where(input_ids == self.eq_id, prev, target)
         return SimpleNamespace(logits=nn.functional.one_hot(target, self.vocab).float())
 
 
 def test_task_probe_accuracy_by_length_and_position_on_an_oracle():
     tok = byte_tokenizer()
-    model = LastTokenOracle(len(tok), tok("=", add_special_tokens=False)["input_ids"][0], tok.eos_token_id)
+    byte = lambda ch: tok(ch, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    model = LastTokenOracle(len(tok), byte("="), tok.eos_token_id, byte("9"))
     probe = SequenceTaskProbe(tasks=["copy_last", "count_ones", "find_odd"], lengths=[5, 9], num_samples=20)
     results = probe.measure(model, tok)
     acc = results["accuracy"]

@@ -193,3 +193,24 @@ def test_reward_curves_logged_as_tensorboard_figure(tmp_path):
     events.Reload()
     assert "val/rewards" in events.Tags()["images"]
     assert "val/reward_accuracy" in events.Tags()["scalars"]
+
+
+def test_custom_loss_by_module_path_with_kwargs(tmp_path, monkeypatch):
+    (tmp_path / "my_dpo_losses.py").write_text(
+        "import torch.nn.functional as F\n\n"
+        "def shifted(pc, pr, rc, rr, beta=0.1, gamma=0.0):\n"
+        "    return -F.logsigmoid(beta * ((pc - pr) - (rc - rr)) - gamma)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = DPO(model=TINY, loss="my_dpo_losses:shifted", loss_kwargs={"gamma": 0.3})
+    _, batch = make_batch()
+    loss, _ = module.compute_loss(batch)  # policy = reference: z = 0, loss = −log σ(−0.3)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(0.3)), abs=1e-6)
+
+
+def test_validate_alone_precomputes_reference(tmp_path):
+    module = DPO(model=TINY, precompute_ref_logps=True, ref_cache_dir=str(tmp_path))
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.validate(module, datamodule=PreferenceDataModule(num_examples=20, val_fraction=0.5),
+                               verbose=False)[0]
+    assert metrics["val/loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference
+    assert metrics["val/reward_margin"] == pytest.approx(0.0, abs=1e-5)

@@ -39,9 +39,12 @@ def test_teacher_is_frozen_out_of_optimizer_and_checkpoint(tmp_path):
                      max_new_tokens=4, lm_coef=0.5)
     teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     data = InstructionDataModule(num_examples=24, num_val=4, batch_size=4, max_response_length=4)
-    trainer = _trainer(max_steps=6, limit_val_batches=0, default_root_dir=tmp_path)
+    rollouts = []
+    sample = module.rollout
+    module.rollout = lambda *a, **k: rollouts.append(1) or sample(*a, **k)
+    trainer = _trainer(max_steps=6, limit_val_batches=0, default_root_dir=tmp_path, gradient_clip_val=1.0)
     trainer.fit(module, data)
-    assert trainer.global_step == 6 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2  # 3 per rollout
+    assert trainer.global_step == 6 and len(rollouts) == 2  # each rollout serves ppo_epochs = 3 optimizer steps
     assert not module.teacher.training and module.model.training
     optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert optimized == {id(p) for p in module.model.parameters()}
@@ -49,6 +52,7 @@ def test_teacher_is_frozen_out_of_optimizer_and_checkpoint(tmp_path):
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     state = torch.load(tmp_path / "m.ckpt", weights_only=False)["state_dict"]
     assert state and not any(k.startswith("teacher.") for k in state)
+    del module.rollout
     restored = MiniLLM.load_from_checkpoint(tmp_path / "m.ckpt")
     for k, v in module.model.state_dict().items():
         assert torch.equal(restored.model.state_dict()[k], v)
@@ -86,5 +90,5 @@ def test_configs_run_end_to_end_through_the_cli():
     assert len(rows) == 7
     for row in rows:
         cli = build_cli(["fit", "--config", str(by_name[row]), "--model.init_args.max_new_tokens", "4"] + quick)
-        assert cli.trainer.global_step >= 2, row  # a MiniLLM rollout makes ppo_epochs steps
+        assert cli.trainer.global_step == 2, row
         assert torch.isfinite(cli.trainer.callback_metrics["train/loss"]), row

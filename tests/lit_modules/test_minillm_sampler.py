@@ -19,7 +19,7 @@ class Scripted(torch.nn.Module):
         super().__init__()
         self.script, self.vocab, self.calls = torch.tensor(script), vocab, []
 
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
         self.calls.append({"ids": input_ids.clone(), "mask": attention_mask.clone(), "pos": position_ids.clone()})
         b, k = input_ids.shape
         read = 0 if past_key_values is None else past_key_values + k
@@ -37,7 +37,7 @@ class Fixed(torch.nn.Module):
         super().__init__()
         self.logits, self.calls = torch.tensor(probs).log(), 0
 
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
         self.calls += 1
         return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1), past_key_values=0)
 
