@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     results.append({"row": "Teacher (SFT)", "config": "teacher_sft", "steps": teacher_steps,
                     **_evaluate("checkpoints/minillm_teacher", args.device, seeds, args.num_val)})
     if not (args.reuse and Path("checkpoints/minillm_student_sft/config.json").exists()):
-        _, wall["sft"] = _fit("sft", sft_steps, [], args.device)
+        _, wall["sft_init"] = _fit("sft", sft_steps, [], args.device)
     results.append({"row": "SFT (student init)", "config": "sft", "steps": sft_steps,
                     **_evaluate("checkpoints/minillm_student_sft", args.device, seeds, args.num_val)})
     for label, config, is_sft in ROWS:

@@ -47,7 +47,8 @@ def candidates(weight_decay: float = 0.1, lr: float = 1e-3) -> dict[str, Callabl
         "AdEMAMix(foreach=False)": lambda ps: AdEMAMix(ps, foreach=False, **ademamix),
         "AdEMAMix(foreach=True)": lambda ps: AdEMAMix(ps, foreach=True, **ademamix),
         "AdEMAMix(fused=True)": lambda ps: AdEMAMix(ps, fused=True, **ademamix),
-        "AdEMAMix(fused=True, beta1=0)": lambda ps: AdEMAMix(ps, fused=True, betas=(0.0, 0.999, 0.9999), **ademamix),
+        "AdEMAMix(foreach=True, beta1=0)": lambda ps: AdEMAMix(ps, foreach=True, betas=(0.0, 0.999, 0.9999),
+                                                               **ademamix),
     }
     try:
         import pytorch_optimizer

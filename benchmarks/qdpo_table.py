@@ -6,9 +6,10 @@ Setup (the built-in one): the full-precision model (FP) is ``--model`` (default 
 the MiniLLM teacher: a tiny byte-level Llama SFT'd on the built-in instruction tasks); when that directory is
 missing it is trained first with ``configs/minillm/teacher_sft.yaml`` for ``--sft-steps`` steps and saved there.
 RTN = FP with every non-``lm_head`` linear weight quantized by symmetric per-group round-to-nearest
-(``--bits``/``--group-size``), no training. QDPO = the same quantizer, trained with sigmoid DPO (β, lr, steps
-below) through fake quantization on pairs (FP greedy answer ≻ RTN greedy answer, identical pairs dropped) for
-``--num-prompts`` built-in prompts, then converted to real low-bit weights. All three are evaluated by
+(``--bits``/``--group-size``), no training. QDPO = the same quantizer, trained with sigmoid DPO (β = 0.1,
+AdamW lr 2e-5 constant-then-cosine, batch 16 pairs, ``--epochs`` 1, only the quantized layers' latent weights)
+through fake quantization on pairs (FP greedy answer ≻ RTN greedy answer, identical pairs dropped) for the
+distinct prompts among ``--num-prompts`` built-in ones, then converted to real low-bit weights. All three are evaluated by
 :func:`callbacks.quantization_eval.evaluate_against_full_precision` on the same held-out prompts (none used
 for training), greedy decoding, fp32. ``recovered`` = (QDPO − RTN) / (FP − RTN) per metric: 1 = back to FP.
 Timings are wall-clock seconds of each stage (one run per seed; medians over seeds).
@@ -64,7 +65,7 @@ def run_seed(args, seed: int, device: torch.device, accelerator: str) -> dict:
 
     L.seed_everything(seed, verbose=False)
     module = QDPO(model=str(args.model), bits=args.bits, group_size=args.group_size, beta=args.beta, lr=args.lr,
-                  warmup_steps=args.warmup_steps, ref_cache_dir=args.cache)
+                  warmup_steps=args.warmup_steps, ref_cache_dir=args.cache, train_quantized_only=not args.train_all)
     dm = QDPOPairsDataModule(num_prompts=args.num_prompts, prompt_seed=1 + seed, max_new_tokens=args.max_new_tokens,
                              generation_batch_size=args.generation_batch_size, batch_size=args.batch_size,
                              val_fraction=0.0, seed=seed, pairs_cache_dir=args.cache)
@@ -74,7 +75,7 @@ def run_seed(args, seed: int, device: torch.device, accelerator: str) -> dict:
     rows = dm.records()  # generation (or the disk cache), timed apart from training
     timings["pairs_s"] = time.perf_counter() - start
     dm.trainer = None
-    trainer = L.Trainer(max_steps=args.steps, accelerator=accelerator, devices=1, logger=False,
+    trainer = L.Trainer(max_epochs=args.epochs, max_steps=args.steps or -1, accelerator=accelerator, devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0)
     start = time.perf_counter()
@@ -129,18 +130,20 @@ def markdown(table: dict, rec: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="fewer prompts/steps, one seed")
+    parser.add_argument("--quick", action="store_true", help="fewer eval prompts, one seed")
     parser.add_argument("--model", type=Path, default=Path("checkpoints/minillm_teacher"))
     parser.add_argument("--sft-steps", type=int, default=1500, help="FP training steps when --model is missing")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=None, help="QDPO steps (default 200, quick 100)")
-    parser.add_argument("--num-prompts", type=int, default=None, help="pair prompts (default 2000, quick 1000)")
-    parser.add_argument("--eval-prompts", type=int, default=None, help="eval prompts drawn (default 600, quick 300)")
+    parser.add_argument("--epochs", type=int, default=1, help="QDPO epochs over the pairs")
+    parser.add_argument("--steps", type=int, default=None, help="QDPO steps (overrides --epochs)")
+    parser.add_argument("--train-all", action="store_true", help="also train embeddings/norms/lm_head")
+    parser.add_argument("--num-prompts", type=int, default=1500, help="pair prompts drawn (before dedup)")
+    parser.add_argument("--eval-prompts", type=int, default=None, help="eval prompts drawn (default 1000, quick 400)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--generation-batch-size", type=int, default=128)
@@ -150,9 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         out = {"benchmark": "qdpo_table", "skipped": "torchao is not installed (pip install torchao)"}
         print(json.dumps(out))
         return out
-    args.steps = args.steps or (100 if args.quick else 200)
-    args.num_prompts = args.num_prompts or (1000 if args.quick else 2000)
-    args.eval_prompts = args.eval_prompts or (300 if args.quick else 600)
+    args.eval_prompts = args.eval_prompts or (400 if args.quick else 1000)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     device = torch.device(args.device)
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [run_seed(args, seed, device, accelerator) for seed in seeds]
     table = median_table(runs)
     rec = recovered(table)
+    print(f"pairs kept per seed: {[r['pairs_kept'] for r in runs]}, eval prompts: {[r['eval_prompts'] for r in runs]}")
     print(markdown(table, rec))
     out = {
         "benchmark": "qdpo_table",

@@ -268,6 +268,8 @@ class RepresentationalCollapseProbe(_Probe):
             fp32) and ``bf16_weights`` (a temporary bf16 copy of the model: every activation in bf16, as when a
             model is served in bf16 — the paper's setting; costs one model copy per round).
         prefix: text before the digits (e.g. a task tag ``"count:"``); the tokenizer's BOS goes first if any.
+            Without a prefix and without BOS, ``ones`` is one token repeated: every position then holds the same
+            value vector, attention averages identical vectors and Δ is 0 up to rounding at every length.
         layer: hidden-state index for the scalars (the figure uses it too).
     """
 
@@ -327,8 +329,8 @@ class RepresentationalCollapseProbe(_Probe):
         return out
 
     def figure(self, results: dict) -> Figure:
-        fig = Figure(figsize=(9, 3.8), dpi=72)
-        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.84, wspace=0.22)
+        fig = Figure(figsize=(11, 3.8), dpi=72)
+        fig.subplots_adjust(left=0.06, right=0.8, bottom=0.14, top=0.84, wspace=0.22)
         axes = fig.subplots(1, 2)
         for ax, key, title in ((axes[0], "delta", "‖Δ‖∞ of last hidden state"), (axes[1], "tv", "TV of next-token dist.")):
             values = [r[key][self.layer] if key == "delta" else r[key] for r in results.values()]
@@ -342,7 +344,7 @@ class RepresentationalCollapseProbe(_Probe):
                     zeros = [n for n, y in zip(self.lengths, ys) if y == 0]
                     ax.plot(zeros, [floor] * len(zeros), marker="v", markersize=9, linestyle="none", color=f"C{ci}")
             ax.set(xscale="log", yscale="log", xlabel="sequence length n (digits)", title=title)
-        axes[0].legend(fontsize=7)
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
         fig.suptitle("Representational collapse: [x, a] vs [x, a, a]  (▼ = exactly 0)", fontsize=9)
         return fig
 

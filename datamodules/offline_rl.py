@@ -216,10 +216,12 @@ class OfflineRLDataModule(L.LightningDataModule):
         return self.dataset.endswith((".hdf5", ".h5")) or Path(self.dataset).is_file()
 
     def builtin_root(self) -> Path:
+        """Cache root of the built-in datasets for these generator settings."""
         g = self.generate
         return cache_dir("minari", f"e{g['n_episodes']}_t{g['max_episode_steps']}_s{g['seed']}")
 
-    def minari_root(self) -> Path | None:
+    def minari_datasets_root(self) -> Path | None:
+        """Where to look the dataset up: our cache for built-in ids, else Minari's own root (``None``)."""
         return self.builtin_root() if self.dataset in BUILTIN_DATASETS else None
 
     def prepare_data(self) -> None:
@@ -249,7 +251,7 @@ class OfflineRLDataModule(L.LightningDataModule):
         else:
             if self.dataset in BUILTIN_DATASETS:
                 self.prepare_data()  # no-op when cached; makes setup() alone enough outside a Trainer
-            episodes, env_spec, space = load_minari_episodes(self.dataset, self.minari_root())
+            episodes, env_spec, space = load_minari_episodes(self.dataset, self.minari_datasets_root())
             n_actions = int(space.n) if hasattr(space, "n") else None
         self.discrete = n_actions is not None
         self._check_shapes(episodes)

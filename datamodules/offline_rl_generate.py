@@ -113,7 +113,7 @@ def generate_minari_dataset(dataset_id: str, env_id: str, n_episodes: int = 300,
     buffers = rollout_scripted_episodes(env_id, n_episodes, max_episode_steps, seed, num_envs, random_fraction)
     spec = dataclasses.replace(gym.spec(env_id), max_episode_steps=max_episode_steps)
     return minari.create_dataset_from_buffers(
-        dataset_id, buffers, env=spec, algorithm_name="scripted phase-oscillator gaits + random",
+        dataset_id, buffers, env=spec, eval_env=spec, algorithm_name="scripted phase-oscillator gaits + random",
         author="litpapers", author_email="litpapers@example.invalid", code_permalink="datamodules/offline_rl_generate.py",
         description=f"{n_episodes} seeded scripted episodes (seed {seed}) of {env_id}, "
                     f"max {max_episode_steps} steps, random fraction {random_fraction}")

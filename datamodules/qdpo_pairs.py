@@ -129,9 +129,12 @@ class QDPOPairsDataModule(PreferenceDataModule):
         self.num_generated = 0  # generated (not cached) pairs in this process
 
     def prompt_records(self) -> list[dict]:
-        """Deduplicated prompt records (``prompt`` filled from the template; built-in ones keep ``task``/``params``)."""
+        """Prompt records (``prompt`` filled from the template; built-in ones keep ``task``/``params``),
+        deduplicated under greedy decoding (equal prompts would give equal pairs)."""
         records = load_instruction_records(self.path, self.num_examples, self.prompt_seed, self.template,
                                            self.tasks, require_response=False)
+        if self.decoding["do_sample"]:
+            return records  # a repeated prompt is another sample
         records, duplicates = unique_prompt_records(records)
         if duplicates:
             log.info("QDPOPairsDataModule: %d duplicate prompt(s) removed, %d distinct", duplicates, len(records))

@@ -48,6 +48,9 @@ class QDPO(DPO):
         group_size: input columns sharing one scale (must divide every quantized layer's input width);
             ``None`` = one scale per output row.
         include_lm_head: quantize the output projection too (default: kept in full precision).
+        train_quantized_only: train only the latent weights of the quantized layers; embeddings, norms and the
+            (unquantized) ``lm_head`` stay frozen at their full-precision values, as they are in the exported
+            model. Measured on the built-in setup, training them too moved the model away from FP much faster.
         export_dir: if set, the converted (real low-bit) model and tokenizer are saved there when training ends.
         loss, beta, loss_kwargs, precompute_ref_logps, ref_cache_dir, length_normalize, dtype, init_seed:
             see :class:`lit_modules.DPO` (reference log-probs are precomputed by default).
@@ -55,7 +58,8 @@ class QDPO(DPO):
     """
 
     def __init__(self, model: ModelSpec | None = None, tokenizer: str | None = None, bits: int = 4,
-                 group_size: int | None = 32, include_lm_head: bool = False, export_dir: str | None = None,
+                 group_size: int | None = 32, include_lm_head: bool = False, train_quantized_only: bool = True,
+                 export_dir: str | None = None,
                  loss: str = "sigmoid", beta: float = 0.1, loss_kwargs: dict[str, Any] | None = None,
                  precompute_ref_logps: bool = True, ref_cache_dir: str | None = None,
                  length_normalize: bool = False, dtype: str | None = None, init_seed: int = 0, lr: float = 1e-4,
@@ -63,17 +67,19 @@ class QDPO(DPO):
                  lr_decay: str = "cosine", min_lr_ratio: float = 0.1):
         self.quant_tag = quantization_tag(bits, group_size, include_lm_head)  # validates bits/group_size
         self.bits, self.group_size, self.include_lm_head = bits, group_size, include_lm_head
+        self.train_quantized_only = train_quantized_only
         super().__init__(model=model, ref_model=None, tokenizer=tokenizer, loss=loss, beta=beta,
                          loss_kwargs=loss_kwargs, precompute_ref_logps=precompute_ref_logps,
                          ref_cache_dir=ref_cache_dir, length_normalize=length_normalize, dtype=dtype,
                          init_seed=init_seed, export_dir=export_dir, lr=lr, weight_decay=weight_decay, betas=betas,
                          warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
-        self.save_hyperparameters()  # QDPO's own arguments only (DPO's ``ref_model`` is not one of them)
         self._fingerprint: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ networks
     def build_policy(self) -> nn.Module:
         """Keep the loaded model as the frozen full-precision yardstick; return a fake-quantized copy."""
+        from torchao.quantization.qat import FakeQuantizedLinear
+
         try:
             full_precision = super().build_policy()
         except OSError as e:
@@ -81,6 +87,10 @@ class QDPO(DPO):
                                     f"is a local export, train it first: `{FP_SFT_HINT}`") from e
         policy = prepare_qat(copy.deepcopy(full_precision), self.bits, self.group_size, self.include_lm_head)
         policy.train()  # from_pretrained leaves models in eval mode
+        if self.train_quantized_only:
+            quantized = {id(m.weight) for m in policy.modules() if isinstance(m, FakeQuantizedLinear)}
+            for p in policy.parameters():
+                p.requires_grad_(id(p) in quantized)
         self.full_precision = self._frozen(full_precision)
         return policy
 

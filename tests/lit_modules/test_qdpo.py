@@ -38,7 +38,10 @@ def test_policy_starts_as_rtn_and_only_it_trains():
         assert torch.equal(module.policy.eval()(ids).logits, rtn(ids).logits)
     assert not any(p.requires_grad for p in module.full_precision.parameters())
     trainable = {id(p) for _, p in module.trainable_parameters()}
-    assert trainable == {id(p) for p in module.policy.parameters()}
+    quantized = [m.weight for m in module.policy.modules() if type(m).__name__ == "FakeQuantizedLinear"]
+    assert len(quantized) == 7 and trainable == {id(p) for p in quantized}  # q,k,v,o,gate,up,down; not lm_head
+    everything = QDPO(model=TINY, bits=4, group_size=16, train_quantized_only=False)
+    assert {id(p) for _, p in everything.trainable_parameters()} == {id(p) for p in everything.policy.parameters()}
     assert module.ref_model is None and module.precompute_ref_logps  # reference = precomputed initial policy
 
 
