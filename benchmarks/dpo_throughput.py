@@ -13,7 +13,8 @@ report_to="none")``; ours: ``Trainer(precision="32-true", gradient_clip_val=1.0,
 Timing: each side runs in its own subprocess (clean peak-memory numbers); after ``warmup`` steps, the wall time
 to the end of the last of ``steps`` more steps is measured (forward + backward + optimizer step + each
 library's own per-step batch collation and metric bookkeeping; tokenization and reference precompute are
-excluded and the precompute time is reported separately). Sides alternate for ``repeats`` rounds; medians are
+excluded and the precompute time is reported separately). Sides alternate for ``repeats`` rounds (the order
+rotating each round); medians are
 reported, with ratios against TRL measured in the same run. With ``precompute_ref_logps`` (both sides'
 option) the reference forward is done once up front. Peak memory: the process's peak RSS (CPU) or
 ``torch.cuda.max_memory_allocated`` during training (CUDA). Without ``trl`` installed the TRL sides are skipped.
@@ -72,8 +73,10 @@ def _peak(device: str) -> dict:
 
 def _result(times: list[float], args: argparse.Namespace, precompute_s: float | None) -> dict:
     elapsed = times[-1] - times[args.warmup - 1]
+    import torch
+
     return {"pairs_per_s": args.steps * args.batch / elapsed, "seconds": elapsed, "precompute_s": precompute_s,
-            **_peak(args.device)}
+            "threads_during_training": torch.get_num_threads(), **_peak(args.device)}
 
 
 def run_ours(args: argparse.Namespace, precompute: bool) -> dict:
@@ -177,7 +180,7 @@ def main() -> None:
                         "the cores and swamp the timings; 0 = torch default)")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = p.parse_args()
-    size = (128, 2, 10, 2) if args.quick else ((256, 4, 30, 3) if args.device == "cpu" else (512, 6, 50, 3))
+    size = (128, 2, 10, 2) if args.quick else ((256, 4, 20, 4) if args.device == "cpu" else (512, 6, 50, 4))
     args.hidden = args.hidden or size[0]
     args.layers = args.layers or size[1]
     args.steps = args.steps or size[2]
@@ -197,7 +200,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     for r in range(args.repeats):
-        for side in sides:
+        for side in sides[r % len(sides):] + sides[:r % len(sides)]:  # rotate the order: no side always first
             out = subprocess.run([sys.executable, "-m", "benchmarks.dpo_throughput", f"--worker={side}", *forwarded],
                                  capture_output=True, text=True, env=env)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]

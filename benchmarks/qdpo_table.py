@@ -7,11 +7,11 @@ the MiniLLM teacher: a tiny byte-level Llama SFT'd on the built-in instruction t
 missing it is trained first with ``configs/minillm/teacher_sft.yaml`` for ``--sft-steps`` steps and saved there.
 RTN = FP with every non-``lm_head`` linear weight quantized by symmetric per-group round-to-nearest
 (``--bits``/``--group-size``), no training. QDPO = the same quantizer, trained with sigmoid DPO (β = 0.1,
-AdamW lr 2e-5 constant-then-cosine, batch 16 pairs, ``--epochs`` 1, only the quantized layers' latent weights)
+AdamW lr 2e-5 with cosine decay to 0.1×, batch 16 pairs, ``--epochs`` 1, only the quantized layers' latent weights)
 through fake quantization on pairs (FP greedy answer ≻ RTN greedy answer, identical pairs dropped) for the
-distinct prompts among ``--num-prompts`` built-in ones, then converted to real low-bit weights. All three are evaluated by
-:func:`callbacks.quantization_eval.evaluate_against_full_precision` on the same held-out prompts (none used
-for training), greedy decoding, fp32. ``recovered`` = (QDPO − RTN) / (FP − RTN) per metric: 1 = back to FP.
+distinct prompts among ``--num-prompts`` built-in ones, then converted to real low-bit weights. All three are
+evaluated by :func:`callbacks.quantization_eval.evaluate_against_full_precision` on the same held-out prompts
+(none used for training), greedy decoding, fp32. ``recovered`` = (QDPO − RTN) / (FP − RTN) per metric: 1 = back to FP.
 Timings are wall-clock seconds of each stage (one run per seed; medians over seeds).
 """
 
@@ -75,8 +75,8 @@ def run_seed(args, seed: int, device: torch.device, accelerator: str) -> dict:
     rows = dm.records()  # generation (or the disk cache), timed apart from training
     timings["pairs_s"] = time.perf_counter() - start
     dm.trainer = None
-    trainer = L.Trainer(max_epochs=args.epochs, max_steps=args.steps or -1, accelerator=accelerator, devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = L.Trainer(max_epochs=args.epochs, max_steps=args.steps or -1, accelerator=accelerator, devices=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0)
     start = time.perf_counter()
     trainer.fit(module, dm)

@@ -10,5 +10,6 @@ from callbacks.oversquashing import (
 from callbacks.quantization_eval import QuantizationEval, evaluate_against_full_precision, token_flip_stats
 from callbacks.return_alignment import ReturnAlignmentEval
 
-__all__: list[str, "QuantizationEval", "evaluate_against_full_precision", "token_flip_stats"] = ["ReturnAlignmentEval", "OverSquashingProbe", "RepresentationalCollapseProbe", "SequenceTaskProbe",
-                      "representational_collapse", "token_sensitivity"]
+__all__: list[str] = ["ReturnAlignmentEval", "OverSquashingProbe", "RepresentationalCollapseProbe", "SequenceTaskProbe",
+                      "representational_collapse", "token_sensitivity", "QuantizationEval",
+                      "evaluate_against_full_precision", "token_flip_stats"]

@@ -5,8 +5,8 @@ Pure functions (usable on any model) and Lightning callbacks that run them durin
 - :func:`representational_collapse` — Thm 4.2: for ``v = [x, a]`` and ``v* = [x, a, a]`` the last-token
   representations ``y_n`` and ``y*_{n+1}`` converge as n grows; we measure ‖y_n − y*_{n+1}‖_∞ at a layer.
   :class:`RepresentationalCollapseProbe` sweeps lengths for three prompt families (repeated ones, random
-  digits, ones with a comma every third digit) in fp32 and bf16 (autocast), plus the total-variation
-  distance of the two next-token distributions.
+  digits, ones with a comma every third digit) in fp32, bf16 autocast and (optionally) a bf16 copy of the
+  model, plus the total-variation distance of the two next-token distributions.
 - :func:`token_sensitivity` — Thm 5.1: ‖∂y_n/∂v_i‖_F per input position i (Jacobian of the last position's
   hidden state w.r.t. input embedding i). :class:`OverSquashingProbe` turns it into the U-shape figure.
 - :class:`SequenceTaskProbe` — greedy accuracy on the copy/count/sum/find-odd tasks of
@@ -42,7 +42,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from transformers import PreTrainedModel
 
-from lit_modules.hf import load_tokenizer  # noqa: I001  (before datamodules: lit_modules <-> datamodules import cycle)
+from lit_modules.hf import load_tokenizer
 from datamodules.sequence_tasks import TASKS, encode_prompt, format_digits, make_example
 
 IdSequence = Sequence[int] | torch.Tensor
@@ -152,7 +152,8 @@ def token_sensitivity(model: nn.Module, input_ids: IdSequence, layer: int = -1, 
     Each batch row j carries a copy of the embeddings E and a direction u_j; one backward of Σ_j u_j·h_last(E_j)
     gives u_jᵀ J_i for every i at once (vector-Jacobian products, ``torch.autograd.grad`` w.r.t. E only, so
     parameter ``.grad`` is never written). Exact (``num_projections=None``): u_j = the d standard basis
-    vectors, ‖J_i‖²_F = Σ_j ‖e_jᵀ J_i‖². Estimate: m Gaussian u_j, E‖uᵀJ‖² = ‖J‖²_F, so ‖J_i‖²_F ≈ (1/m)Σ_j‖u_jᵀJ_i‖².
+    vectors, ‖J_i‖²_F = Σ_j ‖e_jᵀ J_i‖². Estimate: m Gaussian u_j, E‖uᵀJ‖² = ‖J‖²_F, so
+    ‖J_i‖²_F ≈ (1/m) Σ_j ‖u_jᵀ J_i‖².
     Rows are independent only in eval mode, which this function sets (and restores).
     """
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
@@ -332,7 +333,8 @@ class RepresentationalCollapseProbe(_Probe):
         fig = Figure(figsize=(11, 3.8), dpi=72)
         fig.subplots_adjust(left=0.06, right=0.8, bottom=0.14, top=0.84, wspace=0.22)
         axes = fig.subplots(1, 2)
-        for ax, key, title in ((axes[0], "delta", "‖Δ‖∞ of last hidden state"), (axes[1], "tv", "TV of next-token dist.")):
+        panels = ((axes[0], "delta", "‖Δ‖∞ of last hidden state"), (axes[1], "tv", "TV of next-token dist."))
+        for ax, key, title in panels:
             values = [r[key][self.layer] if key == "delta" else r[key] for r in results.values()]
             floor = min([v for v in values if v > 0], default=1.0) / 3
             for ci, fam in enumerate(self.families):
@@ -450,7 +452,8 @@ class SequenceTaskProbe(_Probe):
     of the relevant token (``find_odd`` binned into ``num_bins``; ``copy_first``/``copy_last`` at 0 and 1).
 
     The prediction is the leading integer of the continuation up to the first EOS (so trailing text is ignored,
-    a wrong or extra digit is an error). Logged: ``probes/tasks/<task>/acc`` (mean over lengths) and ``probes/tasks/acc``.
+    a wrong or extra digit is an error). Logged: ``probes/tasks/<task>/acc`` (mean over lengths) and
+    ``probes/tasks/acc``.
     Use the same ``separator`` as the training data.
     """
 

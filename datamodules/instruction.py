@@ -162,12 +162,17 @@ class InstructionDataModule(L.LightningDataModule):
     def encode(self, tokenizer, records: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
         """Prompt ids (left-truncated to ``max_prompt_length``) and response ids + EOS (≤ ``max_response_length``)."""
         eos = tokenizer.eos_token_id
-        prompts, responses = [], []
+        prompts, responses, cut = [], [], [0, 0]
         for r in records:
-            p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"][-self.max_prompt_length:]
-            y = tokenizer(r["response"], add_special_tokens=False)["input_ids"][: self.max_response_length - 1]
-            prompts.append(p)
-            responses.append(y + ([eos] if eos is not None else []))
+            p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+            y = tokenizer(r["response"], add_special_tokens=False)["input_ids"]
+            cut[0] += len(p) > self.max_prompt_length
+            cut[1] += len(y) > self.max_response_length - 1
+            prompts.append(p[-self.max_prompt_length:])
+            responses.append(y[: self.max_response_length - 1] + ([eos] if eos is not None else []))
+        if any(cut):
+            log.info("InstructionDataModule: truncated %d prompts (to their last %d tokens) and %d responses "
+                     "(to %d tokens with EOS)", cut[0], self.max_prompt_length, cut[1], self.max_response_length)
         return prompts, responses
 
     def setup(self, stage: str | None = None) -> None:

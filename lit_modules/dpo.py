@@ -64,6 +64,11 @@ def response_logits_to_keep(response_mask: Tensor) -> int:
     return response_mask.shape[1] - int(columns[0]) + 1
 
 
+def is_right_padded(attention_mask: Tensor) -> bool:
+    """True when every row is real tokens followed only by padding (mask non-increasing along the row)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 def module_fingerprint(model: nn.Module) -> str:
     """SHA-256 over the names, dtypes and bytes of a module's parameters and buffers."""
     h = hashlib.sha256()
@@ -149,8 +154,12 @@ class DPO(PaperModule):
     # ------------------------------------------------------------------ log-probs
     def forward_logits(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """Logits of ``model`` over the batch, only for the positions that predict response tokens when the
-        model supports ``logits_to_keep`` (HF causal LMs do)."""
-        kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        model supports ``logits_to_keep`` (HF causal LMs do). For right-padded rows the attention mask is
+        dropped: under causal attention a real token never sees the padding after it, so plain causal
+        attention gives the same outputs at every real position, on the kernels' fast path."""
+        mask = batch["attention_mask"]
+        kwargs: dict[str, Any] = {"input_ids": batch["input_ids"],
+                                  "attention_mask": None if is_right_padded(mask) else mask}
         if _accepts(model, "logits_to_keep"):
             kwargs["logits_to_keep"] = response_logits_to_keep(batch["response_mask"])
         if _accepts(model, "use_cache"):

@@ -188,40 +188,96 @@ def _cache_arg(model: PreTrainedModel | None) -> str:
         else "past_key_values"
 
 
-class _IncrementalLM:
-    """One causal LM decoding with its KV cache over left-padded prompts: :meth:`start` reads the prompt,
-    :meth:`feed` appends k tokens (attended, also after EOS); both return the log-distributions (B, k, V)
-    of the token following each position read."""
+class _LazyLM:
+    """One causal LM decoding left-padded prompts with its KV cache, *lazily*: :meth:`dist_for` reads only the
+    tokens it has not seen yet (one chunked forward, all attended, also after EOS) and returns the
+    log-distribution of token t; every token is scored (log-prob under this model) exactly once on the way."""
 
-    def __init__(self, model: PreTrainedModel, prompt_mask: torch.Tensor, temperature: float):
+    def __init__(self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                 temperature: float):
         self.model, self.cache_arg, self.cache = model, _cache_arg(model), None
         self.temperature = temperature if temperature > 0 else 1.0
-        self.mask = prompt_mask.long()
+        self.prompt_ids, self.mask = prompt_ids, prompt_mask.long()
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.next: torch.Tensor | None = None  # log-dist of token index `seen`
+        self.seen = 0  # response tokens read so far
+        self.scores: list[torch.Tensor] = []  # log-prob of response tokens 0, 1, ... under this model
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, n_new: int, keep: int) -> torch.Tensor:
+        new_positions = self.positions[:, -1:] + torch.arange(1, n_new + 1, device=ids.device)
+        positions = torch.cat([self.positions, new_positions], 1) if self.cache is None else new_positions
+        self.mask = torch.cat([self.mask, torch.ones_like(ids[:, ids.shape[1] - n_new:])], 1)
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
                          logits_to_keep=keep, **{self.cache_arg: self.cache})
         self.cache, self.positions = getattr(out, self.cache_arg), positions
         logits = out.logits[:, -keep:].float()
         return torch.log_softmax(logits if self.temperature == 1.0 else logits / self.temperature, -1)
 
-    def start(self, prompt_ids: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Read the prompt (and ``ids`` after it, if given) in one forward."""
-        if ids is None or ids.shape[1] == 0:
-            return self._forward(prompt_ids, self.positions, 1)
-        k = ids.shape[1]
-        positions = torch.cat([self.positions, self.positions[:, -1:] + torch.arange(1, k + 1, device=ids.device)], 1)
-        self.mask = torch.cat([self.mask, torch.ones_like(ids)], 1)
-        return self._forward(torch.cat([prompt_ids, ids], 1), positions, k + 1)
+    def dist_for(self, t: int, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """log-dist of token t given the prompt and ``tokens[:t]``."""
+        if self.next is not None and t == self.seen:
+            return self.next
+        chunk = torch.stack(tokens[self.seen:t], 1) if t > self.seen else self.prompt_ids[:, :0]
+        k = chunk.shape[1]
+        if self.next is None:  # first call: prompt and chunk in one forward
+            dists = self._forward(torch.cat([self.prompt_ids, chunk], 1), k, k + 1)
+        else:
+            dists = torch.cat([self.next[:, None], self._forward(chunk, k, k)], 1)
+        for i in range(k):  # dists[:, i] is the distribution of token seen + i
+            if self.seen + i == len(self.scores):
+                self.scores.append(dists[:, i].gather(-1, chunk[:, i, None]).squeeze(-1))
+        self.next, self.seen = dists[:, -1], t
+        return self.next
 
-    def feed(self, ids: torch.Tensor) -> torch.Tensor:
-        self.mask = torch.cat([self.mask, torch.ones_like(ids)], 1)
-        k = ids.shape[1]
-        return self._forward(ids, self.positions[:, -1:] + torch.arange(1, k + 1, device=ids.device), k)
+    def score(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """(B, T) log-probs of all ``tokens`` under this model."""
+        last = len(tokens) - 1
+        dist = self.dist_for(last, tokens)
+        if len(self.scores) == last:
+            self.scores.append(dist.gather(-1, tokens[last][:, None]).squeeze(-1))
+        return torch.stack(self.scores, 1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
+def _sample_mixed(student: PreTrainedModel | None, teacher: PreTrainedModel | None, prompt_ids: torch.Tensor,
+                 prompt_mask: torch.Tensor, max_new_tokens: int, alpha: float = 0.0, eos_id: int | None = 1,
+                 pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"teacher-mix alpha must be in [0, 1], got {alpha}")
+    if alpha > 0 and teacher is None:
+        raise ValueError("teacher-mixed sampling (alpha > 0) needs a teacher")
+    if temperature <= 0 and 0 < alpha < 1:
+        raise ValueError("greedy decoding (temperature 0) of a teacher-student mixture is not defined; "
+                         "use alpha 0 or 1")
+    device = prompt_ids.device
+    stu = _LazyLM(student, prompt_ids, prompt_mask, temperature) if alpha < 1 else None
+    tea = _LazyLM(teacher, prompt_ids, prompt_mask, temperature) if teacher is not None else None
+    coins = (torch.rand(max_new_tokens, generator=generator, device=generator.device if generator else device)
+             < alpha).tolist()
+    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
+    tokens, masks = [], []
+    for t in range(max_new_tokens):
+        logits = (tea if stu is None or coins[t] else stu).dist_for(t, tokens)
+        if temperature > 0:
+            nxt = torch.multinomial(logits.exp(), 1, generator=generator).squeeze(-1)
+        else:
+            nxt = logits.argmax(-1)
+        tokens.append(torch.where(done, torch.full_like(nxt, pad_id), nxt))
+        masks.append(~done)
+        if eos_id is not None:
+            done = done | (tokens[-1] == eos_id)
+        if bool(done.all()):
+            break
+    logp = tea.score(tokens) if tea is not None else None
+    logq = stu.score(tokens) if stu is not None else logp
+    if stu is None or alpha == 0:
+        logmix = logq
+    else:
+        logmix = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
+    return Rollout(prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1).long(), logq, logp,
+                   logmix)
+
+
 def sample_mixed(student: PreTrainedModel | None, teacher: PreTrainedModel | None, prompt_ids: torch.Tensor,
                  prompt_mask: torch.Tensor, max_new_tokens: int, alpha: float = 0.0, eos_id: int | None = 1,
                  pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
@@ -231,75 +287,17 @@ def sample_mixed(student: PreTrainedModel | None, teacher: PreTrainedModel | Non
     The mixture is drawn as: at each step a coin c_t ~ Bernoulli(α), independent of everything before;
     y_t ~ p(·|y_<t) if c_t else q(·|y_<t). Marginalising c_t gives exactly y_t | y_<t ~ α·p + (1−α)·q for
     every sequence. The coin is shared by the batch (sequences stay independent given the coins, each with
-    the exact mixture law), so the teacher only has to run at the ~α·T steps that draw from it: it catches
-    up on the tokens it has not seen in one chunked forward, and once more at the end to score every
-    sampled token (log p for the rewards and for log p̃). ``alpha=0``: student only; ``alpha=1``: teacher
-    only (SeqKD). ``temperature=0`` is greedy (for α ∈ {0, 1} only).
+    the exact mixture law), so at each step only the model that draws has to run: it reads the tokens it has
+    not seen in one chunked forward. At the end both models read what they missed, which scores every token
+    (log q, log p and log p̃ for the rewards and the importance weights): the same FLOPs as sampling from one
+    model plus one forward of the other. ``alpha=0``: student only; ``alpha=1``: teacher only (SeqKD).
+    ``temperature=0`` is greedy (for α ∈ {0, 1} only).
+
+    Runs under ``torch.inference_mode`` (less per-call overhead); the outputs are cloned into normal tensors.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"teacher-mix alpha must be in [0, 1], got {alpha}")
-    if alpha > 0 and teacher is None:
-        raise ValueError("teacher-mixed sampling (alpha > 0) needs a teacher")
-    if temperature <= 0 and 0 < alpha < 1:
-        raise ValueError("greedy decoding (temperature 0) of a teacher-student mixture is not defined; "
-                         "use alpha 0 or 1")
-    device = prompt_ids.device
-    stu = _IncrementalLM(student, prompt_mask, temperature) if alpha < 1 else None
-    tea = _IncrementalLM(teacher, prompt_mask, temperature) if teacher is not None else None
-    coins = (torch.rand(max_new_tokens, generator=generator, device=generator.device if generator else device)
-             < alpha).tolist()
-    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
-    tokens, masks, s_lps, t_lps = [], [], [], []
-    t_next, t_seen = None, 0  # teacher: log-dist of token index t_seen (None before its first call)
-
-    def teacher_catch_up(upto: int):
-        """Feed the teacher tokens [t_seen, upto): score them, and leave t_next = log-dist of token ``upto``."""
-        nonlocal t_next, t_seen
-        chunk = torch.stack(tokens[t_seen:upto], 1) if upto > t_seen else None
-        if t_next is None:  # first call: prompt and chunk in one forward
-            dists = tea.start(prompt_ids, chunk)
-        elif chunk is not None:
-            dists = torch.cat([t_next[:, None], tea.feed(chunk)], 1)
-        else:
-            return
-        if chunk is not None:
-            t_lps.extend(dists[:, :-1].gather(-1, chunk[..., None]).squeeze(-1).unbind(1))
-        t_next, t_seen = dists[:, -1], upto
-
-    s_next = stu.start(prompt_ids)[:, -1] if stu is not None else None
-    for t in range(max_new_tokens):
-        if stu is None or coins[t]:
-            teacher_catch_up(t)
-            logits = t_next
-        else:
-            logits = s_next
-        if temperature > 0:
-            nxt = torch.multinomial(logits.exp(), 1, generator=generator).squeeze(-1)
-        else:
-            nxt = logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        tokens.append(nxt)
-        masks.append(~done)
-        if stu is not None:
-            s_lps.append(s_next.gather(-1, nxt[:, None]).squeeze(-1))
-        if eos_id is not None:
-            done = done | (nxt == eos_id)
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        if stu is not None:
-            s_next = stu.feed(nxt[:, None])[:, -1]
-    stack = lambda xs: torch.stack(xs, dim=1)  # noqa: E731
-    response = stack(tokens)
-    logp = None
-    if tea is not None:
-        teacher_catch_up(response.shape[1])
-        logp = stack(t_lps)
-    if stu is None:
-        logq = logmix = logp
-    else:
-        logq = stack(s_lps)
-        logmix = logq if alpha == 0 else torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
-    return Rollout(prompt_ids, prompt_mask, response, stack(masks).long(), logq, logp, logmix)
+    out = _sample_mixed(student, teacher, prompt_ids, prompt_mask, max_new_tokens, alpha, eos_id, pad_id,
+                        temperature, generator)
+    return Rollout(*(None if x is None else x.clone() for x in vars(out).values()))
 
 
 def response_logits(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
@@ -366,6 +364,7 @@ class MiniLLM(PaperModule):
         self.tokenizer = _clear_load_error(*owner, lambda: load_tokenizer(tokenizer, owner[1]))
         self.model: PreTrainedModel = _clear_load_error(
             *student_how, lambda: load_causal_lm(student, vocab_size=len(self.tokenizer), seed=init_seed))
+        self.model.train()  # from_pretrained returns eval mode, which Lightning keeps
         self.teacher: PreTrainedModel | None = None
         if objective != "sft":
             self.teacher = _clear_load_error(*teacher_how, lambda: load_causal_lm(

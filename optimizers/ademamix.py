@@ -15,11 +15,13 @@ Three implementations of the same update, chosen per parameter group:
 
 * ``foreach=False``: a per-parameter loop, written as the formula above (the reference);
 * ``foreach=None/True`` (default, CPU and CUDA): multi-tensor ``torch._foreach_*`` ops per (device, dtype, step)
-  bucket, with the bias corrections folded into two scalars (9 passes over memory);
-* ``fused=True``: the same update as one ``torch.compile``d function per bucket, which Inductor lowers to a single
-  loop per tensor that reads p, g, m1, m2, ν once and writes p, m1, m2, ν once (Triton on CUDA, C++/OpenMP on CPU —
-  needs a C++ compiler there). The first step pays the compilation; the per-step scalars are passed as one small
-  tensor so that changing learning rates and schedules never recompile.
+  bucket, with the bias corrections folded into scalars (9 passes; on CPU run block by block to stay in cache);
+* ``fused=True``: the same update written as out-of-place ``_foreach`` expressions and run through
+  ``torch.compile``; Inductor fuses the chain so that each tensor's p, g, m1, m2, ν are read once and p, m1, m2, ν
+  written once (9 accesses per element against fused AdamW's 7). On CPU (needs a C++ compiler) we checked the generated
+  code: one C++ kernel, one vectorised loop per tensor; on CUDA it becomes Triton multi-tensor kernels. The first
+  step pays the compilation (~20 s on 2 CPU cores); the per-step scalars are passed as one small tensor so that
+  changing learning rates and schedules never recompile.
 
 The step count is a Python ``int`` per parameter (``state["step"]``), saved and restored by ``state_dict``, so a
 resumed run continues the α/β3 schedules where it stopped.
@@ -119,13 +121,18 @@ class FoldedScalars:
                    step_size=s.lr * c2 / c1, decay=1.0 - s.lr * s.weight_decay)
 
 
-CPU_BLOCK_NUMEL = 1 << 15  # elements per cache block of the CPU multi-tensor path (5 tensors · 128 KiB ≈ L2)
+CPU_BLOCK_NUMEL = 1 << 16  # elements per cache block of the CPU multi-tensor path (7 arrays · 256 KiB ≈ L2)
 
 
 def cache_blocks(*lists: list[torch.Tensor] | None, block: int = CPU_BLOCK_NUMEL):
     """Split parallel lists of same-shaped tensors into blocks of ≈ ``block`` elements: flat slices of big
-    contiguous tensors, small tensors batched together. Yields one tuple of lists (``None`` stays ``None``)."""
+    contiguous tensors, small tensors batched together. Yields one tuple of lists per block (``None`` stays)."""
     present = [lst for lst in lists if lst is not None]
+
+    def emit(batch: list[list[torch.Tensor]]) -> tuple:
+        it = iter(batch)
+        return tuple(None if lst is None else next(it) for lst in lists)
+
     batch: list[list[torch.Tensor]] = [[] for _ in present]
     size = 0
     for tensors in zip(*present):
@@ -140,22 +147,17 @@ def cache_blocks(*lists: list[torch.Tensor] | None, block: int = CPU_BLOCK_NUMEL
                 out.append(t)
             size += piece[0].numel()
             if size >= block:
-                yield _restore_nones(lists, batch)
+                yield emit(batch)
                 batch, size = [[] for _ in present], 0
     if size:
-        yield _restore_nones(lists, batch)
-
-
-def _restore_nones(lists: tuple, batch: list[list[torch.Tensor]]) -> tuple:
-    it = iter(batch)
-    return tuple(None if lst is None else next(it) for lst in lists)
+        yield emit(batch)
 
 
 def foreach_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
                    m2s: list[torch.Tensor], nus: list[torch.Tensor], s: StepScalars) -> None:
-    """Multi-tensor path (tensors on one device with one dtype): :class:`FoldedScalars`' form in ``_foreach_*``
-    ops. On CPU the whole update runs block by block (:func:`cache_blocks`) so each block's nine passes hit the
-    cache instead of memory (2-3x faster than op by op over all tensors)."""
+    """Multi-tensor path (tensors on one device with one dtype): :class:`FoldedScalars`' form in nine
+    ``_foreach_*`` passes. On CPU the whole update runs one :func:`cache_blocks` block at a time, so the nine
+    passes hit the cache instead of memory (measured ~3x faster on a 7M-parameter set than op by op)."""
     f = FoldedScalars.of(s)
     if params[0].device.type == "cpu":
         for block in cache_blocks(params, grads, m1s, m2s, nus):

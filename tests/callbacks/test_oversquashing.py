@@ -217,3 +217,26 @@ def test_validate_config_runs_probes_on_a_local_model_directory(tmp_path):
     probes = [c for c in cli.trainer.callbacks if hasattr(c, "results")]
     assert len(probes) == 3 and all(p.results is not None for p in probes)
     assert cli.model.model.config.hidden_size == TINY["hidden_size"]
+    assert cli.model.model.dtype == torch.float32  # the bf16_weights precision used a copy
+
+
+@pytest.mark.slow
+def test_validate_config_under_two_process_ddp_logs_probes_once(tmp_path):
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    entry = Path(sys.executable).parent / "litpapers"
+    launcher = [str(entry)] if entry.exists() else [sys.executable, str(ROOT / "cli.py")]
+    cmd = [*launcher, "validate", "--config", str(ROOT / "configs/probes/probe_local_model.yaml"),
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+           "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for f in tmp_path.rglob("metrics.csv") for r in csv.DictReader(f.read_text().splitlines())]
+    logged = [r for r in rows if r.get("probes/tasks/acc")]
+    assert len(logged) == 1  # rank 0 only, once
+    assert {p.name for p in (tmp_path / "logs").rglob("*.png")} == {"collapse.png", "sensitivity.png", "tasks.png"}

@@ -26,7 +26,8 @@ def test_sft_batch_masks_prompt_and_left_pads_prompts(tmp_path):
     rows = [{"instruction": "Say hi.", "response": "hi"},
             {"instruction": "Add.", "context": "1 2", "response": "three"}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    dm = InstructionDataModule(path=str(tmp_path / "d.jsonl"), batch_size=2, num_val=0, template="Q:{instruction}{context}\nA:")
+    dm = InstructionDataModule(path=str(tmp_path / "d.jsonl"), batch_size=2, num_val=0,
+                               template="Q:{instruction}{context}\nA:")
     dm.setup("fit")
     batch = next(iter(dm._loader(dm.train_set, shuffle=False)))
     by_prompt = {ex["instruction"]: i for i, ex in enumerate(batch["examples"])}

@@ -214,3 +214,21 @@ def test_validate_alone_precomputes_reference(tmp_path):
                                verbose=False)[0]
     assert metrics["val/loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference
     assert metrics["val/reward_margin"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_left_padded_batches_keep_their_mask_and_give_the_same_logps():
+    from lit_modules.dpo import is_right_padded
+
+    module = DPO(model=TINY, init_seed=4)
+    _, batch = make_batch()
+    assert is_right_padded(batch["attention_mask"])
+    right = torch.cat(module.concatenated_logps(module.policy, batch))
+    # the same sequences, left-padded: shift each row's real tokens to the end
+    left = {k: torch.zeros_like(v) for k, v in batch.items() if k != "index"}
+    for row in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][row].sum())
+        for key in left:
+            left[key][row, -n:] = batch[key][row, :n]
+    assert not is_right_padded(left["attention_mask"])
+    got = torch.cat(module.concatenated_logps(module.policy, left))
+    assert torch.allclose(got, right, atol=1e-4)

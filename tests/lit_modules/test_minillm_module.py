@@ -62,7 +62,8 @@ def test_export_dir_round_trips_as_a_student(tmp_path):
     module = MiniLLM(student=TINY, teacher=None, objective="sft", export_dir=str(tmp_path / "student"))
     _trainer(max_steps=1, limit_val_batches=0).fit(module, InstructionDataModule(num_examples=12, num_val=2,
                                                                                    batch_size=4))
-    again = MiniLLM(student=str(tmp_path / "student"), teacher=None, objective="sft")
+    again = MiniLLM(student=str(tmp_path / "student"), teacher=str(tmp_path / "student"), objective="kd")
+    assert again.model.training and not again.teacher.training
     for k, v in module.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[k], v)
 

@@ -72,8 +72,8 @@ def test_straight_through_gradient_reaches_latent_weights():
     # ...except where torchao's clipped STE masks it: only a group's positive maximum can clip
     # (max/scale = 7.5 may round to 8 > q_max = 7), so every other entry must match exactly.
     groups = w.view(6, 2, 4)
-    clippable = (groups == groups.amax(-1, keepdim=True)) & (groups > 0) & (groups == groups.abs().amax(-1, keepdim=True))
-    clippable = clippable.view(6, 8)
+    positive_absmax = (groups == groups.abs().amax(-1, keepdim=True)) & (groups > 0)
+    clippable = positive_absmax.view(6, 8)
     assert torch.allclose(latent.grad[~clippable], expected[~clippable], atol=1e-5)
     at_max = latent.grad[clippable]
     assert bool(((at_max == 0) | torch.isclose(at_max, expected[clippable], atol=1e-5)).all())

@@ -14,6 +14,7 @@ import yaml
 
 import cli
 from optimizers import AdEMAMix, alpha_schedule, beta3_schedule
+from optimizers.ademamix import CPU_BLOCK_NUMEL, cache_blocks
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "ademamix"
 PATHS = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
@@ -121,15 +122,34 @@ def test_alpha_zero_is_adamw():
 
 
 def random_problem(dtype=torch.float64, seed=0):
+    """Small tensors, one bigger than a CPU cache block (split into slices) and one non-contiguous (kept whole)."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(16, 8), (8,), (3, 5, 2), (1,), (40,)]
+    shapes = [(16, 8), (8,), (CPU_BLOCK_NUMEL + 1000,), (3, 5, 2), (1,), (8, 5)]
     params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
-    grads = [[torch.randn(s, generator=gen, dtype=dtype) for s in shapes] for _ in range(30)]
+    params[-1] = torch.nn.Parameter(params[-1].detach().t())
+    grads = [[torch.randn(p.shape, generator=gen, dtype=dtype) for p in params] for _ in range(30)]
     return params, grads
 
 
+def test_cache_blocks_cover_every_element_once():
+    a, b = torch.arange(10.0), torch.arange(10.0, 12.0)
+    c = torch.arange(12.0, 18.0).view(2, 3).t()  # non-contiguous: never sliced
+    blocks = list(cache_blocks([a, b, c], None, [a * 10, b * 10, c * 10], block=4))
+    assert all(middle is None for _, middle, _ in blocks)
+    sizes = [sum(t.numel() for t in first) for first, _, _ in blocks]
+    assert sizes == [4, 4, 4, 6]  # a[0:4], a[4:8], a[8:10]+b, c
+    flat = torch.cat([t.reshape(-1) for first, _, _ in blocks for t in first])
+    assert sorted(flat.tolist()) == list(range(18))
+    for first, _, third in blocks:
+        for x, y in zip(first, third):
+            torch.testing.assert_close(y, x * 10)
+    first, _, _ = blocks[0]
+    first[0].fill_(-1.0)  # blocks are views: the update writes through to the parameters
+    assert a[:4].tolist() == [-1.0] * 4
+
+
 def make(params, **path):
-    groups = [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0, "lr": 0.02}]
+    groups = [{"params": params[:3], "weight_decay": 0.1}, {"params": params[3:], "weight_decay": 0.0, "lr": 0.02}]
     return AdEMAMix(groups, lr=0.01, betas=(0.9, 0.999, 0.999), alpha=5.0, t_alpha=12, t_beta3=12, **path)
 
 
