@@ -114,16 +114,16 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=None,
                    help="built-in preference pairs, 10%% held out (default: one epoch of --steps)")
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval-prompts", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
     p.add_argument("--sft-dir", default=None, help="reuse this SFT export if it exists, else write it there")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.sft_steps = args.sft_steps or (60 if args.quick else 250)
+    args.sft_steps = args.sft_steps or (60 if args.quick else 400)
     args.steps = args.steps or (20 if args.quick else 150)
-    args.eval_prompts = args.eval_prompts or (100 if args.quick else 500)
+    args.eval_prompts = args.eval_prompts or (100 if args.quick else 300)
     args.pairs = args.pairs or max(200, round(args.steps * args.batch / 0.9) + 1)
     losses = args.losses.split(",") if args.losses else (["sigmoid", "discopop"] if args.quick else list(ALL_LOSSES))
     unknown = set(losses) - set(PREFERENCE_LOSSES)
@@ -132,11 +132,11 @@ def main() -> None:
     torch.set_float32_matmul_precision("high")
 
     work = tempfile.mkdtemp(prefix="dpo_losses_")
-    t0 = time.perf_counter()
-    sft_dir = args.sft_dir or os.path.join(work, "sft")
+    sft_dir, sft_s = args.sft_dir or os.path.join(work, "sft"), None  # sft_s stays None for a reused export
     if not os.path.exists(os.path.join(sft_dir, "config.json")):
+        t0 = time.perf_counter()
         sft(args, sft_dir)
-    sft_s = time.perf_counter() - t0
+        sft_s = time.perf_counter() - t0
     eval_examples = generate_examples(args.eval_prompts, seed=2)
     start = CausalLM(model=sft_dir).to(args.device)
     prompts = [format_prompt(ex["instruction"], ex["context"]) for ex in eval_examples]

@@ -209,8 +209,11 @@ def main() -> None:
             runs[side].append(json.loads(line[-1][7:]))
             print(f"round {r + 1}/{args.repeats} {side}: {runs[side][-1]['pairs_per_s']:.2f} pairs/s", flush=True)
 
-    med = lambda side, key: statistics.median(x[key] for x in runs[side]) if runs[side][0].get(key) is not None else None  # noqa: E731
-    summary = {s: {k: med(s, k) for k in runs[s][0]} for s in sides}
+    def median(side: str, key: str) -> float | None:
+        values = [x[key] for x in runs[side] if x[key] is not None]
+        return statistics.median(values) if values else None
+
+    summary = {s: {k: median(s, k) for k in runs[s][0]} for s in sides}
     ratios = {}
     if "trl" in summary:
         anchor = summary["trl"]["pairs_per_s"]

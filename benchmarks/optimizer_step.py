@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -60,6 +62,19 @@ def candidates(weight_decay: float = 0.1, lr: float = 1e-3) -> dict[str, Callabl
                 ps, lr=lr, weight_decay=weight_decay, weight_decouple=True, alpha=5.0, t_alpha_beta3=1000,
                 foreach=foreach))
     return out
+
+
+def device_name(device: torch.device) -> str:
+    """GPU name, or the CPU model from /proc/cpuinfo (Linux) with the number of cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model} ({os.cpu_count()} cores)"
 
 
 def state_bytes_per_param(optimizer: torch.optim.Optimizer, n_params: int) -> float:
@@ -124,8 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['state_bytes_per_param']:.2f} B/param")
     report = {
         "benchmark": "optimizer_step",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
-                                                                                     platform.machine()),
+        "device": device_name(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "param_set": {"hidden": hidden, "layers": layers, "vocab": vocab, "tensors": len(shapes),
                       "parameters": n_params, "dtype": "float32"},

@@ -4,14 +4,15 @@
 
 Setup (the built-in one): the full-precision model (FP) is ``--model`` (default ``checkpoints/minillm_teacher``,
 the MiniLLM teacher: a tiny byte-level Llama SFT'd on the built-in instruction tasks); when that directory is
-missing it is trained first with ``configs/minillm/teacher_sft.yaml`` for ``--sft-steps`` steps and saved there.
+missing it is trained first with ``configs/minillm/teacher_sft.yaml`` (``--sft-steps`` overrides its steps).
 RTN = FP with every non-``lm_head`` linear weight quantized by symmetric per-group round-to-nearest
 (``--bits``/``--group-size``), no training. QDPO = the same quantizer, trained with sigmoid DPO (β = 0.1,
 AdamW lr 2e-5 with cosine decay to 0.1×, batch 16 pairs, ``--epochs`` 1, only the quantized layers' latent weights)
 through fake quantization on pairs (FP greedy answer ≻ RTN greedy answer, identical pairs dropped) for the
 distinct prompts among ``--num-prompts`` built-in ones, then converted to real low-bit weights. All three are
-evaluated by :func:`callbacks.quantization_eval.evaluate_against_full_precision` on the same held-out prompts
-(none used for training), greedy decoding, fp32. ``recovered`` = (QDPO − RTN) / (FP − RTN) per metric: 1 = back to FP.
+evaluated by :func:`callbacks.quantization_eval.evaluate_against_full_precision` on the same held-out
+prompts (none used for training), greedy decoding, fp32. ``recovered`` = (QDPO − RTN) / (FP − RTN) per metric:
+1 = back to FP.
 Timings are wall-clock seconds of each stage (one run per seed; medians over seeds).
 """
 
@@ -33,14 +34,14 @@ METRICS = ("flip_rate", "fp_margin_at_flips", "quant_margin", "fp_loglik", "roug
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_full_precision(path: Path, steps: int, accelerator: str) -> float:
+def train_full_precision(path: Path, steps: int | None, accelerator: str) -> float:
     """SFT the FP model with the MiniLLM teacher config and export it to ``path``; returns seconds."""
     import cli
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as logs:
-        cli.build_cli(["fit", "--config", str(ROOT / "configs/minillm/teacher_sft.yaml"),
-                       "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+        steps_args = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)] if steps else []
+        cli.build_cli(["fit", "--config", str(ROOT / "configs/minillm/teacher_sft.yaml"), *steps_args,
                        "--trainer.accelerator", accelerator, "--trainer.devices", "1",
                        "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
                        "--trainer.logger.init_args.save_dir", logs, "--model.export_dir", str(path)])
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="fewer eval prompts, one seed")
     parser.add_argument("--model", type=Path, default=Path("checkpoints/minillm_teacher"))
-    parser.add_argument("--sft-steps", type=int, default=1500, help="FP training steps when --model is missing")
+    parser.add_argument("--sft-steps", type=int, default=None,
+                        help="FP training steps when --model is missing (default: the config's)")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=1, help="QDPO epochs over the pairs")

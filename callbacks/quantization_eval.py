@@ -18,7 +18,8 @@ On a held-out prompt set, against the full-precision model (FP):
 :class:`QuantizationEval` runs it on a :class:`lit_modules.QDPO`: at train start (= the RTN model), after
 each validation (fake-quantized policy) and at train end on the converted real low-bit model, logging
 ``val/quant/<metric>`` (``val/quant_final/<metric>`` at the end, plus FP's ceiling as ``val/fp/<metric>``)
-and writing every result to ``<log_dir>/quantization_eval.json``.
+and writing every result to ``<log_dir>/quantization_eval.json``; with TensorBoard, a figure of flip rate and
+Rouge-L over training (``val/quant_curves``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchmetrics.text.rouge import ROUGEScore
 
@@ -196,3 +199,18 @@ class QuantizationEval(L.Callback):
         if trainer.is_global_zero:
             converted = pl_module.quantized_model() if hasattr(pl_module, "quantized_model") else pl_module.policy
             self._run(trainer, pl_module, converted, "val/quant_final")
+            if isinstance(trainer.logger, TensorBoardLogger):
+                trainer.logger.experiment.add_figure("val/quant_curves", self.figure(), trainer.global_step)
+
+    def figure(self) -> Figure:
+        """Flip rate and Rouge-L of the quantized policy over training (step 0 = RTN), FP as the ceiling."""
+        fig = Figure(figsize=(8, 3))
+        curve = [r for r in self.results if r["stage"] == "val/quant"]
+        ceiling = next(r for r in self.results if r["stage"] == "val/fp")
+        for ax, key in zip(fig.subplots(1, 2), ("flip_rate", "rouge_l")):
+            ax.plot([r["step"] for r in curve], [r[key] for r in curve], marker="o", label="quantized (step 0 = RTN)")
+            ax.axhline(ceiling[key], color="k", linestyle="--", label="full precision")
+            ax.set(xlabel="step", title=key)
+        fig.axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        return fig

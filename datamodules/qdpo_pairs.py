@@ -168,8 +168,15 @@ class QDPOPairsDataModule(PreferenceDataModule):
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             tmp.replace(self.cache_file)
             log.info("QDPOPairsDataModule: generated %d pairs -> %s", len(rows), self.cache_file)
+        if all(r["chosen"] == r["rejected"] for r in rows):
+            raise ValueError(f"QDPOPairsDataModule: the full-precision and quantized models gave identical answers "
+                             f"to all {len(rows)} prompts — no preference pair to train on (use more prompts, fewer "
+                             "bits, or do_sample=True)")
         self._records = rows
         return rows
+
+    def source_name(self) -> str:
+        return f"QDPO pairs ({self.cache_file})" if self.cache_file else "QDPO pairs"
 
     def generate(self, full_precision: nn.Module, quantized: nn.Module, tokenizer, prompts: list[dict]) -> list[dict]:
         """Generate chosen (full precision) and rejected (quantized) answers with identical decoding."""

@@ -300,13 +300,14 @@ class DPO(PaperModule):
         n = batch["input_ids"].shape[0] // 2
         for k in METRICS:
             self.val_metrics[k].update(metrics[k], weight=n)
-        self.log_dict({f"val/{k}": v for k, v in metrics.items() if k not in METRICS}, batch_size=n)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items() if k not in METRICS}, batch_size=n, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         values = {f"val/{k}": v for k, v in self.val_metrics.compute().items()}
         self.val_metrics.reset()
-        self.log("val/loss", values.pop("val/loss"), prog_bar=True)
-        self.log_dict(values)
+        # already reduced over ranks by torchmetrics; sync_dist only tells Lightning so (a mean of equal values)
+        self.log("val/loss", values.pop("val/loss"), prog_bar=True, sync_dist=True)
+        self.log_dict(values, sync_dist=True)
         if not self.trainer.sanity_checking:
             self.reward_history.append((self.global_step, *(float(values[f"val/{k}"]) for k in REWARD_CURVES)))
             self._log_reward_figure()

@@ -62,7 +62,7 @@ class QDPO(DPO):
                  export_dir: str | None = None,
                  loss: str = "sigmoid", beta: float = 0.1, loss_kwargs: dict[str, Any] | None = None,
                  precompute_ref_logps: bool = True, ref_cache_dir: str | None = None,
-                 length_normalize: bool = False, dtype: str | None = None, init_seed: int = 0, lr: float = 1e-4,
+                 length_normalize: bool = False, dtype: str | None = None, init_seed: int = 0, lr: float = 2e-5,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
                  lr_decay: str = "cosine", min_lr_ratio: float = 0.1):
         self.quant_tag = quantization_tag(bits, group_size, include_lm_head)  # validates bits/group_size

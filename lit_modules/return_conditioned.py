@@ -92,7 +92,8 @@ class ReturnConditionedPolicy(PaperModule):
         discrete: categorical action head (``None``: from the datamodule, else continuous).
         embed_dim, n_layers, n_heads, dropout: transformer size (paper: 128, 3, 1, 0.1).
         context_len: K (paper: 20); longer windows are cut to the last K steps.
-        max_timestep: size of the timestep embedding table (episode steps ≥ it are clamped).
+        max_timestep: size of the timestep embedding table; the data's episodes must fit (checked at ``setup``),
+            longer evaluation episodes use the last row.
         rtg_scale: returns-to-go are divided by it (paper: 1000 on MuJoCo).
         lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio: see :class:`PaperModule`
             (paper: AdamW 1e-4, wd 1e-4, 10k linear warm-up, then constant).
@@ -129,7 +130,7 @@ class ReturnConditionedPolicy(PaperModule):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        """GPT-2 initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm."""
+        """GPT-2 initialisation: N(0, 0.02) Linear/Embedding weights, zero biases (LayerNorms stay at 1, 0)."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
             if getattr(module, "bias", None) is not None:

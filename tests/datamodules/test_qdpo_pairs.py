@@ -101,3 +101,24 @@ def test_prompt_file_errors_name_the_line(tmp_path, fake_generation):
     path.write_text('{"instruction": "Say hi."}\n{"text": "no prompt"}\n')
     with pytest.raises(KeyError, match=r"prompts.jsonl:2.*neither 'instruction' nor 'prompt'"):
         _attach(QDPOPairsDataModule(path=str(path)), module).prepare_data()
+
+
+def test_sampling_is_reproducible_per_seed_and_leaves_global_rng_alone():
+    tok = byte_tokenizer()
+    model = load_causal_lm(TINY, vocab_size=len(tok), seed=0)
+    prompts = ["abc", "defg"] * 2
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = generate_answers(model, tok, prompts, max_new_tokens=8, do_sample=True, seed=7)
+    assert torch.equal(torch.rand(1), before)  # generation drew from a forked RNG
+    assert a == generate_answers(model, tok, prompts, max_new_tokens=8, do_sample=True, seed=7)
+    assert a != generate_answers(model, tok, prompts, max_new_tokens=8, do_sample=True, seed=8)
+    assert model.training  # the caller's mode is restored
+
+
+def test_all_identical_answers_raise_a_clear_error(monkeypatch):
+    module = QDPO(model=TINY, group_size=16)
+    monkeypatch.setattr(qdpo_pairs, "generate_answers", lambda model, tok, prompts, *a, **k: ["same"] * len(prompts))
+    with pytest.raises(ValueError, match="identical answers to all .* no preference pair"):
+        _attach(QDPOPairsDataModule(num_prompts=10), module).prepare_data()

@@ -116,8 +116,8 @@ def test_aqfl_single_pair_is_finite():
 
 @pytest.mark.parametrize("name", sorted(PREFERENCE_LOSSES))
 def test_gradient_raises_chosen_and_lowers_rejected(name):
-    """−∂L/∂log π(y_w) > 0 and −∂L/∂log π(y_l) < 0 for every pair, at margins z = βρ ∈ {±0.3, 0.15, −0.2}
-    (outside DiscoPOP's small non-monotone region around 0, see the next test)."""
+    """−∂L/∂log π(y_w) > 0 and −∂L/∂log π(y_l) < 0 for every pair, at margins
+    z = βρ ∈ {±0.3, 0.15, −0.2} (outside DiscoPOP's small non-monotone region around 0, see the next test)."""
     rho = torch.tensor([3.0, -3.0, 1.5, -2.0])
     rc, rr = torch.tensor([-5.0, -6.0, -4.0, -5.0]), torch.tensor([-6.0, -5.0, -4.5, -5.0])
     pr = torch.tensor([-6.0, -6.0, -6.5, -4.0], requires_grad=True)

@@ -100,6 +100,8 @@ def test_int4_config_runs_end_to_end(root, tmp_path):
     stages = [r["stage"] for r in cli.trainer.callbacks[0].results]
     assert stages[:2] == ["val/fp", "val/quant"] and stages[-1] == "val/quant_final"
     assert (Path(cli.trainer.log_dir) / "quantization_eval.json").exists()
+    flip_curve = cli.trainer.callbacks[0].figure().axes[0].lines[0].get_ydata()
+    assert list(flip_curve) == [r["flip_rate"] for r in cli.trainer.callbacks[0].results if r["stage"] == "val/quant"]
     loaded = load_causal_lm("exported")  # real int4 weights, loadable with torchao installed
     assert type(loaded.model.layers[0].mlp.down_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
     ids = torch.randint(3, 259, (1, 8))
