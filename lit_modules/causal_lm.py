@@ -44,7 +44,6 @@ class CausalLM(PaperModule):
         self.tokenizer = load_tokenizer(tokenizer, model)
         self.model: PreTrainedModel = load_causal_lm(model, vocab_size=len(self.tokenizer), dtype=dtype,
                                                      seed=init_seed)
-        self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodules' modes
         self.export_dir = export_dir
         self.val_loss = torchmetrics.MeanMetric()
         self.val_ppl = torchmetrics.text.Perplexity(ignore_index=-100)

@@ -104,7 +104,9 @@ def load_causal_lm(model: ModelSpec, vocab_size: int | None = None, dtype: str |
     kwargs = {"local_files_only": _is_local(model) or _offline()}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    # from_pretrained returns eval mode and Lightning keeps submodules' modes: a model loaded to be trained
+    # must train with its dropout; frozen teachers/references call .eval() themselves.
+    return AutoModelForCausalLM.from_pretrained(model, **kwargs).train()
 
 
 def check_same_vocabulary(a: PreTrainedModel, b: PreTrainedModel, names: tuple[str, str] = ("student", "teacher")):

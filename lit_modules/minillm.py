@@ -364,7 +364,6 @@ class MiniLLM(PaperModule):
         self.tokenizer = _clear_load_error(*owner, lambda: load_tokenizer(tokenizer, owner[1]))
         self.model: PreTrainedModel = _clear_load_error(
             *student_how, lambda: load_causal_lm(student, vocab_size=len(self.tokenizer), seed=init_seed))
-        self.model.train()  # from_pretrained returns eval mode, which Lightning keeps
         self.teacher: PreTrainedModel | None = None
         if objective != "sft":
             self.teacher = _clear_load_error(*teacher_how, lambda: load_causal_lm(

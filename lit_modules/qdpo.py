@@ -86,7 +86,6 @@ class QDPO(DPO):
             raise FileNotFoundError(f"QDPO: cannot load the full-precision model {self.model_spec!r} ({e}). If it "
                                     f"is a local export, train it first: `{FP_SFT_HINT}`") from e
         policy = prepare_qat(copy.deepcopy(full_precision), self.bits, self.group_size, self.include_lm_head)
-        policy.train()  # from_pretrained leaves models in eval mode
         if self.train_quantized_only:
             quantized = {id(m.weight) for m in policy.modules() if isinstance(m, FakeQuantizedLinear)}
             for p in policy.parameters():
