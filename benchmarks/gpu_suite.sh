@@ -20,7 +20,7 @@ step() {  # name, timeout seconds, command...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "exit $? ($name)"; tail -n 1 "$OUT/$name.log"
 }
-step optimizer_tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/optimizers/test_ademamix.py -k "cuda or fused"
+step optimizer_tests 150 python3 -m pytest -q -p no:cacheprovider tests/optimizers/test_ademamix.py -k "cuda or agree or hand_computed"
 step optimizer_step 150 python3 -m benchmarks.optimizer_step --device cuda
-step minillm_rollout 200 python3 -m benchmarks.minillm_rollout --device cuda
-step probe_overhead 90 python3 -m benchmarks.probe_overhead --device cuda --quick
+step minillm_rollout 200 python3 -m benchmarks.minillm_rollout --device cuda --repeats 3
+step probe_overhead 60 python3 -m benchmarks.probe_overhead --device cuda --quick

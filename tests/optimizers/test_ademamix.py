@@ -174,6 +174,20 @@ def test_paths_agree_over_many_steps(dtype, atol):
             torch.testing.assert_close(a, b, rtol=0, atol=atol)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_cuda_paths_agree_with_the_cpu_loop(dtype, atol):
+    params, grads = random_problem(dtype)
+    train(make(params, foreach=False), params, grads)
+    for path in PATHS:
+        cuda_params, cuda_grads = random_problem(dtype)
+        cuda_params = [torch.nn.Parameter(p.detach().cuda()) for p in cuda_params]
+        cuda_grads = [[g.cuda() for g in step] for step in cuda_grads]
+        train(make(cuda_params, **path), cuda_params, cuda_grads)
+        for a, b in zip(params, cuda_params):
+            torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=0, atol=atol)
+
+
 @pytest.mark.parametrize("path", PATHS[:2], ids=PATH_IDS[:2])
 def test_resume_from_state_dict_continues_the_schedule(path):
     params, grads = random_problem()
