@@ -207,7 +207,14 @@ _compiled_body: Callable | None = None
 
 def fused_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
                  m2s: list[torch.Tensor], nus: list[torch.Tensor], s: StepScalars) -> None:
-    """Compiled path: :func:`_fused_body` through ``torch.compile`` (compiled once per process, lazily)."""
+    """``fused=True``: on CUDA the Triton kernel of :mod:`optimizers.ademamix_triton` (one launch per bucket) when
+    Triton imports and the bucket is contiguous float32/bfloat16/float16; otherwise :func:`_fused_body` through
+    ``torch.compile`` (compiled once per process, lazily)."""
+    if params[0].device.type == "cuda":
+        from optimizers import ademamix_triton  # imports triton (guarded) only once a CUDA bucket shows up
+        if ademamix_triton.supported(params, grads, m1s, m2s, nus):
+            ademamix_triton.launch(params, grads, m1s, m2s, nus, FoldedScalars.of(s))
+            return
     global _compiled_body
     if _compiled_body is None:
         _compiled_body = torch.compile(_fused_body, fullgraph=True)
