@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -35,11 +37,8 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, left: bool = Fa
     return out
 
 
-def cache_dir(*parts: str) -> "Path":
+def cache_dir(*parts: str) -> Path:
     """Where generated data and caches live: ``$LITPAPERS_CACHE`` or ``~/.cache/litpapers``, plus ``parts``."""
-    import os
-    from pathlib import Path
-
     base = Path(os.environ.get("LITPAPERS_CACHE", Path.home() / ".cache" / "litpapers"))
     path = base.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import torchmetrics
 from transformers import PreTrainedModel
 
 from lit_modules.base import PaperModule
-from lit_modules.hf import ModelSpec, load_causal_lm, load_tokenizer
+from lit_modules.hf import ModelSpec, load_causal_lm, load_tokenizer, save_pretrained_with_tokenizer
 
 
 class CausalLM(PaperModule):
@@ -85,11 +85,7 @@ class CausalLM(PaperModule):
 
     def export(self, path: str | Path) -> Path:
         """``save_pretrained`` the model and tokenizer into ``path`` (loadable by ``load_causal_lm(path)``)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        return path
+        return save_pretrained_with_tokenizer(self.model, self.tokenizer, path)
 
     def on_train_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:

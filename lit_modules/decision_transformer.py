@@ -45,12 +45,7 @@ class DecisionTransformer(ReturnConditionedPolicy):
 
     def build_networks(self) -> None:
         d = self.embed_dim
-        self.embed_timestep = nn.Embedding(self.max_timestep, d)
-        self.embed_return = nn.Linear(1, d)
-        self.embed_state = nn.Linear(self.state_dim, d)
-        self.embed_action = nn.Linear(self.act_dim, d)
-        self.embed_ln = nn.LayerNorm(d)
-        self.embed_drop = nn.Dropout(self.dropout)
+        self.build_token_embeddings()
         self.blocks = nn.ModuleList(PreNormBlock(d, self.n_heads, self.dropout) for _ in range(self.n_layers))
         self.ln_f = nn.LayerNorm(d)
 

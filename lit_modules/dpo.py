@@ -26,7 +26,7 @@ import torchmetrics
 from torch import Tensor, nn
 
 from lit_modules.base import PaperModule
-from lit_modules.hf import ModelSpec, load_causal_lm, load_tokenizer
+from lit_modules.hf import ModelSpec, load_causal_lm, load_tokenizer, save_pretrained_with_tokenizer
 from lit_modules.preference_losses import preference_loss, resolve_preference_loss
 
 log = logging.getLogger(__name__)
@@ -335,11 +335,7 @@ class DPO(PaperModule):
     # ------------------------------------------------------------------ export
     def export(self, path: str | Path) -> Path:
         """``save_pretrained`` the policy and tokenizer into ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.policy.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        return path
+        return save_pretrained_with_tokenizer(self.policy, self.tokenizer, path)
 
     def on_train_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:

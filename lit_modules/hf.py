@@ -109,6 +109,15 @@ def load_causal_lm(model: ModelSpec, vocab_size: int | None = None, dtype: str |
     return AutoModelForCausalLM.from_pretrained(model, **kwargs).train()
 
 
+def save_pretrained_with_tokenizer(model: PreTrainedModel, tokenizer, path: str | Path) -> Path:
+    """``save_pretrained`` ``model`` and ``tokenizer`` into ``path`` (loadable again by :func:`load_causal_lm`)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def check_same_vocabulary(a: PreTrainedModel, b: PreTrainedModel, names: tuple[str, str] = ("student", "teacher")):
     """Raise a clear ``ValueError`` when two models cannot be compared token by token."""
     va, vb = a.get_output_embeddings().weight.shape[0], b.get_output_embeddings().weight.shape[0]

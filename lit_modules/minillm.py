@@ -44,8 +44,8 @@ from transformers import PreTrainedModel
 
 from datamodules.instruction_tasks import check_answer
 from lit_modules.base import PaperModule
-from lit_modules.causal_lm import CausalLM
-from lit_modules.hf import ModelSpec, check_same_vocabulary, load_causal_lm, load_tokenizer
+from lit_modules.hf import (ModelSpec, check_same_vocabulary, load_causal_lm, load_tokenizer,
+                             save_pretrained_with_tokenizer)
 
 OBJECTIVES = ("sft", "kd", "seqkd", "gkd", "minillm")
 DEFAULT_TEACHER = "checkpoints/minillm_teacher"
@@ -519,7 +519,7 @@ class MiniLLM(PaperModule):
             self.logger.experiment.add_figure("train/reward_and_kl", fig, global_step=self.global_step)
             plt.close(fig)
         if self.export_dir and self.trainer.is_global_zero:
-            CausalLM.export(self, self.export_dir)  # saves self.model + self.tokenizer
+            save_pretrained_with_tokenizer(self.model, self.tokenizer, self.export_dir)
 
 
 def _clear_load_error(role: str, spec: ModelSpec, config: str, load):

@@ -136,6 +136,17 @@ class ReturnConditionedPolicy(PaperModule):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
+    def build_token_embeddings(self) -> None:
+        """The embeddings DT and RADT share: timestep table, Linear(R̂/scale), Linear(s), Linear(a), then
+        LayerNorm + dropout over the token stream."""
+        d = self.embed_dim
+        self.embed_timestep = nn.Embedding(self.max_timestep, d)
+        self.embed_return = nn.Linear(1, d)
+        self.embed_state = nn.Linear(self.state_dim, d)
+        self.embed_action = nn.Linear(self.act_dim, d)
+        self.embed_ln = nn.LayerNorm(d)
+        self.embed_drop = nn.Dropout(self.dropout)
+
     def build_networks(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 

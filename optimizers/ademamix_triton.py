@@ -152,6 +152,9 @@ def launch(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torc
     """One kernel launch updating every tensor of the bucket in place; ``f`` is a
     :class:`optimizers.ademamix.FoldedScalars` (or anything with its fields)."""
     device = params[0].device
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return launch(params, grads, m1s, m2s, nus, f)
     numels = tuple(p.numel() for p in params)
     blk_tensor, blk_start, numels_t = _cached(_block_tables, (device, numels, BLOCK),
                                               lambda: _build_block_tables(numels, device))
