@@ -7,7 +7,7 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all demo benchmarks clean
+.PHONY: install test test-all demo minillm qdpo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ test-all: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/litpapers fit --config configs/ademamix/quick.yaml
 	@echo "TensorBoard logs: logs/ademamix_quick  (view: $(VENV)/bin/tensorboard --logdir logs)"
+
+# The MiniLLM and QDPO configs start from trained models: this runs the whole chain on a fresh clone.
+minillm: $(STAMP)
+	$(VENV)/bin/litpapers fit --config configs/minillm/teacher_sft.yaml
+	$(VENV)/bin/litpapers fit --config configs/minillm/sft.yaml
+	$(VENV)/bin/litpapers fit --config configs/minillm/minillm.yaml
+
+qdpo: $(STAMP)
+	test -d checkpoints/minillm_teacher || $(VENV)/bin/litpapers fit --config configs/minillm/teacher_sft.yaml
+	$(VENV)/bin/litpapers fit --config configs/qdpo/int4.yaml
 
 clean:
 	rm -rf $(VENV) logs .cache
