@@ -16,12 +16,19 @@ Three implementations of the same update, chosen per parameter group:
 * ``foreach=False``: a per-parameter loop, written as the formula above (the reference);
 * ``foreach=None/True`` (default, CPU and CUDA): multi-tensor ``torch._foreach_*`` ops per (device, dtype, step)
   bucket, with the bias corrections folded into scalars (9 passes; on CPU run block by block to stay in cache);
-* ``fused=True``: the same update written as out-of-place ``_foreach`` expressions and run through
-  ``torch.compile``; Inductor fuses the chain so that each tensor's p, g, m1, m2, ν are read once and p, m1, m2, ν
-  written once (9 accesses per element against fused AdamW's 7). On CPU (needs a C++ compiler) we checked the generated
-  code: one C++ kernel, one vectorised loop per tensor; on CUDA it becomes Triton multi-tensor kernels. The first
-  step pays the compilation (~20 s on 2 CPU cores); the per-step scalars are passed as one small tensor so that
-  changing learning rates and schedules never recompile.
+* ``fused=True``: a single pass per element — each tensor's p, g, m1, m2, ν read once and p, m1, m2, ν written
+  once (9 accesses per element against fused AdamW's 7).
+
+  - On CUDA (contiguous float32/bfloat16/float16 buckets, Triton importable): one hand-written Triton kernel launch
+    per bucket for all its tensors (:mod:`optimizers.ademamix_triton`: pointer and per-block tables, fp32 math,
+    the folded scalars as kernel arguments, so lr/α/β3 changes never recompile). Measured on an NVIDIA H200
+    (torch 2.11, triton 3.6), 36M fp32 parameters in 57 tensors: 0.43 ms/step = 1.22× ``AdamW(fused=True)``
+    (0.35 ms); the ``torch.compile`` path it replaces took 2.16 ms (5.1×) there, dominated by per-call overhead.
+  - Elsewhere (CPU, float64, non-contiguous tensors, no Triton): the update written as out-of-place ``_foreach``
+    expressions and run through ``torch.compile``; Inductor fuses the chain. On CPU (needs a C++ compiler) we checked
+    the generated code: one C++ kernel, one vectorised loop per tensor. The first step pays the compilation (~20 s on
+    2 CPU cores); the per-step scalars are passed as one small tensor so that changing learning rates and schedules
+    never recompile.
 
 The step count is a Python ``int`` per parameter (``state["step"]``), saved and restored by ``state_dict``, so a
 resumed run continues the α/β3 schedules where it stopped.
@@ -236,7 +243,8 @@ class AdEMAMix(Optimizer):
         eps: ε added to √ν̂.
         weight_decay: decoupled weight decay λ (the update subtracts η·λ·θ).
         foreach: multi-tensor path (``None``/``True``, the default) or the per-parameter loop (``False``).
-        fused: ``True`` = the ``torch.compile``d single-pass path (CUDA or CPU); excludes ``foreach=True``.
+        fused: ``True`` = the single-pass path (a Triton kernel on CUDA, ``torch.compile`` otherwise); excludes
+            ``foreach=True``.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
