@@ -19,7 +19,6 @@ vs Decision Transformer's at equal size.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -28,6 +27,7 @@ import time
 
 import torch
 
+from benchmarks.common import apply_threads, benchmark_parser
 from lit_modules import RADT, DecisionTransformer
 
 STATE_DIM, ACT_DIM, K, BATCH = 17, 6, 20, 64
@@ -135,14 +135,9 @@ def builtin_data() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (use 1 on a shared machine: idle-spinning threads slow down ~10x)")
-    parser.add_argument("--quick", action="store_true", help="fewer steps/repeats, no dataset report")
+    parser = benchmark_parser(__doc__, quick_help="fewer steps/repeats, no dataset report")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = torch.device(args.device)
     result: dict = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -14,7 +14,6 @@ interrupted table resumes where it stopped. The anchor is DT, trained and evalua
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from benchmarks.common import apply_threads, benchmark_parser
 from callbacks import ReturnAlignmentEval
 from datamodules import OfflineRLDataModule
 from datamodules.common import cache_dir
@@ -66,11 +66,7 @@ def run_one(env: str, variant: str, seed: int, settings: dict, device: str) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (use 1 on a shared machine: idle-spinning threads slow down ~10x)")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 100 steps, 2 episodes per target")
+    parser = benchmark_parser(__doc__, quick_help="1 seed, 100 steps, 2 episodes per target")
     parser.add_argument("--envs", nargs="+", default=["halfcheetah"], choices=sorted(ENVS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=800)
@@ -82,8 +78,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--episodes", type=int, default=3, help="evaluation episodes per target")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     if args.quick:
         args.seeds, args.steps, args.warmup_steps, args.episodes = args.seeds[:1], 100, 10, 2
     settings = {k: getattr(args, k) for k in ("steps", "warmup_steps", "lr", "embed_dim", "n_layers", "context_len",
