@@ -1,13 +1,16 @@
 """MiniLLM's results table on the built-in instruction tasks: every ``configs/minillm`` row through the CLI.
 
     python -m benchmarks.minillm_table [--quick] [--device cpu|cuda] [--workdir outputs/minillm_table]
+                                       [--train-seeds 0 1 2]
 
 Pipeline (each step is ``litpapers fit --config configs/minillm/<row>.yaml`` run in ``--workdir``):
 teacher_sft → sft (the student's SFT, also the initialisation of every other row) → one run per row.
 "SFT +N" continues the SFT student with SFT for the same number of steps as the distillation rows
 (compute-matched baseline). Each model is then evaluated on the same held-out prompts: Rouge-L (best over
 the valid answers), the rate of valid answers (the task's checker) and the mean response length, sampling
-at temperature 1 (``--eval-seeds`` seeds, averaged). Prints a markdown table, then one JSON object last.
+at temperature 1 (``--eval-seeds`` seeds, averaged). With several ``--train-seeds`` every row (not the teacher and
+the SFT initialisation, which are shared) is trained once per seed (``--seed_everything``) and the table shows
+mean ± standard deviation over the seeds. Prints a markdown table, then one JSON object last.
 """
 
 from __future__ import annotations
@@ -59,6 +62,20 @@ def _evaluate(student_dir: str, device: str, seeds: int, num_val: int) -> dict[s
     return {k.split("/")[1]: statistics.mean(float(r[k]) for r in runs) for k in keys}
 
 
+def _mean_and_std(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over training seeds, plus ``<metric>_std`` (sample std) when there are several."""
+    out = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
+    if len(runs) > 1:
+        out |= {f"{k}_std": statistics.stdev(r[k] for r in runs) for k in runs[0]}
+        out["per_seed"] = runs
+    return out
+
+
+def _format(row: dict, key: str, digits: int) -> str:
+    std = row.get(f"{key}_std")
+    return f"{row[key]:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -72,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", nargs="*", default=None, help="subset of row config names")
     ap.add_argument("--reuse", action="store_true", help="keep an existing teacher / SFT student in --workdir")
+    ap.add_argument("--train-seeds", type=int, nargs="+", default=[0], help="training seeds of the distillation rows")
     args = ap.parse_args(argv)
     teacher_steps = args.teacher_steps or (20 if args.quick else 1000)
     sft_steps = args.sft_steps or (10 if args.quick else 600)
@@ -95,20 +113,24 @@ def main(argv: list[str] | None = None) -> dict:
     for label, config, is_sft in ROWS:
         if args.rows and config not in args.rows:
             continue
-        export = f"checkpoints/minillm_row_{config}"
-        extra = ["--model.init_args.export_dir", export]
-        if is_sft:  # continue the SFT student with SFT for the rows' number of steps
-            extra += ["--model.init_args.student", "checkpoints/minillm_student_sft", "--model.init_args.lr", "5e-4",
-                      "--model.init_args.warmup_steps", "0"]
-        _, wall[config] = _fit(config, row_steps, extra, args.device)
-        results.append({"row": label, "config": config, "steps": row_steps,
-                        **_evaluate(export, args.device, seeds, args.num_val)})
+        per_seed = []
+        for seed in args.train_seeds:
+            export = f"checkpoints/minillm_row_{config}" + (f"_seed{seed}" if len(args.train_seeds) > 1 else "")
+            extra = ["--model.init_args.export_dir", export, "--seed_everything", str(seed)]
+            if is_sft:  # continue the SFT student with SFT for the rows' number of steps
+                extra += ["--model.init_args.student", "checkpoints/minillm_student_sft", "--model.init_args.lr",
+                          "5e-4", "--model.init_args.warmup_steps", "0"]
+            _, wall[f"{config}_seed{seed}"] = _fit(config, row_steps, extra, args.device)
+            per_seed.append(_evaluate(export, args.device, seeds, args.num_val))
+        results.append({"row": label, "config": config, "steps": row_steps, "train_seeds": args.train_seeds,
+                        **_mean_and_std(per_seed)})
 
     lines = ["| row | config | optimizer steps | Rouge-L | valid-answer rate | mean response tokens | val CE |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['row']} | {r['config']}.yaml | {r['steps']} | {r['rougeL']:.3f} | {r['valid_rate']:.3f} "
-                     f"| {r['response_length']:.2f} | {r['loss']:.3f} |")
+        cells = [_format(r, key, digits) for key, digits in (("rougeL", 3), ("valid_rate", 3),
+                                                              ("response_length", 2), ("loss", 3))]
+        lines.append(f"| {r['row']} | {r['config']}.yaml | {r['steps']} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     out = {"benchmark": "minillm_table", "device": args.device, "threads": args.threads, "quick": args.quick,
            "eval": {"num_val": args.num_val, "sampling": "temperature 1", "seeds": seeds},

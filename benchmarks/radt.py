@@ -5,11 +5,14 @@ vs Decision Transformer's at equal size.
 
 1. **Evaluation** (needs gymnasium + MuJoCo; skipped with a note otherwise): an untrained paper-size RADT
    (embed 128, 3 layers, 1 head, K 20) acts in ``HalfCheetah-v5`` limited to ``steps`` steps per episode
-   (no early termination, so every episode has exactly ``steps`` steps). *Vectorized*: 7 targets × 5 episodes
-   in one ``SyncVectorEnv`` with one model forward (batch 35) per step — what ``ReturnAlignmentEval`` does.
-   *Sequential* (the anchor): the same rollout code with one episode per env and batch-1 forwards, for one
-   episode per target (env-steps/s is a rate, so 7 episodes suffice). Both use ``rollout_returns``; the ratio
-   is env-steps/s vectorized / sequential, medians of ``repeats`` runs.
+   (no early termination, so every episode has exactly ``steps`` steps), all through ``rollout_returns``.
+   *Vectorized* (ours, what ``ReturnAlignmentEval`` does): 7 targets × 5 episodes in one ``SyncVectorEnv``, one
+   ``RADT.act`` (batch 35) per step. *Sequential, reference-style* (the anchor): one episode at a time and
+   batch-1 forwards of the whole model taking the last prediction, as the reference's ``evaluate_episode_rtg``
+   does (``predict_actions(window)[:, -1]``). *Sequential, ours*: one episode at a time through ``RADT.act``
+   (isolates the gain of batching from the gain of ``act``'s newest-token-only forward). Sequential sides run
+   one episode per target (env-steps/s is a rate, so 7 episodes suffice). Ratios are of env-steps/s,
+   medians of ``repeats`` runs.
 2. **Training step**: forward + backward + AdamW step on a fixed random batch (64 windows, K 20, HalfCheetah
    sizes: state 17, action 6), for DT, RADT and its two ablations at the same embed/layers/heads; median
    time per step over ``steps`` steps after warm-up, ratio to DT measured in the same run.
@@ -48,27 +51,36 @@ def eval_speed(device: torch.device, steps: int, repeats: int) -> dict:
     model = RADT(state_dim=STATE_DIM, act_dim=ACT_DIM).to(device).eval()
     make_env = lambda: gym.make("HalfCheetah-v5", max_episode_steps=steps)  # noqa: E731
     targets = [float(x) for x in torch.linspace(-400, 100, 7)]
-    sides = {"vectorized": dict(episodes_per_target=5, num_envs=None),
-             "sequential": dict(episodes_per_target=1, num_envs=1)}
+    @torch.no_grad()
+    def full_forward(states, actions, returns_to_go, timesteps, mask, cache):
+        batch = {"states": states, "actions": actions, "returns_to_go": returns_to_go, "timesteps": timesteps,
+                 "mask": mask}
+        return model.predict_actions(batch)[:, -1]
+
+    sides = {"vectorized": (model.act, dict(episodes_per_target=5, num_envs=None)),
+             "sequential_reference_style": (full_forward, dict(episodes_per_target=1, num_envs=1)),
+             "sequential_ours": (model.act, dict(episodes_per_target=1, num_envs=1))}
     times: dict[str, list[float]] = {name: [] for name in sides}
     rollout_returns(model.act, make_env, targets[:1], 1, K, 1, device=device)  # warm-up
     for _ in range(repeats):
-        for name, kw in sides.items():
+        for name, (policy, kw) in sides.items():
             sync(device)
             start = time.perf_counter()
-            rollout_returns(model.act, make_env, targets, context_len=K, device=device, **kw)
+            rollout_returns(policy, make_env, targets, context_len=K, device=device, **kw)
             sync(device)
             times[name].append(time.perf_counter() - start)
     out = {}
-    for name, kw in sides.items():
+    for name, (_, kw) in sides.items():
         env_steps = len(targets) * kw["episodes_per_target"] * steps
         med = statistics.median(times[name])
         out[name] = {"episodes": len(targets) * kw["episodes_per_target"], "env_steps": env_steps,
                      "batch_per_forward": len(targets) * kw["episodes_per_target"] if kw["num_envs"] is None else 1,
                      "seconds": [round(t, 3) for t in times[name]], "median_s": round(med, 3),
                      "env_steps_per_s": round(env_steps / med, 1)}
-    out["speedup_vectorized_vs_sequential"] = round(out["vectorized"]["env_steps_per_s"]
-                                                    / out["sequential"]["env_steps_per_s"], 2)
+    rate = {name: out[name]["env_steps_per_s"] for name in sides}
+    out["speedup_vectorized_vs_sequential_reference_style"] = round(rate["vectorized"]
+                                                                    / rate["sequential_reference_style"], 2)
+    out["speedup_vectorized_vs_sequential_ours"] = round(rate["vectorized"] / rate["sequential_ours"], 2)
     out["settings"] = f"HalfCheetah-v5, {steps} steps/episode, 7 targets, untrained RADT (embed 128, 3 layers, K {K})"
     return out
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torchmetrics
 
-Policy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Policy = Callable[..., torch.Tensor]  # (states, actions, returns_to_go, timesteps, mask, cache=dict) -> actions
 
 
 def evenly_spaced_targets(episode_returns: Sequence[float], n: int = 7, low: float = 5.0, high: float = 95.0) -> list[float]:
@@ -40,8 +40,11 @@ def rollout_returns(policy: Policy, make_env: Callable[[], object], targets: Seq
                     device: torch.device | str = "cpu") -> np.ndarray:
     """Actual undiscounted returns (len(targets), episodes_per_target) of ``policy`` conditioned on each target.
 
-    ``policy(states (B,K,S), actions (B,K,A) or (B,K), returns_to_go (B,K), timesteps (B,K), mask (B,K))``
-    returns the next action for each of the B windows (raw states and returns; the newest step is last).
+    ``policy(states (B,K,S), actions (B,K,A) or (B,K), returns_to_go (B,K), timesteps (B,K), mask (B,K),
+    cache=dict)`` returns the next action for each of the B windows (raw states and returns; the newest step is
+    last). ``cache`` is empty at the first step of a group of episodes and the same dict afterwards; every call's
+    windows are the previous call's slid by one step, so a policy may keep per-step work there
+    (``ReturnConditionedPolicy.act`` does).
     ``num_envs`` episodes run at once in one vector env (``None``: all of them; 1: one episode at a time).
     """
     import gymnasium as gym
@@ -76,13 +79,13 @@ def _run_group(policy: Policy, envs, obs: np.ndarray, rtg: np.ndarray, K: int, d
     rtgs = torch.zeros(B, K, device=device)
     timesteps = torch.zeros(B, K, dtype=torch.long, device=device)
     mask = torch.zeros(B, K, device=device)
-    total, alive, t = np.zeros(B), np.ones(B, dtype=bool), 0
+    total, alive, t, cache = np.zeros(B), np.ones(B, dtype=bool), 0, {}
     while alive.any():
         states[:, -1] = torch.as_tensor(obs, dtype=torch.float32, device=device)
         rtgs[:, -1] = torch.as_tensor(rtg, dtype=torch.float32, device=device)
         timesteps[:, -1], mask[:, -1] = t, 1.0
         actions[:, -1] = 0
-        action = policy(states, actions, rtgs, timesteps, mask)
+        action = policy(states, actions, rtgs, timesteps, mask, cache=cache)
         actions[:, -1] = action
         action = action.cpu().numpy()
         if not discrete:

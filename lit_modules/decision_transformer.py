@@ -24,8 +24,9 @@ class PreNormBlock(nn.Module):
         self.ln_attn, self.attn = nn.LayerNorm(dim), SelfAttention(dim, n_heads, dropout)
         self.ln_mlp, self.mlp = nn.LayerNorm(dim), MLP(dim, dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_attn(x), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, newest_only: bool = False) -> torch.Tensor:
+        """(B, L, d) → (B, L, d), or only the last token (B, 1, d) with ``newest_only``."""
+        x = (x[:, -1:] if newest_only else x) + self.attn(self.ln_attn(x), mask, newest_only)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -50,14 +51,20 @@ class DecisionTransformer(ReturnConditionedPolicy):
         self.ln_f = nn.LayerNorm(d)
 
     def forward(self, states: torch.Tensor, actions: torch.Tensor, returns: torch.Tensor, timesteps: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        """Hidden state of each s_t token (B, K, d) from normalised states, action vectors, R̂/scale, t, mask."""
+                mask: torch.Tensor, newest_only: bool = False, cache: dict | None = None) -> torch.Tensor:
+        """Hidden state of each s_t token (B, K, d) from normalised states, action vectors, R̂/scale, t, mask;
+        ``newest_only``: of the newest s_t only (B, d). ``cache`` is not used: DT's returns are tokens in the
+        stream, so nothing in it depends on one step alone."""
         time = self.embed_timestep(timesteps)
         x = interleave(self.embed_return(returns[..., None]) + time, self.embed_state(states) + time,
                        self.embed_action(actions) + time)
         x = self.embed_drop(self.embed_ln(x))
         attn_mask = token_attention_mask(mask.repeat_interleave(3, dim=1))
-        for block in self.blocks:
-            x = block(x, attn_mask)
+        if newest_only:  # the newest action token is last and unseen by every state token: leave it out
+            x, attn_mask = x[:, :-1], attn_mask[..., :-1, :-1]
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask, newest_only and i == len(self.blocks) - 1)
+        if newest_only:
+            return self.ln_f(x)[:, -1]
         B, K = states.shape[:2]
         return self.ln_f(x).view(B, K, 3, -1)[:, :, 1]

@@ -62,19 +62,22 @@ class SeqRA(Attention):
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
 
-    def forward(self, h: torch.Tensor, returns: torch.Tensor, time: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.attend(self.q(h), self.k(self.ln_k(returns + time)), self.v(self.ln_v(returns)), mask)
+    def keys_values(self, returns: torch.Tensor, time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-step keys W_k LN_k(c + E_time) and values W_v LN_v(c), (B, K, d) each."""
+        return self.k(self.ln_k(returns + time)), self.v(self.ln_v(returns))
+
+    def forward(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.attend(self.q(h), keys, values, mask)
         alpha = self.gate(torch.cat([out, h], dim=-1))
         return (1 + alpha) * out
 
 
 class StepRA(nn.Module):
-    """adaLN-Zero modulation: six (B, n·K, d) tensors γ_sa, β_sa, γ_ca, β_ca, γ_mlp, β_mlp from SiLU(c_t),
-    repeated for the n tokens of each step; zero at initialisation."""
+    """adaLN-Zero modulation: six (B, K, d) tensors γ_sa, β_sa, γ_ca, β_ca, γ_mlp, β_mlp per step from SiLU(c_t)
+    (shared by the step's tokens); zero at initialisation."""
 
-    def __init__(self, dim: int, tokens_per_step: int = 2):
+    def __init__(self, dim: int):
         super().__init__()
-        self.tokens_per_step = tokens_per_step
         self.net = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def reset_zero(self) -> None:
@@ -82,11 +85,16 @@ class StepRA(nn.Module):
         nn.init.zeros_(self.net[1].bias)
 
     def forward(self, returns: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.net(returns).repeat_interleave(self.tokens_per_step, dim=1).chunk(6, dim=-1)
+        return self.net(returns).chunk(6, dim=-1)
 
 
 class RADTBlock(nn.Module):
-    """One RADT layer: post-norm adaLN block with StepRA, pre-norm block without (see module docstring)."""
+    """One RADT layer: post-norm adaLN block with StepRA, pre-norm block without (see module docstring).
+
+    The returns enter through :meth:`step_inputs`, a function of each step's (c_t, t) alone. Tokens come two
+    per step, (s_t, a_t); the stream may lack the newest a_t (``RADT.forward(newest_only=True)``), and
+    ``newest_only`` computes only the last token (keys and values still come from all of them).
+    """
 
     def __init__(self, dim: int, n_heads: int, dropout: float, seqra: bool, stepra: bool):
         super().__init__()
@@ -97,17 +105,29 @@ class RADTBlock(nn.Module):
         self.norm_attn, self.norm_mlp = norm(), norm()
         self.norm_cross = norm() if seqra else None
 
-    def forward(self, x: torch.Tensor, returns: torch.Tensor, time: torch.Tensor, attn_mask: torch.Tensor,
-                cross_mask: torch.Tensor) -> torch.Tensor:
+    def step_inputs(self, returns: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """(B, K, n·d): SeqRA's keys and values (n += 2) then StepRA's six modulations (n += 6) of each step."""
+        parts = (self.cross.keys_values(returns, time) if self.cross is not None else ()) + (
+            self.stepra(returns) if self.stepra is not None else ())
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, x: torch.Tensor, per_step: torch.Tensor, attn_mask: torch.Tensor, cross_mask: torch.Tensor,
+                newest_only: bool = False) -> torch.Tensor:
+        rows = slice(-1, None) if newest_only else slice(None)
+        parts = per_step.chunk(per_step.shape[-1] // x.shape[-1], dim=-1)
+        keys_values, mods = (parts[:2], parts[2:]) if self.cross is not None else ((), parts)
+        cross_mask = cross_mask[..., rows, :] if self.cross is not None else None
         if self.stepra is None:  # pre-norm
-            x = x + self.attn(self.norm_attn(x), attn_mask)
+            x = x[:, rows] + self.attn(self.norm_attn(x), attn_mask, newest_only)
             if self.cross is not None:
-                x = x + self.cross(self.norm_cross(x), returns, time, cross_mask)
+                x = x + self.cross(self.norm_cross(x), *keys_values, cross_mask)
             return x + self.mlp(self.norm_mlp(x))
-        g_sa, b_sa, g_ca, b_ca, g_mlp, b_mlp = self.stepra(returns)
-        h = modulate(self.norm_attn(x + self.attn(x, attn_mask)), g_sa, b_sa)
+        # per-token modulation: each step's for its two tokens; the newest token belongs to the newest step
+        mods = [m[:, -1:] if newest_only else m.repeat_interleave(2, dim=1)[:, :x.shape[1]] for m in mods]
+        g_sa, b_sa, g_ca, b_ca, g_mlp, b_mlp = mods
+        h = modulate(self.norm_attn(x[:, rows] + self.attn(x, attn_mask, newest_only)), g_sa, b_sa)
         if self.cross is not None:
-            h = modulate(self.norm_cross(h + self.cross(h, returns, time, cross_mask)), g_ca, b_ca)
+            h = modulate(self.norm_cross(h + self.cross(h, *keys_values, cross_mask)), g_ca, b_ca)
         return modulate(self.norm_mlp(h + self.mlp(h)), g_mlp, b_mlp)
 
 
@@ -148,14 +168,45 @@ class RADT(ReturnConditionedPolicy):
                 block.stepra.reset_zero()
 
     def forward(self, states: torch.Tensor, actions: torch.Tensor, returns: torch.Tensor, timesteps: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        """Hidden state of each s_t token (B, K, d) from normalised states, action vectors, R̂/scale, t, mask."""
+                mask: torch.Tensor, newest_only: bool = False, cache: dict | None = None) -> torch.Tensor:
+        """Hidden state of each s_t token (B, K, d) from normalised states, action vectors, R̂/scale, t, mask;
+        ``newest_only``: of the newest s_t only (B, d). ``cache`` (see :meth:`act`): each block's
+        :meth:`RADTBlock.step_inputs` of the window, so only the newest step's are computed."""
         time = self.embed_timestep(timesteps)
         x = interleave(self.embed_state(states) + time, self.embed_action(actions) + time)
         x = self.embed_drop(self.embed_ln(x))
-        c = self.embed_return(returns[..., None])
+        per_step = self.step_inputs(self.embed_return(returns[..., None]), time, cache)
         attn_mask, cross_mask = token_attention_mask(mask.repeat_interleave(2, dim=1)), seqra_mask(mask)
-        for block in self.blocks:
-            x = block(x, c, time, attn_mask, cross_mask)
+        if newest_only:  # the newest action token is last and unseen by every state token: leave it out
+            x, attn_mask, cross_mask = x[:, :-1], attn_mask[..., :-1, :-1], cross_mask[..., :-1, :]
+        for i, block in enumerate(self.blocks):
+            x = block(x, per_step[i], attn_mask, cross_mask, newest_only and i == len(self.blocks) - 1)
+        if newest_only:
+            return self.ln_f(x)[:, -1]
         B, K = states.shape[:2]
         return self.ln_f(x).view(B, K, 2, -1)[:, :, 0]
+
+    def step_inputs(self, returns: torch.Tensor, time: torch.Tensor, cache: dict | None) -> list[torch.Tensor]:
+        """Each block's per-step inputs (B, K, ·) for return embeddings c and timestep embeddings ``time``.
+
+        With a ``cache`` from the previous call the window has slid by one step: only the newest step's inputs
+        are computed (they depend on its (c_t, t) alone). The cache holds them in buffers of 2K steps and hands
+        out K-step views, so a step costs one row write, plus a move of K − 1 rows every K steps.
+        """
+        B, K = returns.shape[:2]
+        buffers = None if cache is None else cache.get("step_inputs")
+        if buffers is None or buffers[0].shape[:2] != (B, 2 * K):
+            per_step = [block.step_inputs(returns, time) for block in self.blocks]
+            if cache is not None:
+                cache["step_inputs"] = [torch.cat([p, torch.empty_like(p)], dim=1) for p in per_step]
+                cache["start"] = 0
+            return per_step
+        start = cache["start"] + 1
+        if start + K > 2 * K:  # no room for the newest step: move the K − 1 kept ones to the front
+            for buffer in buffers:
+                buffer[:, :K - 1] = buffer[:, start:start + K - 1]
+            start = 0
+        for buffer, block in zip(buffers, self.blocks):
+            buffer[:, start + K - 1] = block.step_inputs(returns[:, -1], time[:, -1])
+        cache["start"] = start
+        return [buffer[:, start:start + K] for buffer in buffers]

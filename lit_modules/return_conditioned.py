@@ -12,8 +12,10 @@ Both read windows of K steps (states s, actions a, returns-to-go R̂, timesteps 
 
 Subclasses set their own options, call ``save_hyperparameters()`` and :meth:`build_if_sized` in ``__init__``,
 and implement :meth:`build_networks` (``self.state_dim``/``self.act_dim`` are known) and
-``forward(states, actions, returns, timesteps, mask) -> hidden state of each state token (B, K, d)`` on
-normalised states, scaled returns and embedded-ready actions. The state/action sizes may be left ``None`` and
+``forward(states, actions, returns, timesteps, mask, newest_only=False) -> hidden state of each state token
+(B, K, d)`` on normalised states, scaled returns and embedded-ready actions (``newest_only``: only the newest
+step's state token, (B, d), computed without the newest action token — what :meth:`act` needs), and
+``cache=None`` (per-step values a rollout may keep between calls, see :meth:`act`). The state/action sizes may be left ``None`` and
 are then read from the datamodule at ``setup`` (and stored in the hyperparameters for ``load_from_checkpoint``).
 """
 
@@ -72,8 +74,15 @@ class SelfAttention(Attention):
         super().__init__(dim, n_heads, dropout)
         self.qkv = nn.Linear(dim, 3 * dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.attend(*self.qkv(x).chunk(3, dim=-1), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, newest_only: bool = False) -> torch.Tensor:
+        """(B, L, d) → (B, L, d); ``newest_only``: queries from the last token only → (B, 1, d) (keys/values from
+        all tokens, so the result equals the last row of the full output)."""
+        if not newest_only:
+            return self.attend(*self.qkv(x).chunk(3, dim=-1), mask)
+        d = x.shape[-1]
+        q = F.linear(x[:, -1:], self.qkv.weight[:d], self.qkv.bias[:d])
+        k, v = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:]).chunk(2, dim=-1)
+        return self.attend(q, k, v, mask[..., -1:, :])
 
 
 class MLP(nn.Sequential):
@@ -204,12 +213,22 @@ class ReturnConditionedPolicy(PaperModule):
 
     @torch.no_grad()
     def act(self, states: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor,
-            timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Action for the newest step of each window (B, A) (or (B,) ints when discrete); raw states/returns."""
+            timesteps: torch.Tensor, mask: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """Action for the newest step of each window (B, A) (or (B,) ints when discrete); raw states/returns.
+
+        Equals ``predict_actions(batch)[:, -1]`` but runs ``forward(..., newest_only=True)``: the newest action
+        (not known yet, a placeholder no state token attends to) is left out and the last block computes only
+        the newest state token, about a third less work for the paper's 3 layers.
+
+        ``cache``: a dict owned by the caller, empty at the start of a rollout and passed again at every step,
+        where each call's windows are the previous call's slid by one step (what ``rollout_returns`` does).
+        The model keeps there what depends on one step alone (RADT: the returns' keys, values and
+        modulations) and computes it only for the newest step.
+        """
         batch = {"states": states, "actions": actions, "returns_to_go": returns_to_go, "timesteps": timesteps,
                  "mask": mask}
-        pred = self.predict_actions(batch)[:, -1]
-        return pred.argmax(-1) if self.discrete else pred
+        pred = self.action_head(self(*self.prepare_inputs(batch), newest_only=True, cache=cache))
+        return pred.argmax(-1) if self.discrete else torch.tanh(pred)
 
     # -- training loop ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

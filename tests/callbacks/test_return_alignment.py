@@ -46,7 +46,7 @@ def test_alignment_errors_hand_computed():
 @pytest.mark.parametrize("num_envs", [None, 1, 4])
 def test_constant_policy_returns_match_episode_lengths(num_envs):
     # action 1 each step -> return = episode length = 2 + (seed mod 3), seed = 100 + i*N + e
-    ones = lambda s, a, r, t, m: torch.ones(s.shape[0], 1)  # noqa: E731
+    ones = lambda s, a, r, t, m, cache: torch.ones(s.shape[0], 1)  # noqa: E731
     actual = rollout_returns(ones, CountdownEnv, targets=[0.0, 50.0], episodes_per_target=3, context_len=4,
                              num_envs=num_envs, seed=100)
     expected = np.array([[2 + (100 + i * 3 + e) % 3 for e in range(3)] for i in range(2)], dtype=float)
@@ -59,7 +59,7 @@ def test_returns_to_go_are_decremented_by_rewards_and_windows_slide():
     # a_t = R̂_t / (5 - t). Only if R̂_t = target - sum of earlier rewards does the return equal the target.
     K, seen = 3, []
 
-    def spend(states, actions, rtg, timesteps, mask):
+    def spend(states, actions, rtg, timesteps, mask, cache):
         seen.append((states[0, :, 0].clone(), rtg[0].clone(), timesteps[0].clone(), mask[0].clone(),
                      actions[0, :, 0].clone()))
         return (rtg[:, -1] / (5 - timesteps[:, -1])).unsqueeze(-1)

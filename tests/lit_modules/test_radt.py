@@ -77,7 +77,7 @@ def test_stepra_zero_init_is_plain_post_norm_block():
     ln = lambda v: F.layer_norm(v, (16,), eps=1e-6)  # noqa: E731
     h = ln(x + block.attn(x, amask))
     expected = ln(h + block.mlp(h))
-    torch.testing.assert_close(block(x, c, torch.zeros_like(c), amask, None), expected)
+    torch.testing.assert_close(block(x, block.step_inputs(c, torch.zeros_like(c)), amask, None), expected)
     # once the modulation is trained (non-zero) the returns do change the output
     torch.nn.init.normal_(block.stepra.net[1].weight, std=0.5)
     assert (model(s, a, r + 3.0, t, m) - model(s, a, r, t, m)).abs().amax() > 1e-3
@@ -89,6 +89,35 @@ def test_seqra_gate_starts_at_zero():
         assert block.cross.gate.weight.abs().sum() == 0 and block.cross.gate.bias.abs().sum() == 0
     with pytest.raises(ValueError, match="seqra=True or stepra=True"):
         RADT(seqra=False, stepra=False)
+
+
+@pytest.mark.parametrize("cls,kw", [(RADT, {}), (RADT, {"stepra": False}), (RADT, {"seqra": False}),
+                                    (DecisionTransformer, {})])
+def test_act_with_cache_equals_full_forward_along_a_sliding_rollout(cls, kw):
+    # act() leaves out the newest action token, computes only the newest state token in the last block and
+    # reuses per-step work from the cache; along a rollout whose windows slide by one step (left-padded while
+    # t < K) it must give the full forward's last prediction at every step.
+    model = small(cls, **kw)
+    for p in model.parameters():  # leave the zero inits so every path is live
+        p.data.add_(0.2 * torch.randn_like(p))
+    B, T = 3, 3 * K  # the cache moves its buffers twice
+    g = torch.Generator().manual_seed(1)
+    states, actions = torch.randn(B, T, S, generator=g), torch.rand(B, T, A, generator=g)
+    rtg = 1000 * torch.randn(B, T, generator=g)  # R̂/rtg_scale of order 1, so the returns matter
+    cache = {}
+    for t in range(T):
+        lo = max(0, t + 1 - K)
+        pad = K - (t + 1 - lo)
+        window = lambda x: F.pad(x[:, lo:t + 1].movedim(1, -1), (pad, 0)).movedim(-1, 1)  # noqa: E731
+        acts = window(actions).clone()
+        acts[:, -1] = 0  # the newest action is not known yet
+        ts = F.pad(torch.arange(lo, t + 1), (pad, 0)).repeat(B, 1)
+        mask = F.pad(torch.ones(t + 1 - lo), (pad, 0)).repeat(B, 1)
+        batch = {"states": window(states), "actions": acts, "returns_to_go": window(rtg), "timesteps": ts, "mask": mask}
+        with torch.no_grad():
+            full = model.predict_actions(batch)[:, -1]
+        torch.testing.assert_close(model.act(*batch.values(), cache=cache), full, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.act(*batch.values()), full, rtol=1e-5, atol=1e-6)
 
 
 def test_masked_mse_and_cross_entropy_hand_computed():
