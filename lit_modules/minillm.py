@@ -188,28 +188,45 @@ def _cache_arg(model: PreTrainedModel | None) -> str:
         else "past_key_values"
 
 
+def sample_categorical(log_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row from softmax(``log_probs``) (B, V) by inverting the CDF: i = min{i : F_i > u·F_V},
+    F = cumsum(exp(log_probs)), u ~ U[0, 1). P(i) = (F_i − F_{i−1}) / F_V exactly (up to float rounding), so a
+    zero-probability token is never drawn; ~7× faster than ``torch.multinomial`` on CPU at (16, 259)."""
+    cdf = log_probs.exp().cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
 class _LazyLM:
     """One causal LM decoding left-padded prompts with its KV cache, *lazily*: :meth:`dist_for` reads only the
     tokens it has not seen yet (one chunked forward, all attended, also after EOS) and returns the
     log-distribution of token t; every token is scored (log-prob under this model) exactly once on the way."""
 
     def __init__(self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                 temperature: float):
+                 temperature: float, max_new_tokens: int):
         self.model, self.cache_arg, self.cache = model, _cache_arg(model), None
         self.temperature = temperature if temperature > 0 else 1.0
-        self.prompt_ids, self.mask = prompt_ids, prompt_mask.long()
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.prompt_ids = prompt_ids
+        # the attention mask of prompt + every response token (all attended), handed out as growing views
+        self.mask = torch.cat([prompt_mask.long(), prompt_mask.new_ones(prompt_mask.shape[0], max_new_tokens,
+                                                                        dtype=torch.long)], 1)
+        self.prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.next: torch.Tensor | None = None  # log-dist of token index `seen`
         self.seen = 0  # response tokens read so far
         self.scores: list[torch.Tensor] = []  # log-prob of response tokens 0, 1, ... under this model
 
     def _forward(self, ids: torch.Tensor, n_new: int, keep: int) -> torch.Tensor:
-        new_positions = self.positions[:, -1:] + torch.arange(1, n_new + 1, device=ids.device)
-        positions = torch.cat([self.positions, new_positions], 1) if self.cache is None else new_positions
-        self.mask = torch.cat([self.mask, torch.ones_like(ids[:, ids.shape[1] - n_new:])], 1)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=keep, **{self.cache_arg: self.cache})
-        self.cache, self.positions = getattr(out, self.cache_arg), positions
+        """Read ``ids`` (the prompt and/or response tokens ``seen`` … ``seen + n_new − 1``) into the cache; log-dists
+        of the last ``keep`` positions."""
+        response_positions = self.prompt_positions[:, -1:] + torch.arange(self.seen + 1, self.seen + n_new + 1,
+                                                                          device=ids.device)
+        if self.cache is None:
+            positions = torch.cat([self.prompt_positions, response_positions], 1)
+        else:
+            positions = response_positions
+        out = self.model(input_ids=ids, attention_mask=self.mask[:, :self.prompt_ids.shape[1] + self.seen + n_new],
+                         position_ids=positions, use_cache=True, logits_to_keep=keep, **{self.cache_arg: self.cache})
+        self.cache = getattr(out, self.cache_arg)
         logits = out.logits[:, -keep:].float()
         return torch.log_softmax(logits if self.temperature == 1.0 else logits / self.temperature, -1)
 
@@ -250,8 +267,8 @@ def _sample_mixed(student: PreTrainedModel | None, teacher: PreTrainedModel | No
         raise ValueError("greedy decoding (temperature 0) of a teacher-student mixture is not defined; "
                          "use alpha 0 or 1")
     device = prompt_ids.device
-    stu = _LazyLM(student, prompt_ids, prompt_mask, temperature) if alpha < 1 else None
-    tea = _LazyLM(teacher, prompt_ids, prompt_mask, temperature) if teacher is not None else None
+    stu = _LazyLM(student, prompt_ids, prompt_mask, temperature, max_new_tokens) if alpha < 1 else None
+    tea = _LazyLM(teacher, prompt_ids, prompt_mask, temperature, max_new_tokens) if teacher is not None else None
     coins = (torch.rand(max_new_tokens, generator=generator, device=generator.device if generator else device)
              < alpha).tolist()
     done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
@@ -259,7 +276,7 @@ def _sample_mixed(student: PreTrainedModel | None, teacher: PreTrainedModel | No
     for t in range(max_new_tokens):
         logits = (tea if stu is None or coins[t] else stu).dist_for(t, tokens)
         if temperature > 0:
-            nxt = torch.multinomial(logits.exp(), 1, generator=generator).squeeze(-1)
+            nxt = sample_categorical(logits, generator)
         else:
             nxt = logits.argmax(-1)
         tokens.append(torch.where(done, torch.full_like(nxt, pad_id), nxt))

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from lit_modules.hf import load_causal_lm
-from lit_modules.minillm import response_logits, sample_mixed
+from lit_modules.minillm import response_logits, sample_categorical, sample_mixed
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}
@@ -129,3 +129,15 @@ def test_alpha_one_samples_the_teacher_only():
     out = sample_mixed(lm_s, lm_t, torch.tensor([[7]]), torch.ones(1, 1, dtype=torch.long), 4, alpha=1.0)
     assert out.response_ids.tolist() == [[6, 1]] and lm_s.calls == []
     torch.testing.assert_close(out.mix_logprobs, out.teacher_logprobs)
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_never_pick_zero_mass():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2], [0.1, 0.0, 0.0, 0.0, 0.9]])
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    draws = torch.stack([sample_categorical(probs.log(), g) for _ in range(n)])  # (n, 2)
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=5).double() / n
+        assert freq[probs[row] == 0].sum() == 0
+        # 5 binomial standard errors at n = 40k is < 0.013
+        torch.testing.assert_close(freq, probs[row].double(), atol=0.013, rtol=0)
