@@ -14,6 +14,7 @@ pad/eos/unk, no files needed.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +111,22 @@ def load_causal_lm(model: ModelSpec, vocab_size: int | None = None, dtype: str |
 
 
 def save_pretrained_with_tokenizer(model: PreTrainedModel, tokenizer, path: str | Path) -> Path:
-    """``save_pretrained`` ``model`` and ``tokenizer`` into ``path`` (loadable again by :func:`load_causal_lm`)."""
+    """``save_pretrained`` ``model`` and ``tokenizer`` into ``path`` (loadable again by :func:`load_causal_lm`).
+
+    Written into ``<path>.partial`` and renamed when complete, so an interrupted save never leaves a directory
+    that looks finished (an older export at ``path`` is replaced only then).
+    """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    partial, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
+    for leftover in (partial, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if path.exists():
+        path.rename(old)
+    partial.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
     return path
 
 

@@ -44,6 +44,7 @@ from transformers import PreTrainedModel
 
 from datamodules.instruction_tasks import check_answer
 from lit_modules.base import PaperModule
+from lit_modules.builtin_checkpoints import ensure_built_in
 from lit_modules.hf import (ModelSpec, check_same_vocabulary, load_causal_lm, load_tokenizer,
                              save_pretrained_with_tokenizer)
 
@@ -540,7 +541,10 @@ class MiniLLM(PaperModule):
 
 
 def _clear_load_error(role: str, spec: ModelSpec, config: str, load):
-    """Run ``load()``; a model/tokenizer path that cannot be loaded becomes an error saying how to make it."""
+    """Run ``load()``, after training ``spec`` if it is a missing built-in checkpoint
+    (:func:`~lit_modules.builtin_checkpoints.ensure_built_in`); a model/tokenizer path that cannot be loaded
+    becomes an error saying how to make it."""
+    ensure_built_in(spec)
     try:
         return load()
     except (OSError, ValueError) as e:

@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import nn
 
+from lit_modules.builtin_checkpoints import ensure_built_in
 from lit_modules.dpo import DPO, module_fingerprint
 from lit_modules.hf import ModelSpec
 from lit_modules.quantization import convert_qat, prepare_qat, quantization_tag, save_quantized
@@ -80,6 +81,7 @@ class QDPO(DPO):
         """Keep the loaded model as the frozen full-precision yardstick; return a fake-quantized copy."""
         from torchao.quantization.qat import FakeQuantizedLinear
 
+        ensure_built_in(self.model_spec)
         try:
             full_precision = super().build_policy()
         except OSError as e:

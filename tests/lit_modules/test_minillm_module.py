@@ -24,7 +24,7 @@ def test_vocabulary_mismatch_and_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="vocabulary size 259 != teacher vocabulary size 300"):
         MiniLLM(student=TINY, teacher=TINY | {"vocab_size": 300})
     with pytest.raises(FileNotFoundError, match="configs/minillm/teacher_sft.yaml"):
-        MiniLLM(student=TINY, teacher="checkpoints/minillm_teacher")
+        MiniLLM(student=TINY, teacher="checkpoints/my_teacher")
     with pytest.raises(ValueError, match="objective='rkl' is not one of"):
         MiniLLM(student=TINY, teacher=TINY, objective="rkl")
     with pytest.raises(ValueError, match="needs a teacher"):
