@@ -28,14 +28,13 @@ demo: $(STAMP)
 	$(VENV)/bin/litpapers fit --config configs/ademamix/quick.yaml
 	@echo "TensorBoard logs: logs/ademamix_quick  (view: $(VENV)/bin/tensorboard --logdir logs)"
 
-# The MiniLLM and QDPO configs start from trained models: this runs the whole chain on a fresh clone.
+# The MiniLLM and QDPO configs start from trained models (trained on first use when missing); the whole chain:
 minillm: $(STAMP)
 	$(VENV)/bin/litpapers fit --config configs/minillm/teacher_sft.yaml
 	$(VENV)/bin/litpapers fit --config configs/minillm/sft.yaml
 	$(VENV)/bin/litpapers fit --config configs/minillm/minillm.yaml
 
 qdpo: $(STAMP)
-	test -d checkpoints/minillm_teacher || $(VENV)/bin/litpapers fit --config configs/minillm/teacher_sft.yaml
 	$(VENV)/bin/litpapers fit --config configs/qdpo/int4.yaml
 
 clean:
