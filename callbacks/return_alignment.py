@@ -111,7 +111,7 @@ class ReturnAlignmentEval(L.Callback):
     Logs ``val/return_alignment_error`` (mean over targets of |mean actual − target|),
     ``val/return_alignment_error_sum`` (the paper's checkpoint criterion), ``val/return_actual/<i>`` and
     ``val/return_target/<i>`` per target, and (TensorBoard) the figure ``val/return_alignment`` of actual vs
-    target return with the y = x line. Every rank runs the same seeded rollouts.
+    target return with the y = x line (drawn on global rank 0 only). Every rank runs the same seeded rollouts.
 
     Args:
         targets: explicit target returns; ``None``: ``n_targets`` from the dataset's percentiles.
@@ -176,10 +176,12 @@ class ReturnAlignmentEval(L.Callback):
 
     @staticmethod
     def _log_figure(trainer: L.Trainer, result: dict) -> None:
+        """Figure to the first TensorBoard logger, on global rank 0 only: other ranks' loggers are no-ops whose
+        ``add_figure`` would never close (free) the pyplot figure, leaking one per validation under DDP."""
         from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers:
+        if not loggers or not trainer.is_global_zero:
             return
         loggers[0].experiment.add_figure("val/return_alignment", alignment_figure(result), trainer.global_step)
 

@@ -216,9 +216,10 @@ class OfflineRLDataModule(L.LightningDataModule):
         return self.dataset.endswith((".hdf5", ".h5")) or Path(self.dataset).is_file()
 
     def builtin_root(self) -> Path:
-        """Cache root of the built-in datasets for these generator settings."""
+        """Cache root of the built-in datasets for these generator settings (all of them: the number of vector
+        envs changes how the seeded random numbers are consumed, so it changes the data too)."""
         g = self.generate
-        return cache_dir("minari", f"e{g['n_episodes']}_t{g['max_episode_steps']}_s{g['seed']}")
+        return cache_dir("minari", f"e{g['n_episodes']}_t{g['max_episode_steps']}_s{g['seed']}_n{g['num_envs']}")
 
     def minari_datasets_root(self) -> Path | None:
         """Where to look the dataset up: our cache for built-in ids, else Minari's own root (``None``)."""

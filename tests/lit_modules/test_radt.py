@@ -1,12 +1,18 @@
 """RADT and Decision Transformer: SeqRA timestep causality, StepRA zero-init identity, masking, the loss, the
-configs through the real CLI, and checkpoint reload."""
+configs through the real CLI (also as a 2-process DDP run), and checkpoint reload."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 
+from callbacks import ReturnAlignmentEval
 from lit_modules import RADT, DecisionTransformer
 from lit_modules.radt import seqra_mask
 
@@ -163,3 +169,92 @@ def test_quick_config_trains_evaluates_and_reloads(root, name):
     reloaded = type(cli.model).load_from_checkpoint(ckpt)
     torch.testing.assert_close(reloaded.state_mean, cli.model.state_mean)
     assert reloaded.state_mean.abs().sum() > 0 and reloaded.state_dim == cli.datamodule.state_dim
+
+
+class RolloutRecorder(L.Callback):
+    """Probe for the DDP test below (the CLI imports it as ``tests.lit_modules.test_radt.RolloutRecorder``): the
+    loggers only show rank 0, so every rank appends what it evaluated at each validation to
+    ``<out_dir>/rank<r>.jsonl``."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        (evaluator,) = [c for c in trainer.callbacks if isinstance(c, ReturnAlignmentEval)]
+        record = {"step": trainer.global_step, "world_size": trainer.world_size, "result": evaluator.last_result,
+                  "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+                  "param_sum": sum(p.detach().double().sum().item() for p in pl_module.parameters()),
+                  "open_figures": len(plt.get_fignums()) if (plt := sys.modules.get("matplotlib.pyplot")) else 0}
+        with open(self.out_dir / f"rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def test_radt_fit_and_validate_under_two_process_ddp(root, tmp_path):
+    # A 2-process gloo DDP fit of the quick RADT config through the real `litpapers` script (DDP re-launches the
+    # command line for rank 1, so it cannot be `python -c`); the built-in data is generated into the fresh
+    # $LITPAPERS_CACHE by rank 0 while rank 1 waits. Then a single-process validate of its checkpoint.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cli import build_cli
+
+    config = str(root / "configs" / "radt" / "halfcheetah.yaml")
+    common = ["--config", config, "--data.batch_size", "8", "--trainer.limit_val_batches", "1",
+              "--trainer.enable_progress_bar", "false", *TINY_DATA]
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    entry = Path(sys.executable).parent / "litpapers"
+    launcher = [str(entry)] if entry.exists() else [sys.executable, str(root / "cli.py")]
+    cmd = [*launcher, "fit", *common, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+           "--trainer.strategy", "ddp", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+           "--trainer.logger.init_args.save_dir", str(tmp_path / "ddp"),
+           "--trainer.callbacks+=" + json.dumps({"class_path": "tests.lit_modules.test_radt.RolloutRecorder",
+                                                  "init_args": {"out_dir": str(probe)}})]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+    # Both ranks evaluated at both validations (steps 2 and 4), with the same weights and the same rollouts.
+    records = {r: [json.loads(line) for line in (probe / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    assert [rec["step"] for rec in records[0]] == [rec["step"] for rec in records[1]] == [2, 4]
+    assert all(rec["world_size"] == 2 for rec in records[0] + records[1])
+    for rank0, rank1 in zip(records[0], records[1]):
+        assert rank0["param_sum"] == rank1["param_sum"]
+        assert rank0["open_figures"] == rank1["open_figures"] == 0  # no rank leaks the alignment figure
+        assert rank0["result"] == rank1["result"]  # targets, every episode's return, errors: exactly equal
+        assert rank0["metrics"] == rank1["metrics"]  # incl. val/action_loss, synced across the ranks
+        assert len(rank0["result"]["targets"]) == 7 and len(rank0["result"]["actual"][0]) == 3
+    assert records[0][0]["result"]["actual"] != records[0][1]["result"]["actual"]  # step 4 rolled out new weights
+
+    # Rank 0 alone logged: one TensorBoard event file, each alignment metric and the figure once per validation.
+    (version,) = (tmp_path / "ddp" / "radt_halfcheetah").iterdir()
+    (events,) = version.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events)).Reload()
+    logged = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    last = records[0][1]["result"]
+    assert logged["val/return_alignment_error"] == pytest.approx(
+        [rec["result"]["mean_error"] for rec in records[0]], rel=1e-6)
+    assert logged["val/return_alignment_error_sum"] == pytest.approx(
+        [rec["result"]["sum_error"] for rec in records[0]], rel=1e-6)
+    for i, (target, actual) in enumerate(zip(last["targets"], last["actual"])):
+        assert len(logged[f"val/return_actual/{i}"]) == len(logged[f"val/return_target/{i}"]) == 2
+        assert logged[f"val/return_actual/{i}"][-1] == pytest.approx(sum(actual) / len(actual), rel=1e-6)
+        assert logged[f"val/return_target/{i}"][-1] == pytest.approx(target, rel=1e-6)
+    assert len(logged["val/action_loss"]) == 2 and len(acc.Images("val/return_alignment")) == 2
+
+    # The checkpoint holds the step-4 weights and data statistics; one process validating it rolls out exactly
+    # what the DDP ranks did.
+    ckpt = version / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 4 and saved["state_dict"]["state_mean"].abs().sum() > 0
+    single = build_cli(["validate", *common, "--ckpt_path", str(ckpt)])
+    (evaluator,) = [c for c in single.trainer.callbacks if isinstance(c, ReturnAlignmentEval)]
+    assert single.trainer.world_size == 1
+    assert sum(p.detach().double().sum().item() for p in single.model.parameters()) == pytest.approx(
+        records[0][1]["param_sum"], rel=1e-12)
+    assert evaluator.last_result["targets"] == last["targets"]
+    torch.testing.assert_close(torch.tensor(evaluator.last_result["actual"]), torch.tensor(last["actual"]),
+                               rtol=1e-5, atol=1e-6)
+    assert single.trainer.callback_metrics["val/return_alignment_error"].item() == pytest.approx(
+        last["mean_error"], rel=1e-6)
