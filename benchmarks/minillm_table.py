@@ -1,7 +1,7 @@
 """MiniLLM's results table on the built-in instruction tasks: every ``configs/minillm`` row through the CLI.
 
     python -m benchmarks.minillm_table [--quick] [--device cpu|cuda] [--workdir outputs/minillm_table]
-                                       [--train-seeds 0 1 2]
+                                       [--train-seeds 0 1 2] [--exposure-bias]
 
 Pipeline (each step is ``litpapers fit --config configs/minillm/<row>.yaml`` run in ``--workdir``):
 teacher_sft → sft (the student's SFT, also the initialisation of every other row) → one run per row.
@@ -10,7 +10,10 @@ teacher_sft → sft (the student's SFT, also the initialisation of every other r
 the valid answers), the rate of valid answers (the task's checker) and the mean response length, sampling
 at temperature 1 (``--eval-seeds`` seeds, averaged). With several ``--train-seeds`` every row (not the teacher and
 the SFT initialisation, which are shared) is trained once per seed (``--seed_everything``) and the table shows
-mean ± standard deviation over the seeds. Prints a markdown table, then one JSON object last.
+mean ± standard deviation over the seeds. ``--exposure-bias`` adds an ExAccErr column (paper §3.3): each student
+row's excess accumulated error against the teacher at the full response length (16), on the same prompts, prefixes
+sampled at temperature 1 (``lit_modules.minillm.measure_exposure_bias``; all eval seeds × prompts pooled).
+Prints a markdown table, then one JSON object last.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def _fit(config: str, steps: int, extra: list[str], device: str):
     return cli, time.perf_counter() - t
 
 
-def _evaluate(student_dir: str, device: str, seeds: int, num_val: int) -> dict[str, float]:
+def _evaluate(student_dir: str, device: str, seeds: int, num_val: int, exposure_bias: bool = False) -> dict[str, float]:
     """Validate the exported model at ``student_dir`` (as an SFT-objective MiniLLM: no teacher needed)."""
     import lightning as L
 
@@ -59,7 +62,34 @@ def _evaluate(student_dir: str, device: str, seeds: int, num_val: int) -> dict[s
         trainer = L.Trainer(accelerator=device, logger=False, enable_progress_bar=False, enable_model_summary=False)
         runs.append(trainer.validate(module, data, verbose=False)[0])
     keys = ("val/rougeL", "val/valid_rate", "val/response_length", "val/loss")
-    return {k.split("/")[1]: statistics.mean(float(r[k]) for r in runs) for k in keys}
+    out = {k.split("/")[1]: statistics.mean(float(r[k]) for r in runs) for k in keys}
+    return out | (_exposure_bias(student_dir, device, seeds, num_val) if exposure_bias else {})
+
+
+def _exposure_bias(student_dir: str, device: str, seeds: int, num_val: int) -> dict[str, float]:
+    """ExAccErr (%) at length 16 of the student at ``student_dir`` against ``checkpoints/minillm_teacher``: for
+    every eval seed and held-out prompt one temperature-1 sample from each model; per-step errors of all of them
+    pooled into one curve (:func:`lit_modules.minillm.excess_accumulated_error`)."""
+    from datamodules import InstructionDataModule
+    from lit_modules.hf import load_causal_lm, load_tokenizer
+    from lit_modules.minillm import excess_accumulated_error, measure_exposure_bias
+
+    tok = load_tokenizer(None, student_dir)
+    student = load_causal_lm(student_dir).to(device).eval()
+    teacher = load_causal_lm("checkpoints/minillm_teacher").to(device).eval()
+    data = InstructionDataModule(num_examples=6000, num_val=num_val, batch_size=50, max_response_length=16,
+                                 seed=0, template="Q: {instruction}\nA: ", tokenizer=student_dir)
+    data.setup("validate")
+    parts = []
+    for seed in range(seeds):
+        gen = torch.Generator(device).manual_seed(1000 * seed)
+        for b in data.val_dataloader():
+            parts.append(measure_exposure_bias(student, teacher, b["prompt_input_ids"].to(device),
+                                               b["prompt_attention_mask"].to(device), 16, tok.eos_token_id,
+                                               tok.pad_token_id, gen))
+    fields = ("kl_student_prefixes", "mask_student", "kl_teacher_prefixes", "mask_teacher")
+    curve = excess_accumulated_error(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
+    return {"ex_acc_err": float(curve[-1])}
 
 
 def _mean_and_std(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -90,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rows", nargs="*", default=None, help="subset of row config names")
     ap.add_argument("--reuse", action="store_true", help="keep an existing teacher / SFT student in --workdir")
     ap.add_argument("--train-seeds", type=int, nargs="+", default=[0], help="training seeds of the distillation rows")
+    ap.add_argument("--exposure-bias", action="store_true", help="add an ExAccErr column (vs the teacher, length 16)")
     args = ap.parse_args(argv)
     teacher_steps = args.teacher_steps or (20 if args.quick else 1000)
     sft_steps = args.sft_steps or (10 if args.quick else 600)
@@ -109,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not (args.reuse and Path("checkpoints/minillm_student_sft/config.json").exists()):
         _, wall["sft_init"] = _fit("sft", sft_steps, [], args.device)
     results.append({"row": "SFT (student init)", "config": "sft", "steps": sft_steps,
-                    **_evaluate("checkpoints/minillm_student_sft", args.device, seeds, args.num_val)})
+                    **_evaluate("checkpoints/minillm_student_sft", args.device, seeds, args.num_val,
+                                args.exposure_bias)})
     for label, config, is_sft in ROWS:
         if args.rows and config not in args.rows:
             continue
@@ -121,15 +153,17 @@ def main(argv: list[str] | None = None) -> dict:
                 extra += ["--model.init_args.student", "checkpoints/minillm_student_sft", "--model.init_args.lr",
                           "5e-4", "--model.init_args.warmup_steps", "0"]
             _, wall[f"{config}_seed{seed}"] = _fit(config, row_steps, extra, args.device)
-            per_seed.append(_evaluate(export, args.device, seeds, args.num_val))
+            per_seed.append(_evaluate(export, args.device, seeds, args.num_val, args.exposure_bias))
         results.append({"row": label, "config": config, "steps": row_steps, "train_seeds": args.train_seeds,
                         **_mean_and_std(per_seed)})
 
-    lines = ["| row | config | optimizer steps | Rouge-L | valid-answer rate | mean response tokens | val CE |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | config | optimizer steps | Rouge-L | valid-answer rate | mean response tokens | val CE |"
+             + (" ExAccErr % (l = 16) |" if args.exposure_bias else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if args.exposure_bias else "")]
     for r in results:
-        cells = [_format(r, key, digits) for key, digits in (("rougeL", 3), ("valid_rate", 3),
-                                                              ("response_length", 2), ("loss", 3))]
+        cells = [_format(r, key, digits) if key in r else "—"
+                 for key, digits in (("rougeL", 3), ("valid_rate", 3), ("response_length", 2), ("loss", 3))
+                 + ((("ex_acc_err", 1),) if args.exposure_bias else ())]
         lines.append(f"| {r['row']} | {r['config']}.yaml | {r['steps']} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     out = {"benchmark": "minillm_table", "device": args.device, "threads": args.threads, "quick": args.quick,

@@ -28,6 +28,10 @@ As in the reference code the rewards are divided by ``reward_scaling`` (0.5), di
 whitened over the batch; with ``single_step=False`` the long-term term uses R_t (r_t included) so the
 estimator stays unbiased. Every training step is one optimizer step (automatic optimization: gradient clipping,
 accumulation and DDP come from the Trainer); a rollout is reused for ``ppo_epochs`` consecutive steps.
+
+Validation also measures exposure bias (paper §3.3, App. B.5, LMOps ``evaluate_exposure_bias.py``): ExAccErr, how
+much more per-step error KL(p ‖ q) the student accumulates on its own samples than on the teacher's
+(:func:`per_step_forward_kl`, :func:`excess_accumulated_error`, :func:`measure_exposure_bias`).
 """
 
 from __future__ import annotations
@@ -165,6 +169,55 @@ def minillm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tok
                  "entropy": masked_mean(entropy_per_token(student_logits), mask),
                  "importance_weight": masked_mean(weights, mask)}
     return loss, stats
+
+
+def per_step_forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-step error of the exposure-bias analysis (paper §3.3 and App. B.5, after Arora et al. 2022; LMOps
+    ``evaluate_exposure_bias.py``): at every position t of a given prefix,
+
+        e_t = KL(p(·|y<t,x) ‖ q(·|y<t,x)) = Σ_v p(v|y<t,x) [log p(v|y<t,x) − log q(v|y<t,x)],
+
+    teacher p, student q, exactly over the vocabulary (y_t is not sampled); fp32. (B, T, V) × 2 → (B, T); positions
+    where ``mask`` is 0 are set to 0."""
+    kl = kl_per_token(teacher_logits, student_logits)
+    return kl if mask is None else kl * mask.to(kl.dtype)
+
+
+def excess_accumulated_error(kl_on_student_prefixes: torch.Tensor, mask_s: torch.Tensor,
+                             kl_on_teacher_prefixes: torch.Tensor, mask_t: torch.Tensor,
+                             alive_mean: bool = True) -> torch.Tensor:
+    """ExAccErr(l) in %, for l = 1..T (paper §3.3, App. B.5; Arora et al. 2022), from per-step errors e_t
+    (:func:`per_step_forward_kl`, (B, T)) on prefixes sampled from the student (``*_s``) and from the teacher (``*_t``):
+
+        R(l)        = Σ_{t≤l} E_{y<t ~ q(·|x)} [e_t]        accumulated error on the student's own prefixes
+        l·ε(l)      = Σ_{t≤l} E_{y<t ~ p(·|x)} [e_t]        ε(l): mean per-step error on oracle (teacher) prefixes
+        ExAccErr(l) = (R(l) − l·ε(l)) / (l·ε(l)) × 100
+
+    Each expectation is estimated over the rows of its batch. Masks are 1 where the row's token t was sampled (EOS
+    included), i.e. where the prefix y<t exists; a row that emitted EOS before t contributes nothing at t:
+
+    - ``alive_mean=True`` (default): E[e_t] = Σ_i m_it e_it / Σ_i m_it, the mean over the rows still alive at t; a
+      step at which no row of that set is alive adds 0 (all of that model's generations have stopped).
+    - ``alive_mean=False``: the reference code's convention (LMOps ``evaluate_exposure_bias.py``): E[e_t] =
+      Σ_i m_it e_it / N, an ended row counts as error 0 in a mean over all N rows, so a model whose answers end
+      sooner accumulates less.
+
+    The two sets may have different lengths (the shorter is padded with mask 0) and sizes. To pool several batches,
+    concatenate their (B, T) tensors first; a mean of per-batch curves is not the same estimate. Returns a (T,)
+    float tensor, NaN where l·ε(l) = 0 (e.g. identical models). Unlike the reference script, step t = 1 (the first
+    response token, prefix = the prompt alone) is included; that script's slicing starts at t = 2.
+    """
+    T = max(kl_on_student_prefixes.shape[1], kl_on_teacher_prefixes.shape[1])
+
+    def accumulated(kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        kl, mask = F.pad(kl.float(), (0, T - kl.shape[1])), F.pad(mask.float(), (0, T - mask.shape[1]))
+        total = (kl * mask).sum(0)
+        per_step = total / (mask.sum(0).clamp(min=1) if alive_mean else max(kl.shape[0], 1))
+        return per_step.cumsum(0)
+
+    r, l_eps = accumulated(kl_on_student_prefixes, mask_s), accumulated(kl_on_teacher_prefixes, mask_t)
+    return torch.where(l_eps > 0, (r - l_eps) / l_eps * 100, torch.full_like(l_eps, float("nan")))
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -328,6 +381,55 @@ def response_logits(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
     return logits[:, p - 1: p + t - 1]
 
 
+@dataclass
+class ExposureBias:
+    """:func:`measure_exposure_bias`'s result: the ExAccErr curve (T,) in % and its ingredients, the per-step errors
+    e_t (B, T) on the student's and on the teacher's samples with their masks, and the two rollouts."""
+
+    curve: torch.Tensor
+    kl_student_prefixes: torch.Tensor
+    mask_student: torch.Tensor
+    kl_teacher_prefixes: torch.Tensor
+    mask_teacher: torch.Tensor
+    student_rollout: Rollout
+    teacher_rollout: Rollout
+
+
+def _pad_response(rollout: Rollout, length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = length - rollout.response_ids.shape[1]
+    return F.pad(rollout.response_ids, (0, extra), value=pad_id), F.pad(rollout.response_mask, (0, extra))
+
+
+@torch.no_grad()
+def measure_exposure_bias(student: PreTrainedModel, teacher: PreTrainedModel, prompt_ids: torch.Tensor,
+                          prompt_mask: torch.Tensor, max_new_tokens: int, eos_id: int | None = 1, pad_id: int = 0,
+                          generator: torch.Generator | None = None, student_rollout: Rollout | None = None,
+                          alive_mean: bool = True) -> ExposureBias:
+    """ExAccErr(l), l = 1..``max_new_tokens``, of ``student`` against ``teacher`` on left-padded prompts (paper §3.3).
+
+    Prefixes: one response per prompt from the student (``sample_mixed`` α = 0) and one from the teacher (α = 1),
+    temperature 1, no top-k/top-p (as the reference script); ``student_rollout`` reuses a student sample drawn that
+    way. Both models then score both sets of prefixes with one forward each (the two sets stacked along the batch)
+    → e_t = KL(p ‖ q) at every sampled position (:func:`per_step_forward_kl`) → :func:`excess_accumulated_error`
+    (``alive_mean``: its convention for ended sequences). Both models should be in eval mode.
+    """
+    if student_rollout is None:
+        student_rollout = sample_mixed(student, None, prompt_ids, prompt_mask, max_new_tokens, 0.0, eos_id, pad_id,
+                                       1.0, generator)
+    teacher_rollout = sample_mixed(student, teacher, prompt_ids, prompt_mask, max_new_tokens, 1.0, eos_id, pad_id,
+                                   1.0, generator)
+    length = max(max_new_tokens, student_rollout.response_ids.shape[1])
+    (ids_s, mask_s), (ids_t, mask_t) = (_pad_response(r, length, pad_id) for r in (student_rollout, teacher_rollout))
+    both = Rollout(torch.cat([student_rollout.prompt_ids, teacher_rollout.prompt_ids]),
+                   torch.cat([student_rollout.prompt_mask, teacher_rollout.prompt_mask]),
+                   torch.cat([ids_s, ids_t]), torch.cat([mask_s, mask_t]), *(None,) * 3)
+    kl = per_step_forward_kl(response_logits(teacher, both), response_logits(student, both), both.response_mask)
+    b = ids_s.shape[0]
+    kl_s, kl_t = kl[:b], kl[b:]
+    return ExposureBias(excess_accumulated_error(kl_s, mask_s, kl_t, mask_t, alive_mean), kl_s, mask_s, kl_t, mask_t,
+                        student_rollout, teacher_rollout)
+
+
 # ----------------------------------------------------------------------------------------------- module
 class MiniLLM(PaperModule):
     """Distil ``teacher`` into ``student`` with MiniLLM or one of its baselines (see the module docstring).
@@ -348,6 +450,9 @@ class MiniLLM(PaperModule):
         gkd_beta: β of the generalized JSD (``gkd``; 1 = reverse KL).
         max_new_tokens, temperature: rollout length cap and sampling temperature.
         eval_max_new_tokens, eval_temperature, eval_seed: validation sampling (temperature 0 = greedy).
+        eval_exposure_bias: with a teacher, log ``val/ex_acc_err`` = ExAccErr (%) at the eval length (paper §3.3,
+            :func:`measure_exposure_bias`), on the FIRST validation batch only (one extra teacher sample and one
+            forward of each model; the student sample is the Rouge-L one when ``eval_temperature`` is 1).
         export_dir: ``save_pretrained`` the student (and tokenizer) there when training ends.
         lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio: see :class:`PaperModule`.
     """
@@ -359,7 +464,7 @@ class MiniLLM(PaperModule):
                  reward_scaling: float = 0.5, reward_clip: float | None = None, whiten_advantages: bool = True,
                  lm_coef: float = 1.0, kd_ratio: float = 0.5, gkd_beta: float = 1.0, max_new_tokens: int = 32,
                  temperature: float = 1.0, eval_max_new_tokens: int | None = None, eval_temperature: float = 1.0,
-                 eval_seed: int = 0, export_dir: str | None = None,
+                 eval_seed: int = 0, eval_exposure_bias: bool = True, export_dir: str | None = None,
                  lr: float = 5e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 0, lr_decay: str = "cosine", min_lr_ratio: float = 0.1):
         super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
@@ -430,6 +535,15 @@ class MiniLLM(PaperModule):
                                 generator)
         finally:
             self.model.train(was_training)
+
+    def exposure_bias(self, batch: dict, generator: torch.Generator | None = None,
+                      student_rollout: Rollout | None = None) -> ExposureBias:
+        """ExAccErr of the student against the teacher on ``batch``'s prompts at the eval length
+        (:func:`measure_exposure_bias`)."""
+        hp = self.hparams
+        return measure_exposure_bias(self.model, self.teacher, batch["prompt_input_ids"],
+                                     batch["prompt_attention_mask"], hp.eval_max_new_tokens or hp.max_new_tokens,
+                                     self.tokenizer.eos_token_id, self.pad_id, generator, student_rollout)
 
     def _lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
                  kd_ratio: float) -> torch.Tensor:
@@ -513,6 +627,10 @@ class MiniLLM(PaperModule):
         if valid:
             self.val_valid.update(torch.tensor(valid, device=self.device))
         self.val_length.update(rollout.response_mask.sum(-1).float())
+        if batch_idx == 0 and hp.eval_exposure_bias and self.teacher is not None:
+            reuse = rollout if hp.eval_temperature == 1.0 else None  # a temperature-1 student sample already
+            curve = self.exposure_bias(batch, gen, reuse).curve
+            self.log("val/ex_acc_err", curve[-1], batch_size=n, sync_dist=True)
         self.log("val/loss", self.val_loss, on_epoch=True, batch_size=n)
         self.log("val/response_length", self.val_length, on_epoch=True, batch_size=n)
         if valid:

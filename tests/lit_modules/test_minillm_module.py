@@ -93,3 +93,4 @@ def test_configs_run_end_to_end_through_the_cli():
         cli = build_cli(["fit", "--config", str(by_name[row]), "--model.init_args.max_new_tokens", "4"] + quick)
         assert cli.trainer.global_step == 2, row
         assert torch.isfinite(cli.trainer.callback_metrics["train/loss"]), row
+        assert torch.isfinite(cli.trainer.callback_metrics["val/ex_acc_err"]), row  # every row has a teacher
