@@ -29,6 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "minillm"
+BASE_EXPORTS = {"teacher_sft": "checkpoints/minillm_teacher", "sft": "checkpoints/minillm_student_sft"}
 ROWS = [("SFT +N (no KD)", "sft", True), ("KD", "kd", False), ("SeqKD", "seqkd", False),
         ("GKD reverse KL", "gkd_reverse", False), ("MiniLLM", "minillm", False),
         ("MiniLLM w/o length norm", "minillm_no_length_norm", False),
@@ -45,6 +46,17 @@ def _fit(config: str, steps: int, extra: list[str], device: str):
     t = time.perf_counter()
     cli = build_cli(args)
     return cli, time.perf_counter() - t
+
+
+def _require_export(config: str, steps: int, extra: list[str], device: str):
+    """``--eval-only`` stand-in for :func:`_fit`: the export that run would write must already be there."""
+    from lit_modules.builtin_checkpoints import is_finished_export
+
+    flag = "--model.init_args.export_dir"
+    path = extra[extra.index(flag) + 1] if flag in extra else BASE_EXPORTS[config]
+    if not is_finished_export(path):
+        raise SystemExit(f"--eval-only: no finished export at {Path(path).resolve()}; run without --eval-only first")
+    return None, 0.0
 
 
 def _evaluate(student_dir: str, device: str, seeds: int, num_val: int, exposure_bias: bool = False) -> dict[str, float]:
@@ -121,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reuse", action="store_true", help="keep an existing teacher / SFT student in --workdir")
     ap.add_argument("--train-seeds", type=int, nargs="+", default=[0], help="training seeds of the distillation rows")
     ap.add_argument("--exposure-bias", action="store_true", help="add an ExAccErr column (vs the teacher, length 16)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="train nothing: evaluate the exports a previous run (same --train-seeds) left in --workdir")
     args = ap.parse_args(argv)
     teacher_steps = args.teacher_steps or (20 if args.quick else 1000)
     sft_steps = args.sft_steps or (10 if args.quick else 600)
@@ -133,12 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
     os.chdir(workdir)  # the configs write checkpoints/ and logs/ relative to the working directory
 
     results, wall = [], {}
+    fit = _require_export if args.eval_only else _fit
     if not (args.reuse and Path("checkpoints/minillm_teacher/config.json").exists()):
-        _, wall["teacher_sft"] = _fit("teacher_sft", teacher_steps, [], args.device)
+        _, wall["teacher_sft"] = fit("teacher_sft", teacher_steps, [], args.device)
     results.append({"row": "Teacher (SFT)", "config": "teacher_sft", "steps": teacher_steps,
                     **_evaluate("checkpoints/minillm_teacher", args.device, seeds, args.num_val)})
     if not (args.reuse and Path("checkpoints/minillm_student_sft/config.json").exists()):
-        _, wall["sft_init"] = _fit("sft", sft_steps, [], args.device)
+        _, wall["sft_init"] = fit("sft", sft_steps, [], args.device)
     results.append({"row": "SFT (student init)", "config": "sft", "steps": sft_steps,
                     **_evaluate("checkpoints/minillm_student_sft", args.device, seeds, args.num_val,
                                 args.exposure_bias)})
@@ -152,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
             if is_sft:  # continue the SFT student with SFT for the rows' number of steps
                 extra += ["--model.init_args.student", "checkpoints/minillm_student_sft", "--model.init_args.lr",
                           "5e-4", "--model.init_args.warmup_steps", "0"]
-            _, wall[f"{config}_seed{seed}"] = _fit(config, row_steps, extra, args.device)
+            _, wall[f"{config}_seed{seed}"] = fit(config, row_steps, extra, args.device)
             per_seed.append(_evaluate(export, args.device, seeds, args.num_val, args.exposure_bias))
         results.append({"row": label, "config": config, "steps": row_steps, "train_seeds": args.train_seeds,
                         **_mean_and_std(per_seed)})
