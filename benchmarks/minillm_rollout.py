@@ -5,7 +5,8 @@ teacher forward over its output (what a sampler without mixing needs for the rew
 
 Both sides: same random-init Llama student/teacher (config dicts), same left-padded prompt batch, the same
 number of new tokens (``eos_token_id=None`` on ``generate`` and ``eos_id=None`` in ours, so no sequence stops
-early), multinomial sampling at temperature 1 with no top-k/top-p, fp32 on CPU / ``--dtype`` on CUDA,
+early), sampling at temperature 1 with no top-k/top-p (``generate``: ``torch.multinomial``; ours: inverse-CDF
+draws, the same distribution), fp32 on CPU / ``--dtype`` on CUDA,
 ``torch.inference_mode``. Ours additionally samples from the α = 0.2 teacher-student mixture and returns the teacher's
 and the mixture's log-probs of every token. Prints one JSON object with the median tokens/s of each side and
 the ratio ours/anchor.
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"size": size, "student_params": sum(p.numel() for p in student.parameters()),
                      "teacher_params": sum(p.numel() for p in teacher.parameters()), "batch": batch,
                      "prompt_len": args.prompt_len, "new_tokens": new_tokens, "alpha": args.alpha,
-                     "dtype": str(dtype), "repeats": repeats, "sampling": "multinomial, T=1, no top-k/top-p",
+                     "dtype": str(dtype), "repeats": repeats, "sampling": "T=1, no top-k/top-p",
                      "anchor": "student.generate(do_sample, eos_token_id=None) + 1 teacher forward"},
         "seconds": times, "tokens_per_s_median": tps,
         "ratio_ours_vs_anchor": tps["ours_teacher_mixed"] / tps["anchor_generate_plus_teacher_forward"],
