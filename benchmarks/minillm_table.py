@@ -11,8 +11,9 @@ the valid answers), the rate of valid answers (the task's checker) and the mean 
 at temperature 1 (``--eval-seeds`` seeds, averaged). With several ``--train-seeds`` every row (not the teacher and
 the SFT initialisation, which are shared) is trained once per seed (``--seed_everything``) and the table shows
 mean ± standard deviation over the seeds. ``--exposure-bias`` adds an ExAccErr column (paper §3.3): each student
-row's excess accumulated error against the teacher at the full response length (16), on the same prompts, prefixes
-sampled at temperature 1 (``lit_modules.minillm.measure_exposure_bias``; all eval seeds × prompts pooled).
+row's excess accumulated error against the teacher at length ``--exposure-bias-length`` (default 4, the answers'
+typical length: beyond it few sequences are alive and single outliers dominate the curve), on the same prompts,
+prefixes sampled at temperature 1 (``lit_modules.minillm.measure_exposure_bias``; all eval seeds × prompts pooled).
 Prints a markdown table, then one JSON object last.
 """
 
@@ -59,7 +60,8 @@ def _require_export(config: str, steps: int, extra: list[str], device: str):
     return None, 0.0
 
 
-def _evaluate(student_dir: str, device: str, seeds: int, num_val: int, exposure_bias: bool = False) -> dict[str, float]:
+def _evaluate(student_dir: str, device: str, seeds: int, num_val: int,
+              exposure_bias_length: int | None = None) -> dict[str, float]:
     """Validate the exported model at ``student_dir`` (as an SFT-objective MiniLLM: no teacher needed)."""
     import lightning as L
 
@@ -75,11 +77,13 @@ def _evaluate(student_dir: str, device: str, seeds: int, num_val: int, exposure_
         runs.append(trainer.validate(module, data, verbose=False)[0])
     keys = ("val/rougeL", "val/valid_rate", "val/response_length", "val/loss")
     out = {k.split("/")[1]: statistics.mean(float(r[k]) for r in runs) for k in keys}
-    return out | (_exposure_bias(student_dir, device, seeds, num_val) if exposure_bias else {})
+    if exposure_bias_length is None:
+        return out
+    return out | _exposure_bias(student_dir, device, seeds, num_val, exposure_bias_length)
 
 
-def _exposure_bias(student_dir: str, device: str, seeds: int, num_val: int) -> dict[str, float]:
-    """ExAccErr (%) at length 16 of the student at ``student_dir`` against ``checkpoints/minillm_teacher``: for
+def _exposure_bias(student_dir: str, device: str, seeds: int, num_val: int, length: int) -> dict[str, float]:
+    """ExAccErr (%) at ``length`` of the student at ``student_dir`` against ``checkpoints/minillm_teacher``: for
     every eval seed and held-out prompt one temperature-1 sample from each model; per-step errors of all of them
     pooled into one curve (:func:`lit_modules.minillm.excess_accumulated_error`)."""
     from datamodules import InstructionDataModule
@@ -101,7 +105,7 @@ def _exposure_bias(student_dir: str, device: str, seeds: int, num_val: int) -> d
                                                tok.pad_token_id, gen))
     fields = ("kl_student_prefixes", "mask_student", "kl_teacher_prefixes", "mask_teacher")
     curve = excess_accumulated_error(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
-    return {"ex_acc_err": float(curve[-1])}
+    return {"ex_acc_err": float(curve[length - 1])}
 
 
 def _mean_and_std(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -132,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rows", nargs="*", default=None, help="subset of row config names")
     ap.add_argument("--reuse", action="store_true", help="keep an existing teacher / SFT student in --workdir")
     ap.add_argument("--train-seeds", type=int, nargs="+", default=[0], help="training seeds of the distillation rows")
-    ap.add_argument("--exposure-bias", action="store_true", help="add an ExAccErr column (vs the teacher, length 16)")
+    ap.add_argument("--exposure-bias", action="store_true", help="add an ExAccErr column (vs the teacher)")
+    ap.add_argument("--exposure-bias-length", type=int, default=4, help="l of the ExAccErr(l) column (1..16)")
     ap.add_argument("--eval-only", action="store_true",
                     help="train nothing: evaluate the exports a previous run (same --train-seeds) left in --workdir")
     args = ap.parse_args(argv)
@@ -148,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results, wall = [], {}
     fit = _require_export if args.eval_only else _fit
+    eb_length = args.exposure_bias_length if args.exposure_bias else None
     if not (args.reuse and Path("checkpoints/minillm_teacher/config.json").exists()):
         _, wall["teacher_sft"] = fit("teacher_sft", teacher_steps, [], args.device)
     results.append({"row": "Teacher (SFT)", "config": "teacher_sft", "steps": teacher_steps,
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         _, wall["sft_init"] = fit("sft", sft_steps, [], args.device)
     results.append({"row": "SFT (student init)", "config": "sft", "steps": sft_steps,
                     **_evaluate("checkpoints/minillm_student_sft", args.device, seeds, args.num_val,
-                                args.exposure_bias)})
+                                eb_length)})
     for label, config, is_sft in ROWS:
         if args.rows and config not in args.rows:
             continue
@@ -168,12 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
                 extra += ["--model.init_args.student", "checkpoints/minillm_student_sft", "--model.init_args.lr",
                           "5e-4", "--model.init_args.warmup_steps", "0"]
             _, wall[f"{config}_seed{seed}"] = fit(config, row_steps, extra, args.device)
-            per_seed.append(_evaluate(export, args.device, seeds, args.num_val, args.exposure_bias))
+            per_seed.append(_evaluate(export, args.device, seeds, args.num_val, eb_length))
         results.append({"row": label, "config": config, "steps": row_steps, "train_seeds": args.train_seeds,
                         **_mean_and_std(per_seed)})
 
     lines = ["| row | config | optimizer steps | Rouge-L | valid-answer rate | mean response tokens | val CE |"
-             + (" ExAccErr % (l = 16) |" if args.exposure_bias else ""),
+             + (f" ExAccErr % (l = {args.exposure_bias_length}) |" if args.exposure_bias else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if args.exposure_bias else "")]
     for r in results:
         cells = [_format(r, key, digits) if key in r else "—"
