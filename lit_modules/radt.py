@@ -189,13 +189,19 @@ class RADT(ReturnConditionedPolicy):
     def step_inputs(self, returns: torch.Tensor, time: torch.Tensor, cache: dict | None) -> list[torch.Tensor]:
         """Each block's per-step inputs (B, K, ·) for return embeddings c and timestep embeddings ``time``.
 
-        With a ``cache`` from the previous call the window has slid by one step: only the newest step's inputs
-        are computed (they depend on its (c_t, t) alone). The cache holds them in buffers of 2K steps and hands
-        out K-step views, so a step costs one row write, plus a move of K − 1 rows every K steps.
+        With a ``cache`` from the previous call whose window this one continues (its last K − 1 steps' c and t
+        equal this window's first K − 1, checked), only the newest step's inputs are computed (they depend on its
+        (c_t, t) alone); any other window is computed in full and restarts the cache. The cache holds the inputs
+        in buffers of 2K steps and hands out K-step views: a step costs one row write, plus a move of K − 1 rows
+        every K steps.
         """
         B, K = returns.shape[:2]
         buffers = None if cache is None else cache.get("step_inputs")
-        if buffers is None or buffers[0].shape[:2] != (B, 2 * K):
+        slid = buffers is not None and buffers[0].shape[:2] == (B, 2 * K) and all(
+            torch.equal(before[:, 1:], now[:, :-1]) for before, now in zip(cache["window"], (returns, time)))
+        if cache is not None:
+            cache["window"] = (returns, time)
+        if not slid:
             per_step = [block.step_inputs(returns, time) for block in self.blocks]
             if cache is not None:
                 cache["step_inputs"] = [torch.cat([p, torch.empty_like(p)], dim=1) for p in per_step]

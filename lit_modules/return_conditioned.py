@@ -220,10 +220,10 @@ class ReturnConditionedPolicy(PaperModule):
         (not known yet, a placeholder no state token attends to) is left out and the last block computes only
         the newest state token, about a third less work for the paper's 3 layers.
 
-        ``cache``: a dict owned by the caller, empty at the start of a rollout and passed again at every step,
-        where each call's windows are the previous call's slid by one step (what ``rollout_returns`` does).
-        The model keeps there what depends on one step alone (RADT: the returns' keys, values and
-        modulations) and computes it only for the newest step.
+        ``cache``: a dict owned by the caller, empty at the start of a rollout and passed again at every step
+        (``rollout_returns`` does). The model keeps there what depends on one step alone (RADT: the returns'
+        keys, values and modulations) and, when a call's windows are the previous call's slid by one step
+        (checked), computes it only for the newest step; other windows are computed in full.
         """
         batch = {"states": states, "actions": actions, "returns_to_go": returns_to_go, "timesteps": timesteps,
                  "mask": mask}

@@ -124,6 +124,13 @@ def test_act_with_cache_equals_full_forward_along_a_sliding_rollout(cls, kw):
             full = model.predict_actions(batch)[:, -1]
         torch.testing.assert_close(model.act(*batch.values(), cache=cache), full, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model.act(*batch.values()), full, rtol=1e-5, atol=1e-6)
+    # a window that does not continue the cached one (another rollout, a skipped step) is computed in full
+    for other in (inputs(B, seed=5), inputs(B, seed=6)):
+        other = (other[0], other[1], 1000 * other[2], *other[3:])
+        batch = dict(zip(("states", "actions", "returns_to_go", "timesteps", "mask"), other))
+        with torch.no_grad():
+            full = model.predict_actions(batch)[:, -1]
+        torch.testing.assert_close(model.act(*other, cache=cache), full, rtol=1e-5, atol=1e-6)
 
 
 def test_masked_mse_and_cross_entropy_hand_computed():
