@@ -147,6 +147,12 @@ class QuantizationEval(L.Callback):
         self.records: list[dict] | None = None
         self.fp_answers: list[str] | None = None
         self.results: list[dict] = []
+        self.folder: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        # on every rank: ``trainer.log_dir`` is a collective (a broadcast) under DDP, and the evaluation itself
+        # runs on rank 0 only, where asking for it would wait forever for the other ranks
+        self.folder = Path(trainer.log_dir or trainer.default_root_dir)
 
     def _prepare(self, trainer: L.Trainer, pl_module) -> None:
         if self.records is not None:
@@ -182,7 +188,7 @@ class QuantizationEval(L.Callback):
         return metrics
 
     def _write(self, trainer: L.Trainer) -> None:
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = self.folder or Path(trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "quantization_eval.json").write_text(json.dumps(self.results, indent=2))
 
