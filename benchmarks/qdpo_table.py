@@ -9,7 +9,8 @@ RTN = FP with every non-``lm_head`` linear weight quantized by symmetric per-gro
 (``--bits``/``--group-size``), no training. QDPO = the same quantizer, trained with sigmoid DPO (β = 0.1,
 AdamW lr 2e-5 with cosine decay to 0.1×, batch 16 pairs, ``--epochs`` 1, only the quantized layers' latent weights)
 through fake quantization on pairs (FP greedy answer ≻ RTN greedy answer, identical pairs dropped) for the
-distinct prompts among ``--num-prompts`` built-in ones, then converted to real low-bit weights. All three are
+distinct prompts among ``--num-prompts`` built-in ones, then converted to real low-bit weights. Every prompt is
+in FP's own prompt format (the template its export carries, :mod:`datamodules.tokenizers`). All three are
 evaluated by :func:`callbacks.quantization_eval.evaluate_against_full_precision` on the same held-out
 prompts (none used for training), greedy decoding, fp32. ``recovered`` = (QDPO − RTN) / (FP − RTN) per metric:
 1 = back to FP.
@@ -48,11 +49,15 @@ def train_full_precision(path: Path, steps: int | None, accelerator: str) -> flo
     return time.perf_counter() - start
 
 
-def eval_records(n: int, exclude: set[str]) -> list[dict]:
+def eval_records(n: int, exclude: set[str], tokenizer) -> list[dict]:
+    """Held-out built-in prompts (seed 12345) in the model's own prompt format, minus ``exclude``."""
     from datamodules.instruction import load_instruction_records
     from datamodules.qdpo_pairs import unique_prompt_records
+    from datamodules.tokenizers import resolve_prompt_template
 
-    records, _ = unique_prompt_records(load_instruction_records(None, n, seed=12345, require_response=False))
+    records, _ = unique_prompt_records(load_instruction_records(None, n, seed=12345,
+                                                                template=resolve_prompt_template(tokenizer),
+                                                                require_response=False))
     return [r for r in records if r["prompt"] not in exclude]
 
 
@@ -83,9 +88,9 @@ def run_seed(args, seed: int, device: torch.device, accelerator: str) -> dict:
     trainer.fit(module, dm)
     timings["train_s"] = time.perf_counter() - start
 
-    records = eval_records(args.eval_prompts, {r["prompt"] for r in rows})
-    fp = module.full_precision.to(device)
     tok = module.tokenizer
+    records = eval_records(args.eval_prompts, {r["prompt"] for r in rows}, tok)
+    fp = module.full_precision.to(device)
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size)
     start = time.perf_counter()
     fp_answers = generate_answers(fp, tok, [r["prompt"] for r in records], **gen)
@@ -160,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     device = torch.device(args.device)
 
+    from datamodules.tokenizers import load_tokenizer, resolve_prompt_template
+
     sft_s = None
     if not (args.model / "config.json").exists():
         sft_s = train_full_precision(args.model, args.sft_steps, accelerator)
@@ -173,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
                    + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"seeds": seeds},
+        "prompt_template": resolve_prompt_template(load_tokenizer(None, str(args.model))),
         "fp_sft_s": sft_s,
         "median": table,
         "recovered": rec,

@@ -40,6 +40,7 @@ from datamodules.common import pad_sequences
 from datamodules.instruction import load_instruction_records
 from datamodules.instruction_tasks import check_answer
 from datamodules.qdpo_pairs import generate_answers, unique_prompt_records
+from datamodules.tokenizers import check_prompt_template, resolve_prompt_template
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +136,17 @@ class QuantizationEval(L.Callback):
         seed: seed of the built-in prompt generator (different from the pairs' ``prompt_seed``).
         max_new_tokens, batch_size, max_prompt_length: generation settings (greedy).
         exclude_training_prompts: drop prompts the datamodule trains on (its ``records()``' ``prompt``).
+        template: prompt template; ``None`` (default) = the full-precision model's own prompt format (its
+            tokenizer's chat template, :func:`datamodules.tokenizers.resolve_prompt_template`).
     """
 
     def __init__(self, path: str | None = None, num_prompts: int = 256, seed: int = 12345,
                  max_new_tokens: int = 32, batch_size: int = 64, max_prompt_length: int = 128,
-                 exclude_training_prompts: bool = True):
+                 exclude_training_prompts: bool = True, template: str | None = None):
         super().__init__()
+        if template is not None:
+            check_prompt_template(template, "QuantizationEval.template")
+        self.template = template
         self.path, self.num_prompts, self.seed = path, num_prompts, seed
         self.gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_length=max_prompt_length)
         self.exclude_training_prompts = exclude_training_prompts
@@ -161,7 +167,8 @@ class QuantizationEval(L.Callback):
             if not hasattr(pl_module, attr):
                 raise TypeError(f"QuantizationEval needs a module with .{attr} (lit_modules.QDPO), "
                                 f"got {type(pl_module).__name__}")
-        records, _ = unique_prompt_records(load_instruction_records(self.path, self.num_prompts, self.seed,
+        template = resolve_prompt_template(pl_module.tokenizer, self.template, "QuantizationEval.template")
+        records, _ = unique_prompt_records(load_instruction_records(self.path, self.num_prompts, self.seed, template,
                                                                     require_response=False))
         dm = trainer.datamodule
         if self.exclude_training_prompts and dm is not None and hasattr(dm, "records"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lit_modules.hf import load_tokenizer
+from datamodules.tokenizers import load_tokenizer
 
 
 def resolve_tokenizer(datamodule: L.LightningDataModule, tokenizer: str | None):

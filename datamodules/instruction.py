@@ -1,8 +1,10 @@
 """Instruction-following data (prompt → response): your Dolly-style files, or the built-in checkable tasks.
 
 Records users bring (JSONL, a JSON list, or a HF dataset saved with ``save_to_disk``) need either
-``instruction`` (+ optional ``context``) and ``response`` — Dolly-15k's schema, filled into ``template`` —
-or ``prompt`` and ``response``, where ``prompt`` is used verbatim. An optional ``references`` list is kept
+``instruction`` (+ optional ``context``) and ``response`` — Dolly-15k's schema, filled into the prompt
+template — or ``prompt`` and ``response``, where ``prompt`` is used verbatim. The template is the model's own
+prompt format (:func:`datamodules.tokenizers.resolve_prompt_template`) unless one is configured; the module's
+tokenizer then records the template it is trained with, so its export carries it. An optional ``references`` list is kept
 for Rouge-L (default: ``[response]``). ``path=None`` is the built-in task generator of
 :mod:`datamodules.instruction_tasks` (several valid answers per prompt, each checkable by
 :func:`~datamodules.instruction_tasks.check_answer`).
@@ -36,6 +38,7 @@ from datamodules.common import pad_sequences, resolve_tokenizer
 from datamodules.instruction_tasks import PROMPT_TEMPLATE, format_prompt, generate_examples
 from datamodules.io import read_records
 from datamodules.text import TextDataModule
+from datamodules.tokenizers import check_prompt_template, resolve_prompt_template, set_prompt_template
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +122,10 @@ class InstructionDataModule(L.LightningDataModule):
 
     Args:
         path: JSONL/JSON file or saved HF dataset (see module docstring); ``None`` = built-in tasks.
-        template: prompt template with ``{instruction}``, ``{context}``, ``{context_block}`` fields.
+        template: prompt template (fields of :func:`~datamodules.instruction_tasks.format_prompt`); ``None`` =
+            the model's own prompt format (its tokenizer's chat template), else ``### Instruction:…``. A template
+            that differs from the model's own is used with a warning. The tokenizer then carries the template
+            used (:func:`~datamodules.tokenizers.set_prompt_template`): the model trained here is exported with it.
         max_prompt_length: prompts longer than this keep their LAST tokens (the template's response header).
         max_response_length: responses are cut to this many tokens, EOS included.
         batch_size: examples per batch (train and val).
@@ -134,7 +140,7 @@ class InstructionDataModule(L.LightningDataModule):
         tokenizer: tokenizer name/path; ``None`` uses the module's tokenizer (byte-level by default).
     """
 
-    def __init__(self, path: str | None = None, template: str = PROMPT_TEMPLATE, max_prompt_length: int = 256,
+    def __init__(self, path: str | None = None, template: str | None = None, max_prompt_length: int = 256,
                  max_response_length: int = 64, batch_size: int = 16, val_fraction: float = 0.1,
                  num_val: int | None = None, seed: int = 0, num_examples: int = 2000,
                  tasks: list[str] | None = None, pretrain_path: str | None = None, pretrain: bool = False,
@@ -145,8 +151,8 @@ class InstructionDataModule(L.LightningDataModule):
                              f"({max_response_length}) must be >= 1")
         if num_val is None and not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if "{instruction}" not in template:
-            raise ValueError(f"template must contain '{{instruction}}', got {template!r}")
+        if template is not None:
+            check_prompt_template(template, "InstructionDataModule.template")
         self.save_hyperparameters()
         self.path, self.template, self.seed = path, template, seed
         self.max_prompt_length, self.max_response_length = max_prompt_length, max_response_length
@@ -155,6 +161,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.pretrain = pretrain or pretrain_path is not None
         self.pretrain_path, self.pretrain_block_size = pretrain_path, pretrain_block_size
         self.tokenizer_name = tokenizer
+        self.prompt_template: str | None = None  # the template in use, resolved in setup
         self.train_set: _EncodedExamples | None = None
         self.val_set: _EncodedExamples | None = None
         self.pad_id = 0
@@ -180,7 +187,9 @@ class InstructionDataModule(L.LightningDataModule):
             return
         tokenizer = resolve_tokenizer(self, self.tokenizer_name)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        records = load_instruction_records(self.path, self.num_examples, self.seed, self.template, self.tasks)
+        self.prompt_template = resolve_prompt_template(tokenizer, self.template, "InstructionDataModule.template")
+        set_prompt_template(tokenizer, self.prompt_template)
+        records = load_instruction_records(self.path, self.num_examples, self.seed, self.prompt_template, self.tasks)
         order = list(range(len(records)))
         random.Random(self.seed).shuffle(order)
         n_val = self.num_val if self.num_val is not None else max(1, round(len(records) * self.val_fraction))

@@ -75,15 +75,21 @@ def _multiple(rng: random.Random) -> dict:
     return {"instruction": f"Name a multiple of {k} below {m}.", "references": valid, "params": {"k": k, "m": m}}
 
 
-#: Prompt template (Dolly/Alpaca style, kept short for byte-level tiny models). ``{context}`` lines are
-#: dropped when the context is empty. The response follows the template directly and ends with EOS.
+#: Default prompt template (Dolly/Alpaca style, kept short for byte-level tiny models), for a model that carries
+#: no prompt format of its own (see :mod:`datamodules.tokenizers`). ``{context}`` lines are dropped when the
+#: context is empty. The response follows the template directly and ends with EOS.
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n{context_block}### Response:\n"
+#: The fields a prompt template may use (see :func:`format_prompt`).
+PROMPT_FIELDS = ("instruction", "context", "context_block", "user")
 
 
 def format_prompt(instruction: str, context: str = "", template: str = PROMPT_TEMPLATE) -> str:
-    """Fill ``template`` (fields ``{instruction}``, ``{context}``, ``{context_block}``) for one example."""
+    """Fill ``template`` for one example. Fields: ``{instruction}``; ``{context}``; ``{context_block}`` =
+    ``"### Context:\\n<context>\\n"`` (empty without context); ``{user}`` = the instruction, plus a blank line and
+    the context when there is one (the user message of a chat template)."""
     context_block = f"### Context:\n{context}\n" if context else ""
-    return template.format(instruction=instruction, context=context, context_block=context_block)
+    user = f"{instruction}\n\n{context}" if context else instruction
+    return template.format(instruction=instruction, context=context, context_block=context_block, user=user)
 
 
 TASKS: dict[str, Callable[[random.Random], dict]] = {

@@ -3,8 +3,9 @@ model's answer, rejected = the quantized model's answer, both decoded with the s
 
 A :class:`datamodules.PreferenceDataModule` whose rows come from generation instead of a file: prompts are
 read like :class:`datamodules.InstructionDataModule`'s (``path``: Dolly-style JSONL/JSON/saved HF dataset;
-``None``: the built-in checkable tasks), the two models come from the attached module (``QDPO.pair_models()``),
-and the base class tokenizes, drops identical pairs (counted and logged), splits and batches as usual.
+``None``: the built-in checkable tasks) and filled into the full-precision model's own prompt format (its
+tokenizer's chat template, :func:`datamodules.tokenizers.resolve_prompt_template`), the two models come from the
+attached module (``QDPO.pair_models()``), and the base class tokenizes, drops identical pairs (counted and logged), splits and batches as usual.
 
 Decoding is greedy by default: the pair then differs exactly when quantization flips an argmax somewhere
 along the answer — the paper's "token flipping" — and the pairs are deterministic. ``do_sample=True`` samples
@@ -29,8 +30,8 @@ from torch import nn
 
 from datamodules.common import cache_dir, pad_sequences
 from datamodules.instruction import load_instruction_records
-from datamodules.instruction_tasks import PROMPT_TEMPLATE
 from datamodules.preference import PreferenceDataModule
+from datamodules.tokenizers import check_prompt_template, resolve_prompt_template
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ class QDPOPairsDataModule(PreferenceDataModule):
         num_prompts: prompts drawn from the built-in generator (ignored with ``path``), before deduplication.
         prompt_seed: seed of the built-in prompt generator.
         tasks: subset of the built-in tasks.
-        template: prompt template (as :class:`datamodules.InstructionDataModule`).
+        template: prompt template; ``None`` (default) = the full-precision model's own prompt format (as
+            :class:`datamodules.InstructionDataModule`); one that differs from the model's is used with a warning.
         max_new_tokens: generation length limit.
         generation_batch_size: prompts per ``generate`` call.
         do_sample, temperature, generation_seed: decoding (see module docstring); greedy by default.
@@ -107,7 +109,7 @@ class QDPOPairsDataModule(PreferenceDataModule):
     """
 
     def __init__(self, path: str | None = None, num_prompts: int = 1000, prompt_seed: int = 1,
-                 tasks: list[str] | None = None, template: str = PROMPT_TEMPLATE, max_new_tokens: int = 32,
+                 tasks: list[str] | None = None, template: str | None = None, max_new_tokens: int = 32,
                  generation_batch_size: int = 64, do_sample: bool = False, temperature: float = 1.0,
                  generation_seed: int = 0, pairs_cache_dir: str | None = None, max_prompt_length: int = 128,
                  max_length: int = 256, batch_size: int = 8, val_fraction: float = 0.1, seed: int = 0,
@@ -120,6 +122,8 @@ class QDPOPairsDataModule(PreferenceDataModule):
                              f"({generation_batch_size}) must be >= 1")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if template is not None:
+            check_prompt_template(template, "QDPOPairsDataModule.template")
         self.prompt_seed, self.template = prompt_seed, template
         self.decoding = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
                          "temperature": temperature if do_sample else None, "seed": generation_seed,
@@ -128,10 +132,13 @@ class QDPOPairsDataModule(PreferenceDataModule):
         self.cache_file: Path | None = None
         self.num_generated = 0  # generated (not cached) pairs in this process
 
-    def prompt_records(self) -> list[dict]:
-        """Prompt records (``prompt`` filled from the template; built-in ones keep ``task``/``params``),
-        deduplicated under greedy decoding (equal prompts would give equal pairs)."""
-        records = load_instruction_records(self.path, self.num_examples, self.prompt_seed, self.template,
+    def prompt_records(self, tokenizer=None) -> list[dict]:
+        """Prompt records (``prompt`` filled from the template, resolved against ``tokenizer``'s prompt format —
+        default: the attached module's; built-in ones keep ``task``/``params``), deduplicated under greedy
+        decoding (equal prompts would give equal pairs)."""
+        tokenizer = tokenizer if tokenizer is not None else self._pair_models()[2]
+        template = resolve_prompt_template(tokenizer, self.template, "QDPOPairsDataModule.template")
+        records = load_instruction_records(self.path, self.num_examples, self.prompt_seed, template,
                                            self.tasks, require_response=False)
         if self.decoding["do_sample"]:
             return records  # a repeated prompt is another sample
@@ -153,7 +160,7 @@ class QDPOPairsDataModule(PreferenceDataModule):
         if self._records is not None:
             return self._records
         full_precision, quantized, tokenizer, fingerprint = self._pair_models()
-        prompts = self.prompt_records()
+        prompts = self.prompt_records(tokenizer)
         key = cache_key({"models": fingerprint, "decoding": self.decoding,
                          "prompts": [r["prompt"] for r in prompts]})
         folder = Path(self.pairs_cache_dir) if self.pairs_cache_dir else cache_dir("qdpo_pairs")

@@ -13,13 +13,16 @@ pad/eos/unk, no files needed.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from datamodules.model_aliases import resolve_model_alias
+# tokenizers (and the prompt format they carry) live on the data floor; re-exported here for existing callers
+from datamodules.tokenizers import byte_tokenizer, is_local, load_tokenizer, offline  # noqa: F401
 
 ModelSpec = str | dict[str, Any]
 
@@ -47,26 +50,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return _DTYPES[dtype]
     except KeyError:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}") from None
-
-
-def byte_tokenizer() -> ByT5Tokenizer:
-    """The default tokenizer: UTF-8 bytes (ids 3..258) plus pad=0, eos=1, unk=2. Needs no files."""
-    return ByT5Tokenizer(extra_ids=0)
-
-
-def load_tokenizer(tokenizer: str | None = None, model: ModelSpec | None = None):
-    """Tokenizer from ``tokenizer`` (name/path), else from ``model`` when it is a path/name with tokenizer
-    files, else the byte-level default. A pad token is always set (eos when the tokenizer has none)."""
-    source = tokenizer
-    if source is None and isinstance(model, str) and _has_tokenizer_files(model):
-        source = model
-    if source is None or source == "byte":
-        tok = byte_tokenizer()
-    else:
-        tok = AutoTokenizer.from_pretrained(source, local_files_only=_is_local(source) or _offline())
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def load_causal_lm(model: ModelSpec, vocab_size: int | None = None, dtype: str | torch.dtype | None = None,
@@ -100,9 +83,10 @@ def load_causal_lm(model: ModelSpec, vocab_size: int | None = None, dtype: str |
         return lm.to(torch_dtype) if torch_dtype is not None else lm
     if not isinstance(model, str):
         raise TypeError(f"model must be a name, a path or a config dict, got {type(model).__name__}")
-    if _is_local(model) and not (Path(model) / "config.json").exists():
+    model = resolve_model_alias(model)
+    if is_local(model) and not (Path(model) / "config.json").exists():
         raise FileNotFoundError(f"model directory {model!r} has no config.json (expected a save_pretrained export)")
-    kwargs = {"local_files_only": _is_local(model) or _offline()}
+    kwargs = {"local_files_only": is_local(model) or offline()}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     # from_pretrained returns eval mode and Lightning keeps submodules' modes: a model loaded to be trained
@@ -136,17 +120,3 @@ def check_same_vocabulary(a: PreTrainedModel, b: PreTrainedModel, names: tuple[s
     if va != vb:
         raise ValueError(f"{names[0]} vocabulary size {va} != {names[1]} vocabulary size {vb}: "
                          "both models must share one tokenizer/vocabulary")
-
-
-def _is_local(name: str) -> bool:
-    return os.path.isdir(name) or name.startswith((".", "/", "~"))
-
-
-def _has_tokenizer_files(name: str) -> bool:
-    if not os.path.isdir(name):
-        return not name.startswith((".", "/", "~"))
-    return any((Path(name) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
