@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lit_modules.base import PaperModule
 from lit_modules.hf import ModelSpec, load_causal_lm, load_tokenizer, save_pretrained_with_tokenizer
-from lit_modules.preference_losses import preference_loss, resolve_preference_loss
+from lit_modules.preference_losses import PREFERENCE_LOSSES, preference_loss, resolve_preference_loss
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,15 @@ class DPO(PaperModule):
             dict for a tiny random model.
         ref_model: the reference; ``None`` = a frozen copy of the initial policy, else a name/path/config dict.
         tokenizer: tokenizer name/path; ``None`` = the model directory's, else byte-level.
-        loss: a registered loss name or ``"module.path:function"``.
+        loss: a registered loss name, ``"module.path:function"``, or a callable with the same signature.
         beta: β (scales the log-ratio margin in every loss).
         loss_kwargs: extra keyword arguments of the loss (``label_smoothing``, ``tau``, ...).
         precompute_ref_logps: compute the reference log-probs of every pair once at fit start (cached to
             ``ref_cache_dir`` keyed by reference weights + data), then drop the reference model.
         ref_cache_dir: cache directory (default ``$LITPAPERS_CACHE/dpo_ref_logps``).
-        length_normalize: use per-token mean log-probs instead of sums.
+        length_normalize: use per-token mean log-probs instead of sums. ``None`` (default) = per-token means
+            for ``ipo`` (as TRL's ``DPOTrainer`` does for IPO, both the version DiscoPOP subclassed and today's;
+            PAPERS.md §6) and sums for every other loss; ``False`` gives IPO with summed log-probs.
         dtype: parameter dtype of policy and reference (``"bf16"``...); ``None`` = checkpoint's/fp32.
         init_seed: seed of a config-dict model's random initialisation.
         export_dir: if set, ``save_pretrained`` the policy and tokenizer there when training ends.
@@ -102,7 +104,7 @@ class DPO(PaperModule):
     def __init__(self, model: ModelSpec | None = None, ref_model: ModelSpec | None = None,
                  tokenizer: str | None = None, loss: str = "sigmoid", beta: float = 0.1,
                  loss_kwargs: dict[str, Any] | None = None, precompute_ref_logps: bool = False,
-                 ref_cache_dir: str | None = None, length_normalize: bool = False, dtype: str | None = None,
+                 ref_cache_dir: str | None = None, length_normalize: bool | None = None, dtype: str | None = None,
                  init_seed: int = 0, export_dir: str | None = None, lr: float = 5e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0, lr_decay: str = "cosine",
                  min_lr_ratio: float = 0.1):
@@ -112,7 +114,9 @@ class DPO(PaperModule):
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         self.loss_fn = resolve_preference_loss(loss)
-        self.loss_name = loss.rsplit(":", 1)[-1]
+        self.loss_name = loss.rsplit(":", 1)[-1] if isinstance(loss, str) else getattr(loss, "__name__", "custom")
+        if length_normalize is None:
+            length_normalize = self.loss_fn is PREFERENCE_LOSSES["ipo"]
         self.beta, self.loss_kwargs = beta, dict(loss_kwargs or {})
         probe = torch.zeros(2)  # fail at construction, not at the first step, on a wrong loss or loss_kwargs
         preference_loss(self.loss_fn, probe, probe, probe, probe, beta=beta, **self.loss_kwargs)

@@ -63,8 +63,9 @@ def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
              ref_rejected_logps: Tensor, beta: float = 0.1, stats: dict | None = None) -> Tensor:
     """IPO (Azar et al., 2023, Eq. 17; β plays the paper's τ): L = (ρ − 1/(2β))².
 
-    ρ is built from whatever log-probs are passed in: summed log-probs as in the formula, or per-token means
-    when ``DPO(length_normalize=True)`` (TRL's current IPO normalises by length internally).
+    ρ is built from whatever log-probs are passed in. ``lit_modules.DPO`` passes per-token *mean* log-probs for
+    ``ipo`` by default, as TRL's ``DPOTrainer`` does for IPO (PAPERS.md §6); ``DPO(length_normalize=False)``
+    passes summed log-probs (the formula read literally).
     """
     rho = log_ratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return (rho - 1.0 / (2.0 * beta)) ** 2

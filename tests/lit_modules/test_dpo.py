@@ -232,3 +232,19 @@ def test_left_padded_batches_keep_their_mask_and_give_the_same_logps():
     assert not is_right_padded(left["attention_mask"])
     got = torch.cat(module.concatenated_logps(module.policy, left))
     assert torch.allclose(got, right, atol=1e-4)
+
+
+def test_ipo_uses_per_token_mean_logps_by_default_summed_as_option():
+    """Hand-computed: with ``hand_batch`` as the policy's logits (pair = row 0 chosen, row 1 rejected) the summed
+    log-probs are ln(3/5)+ln(1/3) = ln(1/5) and ln(1/4)+ln(1/5) = ln(1/20), both over 2 response tokens, so
+    ρ_sum = ln 4 and ρ_mean = ln 2 (reference log-probs 0 from the batch). IPO at β = 0.5: (ρ − 1)²."""
+    logits, ids, mask = hand_batch()
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": mask,
+             "ref_chosen_logps": torch.zeros(1, dtype=torch.float64),
+             "ref_rejected_logps": torch.zeros(1, dtype=torch.float64)}
+    expected = {None: (math.log(2) - 1) ** 2, True: (math.log(2) - 1) ** 2, False: (math.log(4) - 1) ** 2}
+    for length_normalize, want in expected.items():
+        module = DPO(model=TINY, loss="ipo", beta=0.5, length_normalize=length_normalize)
+        module.forward_logits = lambda model, batch: logits
+        assert module.compute_loss(batch)[0].item() == pytest.approx(want, rel=1e-12)
+    assert DPO(model=TINY, loss="sigmoid").length_normalize is False  # other losses keep summed log-probs
