@@ -1,0 +1,321 @@
+"""``litpapers reproduce``: run each paper's headline-claim experiment and write a computed report.
+
+    python -m benchmarks.reproduce [--quick | --full] [--only minillm,radt] [--seeds N] [--out reports/quick-DATE]
+
+For every paper key (``ademamix``, ``minillm``, ``discopop``, ``qdpo``, ``radt``, ``oversquashing``) the runner
+imports its claim module (:data:`CLAIM_MODULES`) and calls ``run(mode, seeds, out_dir, progress)``, which trains and
+evaluates through the same modules and configs a user runs and returns
+``{"claims": [{"claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better", "spread"}],
+"figures": [PNG paths relative to out_dir], "settings": {...}}``. The runner then
+
+- computes every claim's verdict with :func:`verdict` (one rule, stated in the report);
+- isolates failures: a paper whose module is missing or raises is recorded as ``failed`` with its error, the other
+  papers still run, and the exit code is 1 at the end;
+- saves each finished paper atomically to ``<out>/papers/<key>.json``; rerunning with the same ``--out`` (and the
+  same mode and ``--seeds``) skips those papers, so an interrupted run resumes and loses nothing finished;
+- rewrites ``<out>/results.json`` and ``<out>/report.md`` after every paper (and at the end).
+
+``spread`` is the standard error of the difference ``ours − baseline``, estimated by the claim module: over seeds
+(:func:`paired_spread`) when there are several, else a within-run sampling error where one exists (e.g.
+:func:`binomial_diff_se` for rates over n evaluation items), else ``None``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+PAPERS = ("ademamix", "minillm", "discopop", "qdpo", "radt", "oversquashing")
+# The one place that maps a paper key to its claim module (the only names to change when the package moves).
+CLAIM_MODULES = {key: f"benchmarks.claim_{key}" for key in PAPERS}
+CLAIM_FIELDS = ("claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better", "spread")
+VERDICT_RULE = (
+    "d = ours − baseline (baseline − ours when lower is better); spread s = standard error of that difference "
+    "(over seeds, or a within-run sampling error). **reproduced** if d > 2s, **not reproduced** if d < −2s, "
+    "otherwise **inconclusive**; with no noise estimate (s = null, e.g. one seed and no sampling error) always "
+    "**inconclusive**. s = 0 is only reported for exact (noise-free) computations.")
+Progress = Callable[[str, float | None], None]
+
+
+def verdict(ours: float, baseline: float, higher_is_better: bool, spread: float | None) -> str:
+    """The claim's verdict (rule: :data:`VERDICT_RULE`).
+
+    With d = (ours − baseline)·(+1 if higher is better else −1) and s = ``spread``: ``"reproduced"`` if d > 2s,
+    ``"not reproduced"`` if d < −2s, else ``"inconclusive"``; ``"inconclusive"`` whenever s is None or a number
+    is not finite (no evidence either way).
+    """
+    if spread is None or not all(math.isfinite(x) for x in (ours, baseline, spread)):
+        return "inconclusive"
+    if spread < 0:
+        raise ValueError(f"spread must be >= 0, got {spread}")
+    d = (ours - baseline) if higher_is_better else (baseline - ours)
+    if d > 2 * spread:
+        return "reproduced"
+    if d < -2 * spread:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def paired_spread(ours: Sequence[float], baseline: Sequence[float]) -> float | None:
+    """Standard error of mean(ours) − mean(baseline) from per-seed pairs: stdev(ours_i − baseline_i)/√n.
+
+    None with fewer than two seeds (no estimate of the seed-to-seed noise).
+    """
+    if len(ours) != len(baseline):
+        raise ValueError(f"paired_spread: {len(ours)} values for ours but {len(baseline)} for the baseline")
+    if len(ours) < 2:
+        return None
+    return statistics.stdev(o - b for o, b in zip(ours, baseline)) / math.sqrt(len(ours))
+
+
+def binomial_diff_se(p_ours: float, p_baseline: float, n_ours: int, n_baseline: int | None = None) -> float:
+    """Standard error of the difference of two rates over independent items: √(p₁(1−p₁)/n₁ + p₂(1−p₂)/n₂)."""
+    n_baseline = n_ours if n_baseline is None else n_baseline
+    if n_ours < 1 or n_baseline < 1:
+        raise ValueError(f"binomial_diff_se needs n >= 1, got {n_ours} and {n_baseline}")
+    return math.sqrt(p_ours * (1 - p_ours) / n_ours + p_baseline * (1 - p_baseline) / n_baseline)
+
+
+# ----------------------------------------------------------------------------------------------- environment
+def machine_info() -> dict:
+    """CPU model, cores, OS (and the GPU when there is one)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "gpu": None}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return info
+
+
+def versions() -> dict:
+    """Versions of python and the libraries the results depend on (None when not installed)."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "lightning", "transformers", "torchao", "gymnasium"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename (readers never see a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------- runner
+def _console_progress(key: str, index: int, total: int, start: float) -> Progress:
+    """A progress callback printing ``[mm:ss] key (i/n) pct%: message`` to stderr."""
+
+    def progress(message: str, fraction: float | None = None) -> None:
+        elapsed = int(time.perf_counter() - start)
+        pct = "" if fraction is None else f" {100 * fraction:3.0f}%"
+        print(f"[reproduce {elapsed // 60:02d}:{elapsed % 60:02d}] {key} ({index}/{total}){pct}: {message}",
+              file=sys.stderr, flush=True)
+
+    return progress
+
+
+def _checked_claims(result: dict, key: str) -> list[dict]:
+    """The module's claims with their verdicts; a missing field or a non-number is one clear error."""
+    if not isinstance(result, dict) or not isinstance(result.get("claims"), list) or not result["claims"]:
+        raise ValueError(f"claim module {CLAIM_MODULES[key]}.run returned no 'claims' list")
+    claims = []
+    for i, claim in enumerate(result["claims"]):
+        missing = [f for f in CLAIM_FIELDS if f not in claim]
+        if missing:
+            raise ValueError(f"{CLAIM_MODULES[key]}: claim {i} lacks fields {missing}")
+        c = {f: claim[f] for f in CLAIM_FIELDS}
+        c["ours"], c["baseline"] = float(c["ours"]), float(c["baseline"])
+        c["spread"] = None if c["spread"] is None else float(c["spread"])
+        c["higher_is_better"] = bool(c["higher_is_better"])
+        c["verdict"] = verdict(c["ours"], c["baseline"], c["higher_is_better"], c["spread"])
+        claims.append(c)
+    return claims
+
+
+def run_paper(key: str, mode: str, seeds: int | None, out: Path, progress: Progress) -> dict:
+    """Run one paper's claim module; never raises: a failure is returned as ``status: failed`` with its error."""
+    start = time.perf_counter()
+    paper_dir = out / key
+    record = {"status": "failed", "seconds": 0.0, "error": None, "claims": [], "figures": [], "settings": {},
+              "tensorboard": [], "mode": mode, "seeds": seeds}
+    try:
+        try:
+            module = importlib.import_module(CLAIM_MODULES[key])
+        except ModuleNotFoundError as e:
+            raise RuntimeError(f"claim module {CLAIM_MODULES[key]} is not available ({e})") from e
+        paper_dir.mkdir(parents=True, exist_ok=True)
+        result = module.run(mode, seeds, paper_dir, progress)
+        record["claims"] = _checked_claims(result, key)
+        record["figures"] = [f"{key}/{Path(f).as_posix()}" for f in result.get("figures", [])]
+        record["settings"] = result.get("settings", {})
+        record["status"] = "ok"
+    except Exception as e:  # noqa: BLE001 - failure isolation: record it, run the other papers
+        record["error"] = f"{type(e).__name__}: {e}"
+        record["traceback"] = traceback.format_exc()
+        progress(f"FAILED: {record['error']}", None)
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    record["tensorboard"] = sorted({p.parent.relative_to(out).as_posix()
+                                    for p in paper_dir.rglob("events.out.tfevents*")}) if paper_dir.exists() else []
+    return record
+
+
+def _saved(out: Path, key: str, mode: str, seeds: int | None) -> dict | None:
+    """The finished result of ``key`` saved by an earlier run with the same mode and seeds, else None."""
+    path = out / "papers" / f"{key}.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("status") == "ok" and record.get("mode") == mode and record.get("seeds") == seeds:
+        return record
+    return None
+
+
+def results_document(mode: str, papers: dict[str, dict], command: str, config: dict) -> dict:
+    """The ``results.json`` object (schema: issue 14), plus the command, config and the verdict rule."""
+    keep = ("status", "seconds", "error", "claims", "figures", "settings", "tensorboard")
+    return {"mode": mode, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(), "versions": versions(), "command": command, "config": config,
+            "verdict_rule": VERDICT_RULE,
+            "papers": {k: {f: p.get(f) for f in keep} for k, p in papers.items()}}
+
+
+def _number(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4g}"
+
+
+def _claim_rows(key: str | None, claims: list[dict]) -> list[str]:
+    rows = []
+    for c in claims:
+        spread = "" if c["spread"] is None else f" ± {_number(c['spread'])}"
+        better = "higher" if c["higher_is_better"] else "lower"
+        first = f"{key} | " if key else ""
+        rows.append(f"| {first}{c['claim']} | {c['metric']} ({better} is better) | {_number(c['ours'])}{spread} | "
+                    f"{_number(c['baseline'])} ({c['baseline_name']}) | {c['verdict']} |")
+    return rows
+
+
+def render_results_table(results: dict) -> str:
+    """The README's "results at a glance" table: one row per claim of every paper in ``results`` (results.json)."""
+    m = results["machine"]
+    lines = [f"From `reproduce --{results['mode']}`, {results['created'][:10]}, {m['cpu']} ({m['cores']} cores)"
+             + (f", {m['gpu']}" if m.get("gpu") else "") + ". ± = standard error of the difference (see the rule).",
+             "",
+             "| paper | claim | metric | ours ± spread | baseline | verdict |",
+             "|---|---|---|---|---|---|"]
+    for key, paper in results["papers"].items():
+        if paper["status"] != "ok":
+            lines.append(f"| {key} | failed: {paper['error']} | | | | |")
+        lines += _claim_rows(key, paper["claims"])
+    return "\n".join(lines) + "\n"
+
+
+def render_report(results: dict) -> str:
+    """``report.md``: a table per paper, figures inline, command, config, versions, machine and log links."""
+    m, v = results["machine"], results["versions"]
+    lines = [f"# litpapers reproduce --{results['mode']}", "",
+             f"Created {results['created']} with `{results['command']}`.", "",
+             f"- config: `{json.dumps(results['config'])}`",
+             f"- machine: {m['cpu']}, {m['cores']} cores, {m['os']}" + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
+             "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
+             f"- verdict rule: {results['verdict_rule']}", ""]
+    for key, paper in results["papers"].items():
+        lines += [f"## {key}", "", f"Status: **{paper['status']}**, {paper['seconds']:.0f} s."]
+        if paper["error"]:
+            lines += ["", f"Error: `{paper['error']}`"]
+        if paper["claims"]:
+            lines += ["", "| claim | metric | ours ± spread | baseline | verdict |", "|---|---|---|---|---|",
+                      *_claim_rows(None, paper["claims"])]
+        if paper.get("settings"):
+            lines += ["", f"Settings: `{json.dumps(paper['settings'], sort_keys=True)}`"]
+        if paper.get("tensorboard"):
+            lines += ["", "TensorBoard logs: " + ", ".join(f"[{d}]({d})" for d in paper["tensorboard"])]
+        lines += [""] + [f"![{Path(f).stem}]({f})" for f in paper.get("figures") or []] + [""]
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, mode: str, papers: dict[str, dict], command: str, config: dict) -> dict:
+    results = results_document(mode, papers, command, config)
+    atomic_write(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write(out / "report.md", render_report(results))
+    return results
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="litpapers reproduce", description=__doc__.split("\n")[0])
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="the small settings (default; ≤ 15 min on 2 CPU cores)")
+    group.add_argument("--full", action="store_true", help="the documented larger settings (hours)")
+    ap.add_argument("--only", default=None, help=f"comma-separated paper keys out of {','.join(PAPERS)}")
+    ap.add_argument("--seeds", type=int, default=None, help="training seeds per experiment (default: the mode's)")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default reports/<mode>-<date>)")
+    args = ap.parse_args(argv)
+    args.mode = "full" if args.full else "quick"
+    keys = args.only.split(",") if args.only else list(PAPERS)
+    unknown = [k for k in keys if k not in PAPERS]
+    if unknown:
+        ap.error(f"--only: unknown paper keys {unknown}; choose from {','.join(PAPERS)}")
+    args.keys = [k for k in PAPERS if k in keys]
+    if args.seeds is not None and args.seeds < 1:
+        ap.error(f"--seeds must be >= 1, got {args.seeds}")
+    args.out = args.out or Path("reports") / f"{args.mode}-{dt.date.today().isoformat()}"
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the selected papers (skipping finished ones in ``--out``); 0 if all are ``ok``, else 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python -m benchmarks.reproduce", *argv])
+    config = {"mode": args.mode, "only": args.keys, "seeds": args.seeds, "out": str(out)}
+    start = time.perf_counter()
+    papers: dict[str, dict] = {}
+    for i, key in enumerate(args.keys, 1):
+        progress = _console_progress(key, i, len(args.keys), start)
+        saved = _saved(out, key, args.mode, args.seeds)
+        if saved is not None:
+            progress(f"already finished in {out} ({saved['seconds']:.0f} s), skipped", 1.0)
+            papers[key] = saved
+        else:
+            progress("starting", 0.0)
+            papers[key] = run_paper(key, args.mode, args.seeds, out, progress)
+            atomic_write(out / "papers" / f"{key}.json", json.dumps(papers[key], indent=1) + "\n")
+            progress(f"{papers[key]['status']} in {papers[key]['seconds']:.0f} s", 1.0)
+        write_outputs(out, args.mode, papers, command, config)
+    failed = [k for k, p in papers.items() if p["status"] != "ok"]
+    print(f"report: {out / 'report.md'}; results: {out / 'results.json'}"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""``benchmarks.reproduce``: verdict rule, failure isolation, resume after SIGKILL, results.json schema, README table.
+
+Claim modules are replaced by tiny fake modules written into the test's directory (no training)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks import reproduce
+from benchmarks.reproduce import binomial_diff_se, paired_spread, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_OK = """
+import pathlib
+def run(mode, seeds, out_dir, progress):
+    with open(pathlib.Path(out_dir).parents[1] / "calls.txt", "a") as f:
+        f.write("{name}\\n")
+    progress("working", 0.5)
+    (out_dir / "fig.png").write_bytes(b"png")
+    return {{"claims": [{{"claim": "{name} beats base", "metric": "acc", "ours": {ours}, "baseline": 0.5,
+                         "baseline_name": "base", "higher_is_better": True, "spread": 0.01}}],
+            "figures": ["fig.png"], "settings": {{"mode": mode, "seeds": seeds}}}}
+"""
+FAKE_RAISE = """
+def run(mode, seeds, out_dir, progress):
+    raise RuntimeError("boom in the experiment")
+"""
+FAKE_SLOW = """
+import pathlib, time
+def run(mode, seeds, out_dir, progress):
+    root = pathlib.Path(out_dir).parents[1]
+    with open(root / "calls.txt", "a") as f:
+        f.write("slow\\n")
+    while not (root / "allow_finish").exists():
+        time.sleep(0.1)
+    return {"claims": [{"claim": "slow claim", "metric": "err", "ours": 1.0, "baseline": 2.0,
+                        "baseline_name": "DT", "higher_is_better": False, "spread": None}],
+            "figures": [], "settings": {}}
+"""
+
+
+def write_fakes(folder: Path) -> None:
+    (folder / "fake_ok_a.py").write_text(FAKE_OK.format(name="a", ours=0.9))
+    (folder / "fake_ok_b.py").write_text(FAKE_OK.format(name="b", ours=0.505))
+    (folder / "fake_raise.py").write_text(FAKE_RAISE)
+    (folder / "fake_slow.py").write_text(FAKE_SLOW)
+
+
+@pytest.fixture
+def fakes(tmp_path, monkeypatch):
+    write_fakes(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------------------- verdict rule
+@pytest.mark.parametrize("ours, baseline, higher, spread, expected", [
+    (0.80, 0.70, True, 0.04, "reproduced"),        # d = 0.10 > 2·0.04
+    (0.75, 0.50, True, 0.125, "inconclusive"),     # d = 0.25 = 2·0.125 (exact in binary): not more than 2s
+    (0.70, 0.80, True, 0.04, "not reproduced"),    # d = −0.10 < −0.08
+    (0.70, 0.80, False, 0.04, "reproduced"),       # lower is better: d = 0.80 − 0.70
+    (133.0, 182.0, False, 30.0, "inconclusive"),   # d = 49 < 60
+    (0.80, 0.70, True, None, "inconclusive"),      # no noise estimate: never a verdict either way
+    (0.10, 0.90, True, None, "inconclusive"),
+    (0.044, 0.5, False, 0.0, "reproduced"),        # exact computation: any difference counts
+    (0.5, 0.5, True, 0.0, "inconclusive"),
+    (float("nan"), 0.5, True, 0.1, "inconclusive"),
+])
+def test_verdict_rule(ours, baseline, higher, spread, expected):
+    assert verdict(ours, baseline, higher, spread) == expected
+
+
+def test_verdict_rejects_negative_spread():
+    with pytest.raises(ValueError, match="spread"):
+        verdict(1.0, 0.0, True, -0.1)
+
+
+def test_spread_estimators_by_hand():
+    # differences 1, 2, 3: sample std 1, standard error 1/√3
+    assert paired_spread([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]) == pytest.approx(1 / math.sqrt(3))
+    assert paired_spread([0.7], [0.6]) is None
+    with pytest.raises(ValueError, match="paired_spread"):
+        paired_spread([1.0, 2.0], [1.0])
+    # √(0.25/100 + 0.25/100)
+    assert binomial_diff_se(0.5, 0.5, 100) == pytest.approx(0.0707107, rel=1e-5)
+    assert binomial_diff_se(0.9, 0.6, 100, 50) == pytest.approx(math.sqrt(0.09 / 100 + 0.24 / 50))
+
+
+# ------------------------------------------------------------------------------------- failure isolation, schema
+def test_failure_isolation_and_schema(fakes, monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "CLAIM_MODULES", {"ademamix": "fake_ok_a", "minillm": "fake_raise",
+                                                     "discopop": "fake_ok_b", "qdpo": "no_such_claim_module",
+                                                     "radt": "fake_ok_a", "oversquashing": "fake_ok_a"})
+    out = fakes / "out"
+    assert reproduce.main(["--quick", "--only", "ademamix,minillm,discopop,qdpo", "--out", str(out)]) == 1
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) >= {"mode", "created", "machine", "versions", "papers"}
+    assert res["mode"] == "quick" and res["created"].endswith("+00:00")
+    assert set(res["versions"]) >= {"python", "torch", "lightning", "transformers"}
+    assert set(res["machine"]) >= {"cpu", "cores", "os"}
+    assert list(res["papers"]) == ["ademamix", "minillm", "discopop", "qdpo"]
+    for key, paper in res["papers"].items():
+        assert paper["status"] in ("ok", "failed") and isinstance(paper["seconds"], float)
+        for c in paper["claims"]:
+            assert set(c) == {"claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better",
+                              "spread", "verdict"}
+            assert isinstance(c["ours"], float) and isinstance(c["baseline"], float)
+    papers = res["papers"]
+    assert papers["minillm"]["status"] == "failed" and papers["minillm"]["claims"] == []
+    assert papers["minillm"]["error"] == "RuntimeError: boom in the experiment"
+    assert papers["qdpo"]["status"] == "failed" and "no_such_claim_module" in papers["qdpo"]["error"]
+    # the papers after the failing one still ran, verdicts computed from the numbers
+    assert papers["ademamix"]["status"] == "ok" and papers["ademamix"]["error"] is None
+    assert papers["ademamix"]["claims"][0]["verdict"] == "reproduced"  # 0.9 vs 0.5 ± 0.01
+    assert papers["discopop"]["claims"][0]["verdict"] == "inconclusive"  # 0.505 vs 0.5 ± 0.01
+    assert papers["discopop"]["figures"] == ["discopop/fig.png"] and (out / "discopop" / "fig.png").exists()
+    report = (out / "report.md").read_text()
+    assert "boom in the experiment" in report and "![fig](discopop/fig.png)" in report
+    assert "| a beats base | acc (higher is better) | 0.9 ± 0.01 | 0.5 (base) | reproduced |" in report
+    assert "FAILED: minillm, qdpo" in capsys.readouterr().err
+
+
+def test_bad_claim_fields_fail_the_paper(fakes, monkeypatch):
+    (fakes / "fake_bad.py").write_text("def run(mode, seeds, out_dir, progress):\n"
+                                       "    return {'claims': [{'claim': 'x', 'ours': 1.0}]}\n")
+    monkeypatch.setattr(reproduce, "CLAIM_MODULES", dict(reproduce.CLAIM_MODULES, radt="fake_bad"))
+    assert reproduce.main(["--only", "radt", "--out", str(fakes / "o")]) == 1
+    error = json.loads((fakes / "o" / "results.json").read_text())["papers"]["radt"]["error"]
+    assert "lacks fields" in error and "baseline_name" in error
+
+
+def test_cli_arguments(fakes, monkeypatch):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--only", "minillm,bogus"])
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--quick", "--full"])
+    args = reproduce.parse_args(["--full", "--only", "radt,minillm"])
+    assert args.mode == "full" and args.keys == ["minillm", "radt"]
+    assert args.out.parent == Path("reports") and args.out.name.startswith("full-")
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+def test_resume_after_sigkill(tmp_path):
+    write_fakes(tmp_path)
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(tmp_path)!r}]
+        from benchmarks import reproduce
+        reproduce.CLAIM_MODULES.update(ademamix="fake_ok_a", minillm="fake_slow", discopop="fake_ok_b")
+        sys.exit(reproduce.main(["--quick", "--only", "ademamix,minillm,discopop", "--out", {str(out)!r}]))
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env, stderr=subprocess.PIPE)
+    calls = tmp_path / "calls.txt"
+    deadline = time.time() + 60
+    while not (calls.exists() and "slow" in calls.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-run: ademamix finished, minillm running, discopop not started
+    proc.wait(timeout=30)
+    assert (out / "papers" / "ademamix.json").exists() and not (out / "papers" / "minillm.json").exists()
+    (tmp_path / "allow_finish").touch()
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ademamix (1/3) 100%: already finished" in done.stderr
+    assert calls.read_text().split() == ["a", "slow", "slow", "b"]  # ademamix was not rerun
+    res = json.loads((out / "results.json").read_text())
+    assert [(k, p["status"]) for k, p in res["papers"].items()] == [
+        ("ademamix", "ok"), ("minillm", "ok"), ("discopop", "ok")]
+    assert res["papers"]["minillm"]["claims"][0]["verdict"] == "inconclusive"  # spread None
+    report = (out / "report.md").read_text()
+    assert all(f"## {k}" in report for k in ("ademamix", "minillm", "discopop"))
+
+
+def test_other_mode_or_seeds_is_not_reused(fakes, monkeypatch):
+    monkeypatch.setattr(reproduce, "CLAIM_MODULES", dict(reproduce.CLAIM_MODULES, radt="fake_ok_a"))
+    out = fakes / "o"
+    for argv in (["--quick"], ["--quick"], ["--quick", "--seeds", "2"], ["--full", "--seeds", "2"]):
+        assert reproduce.main([*argv, "--only", "radt", "--out", str(out)]) == 0
+    assert (fakes / "calls.txt").read_text().split() == ["a", "a", "a"]
+
+
+# ------------------------------------------------------------------------------------------------ README table
+def test_readme_table_matches_committed_results():
+    committed = ROOT / "docs" / "results" / "quick" / "results.json"
+    if not committed.exists():
+        pytest.skip(f"{committed.relative_to(ROOT)} is not committed yet (the lead commits the quick report)")
+    readme = (ROOT / "README.md").read_text()
+    begin, end = "<!-- results:begin -->\n", "<!-- results:end -->"
+    assert begin in readme and end in readme, "README.md lacks the <!-- results:begin/end --> markers"
+    block = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert block == reproduce.render_results_table(json.loads(committed.read_text()))
+
+
+def test_render_results_table_by_hand():
+    results = {"mode": "quick", "created": "2026-11-27T15:00:00+00:00",
+               "machine": {"cpu": "Some CPU", "cores": 2, "os": "Linux"},
+               "papers": {"radt": {"status": "ok", "error": None, "claims": [
+                   {"claim": "RADT aligns better than DT", "metric": "alignment error", "ours": 133.21,
+                    "baseline": 182.0, "baseline_name": "DT", "higher_is_better": False, "spread": 12.5,
+                    "verdict": "reproduced"}]},
+                   "qdpo": {"status": "failed", "error": "ValueError: x", "claims": []}}}
+    assert reproduce.render_results_table(results).splitlines()[2:] == [
+        "| paper | claim | metric | ours ± spread | baseline | verdict |",
+        "|---|---|---|---|---|---|",
+        "| radt | RADT aligns better than DT | alignment error (lower is better) | 133.2 ± 12.5 | 182 (DT) | reproduced |",
+        "| qdpo | failed: ValueError: x | | | | |"]
