@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib
+import importlib.metadata
 import json
 import math
 import os
@@ -114,8 +115,8 @@ def versions() -> dict:
     out = {"python": platform.python_version()}
     for name in ("torch", "lightning", "transformers", "torchao", "gymnasium"):
         try:
-            out[name] = importlib.import_module(name).__version__
-        except ImportError:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out
 
