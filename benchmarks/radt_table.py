@@ -2,14 +2,17 @@
 
     python -m benchmarks.radt_table [--device cpu|cuda] [--quick] [--envs halfcheetah swimmer] [--seeds 0 1 2]
                                     [--steps 800] [--embed-dim 64] [--n-layers 2] [--batch-size 32] [--threads N]
+                                    [--episodes 10] [--out docs/results/radt_table.json] [--note TEXT]
 
 Each run trains one model with the same recipe (AdamW, wd 1e-4, linear warm-up then constant lr, grad clip
 0.25, dropout 0.1, K and RTG scale as below) on the built-in scripted dataset, then evaluates it with
-``ReturnAlignmentEval`` (7 targets from the 5th to the 95th return percentile, ``episodes`` episodes each,
-the same seeded episodes for every model). The CPU defaults shrink the paper's recipe (embed 128, 3 layers,
-batch 64, 100k steps at lr 1e-4) so 4 variants × 3 seeds fit in ~20 min on 2 cores: say so when quoting.
+``ReturnAlignmentEval`` (7 targets from the 5th to the 95th return percentile, ``episodes`` episodes each —
+10 by default, the paper's evaluation during training; it tests with 100 — the same seeded episodes for every
+model). The CPU defaults shrink the paper's recipe (embed 128, 3 layers,
+batch 64, 100k steps at lr 1e-4): say so when quoting.
 Every finished run is cached as JSON under ``$LITPAPERS_CACHE/radt_table/`` (keyed by all settings), so an
-interrupted table resumes where it stopped. The anchor is DT, trained and evaluated in the same run.
+interrupted table resumes where it stopped (or is built seed by seed). The anchor is DT, trained and evaluated
+in the same run. ``--out`` also writes the JSON there, with the command, date and machine.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -37,9 +43,20 @@ VARIANTS = {"DT": (DecisionTransformer, {}), "RADT": (RADT, {}), "RADT (SeqRA on
             "RADT (StepRA only)": (RADT, {"seqra": False})}
 
 
+CODE = ("lit_modules/radt.py", "lit_modules/return_conditioned.py", "lit_modules/decision_transformer.py",
+        "callbacks/return_alignment.py")
+
+
+def code_digest() -> str:
+    """sha1 of the modules a run depends on, so a cached run of older code is never reused."""
+    root = Path(__file__).resolve().parents[1]
+    return hashlib.sha1(b"".join((root / f).read_bytes() for f in CODE)).hexdigest()[:12]
+
+
 def run_one(env: str, variant: str, seed: int, settings: dict, device: str) -> dict:
-    """Train one model and evaluate its return alignment; cached by all settings."""
-    key = json.dumps({"env": env, "variant": variant, "seed": seed, **settings}, sort_keys=True)
+    """Train one model and evaluate its return alignment; cached by all settings and the code's digest."""
+    key = json.dumps({"env": env, "variant": variant, "seed": seed, "code": code_digest(), **settings},
+                     sort_keys=True)
     path = cache_dir("radt_table") / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -61,7 +78,9 @@ def run_one(env: str, variant: str, seed: int, settings: dict, device: str) -> d
     result = ReturnAlignmentEval(episodes_per_target=settings["episodes"]).evaluate(model, dm)
     out = {"env": env, "variant": variant, "seed": seed, "train_s": round(train_s, 1),
            "eval_s": round(time.perf_counter() - start, 1), **result}
-    path.write_text(json.dumps(out))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, path)  # a killed run leaves no half-written cache entry
     return out
 
 
@@ -76,7 +95,9 @@ def main() -> None:
     parser.add_argument("--n-layers", type=int, default=2)
     parser.add_argument("--context-len", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--episodes", type=int, default=3, help="evaluation episodes per target")
+    parser.add_argument("--episodes", type=int, default=10, help="evaluation episodes per target (paper: 10)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
+    parser.add_argument("--note", default="", help="free-text machine/context note stored in the JSON")
     args = parser.parse_args()
     apply_threads(args)
     if args.quick:
@@ -84,7 +105,7 @@ def main() -> None:
     settings = {k: getattr(args, k) for k in ("steps", "warmup_steps", "lr", "embed_dim", "n_layers", "context_len",
                                                "batch_size", "episodes")}
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()
     runs = [run_one(env, variant, seed, settings, args.device)
             for env in args.envs for seed in args.seeds for variant in VARIANTS]
     table = {}
@@ -101,12 +122,21 @@ def main() -> None:
     per_target = {f"{r['env']} / {r['variant']} / seed {r['seed']}":
                   {"targets": [round(t, 1) for t in r["targets"]],
                    "actual_mean": [round(float(np.mean(a)), 1) for a in r["actual"]]} for r in runs}
-    print(json.dumps({"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                                  "torch_threads": torch.get_num_threads(), "device": args.device},
-                      "settings": settings, "seeds": args.seeds, "wall_s_this_invocation": round(time.perf_counter() - start, 1),
-                      "train_s_total": round(sum(r["train_s"] for r in runs), 1),
-                      "eval_s_total": round(sum(r["eval_s"] for r in runs), 1),
-                      "table": table, "per_target": per_target}))
+    report = {"command": "python -m benchmarks.radt_table " + " ".join(sys.argv[1:]),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(), "device": args.device,
+                          "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+                          "note": args.note},
+              "settings": settings, "envs": args.envs, "seeds": args.seeds,
+              "wall_s_this_invocation": round(time.perf_counter() - start, 1),
+              "train_s_total": round(sum(r["train_s"] for r in runs), 1),
+              "eval_s_total": round(sum(r["eval_s"] for r in runs), 1),
+              "table": table, "per_target": per_target}
+    print(json.dumps(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -116,14 +116,15 @@ class ReturnAlignmentEval(L.Callback):
     Args:
         targets: explicit target returns; ``None``: ``n_targets`` from the dataset's percentiles.
         n_targets, low_percentile, high_percentile: the default sweep (paper: 7, 5, 95).
-        episodes_per_target: N episodes per target.
+        episodes_per_target: N episodes per target (paper: 10 during training, 100 at test; reference
+            ``gym/conf/default.yaml`` ``num_eval_episodes``/``num_test_episodes``).
         num_envs: episodes per vector env (``None``: all at once).
         every_n_validations: evaluate every n-th validation run during ``fit``.
         seed: base reset seed of the evaluation episodes.
     """
 
     def __init__(self, targets: list[float] | None = None, n_targets: int = 7, low_percentile: float = 5.0,
-                 high_percentile: float = 95.0, episodes_per_target: int = 5, num_envs: int | None = None,
+                 high_percentile: float = 95.0, episodes_per_target: int = 10, num_envs: int | None = None,
                  every_n_validations: int = 1, seed: int = 10_000):
         super().__init__()
         if episodes_per_target < 1 or n_targets < 1 or every_n_validations < 1:

@@ -46,7 +46,8 @@ class DecisionTransformer(ReturnConditionedPolicy):
 
     def build_networks(self) -> None:
         d = self.embed_dim
-        self.build_token_embeddings()
+        self.build_token_embeddings("learned")
+        self.embed_ln, self.embed_drop = nn.LayerNorm(d), nn.Dropout(self.dropout)
         self.blocks = nn.ModuleList(PreNormBlock(d, self.n_heads, self.dropout) for _ in range(self.n_layers))
         self.ln_f = nn.LayerNorm(d)
 

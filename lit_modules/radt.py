@@ -1,20 +1,39 @@
 """RADT: Return-Aligned Decision Transformer (Tanaka et al., TMLR 2025, arXiv 2402.03923; PAPERS.md §3).
 
-Reference: CyberAgentAILab/radt (``gym/models/radt.py``, ``gym/conf/*.yaml``). Returns-to-go leave the token
-stream: the transformer sees only interleaved (s_t, a_t) tokens ``Linear(x) + E_time[t]``, and the returns are
-a separate sequence c_t = Linear(R̂_t / scale) that steers every block in two ways:
+Reference: CyberAgentAILab/radt ``gym/models/radt.py`` (``RADT``, ``DecoderBlock``, ``PreNormDecoderBlock``,
+``Attention``) with ``gym/conf/default.yaml`` (``radt: {use_learnable_pos_emb: False, stepra: True,
+alpha_scale: True, seqra: True, action_tanh: True}``). Returns-to-go leave the token stream: the transformer
+sees only interleaved (s_t, a_t) tokens ``Linear(x) + E_time[t]`` — no input LayerNorm and no embedding dropout
+(those are DT's) — with E_time[t] = Linear(PE[t]) on a fixed sinusoid table PE (``timestep_embedding=
+"sinusoid"``; ``"learned"`` is a learned table, the reference's ``use_learnable_pos_emb: True``). The returns
+are a separate sequence c_t = Linear(R̂_t / scale) that steers every block in two ways:
 
 * **SeqRA** (sequence-level return alignment, §4.1): cross-attention from each token to the returns,
-  query = h, key = LN_k(c + E_time), value = LN_v(c), *timestep-causal* (a token of step i sees c_j, j ≤ i),
-  with a gate α = Linear_{2d→d}([attn_out; h]) initialised to zero: h ← (1 + α) ⊙ attn_out + h.
-* **StepRA** (step-level return alignment, §4.2): adaptive LayerNorm,
-  [γ_sa, β_sa, γ_ca, β_ca, γ_mlp, β_mlp] = Linear_{d→6d}(SiLU(c_t)) per timestep (shared by s_t and a_t),
-  LN(h)·(1 + γ) + β with affine-free LNs (eps 1e-6) and the modulation Linear zero-initialised (adaLN-Zero),
-  in a post-norm block:  h = LN(x + SA(x))∘(sa); h = LN((1+α)⊙CA(h) + h)∘(ca); h = LN(h + MLP(h))∘(mlp).
+  query = W_q h, key = W_k LN_k(c + E_time), value = W_v LN_v(c) (Q/K/V without bias, like the self-attention:
+  the reference's ``qkv_bias=False``), *timestep-causal* (a token of step i sees c_j, j ≤ i), gated:
+  h ← (1 + α) ⊙ o + r with o the attention output, r the block's residual stream and
+  α = Linear_{2d→d}([o; r]) initialised to zero.
+* **StepRA** (step-level return alignment, §4.2): adaptive LayerNorm, Linear_{d→nd}(SiLU(c_t)) per timestep
+  (shared by s_t and a_t) gives [γ_sa, β_sa, γ_ca, β_ca, γ_mlp, β_mlp] (n = 6) or, without SeqRA,
+  [γ_sa, β_sa, γ_mlp, β_mlp] (n = 4); LN(h)·(1 + γ) + β with affine-free LNs (eps 1e-6) and the modulation
+  Linear zero-initialised (adaLN-Zero).
 
-``seqra``/``stepra`` switch each off for the paper's ablations; without StepRA the block is pre-norm
-(x ← x + SA(LN x); x ← x + (1+α)⊙CA(LN x); x ← x + MLP(LN x); final LN), as in the reference. The action
-comes from the s_t token (Linear + tanh), trained with MSE on unpadded positions (``return_conditioned``).
+The two block forms (``DecoderBlock`` with StepRA, ``PreNormDecoderBlock`` without):
+
+* with StepRA (post-norm):  h = M_sa(LN(x + SA(x)));  h = M_ca(LN((1 + α(o, h)) ⊙ o + h)), o = CA(h);
+  y = M_mlp(LN(h + MLP(h)))  with M_·(z) = z·(1 + γ_·) + β_·;
+* without StepRA (pre-norm, standard affine LNs):  x ← x + SA(LN₁ x);  x ← (1 + α(o, x)) ⊙ o + x,
+  o = CA(LN₂ x) — the gate sees the *un-normalised* residual x;  y = x + MLP(LN₃ x).
+
+There is no final LayerNorm after the last block in either form. The action comes from the s_t token
+(Linear + tanh), trained with MSE on unpadded positions (``return_conditioned``).
+
+**Padding (deviation, a bug fix).** The reference adds −1e4 · ``padding_mask`` to the attention logits, but its
+trainer's mask is 1 on *real* steps (``gym/experiment.py::get_batch``: zeros on the left padding, ones on the
+episode), so it pushes attention *away from the real steps* of a left-padded window, and evaluation
+(``get_action``) passes no mask at all. Here padding keys are masked out (boolean masks, see
+:func:`~lit_modules.return_conditioned.token_attention_mask` and :func:`seqra_mask`); on unpadded windows the
+two agree (docs/radt.md).
 """
 
 from __future__ import annotations
@@ -49,12 +68,12 @@ def modulate(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.
 
 
 class SeqRA(Attention):
-    """Timestep-causal cross-attention to the return sequence with a zero-initialised gate; returns the gated
-    update (1 + α) ⊙ attn_out, α = Linear_{2d→d}([attn_out; query]) — the block adds the residual."""
+    """Timestep-causal cross-attention to the return sequence with a zero-initialised gate. Returns the gated
+    update (1 + α) ⊙ o, o = CrossAttn(query), α = Linear_{2d→d}([o; residual]); the block adds the residual."""
 
     def __init__(self, dim: int, n_heads: int, dropout: float):
         super().__init__(dim, n_heads, dropout)
-        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.ln_k, self.ln_v = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.gate = nn.Linear(2 * dim, dim)
 
@@ -66,26 +85,29 @@ class SeqRA(Attention):
         """Per-step keys W_k LN_k(c + E_time) and values W_v LN_v(c), (B, K, d) each."""
         return self.k(self.ln_k(returns + time)), self.v(self.ln_v(returns))
 
-    def forward(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.attend(self.q(h), keys, values, mask)
-        alpha = self.gate(torch.cat([out, h], dim=-1))
+    def forward(self, query: torch.Tensor, residual: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        out = self.attend(self.q(query), keys, values, mask)
+        alpha = self.gate(torch.cat([out, residual], dim=-1))
         return (1 + alpha) * out
 
 
 class StepRA(nn.Module):
-    """adaLN-Zero modulation: six (B, K, d) tensors γ_sa, β_sa, γ_ca, β_ca, γ_mlp, β_mlp per step from SiLU(c_t)
-    (shared by the step's tokens); zero at initialisation."""
+    """adaLN-Zero modulation: ``n_mods`` (B, K, d) tensors per step from SiLU(c_t) (shared by the step's tokens),
+    [γ_sa, β_sa, γ_ca, β_ca, γ_mlp, β_mlp] (6) or without SeqRA [γ_sa, β_sa, γ_mlp, β_mlp] (4); zero at
+    initialisation."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, n_mods: int):
         super().__init__()
-        self.net = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.n_mods = n_mods
+        self.net = nn.Sequential(nn.SiLU(), nn.Linear(dim, n_mods * dim))
 
     def reset_zero(self) -> None:
         nn.init.zeros_(self.net[1].weight)
         nn.init.zeros_(self.net[1].bias)
 
     def forward(self, returns: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.net(returns).chunk(6, dim=-1)
+        return self.net(returns).chunk(self.n_mods, dim=-1)
 
 
 class RADTBlock(nn.Module):
@@ -98,15 +120,15 @@ class RADTBlock(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, dropout: float, seqra: bool, stepra: bool):
         super().__init__()
-        self.attn, self.mlp = SelfAttention(dim, n_heads, dropout), MLP(dim, dropout)
+        self.attn, self.mlp = SelfAttention(dim, n_heads, dropout, qkv_bias=False), MLP(dim, dropout)
         self.cross = SeqRA(dim, n_heads, dropout) if seqra else None
-        self.stepra = StepRA(dim) if stepra else None
+        self.stepra = StepRA(dim, 6 if seqra else 4) if stepra else None
         norm = (lambda: nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)) if stepra else (lambda: nn.LayerNorm(dim))
         self.norm_attn, self.norm_mlp = norm(), norm()
         self.norm_cross = norm() if seqra else None
 
     def step_inputs(self, returns: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        """(B, K, n·d): SeqRA's keys and values (n += 2) then StepRA's six modulations (n += 6) of each step."""
+        """(B, K, n·d): SeqRA's keys and values (n += 2) then StepRA's modulations (n += 6 or 4) of each step."""
         parts = (self.cross.keys_values(returns, time) if self.cross is not None else ()) + (
             self.stepra(returns) if self.stepra is not None else ())
         return torch.cat(parts, dim=-1)
@@ -117,17 +139,17 @@ class RADTBlock(nn.Module):
         parts = per_step.chunk(per_step.shape[-1] // x.shape[-1], dim=-1)
         keys_values, mods = (parts[:2], parts[2:]) if self.cross is not None else ((), parts)
         cross_mask = cross_mask[..., rows, :] if self.cross is not None else None
-        if self.stepra is None:  # pre-norm
+        if self.stepra is None:  # pre-norm; the gate sees the un-normalised residual x
             x = x[:, rows] + self.attn(self.norm_attn(x), attn_mask, newest_only)
             if self.cross is not None:
-                x = x + self.cross(self.norm_cross(x), *keys_values, cross_mask)
+                x = x + self.cross(self.norm_cross(x), x, *keys_values, cross_mask)
             return x + self.mlp(self.norm_mlp(x))
         # per-token modulation: each step's for its two tokens; the newest token belongs to the newest step
         mods = [m[:, -1:] if newest_only else m.repeat_interleave(2, dim=1)[:, :x.shape[1]] for m in mods]
-        g_sa, b_sa, g_ca, b_ca, g_mlp, b_mlp = mods
+        g_sa, b_sa, *g_b_ca, g_mlp, b_mlp = mods
         h = modulate(self.norm_attn(x[:, rows] + self.attn(x, attn_mask, newest_only)), g_sa, b_sa)
         if self.cross is not None:
-            h = modulate(self.norm_cross(h + self.cross(h, *keys_values, cross_mask)), g_ca, b_ca)
+            h = modulate(self.norm_cross(h + self.cross(h, h, *keys_values, cross_mask)), *g_b_ca)
         return modulate(self.norm_mlp(h + self.mlp(h)), g_mlp, b_mlp)
 
 
@@ -137,11 +159,13 @@ class RADT(ReturnConditionedPolicy):
     Args:
         seqra: use SeqRA cross-attention to the returns (ablation: ``False``).
         stepra: use StepRA adaptive LayerNorm (ablation: ``False``; the block becomes pre-norm).
+        timestep_embedding: ``"sinusoid"`` (reference default: Linear of a fixed sinusoid table) or
+            ``"learned"`` (an ``nn.Embedding`` table, the reference's ``use_learnable_pos_emb: True``).
         Others: see :class:`~lit_modules.return_conditioned.ReturnConditionedPolicy` (paper defaults).
     """
 
     def __init__(self, state_dim: int | None = None, act_dim: int | None = None, discrete: bool | None = None,
-                 seqra: bool = True, stepra: bool = True, embed_dim: int = 128, n_layers: int = 3, n_heads: int = 1,
+                 seqra: bool = True, stepra: bool = True, timestep_embedding: str = "sinusoid", embed_dim: int = 128, n_layers: int = 3, n_heads: int = 1,
                  dropout: float = 0.1, context_len: int = 20, max_timestep: int = 1000, rtg_scale: float = 1000.0,
                  lr: float = 1e-4, weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_steps: int = 10_000, lr_decay: str = "constant", min_lr_ratio: float = 0.1):
@@ -149,16 +173,17 @@ class RADT(ReturnConditionedPolicy):
                          max_timestep, rtg_scale, lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio)
         if not (seqra or stepra):
             raise ValueError("RADT needs seqra=True or stepra=True: with both off the returns never reach the model")
-        self.seqra, self.stepra = seqra, stepra
+        if timestep_embedding not in ("sinusoid", "learned"):
+            raise ValueError(f"timestep_embedding must be 'sinusoid' or 'learned', got {timestep_embedding!r}")
+        self.seqra, self.stepra, self.timestep_embedding = seqra, stepra, timestep_embedding
         self.save_hyperparameters()
         self.build_if_sized()
 
     def build_networks(self) -> None:
         d = self.embed_dim
-        self.build_token_embeddings()
+        self.build_token_embeddings(self.timestep_embedding)
         self.blocks = nn.ModuleList(RADTBlock(d, self.n_heads, self.dropout, self.seqra, self.stepra)
                                     for _ in range(self.n_layers))
-        self.ln_f = nn.Identity() if self.stepra else nn.LayerNorm(d)
 
     def reset_special_parameters(self) -> None:
         for block in self.blocks:
@@ -174,7 +199,6 @@ class RADT(ReturnConditionedPolicy):
         :meth:`RADTBlock.step_inputs` of the window, so only the newest step's are computed."""
         time = self.embed_timestep(timesteps)
         x = interleave(self.embed_state(states) + time, self.embed_action(actions) + time)
-        x = self.embed_drop(self.embed_ln(x))
         per_step = self.step_inputs(self.embed_return(returns[..., None]), time, cache)
         attn_mask, cross_mask = token_attention_mask(mask.repeat_interleave(2, dim=1)), seqra_mask(mask)
         if newest_only:  # the newest action token is last and unseen by every state token: leave it out
@@ -182,9 +206,9 @@ class RADT(ReturnConditionedPolicy):
         for i, block in enumerate(self.blocks):
             x = block(x, per_step[i], attn_mask, cross_mask, newest_only and i == len(self.blocks) - 1)
         if newest_only:
-            return self.ln_f(x)[:, -1]
+            return x[:, -1]
         B, K = states.shape[:2]
-        return self.ln_f(x).view(B, K, 2, -1)[:, :, 0]
+        return x.view(B, K, 2, -1)[:, :, 0]
 
     def step_inputs(self, returns: torch.Tensor, time: torch.Tensor, cache: dict | None) -> list[torch.Tensor]:
         """Each block's per-step inputs (B, K, ·) for return embeddings c and timestep embeddings ``time``.

@@ -47,6 +47,29 @@ def interleave(*streams: torch.Tensor) -> torch.Tensor:
     return torch.stack(streams, dim=2).reshape(B, len(streams) * K, d)
 
 
+def sinusoid_table(n_positions: int, dim: int) -> torch.Tensor:
+    """(n_positions, dim) fixed encoding PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(p / 10000^(2i/dim))
+    (Vaswani et al. 2017 §3.5; RADT reference ``gym/models/layer.py::get_sinusoid_encoding_table``)."""
+    position = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    pair = torch.arange(dim) // 2
+    angle = position / torch.pow(10000.0, 2 * pair / dim).to(torch.float64)
+    return torch.where(torch.arange(dim) % 2 == 0, torch.sin(angle), torch.cos(angle)).float()
+
+
+class SinusoidTimestepEmbedding(nn.Module):
+    """E_time[t] = Linear_{d→d}(PE[t]) with the fixed :func:`sinusoid_table` PE (not a parameter, rebuilt from
+    the sizes): RADT's reference default ``use_learnable_pos_emb: False`` (``gym/conf/default.yaml``,
+    ``gym/models/radt.py``)."""
+
+    def __init__(self, n_positions: int, dim: int):
+        super().__init__()
+        self.register_buffer("table", sinusoid_table(n_positions, dim), persistent=False)
+        self.linear = nn.Linear(dim, dim)
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.table[timesteps])
+
+
 class Attention(nn.Module):
     """Multi-head attention core: softmax(QKᵀ/√d_h + mask) V per head, output projection, dropout."""
 
@@ -68,20 +91,21 @@ class Attention(nn.Module):
 
 
 class SelfAttention(Attention):
-    """Masked multi-head self-attention (fused QKV projection)."""
+    """Masked multi-head self-attention (fused QKV projection; ``qkv_bias=False``: no bias on Q, K, V, as in
+    RADT's reference ``Attention(qkv_bias=False)``)."""
 
-    def __init__(self, dim: int, n_heads: int, dropout: float):
+    def __init__(self, dim: int, n_heads: int, dropout: float, qkv_bias: bool = True):
         super().__init__(dim, n_heads, dropout)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, newest_only: bool = False) -> torch.Tensor:
         """(B, L, d) → (B, L, d); ``newest_only``: queries from the last token only → (B, 1, d) (keys/values from
         all tokens, so the result equals the last row of the full output)."""
         if not newest_only:
             return self.attend(*self.qkv(x).chunk(3, dim=-1), mask)
-        d = x.shape[-1]
-        q = F.linear(x[:, -1:], self.qkv.weight[:d], self.qkv.bias[:d])
-        k, v = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:]).chunk(2, dim=-1)
+        d, bias = x.shape[-1], self.qkv.bias
+        q = F.linear(x[:, -1:], self.qkv.weight[:d], None if bias is None else bias[:d])
+        k, v = F.linear(x, self.qkv.weight[d:], None if bias is None else bias[d:]).chunk(2, dim=-1)
         return self.attend(q, k, v, mask[..., -1:, :])
 
 
@@ -145,16 +169,20 @@ class ReturnConditionedPolicy(PaperModule):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def build_token_embeddings(self) -> None:
-        """The embeddings DT and RADT share: timestep table, Linear(R̂/scale), Linear(s), Linear(a), then
-        LayerNorm + dropout over the token stream."""
+    def build_token_embeddings(self, timestep_embedding: str = "learned") -> None:
+        """The embeddings DT and RADT share: Linear(R̂/scale), Linear(s), Linear(a) and the timestep embedding
+        ``embed_timestep`` — a learned table (``"learned"``, DT) or :class:`SinusoidTimestepEmbedding`
+        (``"sinusoid"``, RADT's reference default)."""
         d = self.embed_dim
-        self.embed_timestep = nn.Embedding(self.max_timestep, d)
+        if timestep_embedding == "learned":
+            self.embed_timestep = nn.Embedding(self.max_timestep, d)
+        elif timestep_embedding == "sinusoid":
+            self.embed_timestep = SinusoidTimestepEmbedding(self.max_timestep, d)
+        else:
+            raise ValueError(f"timestep_embedding must be 'sinusoid' or 'learned', got {timestep_embedding!r}")
         self.embed_return = nn.Linear(1, d)
         self.embed_state = nn.Linear(self.state_dim, d)
         self.embed_action = nn.Linear(self.act_dim, d)
-        self.embed_ln = nn.LayerNorm(d)
-        self.embed_drop = nn.Dropout(self.dropout)
 
     def build_networks(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -231,7 +231,7 @@ def test_radt_fit_and_validate_under_two_process_ddp(root, tmp_path):
         assert rank0["open_figures"] == rank1["open_figures"] == 0  # no rank leaks the alignment figure
         assert rank0["result"] == rank1["result"]  # targets, every episode's return, errors: exactly equal
         assert rank0["metrics"] == rank1["metrics"]  # incl. val/action_loss, synced across the ranks
-        assert len(rank0["result"]["targets"]) == 7 and len(rank0["result"]["actual"][0]) == 3
+        assert len(rank0["result"]["targets"]) == 7 and len(rank0["result"]["actual"][0]) == 10
     assert records[0][0]["result"]["actual"] != records[0][1]["result"]["actual"]  # step 4 rolled out new weights
 
     # Rank 0 alone logged: one TensorBoard event file, each alignment metric and the figure once per validation.
