@@ -1,0 +1,111 @@
+"""Packaging: the pyproject's dependencies and extras, the missing-extra error, and (slow) a non-editable install."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import venv
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the test extra installs tomli on Python 3.10
+    import tomli as tomllib
+
+from datamodules.extras import EXTRAS, require
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def names(requirements: list[str]) -> set[str]:
+    """Distribution names (with extras) of requirement strings: 'minari[hdf5]>=0.5' -> 'minari[hdf5]'."""
+    out = set()
+    for r in requirements:
+        for sep in ("<", ">", "=", "!", "~", ";", " "):
+            r = r.split(sep, 1)[0]
+        out.add(r.strip().lower())
+    return out
+
+
+def floor(requirements: list[str], name: str) -> tuple[int, ...]:
+    spec = next(r for r in requirements if r.split("[")[0].split(">")[0].strip().lower() == name)
+    return tuple(int(x) for x in spec.split(">=", 1)[1].split(",")[0].strip().split("."))
+
+
+def test_core_dependencies_and_extras():
+    project = pyproject()["project"]
+    core = names(project["dependencies"])
+    assert {"lightning", "torch", "transformers", "torchmetrics[text]", "tensorboard",
+            "jsonargparse[signatures]", "matplotlib", "rich", "filelock"} <= core
+    # what only some papers need is not in the core install; Rouge-L comes from torchmetrics[text], not nltk
+    assert not core & {"nltk", "torchao", "gymnasium[mujoco]", "minari[hdf5]", "h5py", "datasets", "trl"}
+    extras = {k: names(v) for k, v in project["optional-dependencies"].items()}
+    assert extras["rl"] == {"gymnasium[mujoco]", "minari[hdf5]", "h5py"}
+    assert extras["quant"] == {"torchao"}
+    assert extras["data"] == {"datasets"}
+    assert extras["bench"] == {"trl", "pytorch-optimizer"}
+    assert {"pytest", "pytest-timeout"} <= extras["test"]
+    assert set(EXTRAS) <= set(extras)  # every extra the error message can name exists
+
+
+def test_version_floors_cover_the_apis_used():
+    project = pyproject()["project"]
+    # from_pretrained(dtype=...) appeared in transformers 4.56 (huggingface/transformers#39782)
+    assert floor(project["dependencies"], "transformers") >= (4, 56)
+    # IntxWeightOnlyConfig -> IntxUnpackedToInt8Tensor by default from torchao 0.14
+    assert floor(project["optional-dependencies"]["quant"], "torchao") >= (0, 14)
+
+
+def test_license_metadata_and_installed_packages():
+    data = pyproject()
+    assert data["project"]["license"] == "Apache-2.0"  # an SPDX string, not the deprecated table
+    setuptools_req = next(r for r in data["build-system"]["requires"] if r.startswith("setuptools"))
+    assert floor([setuptools_req], "setuptools") >= (77,)  # first setuptools that reads SPDX license strings
+    include = data["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert not any(p.startswith("benchmarks") for p in include)
+    assert {"lit_modules*", "datamodules*", "callbacks*", "optimizers*"} <= set(include)
+
+
+def test_require_returns_the_module_or_names_the_extra():
+    import json
+
+    assert require("json", "data") is json
+    with pytest.raises(ModuleNotFoundError) as err:
+        require("litpapers_no_such_module", "rl")
+    assert "pip install 'litpapers[rl]'" in str(err.value) and "litpapers_no_such_module" in str(err.value)
+    assert isinstance(err.value.__cause__, ModuleNotFoundError)
+    with pytest.raises(ValueError, match="extra must be one of"):
+        require("json", "everything")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_non_editable_install_imports_every_module(tmp_path):
+    """`pip install .` (not editable) into a fresh virtual environment: every module imports from the installed
+    copy, outside the checkout; `benchmarks` is not installed; the console script starts. Takes minutes."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", str(ROOT)], check=True, timeout=1700)
+    check = textwrap.dedent("""
+        import importlib, importlib.util, pathlib, sys
+        for name in ["cli", "optimizers", "lit_modules", "datamodules", "callbacks", "datamodules.contract",
+                     "datamodules.extras"]:
+            module = importlib.import_module(name)
+            assert "site-packages" in module.__file__, (name, module.__file__)
+        assert importlib.util.find_spec("benchmarks") is None, "benchmarks was installed"
+        print("ok")
+    """)
+    clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([str(py), "-c", check], cwd=tmp_path, env=clean_env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    help_out = subprocess.run([str(env_dir / "bin" / "litpapers"), "--help"], cwd=tmp_path, env=clean_env,
+                              capture_output=True, text=True, timeout=600)
+    assert help_out.returncode == 0, help_out.stderr[-3000:]
