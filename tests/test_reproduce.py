@@ -216,3 +216,12 @@ def test_render_results_table_by_hand():
         "|---|---|---|---|---|---|",
         "| radt | RADT aligns better than DT | alignment error (lower is better) | 133.2 ± 12.5 | 182 (DT) | reproduced |",
         "| qdpo | failed: ValueError: x | | | | |"]
+
+
+def test_alignment_error_se_by_hand():
+    from benchmarks.claim_radt import alignment_error_se
+
+    # target 0: returns 1, 3 (sample var 2); target 1: 2, 2 (var 0): √((2/2 + 0/2)) / 2 targets = 0.5
+    assert alignment_error_se([[1.0, 3.0], [2.0, 2.0]]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="episodes"):
+        alignment_error_se([[1.0], [2.0]])
