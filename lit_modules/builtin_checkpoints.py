@@ -8,22 +8,57 @@ trains it first with its config in a separate ``litpapers fit`` process (a few m
 ``litpapers fit --config configs/minillm/minillm.yaml`` works on a fresh clone, like the RADT datasets that are
 generated on first use. A file lock makes parallel processes (DDP ranks, several runs) train it once; the
 others wait and then load it. Any other path is loaded as given.
+
+The training process dies with the process that started it (Linux: ``prctl(PR_SET_PDEATHSIG)``), and it holds
+the lock itself (the locked file descriptor is passed to it), so a killed run leaves neither an orphan training
+into the folder nor a free lock while something still writes there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import logging
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-
-from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT_IN = {"checkpoints/minillm_teacher": "configs/minillm/teacher_sft.yaml",
             "checkpoints/minillm_student_sft": "configs/minillm/sft.yaml"}
 log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when this process dies (Linux ``prctl``), or ``None``
+    on other systems. It also exits at once if this process already died between ``fork`` and ``prctl``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[int]:
+    """Hold an exclusive ``flock`` on ``path`` for the block and yield its file descriptor; a child given that
+    descriptor (``pass_fds``) holds the lock too, until every holder has closed it or died."""
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield f.fileno()
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def is_finished_export(path: str | Path) -> bool:
@@ -42,14 +77,14 @@ def ensure_built_in(spec: object, *overrides: str) -> None:
     if config is None or is_finished_export(spec) or not (ROOT / config).is_file():
         return
     Path(spec).parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{spec}.lock"):
+    with exclusive_lock(f"{spec}.lock") as lock_fd:
         if is_finished_export(spec):  # another process made it while this one waited
             return
         command = [sys.executable, "-m", "cli", "fit", "--config", str(ROOT / config), "--trainer.devices", "1",
                    *overrides]
         log.warning("%s not found: training it first with `litpapers fit --config %s` (a few minutes on a CPU)",
                     spec, config)
-        done = subprocess.run(command, check=False)
+        done = subprocess.run(command, check=False, preexec_fn=die_with_parent(), pass_fds=(lock_fd,))
         if done.returncode != 0 or not is_finished_export(spec):
             raise RuntimeError(f"training the built-in checkpoint {spec} failed (exit code {done.returncode}); "
                                f"run it by hand to see why: litpapers fit --config {config}")

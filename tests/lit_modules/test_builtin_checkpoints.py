@@ -1,7 +1,12 @@
 """Built-in checkpoints trained on first use: the real `litpapers fit` subprocess, the wiring in MiniLLM/QDPO,
 finished-export detection and a clear error when training fails."""
 
+import fcntl
+import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,7 +42,7 @@ def test_missing_teacher_is_trained_by_its_config_once_then_loaded(monkeypatch):
 def _fake_fit(commands: list[list[str]], returncode: int = 0):
     """Stand-in for the training subprocess: records the command and writes a tiny export where the config would."""
 
-    def run(command, check):
+    def run(command, check, **kwargs):
         commands.append(command)
         config = Path(command[command.index("--config") + 1]).as_posix()
         target = next(spec for spec, cfg in builtin.BUILT_IN.items() if config.endswith(cfg))
@@ -84,3 +89,51 @@ def test_export_is_atomic_and_replaces_an_older_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no .partial / .old left behind
     for k, v in newer.state_dict().items():
         assert torch.equal(load_causal_lm(str(target)).state_dict()[k], v)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:4]
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_training_child_holds_the_lock_and_dies_with_its_killed_parent(root):
+    # The parent runs ensure_built_in (module loaded by file: no heavy package import); its child is the real
+    # `litpapers fit` of the teacher. SIGKILL the parent: the child must not go on training as an orphan.
+    code = ("import importlib.util, sys; sys.path.insert(0, sys.argv[1]); "
+            "spec = importlib.util.spec_from_file_location('b', sys.argv[1] + '/lit_modules/builtin_checkpoints.py');"
+            " b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "
+            "b.ensure_built_in('checkpoints/minillm_teacher', '--trainer.max_steps', '100000')")
+    parent = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(root)))
+    child = None
+    try:
+        deadline = time.time() + 30
+        while not _children(parent.pid) and time.time() < deadline:
+            time.sleep(0.1)
+        (child,) = _children(parent.pid)
+        lock = Path("checkpoints/minillm_teacher.lock").resolve()
+        deadline = time.time() + 10
+        while time.time() < deadline and not any(Path(f"/proc/{child}/fd/{fd}").resolve() == lock
+                                                 for fd in os.listdir(f"/proc/{child}/fd")):
+            time.sleep(0.1)
+        assert any(Path(f"/proc/{child}/fd/{fd}").resolve() == lock for fd in os.listdir(f"/proc/{child}/fd")), \
+            "the training process must hold the lock itself"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.time() + 10
+        while _alive(child) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), "the training process outlived its killed parent"
+        with open(lock) as f:  # nobody holds the lock now: a rerun may train it
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        parent.kill()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
