@@ -2,6 +2,7 @@
 configs through the real CLI (also as a 2-process DDP run), and checkpoint reload."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from callbacks import ReturnAlignmentEval
 from lit_modules import RADT, DecisionTransformer
 from lit_modules.radt import seqra_mask
+from lit_modules.return_conditioned import interleave, sinusoid_table, token_attention_mask
 
 S, A, K = 5, 3, 6
 
@@ -87,6 +89,120 @@ def test_stepra_zero_init_is_plain_post_norm_block():
     # once the modulation is trained (non-zero) the returns do change the output
     torch.nn.init.normal_(block.stepra.net[1].weight, std=0.5)
     assert (model(s, a, r + 3.0, t, m) - model(s, a, r, t, m)).abs().amax() > 1e-3
+
+
+# -- the block equations of the reference (CyberAgentAILab/radt gym/models/radt.py), written out by hand --------
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    mu = x.mean(-1, keepdim=True)
+    y = (x - mu) / torch.sqrt(((x - mu) ** 2).mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight + bias
+
+
+def attention(q, k, v, wo, bo, allowed, heads):
+    """softmax(Q_h K_hᵀ/√d_h, disallowed → −∞) V_h per head, heads concatenated, then ·Woᵀ + bo."""
+    dh = q.shape[-1] // heads
+    outs = []
+    for h in range(heads):
+        cols = slice(h * dh, (h + 1) * dh)
+        scores = (q[..., cols] @ k[..., cols].transpose(-1, -2)) / math.sqrt(dh)
+        outs.append(torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v[..., cols])
+    return torch.cat(outs, -1) @ wo.T + bo
+
+
+def mlp(x, seq):
+    hidden = x @ seq[0].weight.T + seq[0].bias
+    hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))  # exact GELU
+    return hidden @ seq[2].weight.T + seq[2].bias
+
+
+def reference_block(block, x, c, e, heads):
+    """One RADT block from the reference's equations, with the module's weights plugged in. x: (B, 2K, d) tokens
+    (s_0, a_0, s_1, ...), c: return embeddings (B, K, d), e: timestep embeddings (B, K, d)."""
+    L, K, d = x.shape[1], c.shape[1], x.shape[-1]
+    self_allowed = torch.tensor([[j <= i for j in range(L)] for i in range(L)])
+    cross_allowed = torch.tensor([[j <= i // 2 for j in range(K)] for i in range(L)])  # token i is of step i // 2
+    assert block.attn.qkv.bias is None  # the reference's qkv_bias=False
+    w = block.attn.qkv.weight
+    sa = lambda z: attention(z @ w[:d].T, z @ w[d:2 * d].T, z @ w[2 * d:].T, block.attn.proj.weight,  # noqa: E731
+                             block.attn.proj.bias, self_allowed, heads)
+    ln = lambda z, m: layer_norm(z, m.weight, m.bias, m.eps)  # noqa: E731
+
+    def seqra(query, residual):  # (1 + α) ⊙ o with α = W_g [o; residual] + b_g
+        ca = block.cross
+        keys, values = ln(c + e, ca.ln_k) @ ca.k.weight.T, ln(c, ca.ln_v) @ ca.v.weight.T
+        o = attention(query @ ca.q.weight.T, keys, values, ca.proj.weight, ca.proj.bias, cross_allowed, heads)
+        alpha = torch.cat([o, residual], -1) @ ca.gate.weight.T + ca.gate.bias
+        return (1 + alpha) * o
+
+    if block.stepra is None:  # PreNormDecoderBlock: standard LNs, the gate sees the un-normalised residual
+        x = x + sa(ln(x, block.norm_attn))
+        x = x + seqra(ln(x, block.norm_cross), x)
+        return x + mlp(ln(x, block.norm_mlp), block.mlp)
+    # DecoderBlock: post-norm adaLN (affine-free LN, eps 1e-6); modulations of step t for both of its tokens
+    lin = block.stepra.net[1]
+    mods = (c * torch.sigmoid(c)) @ lin.weight.T + lin.bias
+    mods = [m.repeat_interleave(2, dim=1) for m in mods.split(d, dim=-1)]
+    plain = lambda z: layer_norm(z, eps=1e-6)  # noqa: E731
+    if block.cross is not None:
+        g_sa, b_sa, g_ca, b_ca, g_mlp, b_mlp = mods
+    else:
+        (g_sa, b_sa, g_mlp, b_mlp), g_ca = mods, None
+    h = plain(x + sa(x)) * (1 + g_sa) + b_sa
+    if g_ca is not None:
+        h = plain(h + seqra(h, h)) * (1 + g_ca) + b_ca
+    return plain(h + mlp(h, block.mlp)) * (1 + g_mlp) + b_mlp
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(seqra=False), dict(stepra=False)], ids=["full", "StepRA-only", "SeqRA-only"])
+def test_block_matches_reference_equations(kw):
+    torch.manual_seed(0)
+    d, heads = 8, 2
+    model = RADT(state_dim=S, act_dim=A, embed_dim=d, n_layers=1, n_heads=heads, context_len=3, max_timestep=16,
+                 **kw).double().eval()
+    block = model.blocks[0]
+    ln_weights = {id(m.weight) for m in block.modules() if isinstance(m, torch.nn.LayerNorm) and m.weight is not None}
+    for p in block.parameters():  # every weight non-trivial, incl. the zero-initialised gate and adaLN
+        p.data.copy_(0.3 * torch.randn_like(p) + (1.0 if id(p) in ln_weights else 0.0))
+    B, K = 2, 3
+    g = torch.Generator().manual_seed(3)
+    x, c, e = (torch.randn(B, n, d, generator=g, dtype=torch.float64) for n in (2 * K, K, K))
+    expected = reference_block(block, x, c, e, heads)
+    valid = torch.ones(B, K)
+    got = block(x, block.step_inputs(c, e), token_attention_mask(valid.repeat_interleave(2, 1)), seqra_mask(valid))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+def test_sinusoid_timestep_table_hand_computed():
+    # PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)); d = 4: frequencies 1 and 1/100
+    want = [[0, 1, 0, 1], [math.sin(1), math.cos(1), math.sin(0.01), math.cos(0.01)],
+            [math.sin(2), math.cos(2), math.sin(0.02), math.cos(0.02)]]
+    torch.testing.assert_close(sinusoid_table(3, 4), torch.tensor(want, dtype=torch.float32))
+
+
+def test_radt_embeddings_and_output_as_in_reference():
+    # tokens Linear(s) + E[t], Linear(a) + E[t] with E[t] = Linear(PE[t]) (no input LayerNorm, no dropout);
+    # the s-token's hidden state after the last block, with no final LayerNorm
+    model = small(RADT, stepra=False)
+    for p in model.parameters():
+        p.data.add_(0.2 * torch.randn_like(p))
+    assert not any(isinstance(m, torch.nn.Embedding) for m in model.modules())
+    s, a, r, t, m = inputs()
+    t = t + 7
+    lin = model.embed_timestep.linear
+    pe = torch.tensor([[[math.sin(p / 10000 ** (2 * (i // 2) / 16)) if i % 2 == 0 else
+                         math.cos(p / 10000 ** (2 * (i // 2) / 16)) for i in range(16)] for p in row] for row in t.tolist()])
+    e = pe @ lin.weight.T + lin.bias
+    x = interleave(s @ model.embed_state.weight.T + model.embed_state.bias + e,
+                   a @ model.embed_action.weight.T + model.embed_action.bias + e)
+    c = r[..., None] @ model.embed_return.weight.T + model.embed_return.bias
+    amask, cmask = token_attention_mask(m.repeat_interleave(2, 1)), seqra_mask(m)
+    for block in model.blocks:
+        x = block(x, block.step_inputs(c, e), amask, cmask)
+    torch.testing.assert_close(model(s, a, r, t, m), x[:, 0::2], rtol=1e-5, atol=1e-5)
+    learned = small(RADT, timestep_embedding="learned")
+    assert isinstance(learned.embed_timestep, torch.nn.Embedding)
+    with pytest.raises(ValueError, match="timestep_embedding"):
+        small(RADT, timestep_embedding="rotary")
 
 
 def test_seqra_gate_starts_at_zero():
