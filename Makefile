@@ -32,7 +32,7 @@ demo: $(STAMP)
 minillm: $(STAMP)
 	$(VENV)/bin/litpapers fit --config configs/minillm/teacher_sft.yaml
 	$(VENV)/bin/litpapers fit --config configs/minillm/sft.yaml
-	$(VENV)/bin/litpapers fit --config configs/minillm/minillm.yaml
+	$(VENV)/bin/litpapers fit --config configs/minillm/base.yaml
 
 qdpo: $(STAMP)
 	$(VENV)/bin/litpapers fit --config configs/qdpo/int4.yaml

@@ -21,8 +21,18 @@ r_t = log p(y_t|y_<t,x) − log q_θ(y_t|y_<t,x) and R_t = Σ_{t'≥t} r_t',
 - length normalisation: R_{t+1} → R_{t+1}/(number of tokens summed);
 - teacher-mixed sampling: y_t ~ p̃ = α·p + (1−α)·q_θ with per-token weight w_t = q_θ(y_t)/p̃(y_t);
 - PPO-style clipped surrogate, ratio ρ_t = w_t·q_θ(y_t)/q_θold(y_t), clip ε, ``ppo_epochs`` steps per rollout;
-- L = L_long + L_single + lm_coef·L_PT, L_PT = (1−kd_ratio)·LM + kd_ratio·forward KL on a pretraining batch
-  (the datamodule's ``pt_input_ids``; without a pretraining stream, the batch's own gold responses).
+- L = L_long + L_single + lm_coef·L_PT, L_PT = (1−kd_ratio)·LM + kd_ratio·forward KL (LMOps ``losses.pt_loss``,
+  ``trainer.train``: ``loss = rl_loss + lm_coef * pt_loss``, kd_ratio 0.5) on a batch of the *pretraining* stream
+  (the datamodule's ``pt_input_ids``: ``InstructionDataModule(pretrain=True)``, the built-in corpus, or
+  ``pretrain_path``), as the paper's OpenWebText term. ``pt_source="sft"`` computes it on the batch's SFT
+  responses instead (then L_PT is exactly the ``kd`` objective, which confounds MiniLLM vs KD); with neither a
+  pretraining stream nor that option a MiniLLM step with ``lm_coef > 0`` is an error.
+- Temperature τ: as in LMOps (``trainer.compute_logits_and_log_probs`` and ``losses.ppo_loss`` divide the logits by
+  τ) every distribution of the method is the tempered one, softmax(logits/τ): the sampler, log q_θold and
+  log p̃ stored with the rollout, the rewards' log p and log q, the PPO ratio and the single-step KL. So at
+  θ = θold the ratio is exactly 1. (LMOps' ``reward.reward_fn`` scores the teacher's log p untempered; we temper
+  it too, so r_t is the log-ratio of the two distributions the estimator's KL is about.) ``gkd`` tempers both
+  models as TRL's ``generalized_jsd_loss(..., temperature)``; SeqKD's cross-entropy is on raw logits.
 
 As in the reference code the rewards are divided by ``reward_scaling`` (0.5), discounted by ``gamma`` and
 whitened over the batch; with ``single_step=False`` the long-term term uses R_t (r_t included) so the
@@ -53,6 +63,8 @@ from lit_modules.hf import (ModelSpec, check_same_vocabulary, load_causal_lm, lo
                              save_pretrained_with_tokenizer)
 
 OBJECTIVES = ("sft", "kd", "seqkd", "gkd", "minillm")
+PT_SOURCES = ("pretrain", "sft")
+ROLLOUT_KEY = "minillm_rollout"  # checkpoint entry of the rollout being reused (resume mid inner epochs)
 DEFAULT_TEACHER = "checkpoints/minillm_teacher"
 
 
@@ -167,7 +179,8 @@ def minillm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tok
                  "reward": masked_mean(logp - old_logprobs, mask),
                  "reverse_kl": ((old_logprobs - logp) * mask).sum(-1).mean(),
                  "entropy": masked_mean(entropy_per_token(student_logits), mask),
-                 "importance_weight": masked_mean(weights, mask)}
+                 "importance_weight": masked_mean(weights, mask),
+                 "max_abs_log_ratio": ((logq - old_logprobs).abs() * mask).max()}
     return loss, stats
 
 
@@ -234,6 +247,12 @@ class Rollout:
     student_logprobs: torch.Tensor
     teacher_logprobs: torch.Tensor | None
     mix_logprobs: torch.Tensor
+
+    def as_dict(self) -> dict[str, torch.Tensor | None]:
+        return dict(vars(self))
+
+    def to(self, device: torch.device | str) -> Rollout:
+        return Rollout(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
 
 
 def _cache_arg(model: PreTrainedModel | None) -> str:
@@ -447,6 +466,9 @@ class MiniLLM(PaperModule):
         ppo_epochs: optimizer steps per rollout batch; clip_eps: PPO clip ε.
         gamma, reward_scaling, reward_clip, whiten_advantages: reward shaping of the reference code.
         lm_coef: weight of the PT loss (MiniLLM); kd_ratio: KD share in the PT loss and in ``kd``.
+        pt_source: the batches L_PT reads: ``"pretrain"`` (default; the datamodule's pretraining stream
+            ``pt_input_ids``, an error when it has none) or ``"sft"`` (the batch's SFT responses: L_PT = the KD
+            objective; an explicit opt-in, not the paper's setting).
         gkd_beta: β of the generalized JSD (``gkd``; 1 = reverse KL).
         max_new_tokens, temperature: rollout length cap and sampling temperature.
         eval_max_new_tokens, eval_temperature, eval_seed: validation sampling (temperature 0 = greedy).
@@ -462,7 +484,7 @@ class MiniLLM(PaperModule):
                  init_seed: int = 0, teacher_mix_alpha: float = 0.2, single_step: bool = True,
                  length_norm: bool = True, ppo_epochs: int = 4, clip_eps: float = 0.2, gamma: float = 1.0,
                  reward_scaling: float = 0.5, reward_clip: float | None = None, whiten_advantages: bool = True,
-                 lm_coef: float = 1.0, kd_ratio: float = 0.5, gkd_beta: float = 1.0, max_new_tokens: int = 32,
+                 lm_coef: float = 1.0, kd_ratio: float = 0.5, pt_source: str = "pretrain", gkd_beta: float = 1.0, max_new_tokens: int = 32,
                  temperature: float = 1.0, eval_max_new_tokens: int | None = None, eval_temperature: float = 1.0,
                  eval_seed: int = 0, eval_exposure_bias: bool = True, export_dir: str | None = None,
                  lr: float = 5e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
@@ -477,6 +499,10 @@ class MiniLLM(PaperModule):
             raise ValueError(f"ppo_epochs ({ppo_epochs}) and max_new_tokens ({max_new_tokens}) must be >= 1")
         if not 0.0 <= gkd_beta <= 1.0 or not 0.0 <= kd_ratio <= 1.0:
             raise ValueError(f"gkd_beta ({gkd_beta}) and kd_ratio ({kd_ratio}) must be in [0, 1]")
+        if pt_source not in PT_SOURCES:
+            raise ValueError(f"pt_source={pt_source!r} is not one of {PT_SOURCES}")
+        if temperature <= 0 or lm_coef < 0:
+            raise ValueError(f"temperature ({temperature}) must be > 0 (training samples) and lm_coef ({lm_coef}) >= 0")
         self.save_hyperparameters()
         self.strict_loading = False  # checkpoints leave the frozen teacher out
         student = {} if student is None else student
@@ -514,9 +540,19 @@ class MiniLLM(PaperModule):
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("teacher."))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the teacher out; keep the rollout being reused and how many inner epochs it has served, so a
+        resumed run continues PPO's inner epochs on the same samples (the teacher's logits on it are recomputed:
+        the teacher is frozen). Under DDP the checkpoint holds rank 0's rollout, which every rank then resumes."""
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
+        if self._rollout is not None:
+            checkpoint[ROLLOUT_KEY] = {"rollout": self._rollout.to("cpu").as_dict(), "uses": self._rollout_uses}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(ROLLOUT_KEY)
+        self._rollout = None if saved is None else Rollout(**saved["rollout"])
+        self._rollout_uses, self._teacher_logits = (0 if saved is None else saved["uses"]), None
 
     @property
     def pad_id(self) -> int:
@@ -559,17 +595,25 @@ class MiniLLM(PaperModule):
         return loss
 
     def _pt_loss(self, batch: dict) -> torch.Tensor:
-        kd_ratio = self.hparams.kd_ratio if self.teacher is not None else 0.0
-        if "pt_input_ids" in batch:
-            return self._lm_loss(batch["pt_input_ids"], batch["pt_input_ids"], None, kd_ratio)
-        return self._lm_loss(batch["input_ids"], batch["labels"], batch["attention_mask"], kd_ratio)
+        """L_PT = (1−kd_ratio)·LM + kd_ratio·KL(p ‖ q_θ) on the stream ``pt_source`` names (module docstring)."""
+        hp = self.hparams
+        if hp.pt_source == "sft":
+            return self._lm_loss(batch["input_ids"], batch["labels"], batch["attention_mask"], hp.kd_ratio)
+        if "pt_input_ids" not in batch:
+            raise ValueError("MiniLLM's PT loss (lm_coef > 0) reads a pretraining stream, but the batch has no "
+                             "'pt_input_ids': set data.init_args.pretrain: true (built-in corpus) or "
+                             "data.init_args.pretrain_path, or model.init_args.lm_coef: 0, or "
+                             "model.init_args.pt_source: sft (L_PT on the SFT data, = the KD objective)")
+        return self._lm_loss(batch["pt_input_ids"], batch["pt_input_ids"], None, hp.kd_ratio)
 
     def _rollout_loss(self, rollout: Rollout, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The sampling objectives' loss on ``rollout``; ``teacher_logits`` are already divided by τ."""
         hp = self.hparams
         s_logits = response_logits(self.model, rollout)
         mask = rollout.response_mask
         if hp.objective == "seqkd":
             return masked_mean(-gather_logprobs(s_logits, rollout.response_ids), mask), {}
+        s_logits = s_logits / hp.temperature  # the tempered student, as sampled (module docstring)
         if hp.objective == "gkd":
             loss = masked_mean(generalized_jsd(s_logits, teacher_logits, hp.gkd_beta), mask)
             return loss, {"entropy": masked_mean(entropy_per_token(s_logits.detach()), mask)}
@@ -592,17 +636,16 @@ class MiniLLM(PaperModule):
         reuse = hp.ppo_epochs if hp.objective == "minillm" else 1
         if self._rollout is None or self._rollout_uses >= reuse:
             alpha = {"seqkd": 1.0, "gkd": 0.0, "minillm": hp.teacher_mix_alpha}[hp.objective]
-            rollout = self.rollout(batch, alpha)
-            teacher_logits = None
-            if hp.objective != "seqkd":
-                with torch.no_grad():
-                    teacher_logits = response_logits(self.teacher, rollout)
-            self._rollout, self._teacher_logits, self._rollout_uses = rollout, teacher_logits, 0
+            self._rollout, self._teacher_logits, self._rollout_uses = self.rollout(batch, alpha), None, 0
+        self._rollout = self._rollout.to(self.device)  # no-op unless restored from a checkpoint
+        if self._teacher_logits is None and hp.objective != "seqkd":  # a new rollout, or one restored
+            with torch.no_grad():
+                self._teacher_logits = response_logits(self.teacher, self._rollout) / hp.temperature
         self._rollout_uses += 1
         loss, stats = self._rollout_loss(self._rollout, self._teacher_logits)
         stats["response_length"] = self._rollout.response_mask.sum(-1).float().mean()
         if hp.objective == "minillm" and hp.lm_coef > 0:
-            stats["pt_loss"] = self._pt_loss(batch)
+            stats["rl_loss"], stats["pt_loss"] = loss.detach(), self._pt_loss(batch)
             loss = loss + hp.lm_coef * stats["pt_loss"]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n)

@@ -19,7 +19,7 @@ TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_
 SMALL_TEXT = ["--data.init_args.batch_size", "4", "--data.init_args.max_prompt_length", "48",
               "--data.init_args.max_length", "64"]
 CASES = {
-    "minillm": ("configs/minillm/minillm.yaml",
+    "minillm": ("configs/minillm/base.yaml",
                 ["--model.init_args.max_new_tokens", "4", "--model.init_args.ppo_epochs", "2",
                  "--data.init_args.num_examples", "64", "--data.init_args.num_val", "8",
                  "--data.init_args.batch_size", "4"]),

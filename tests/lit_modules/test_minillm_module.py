@@ -5,6 +5,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from cli import build_cli
 from datamodules import InstructionDataModule
@@ -13,6 +14,12 @@ from lit_modules import MiniLLM
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "minillm").glob("*.yaml"))
+
+
+def _config_args(config: Path) -> list[str]:
+    """``--config`` arguments of a shipped config: a row file (no ``model.class_path``) composes after base.yaml."""
+    is_row = "class_path" not in (yaml.safe_load(config.read_text()).get("model") or {})
+    return (["--config", str(config.parent / "base.yaml")] if is_row else []) + ["--config", str(config)]
 
 
 def _trainer(**kw) -> L.Trainer:
@@ -38,7 +45,8 @@ def test_teacher_is_frozen_out_of_optimizer_and_checkpoint(tmp_path):
     module = MiniLLM(student=TINY, teacher=TINY | {"hidden_size": 48}, objective="minillm", ppo_epochs=3,
                      max_new_tokens=4, lm_coef=0.5)
     teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
-    data = InstructionDataModule(num_examples=24, num_val=4, batch_size=4, max_response_length=4)
+    data = InstructionDataModule(num_examples=24, num_val=4, batch_size=4, max_response_length=4, pretrain=True,
+                                 pretrain_block_size=16)
     rollouts = []
     sample = module.rollout
     module.rollout = lambda *a, **k: rollouts.append(1) or sample(*a, **k)
@@ -71,7 +79,7 @@ def test_export_dir_round_trips_as_a_student(tmp_path):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        build_cli(["fit", "--config", str(config), "--print_config"])
+        build_cli(["fit", *_config_args(config), "--print_config"])
     assert exit_info.value.code == 0
     assert "class_path" in capsys.readouterr().out
 
@@ -87,10 +95,11 @@ def test_configs_run_end_to_end_through_the_cli():
     cli = build_cli(["fit", "--config", str(by_name["sft"])] + quick)
     assert (Path("checkpoints/minillm_student_sft") / "config.json").exists()
     assert "val/valid_rate" in cli.trainer.callback_metrics and "val/rougeL" in cli.trainer.callback_metrics
-    rows = sorted(set(by_name) - {"teacher_sft", "sft"})
-    assert len(rows) == 7
+    rows = sorted(set(by_name) - {"teacher_sft", "sft"})  # base.yaml alone is the MiniLLM row
+    assert len(rows) == 9
     for row in rows:
-        cli = build_cli(["fit", "--config", str(by_name[row]), "--model.init_args.max_new_tokens", "4"] + quick)
+        cli = build_cli(["fit", *_config_args(by_name[row]), "--model.init_args.max_new_tokens", "4",
+                         "--data.init_args.pretrain_block_size", "16"] + quick)
         assert cli.trainer.global_step == 2, row
         assert torch.isfinite(cli.trainer.callback_metrics["train/loss"]), row
         assert torch.isfinite(cli.trainer.callback_metrics["val/ex_acc_err"]), row  # every row has a teacher
