@@ -14,18 +14,22 @@
    ``check_answer``: validity rate, and the win rate vs the starting policy's greedy answers on the same prompts
    (win = only ours valid, loss = only the start's valid, tie = both or neither; win rate = (wins + ½ ties)/n).
 
-Prints one JSON object last (raw numbers per loss, and each loss's differences vs ``sigmoid`` (DPO) measured
-in the same run).
+Every loss runs at each β of ``--betas`` (default 0.05, the paper's, and 0.1) with each training seed of
+``--seeds``. Prints one JSON object last (per β and loss: mean ± std over seeds and the raw runs, and each loss's
+differences vs ``sigmoid`` (DPO) paired by seed, measured in the same run); ``--out`` also writes it to a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -83,11 +87,12 @@ def win_rate(ours: list[bool], start: list[bool]) -> dict:
     return {"win_rate": (wins + 0.5 * ties) / len(ours), "wins": wins, "losses": losses, "ties": ties}
 
 
-def run_loss(args: argparse.Namespace, loss: str, sft_dir: str, cache: str, eval_examples: list[dict],
-             start_valid: list[bool]) -> dict:
-    L.seed_everything(1, verbose=False)
+def run_loss(args: argparse.Namespace, loss: str, beta: float, seed: int, sft_dir: str, cache: str,
+             eval_examples: list[dict], start_valid: list[bool]) -> dict:
+    """Train one loss at one β with training seed ``seed`` (batch order, dropout); same data and split always."""
+    L.seed_everything(seed, verbose=False)
     kwargs = {"tau": 0.05} if loss == "discopop" else {}
-    module = DPO(model=sft_dir, loss=loss, beta=args.beta, loss_kwargs=kwargs, lr=args.lr, warmup_steps=10,
+    module = DPO(model=sft_dir, loss=loss, beta=beta, loss_kwargs=kwargs, lr=args.lr, warmup_steps=10,
                  precompute_ref_logps=True, ref_cache_dir=cache)
     dm = PreferenceDataModule(num_examples=args.pairs, seed=1, batch_size=args.batch, val_fraction=0.1)
     t0 = time.perf_counter()
@@ -102,6 +107,20 @@ def run_loss(args: argparse.Namespace, loss: str, sft_dir: str, cache: str, eval
             **win_rate(valid, start_valid), "train_seconds": train_s}
 
 
+METRICS = ("val_reward_accuracy", "valid_rate", "win_rate")
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Mean and sample standard deviation (0 for one seed) over seeds of every metric, plus the raw runs."""
+    out: dict = {"per_seed": runs}
+    for key in runs[0]:
+        if isinstance(runs[0][key], (int, float)):
+            values = torch.tensor([float(r[key]) for r in runs], dtype=torch.float64)
+            out[key] = values.mean().item()
+            out[f"{key}_std"] = values.std().item() if len(runs) > 1 else 0.0
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -113,7 +132,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="pairs per step")
     p.add_argument("--pairs", type=int, default=None,
                    help="built-in preference pairs, 10%% held out (default: one epoch of --steps)")
-    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--betas", default="0.05,0.1", help="comma-separated β values (0.05 = the paper's)")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds (batch order, dropout)")
+    p.add_argument("--out", default=None, help="also write the JSON here (e.g. docs/results/dpo_losses.json)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval-prompts", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
@@ -143,25 +164,41 @@ def main() -> None:
     start_valid = validity(eval_examples, greedy_answers(start.model, start.tokenizer, prompts, args.device))
     del start
 
-    results = {}
-    for loss in losses:
-        results[loss] = run_loss(args, loss, sft_dir, os.path.join(work, "ref_cache"), eval_examples, start_valid)
-        r = results[loss]
-        print(f"{loss:>9}: held-out reward acc {r['val_reward_accuracy']:.3f}  valid {r['valid_rate']:.3f}  "
-              f"win rate vs start {r['win_rate']:.3f}  ({r['train_seconds']:.0f}s)", flush=True)
-    anchor = results.get("sigmoid")
-    vs_dpo = {loss: {k: r[k] - anchor[k] for k in ("val_reward_accuracy", "valid_rate", "win_rate")}
-              for loss, r in results.items()} if anchor else {}
-    print(json.dumps({
-        "benchmark": "dpo_losses", "device": args.device, "machine": platform.processor() or platform.machine(),
+    betas = [float(b) for b in args.betas.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    results: dict = {}
+    vs_dpo: dict = {}
+    for beta in betas:
+        per_beta = results[f"beta={beta:g}"] = {}
+        for loss in losses:
+            runs = [run_loss(args, loss, beta, seed, sft_dir, os.path.join(work, "ref_cache"), eval_examples,
+                             start_valid) for seed in seeds]
+            r = per_beta[loss] = aggregate(runs)
+            print(f"beta {beta:g} {loss:>9}: held-out reward acc {r['val_reward_accuracy']:.3f}"
+                  f"±{r['val_reward_accuracy_std']:.3f}  valid {r['valid_rate']:.3f}  win rate vs start "
+                  f"{r['win_rate']:.3f}  ({r['train_seconds']:.0f}s/seed)", flush=True)
+        anchor = per_beta.get("sigmoid")
+        if anchor:  # paired by seed: same batches and dropout draws for every loss
+            vs_dpo[f"beta={beta:g}"] = {
+                loss: {k: aggregate([{k: a[k] - b[k]} for a, b in zip(r["per_seed"], anchor["per_seed"])])[k]
+                       for k in METRICS} for loss, r in per_beta.items()}
+    report = {
+        "benchmark": "dpo_losses", "command": "python -m benchmarks.dpo_losses " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": args.device, "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "settings": {"model": MODEL | {"vocab_size": 259}, "sft_steps": args.sft_steps, "sft_lr": args.sft_lr,
-                     "po_steps": args.steps, "batch_pairs": args.batch, "pairs": args.pairs, "beta": args.beta,
-                     "lr": args.lr, "eval_prompts": args.eval_prompts, "discopop_tau": 0.05,
+                     "po_steps": args.steps, "batch_pairs": args.batch, "pairs": args.pairs, "betas": betas,
+                     "seeds": seeds, "lr": args.lr, "eval_prompts": args.eval_prompts, "discopop_tau": 0.05,
+                     "ipo_logps": "per-token mean (DPO default for ipo)", "other_logps": "summed",
                      "precompute_ref_logps": True, "sft_seconds": sft_s, "torch_threads": args.threads},
         "start_policy": {"valid_rate": sum(start_valid) / len(start_valid)},
         "results": results, "minus_dpo": vs_dpo,
-    }))
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

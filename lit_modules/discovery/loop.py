@@ -1,0 +1,338 @@
+"""DiscoPOP's discovery loop (Lu et al., 2024, §3; PAPERS.md §6 "Discovery loop"; issue 15).
+
+Each generation: the chat is built from the archive (seeded with DPO, hinge, IPO, KTO and their fitness), the
+proposer answers JSON ``{thought, name, code}``, the code is checked and validated in the sandbox; an invalid
+candidate's error is fed back and the proposer asked again (up to ``max_attempts``); a valid one is trained and
+scored (``Fitness``, in the sandbox worker too) and "Fitness: X. Please generate the next one." is fed back.
+Every reply is appended to ``<run_dir>/archive.jsonl`` (one JSON record per line, fsync'ed) with the chat that
+was sent, the raw reply, the parsed candidate, the status, the error fed back and the fitness, so an interrupted
+run resumes where it stopped (the chat is rebuilt from the archive alone) and a run can be audited and replayed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+from lit_modules.discovery.fitness import DPOFitness, Fitness, fitness_config
+from lit_modules.discovery.proposers import Proposer, ProposerExhausted, parse_reply
+from lit_modules.discovery.sandbox import SIGNATURE, SandboxLimits, run_in_worker
+
+log = logging.getLogger(__name__)
+
+_MARGIN = "(policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)"
+#: Baselines as the proposer sees them (PAPERS.md §6 formulas); IPO on per-token mean log-probs, as TRL.
+BASELINES: dict[str, dict] = {
+    "dpo": {"thought": "DPO (Rafailov et al., 2023): logistic loss on the scaled log-ratio margin.",
+            "code": f"def dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):\n"
+                    f"    logits = {_MARGIN}\n    return -F.logsigmoid(beta * logits)\n"},
+    "hinge": {"thought": "SLiC (Zhao et al., 2023): hinge loss on the scaled log-ratio margin.",
+              "code": f"def hinge(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, "
+                      f"beta):\n    logits = {_MARGIN}\n    return torch.relu(1 - beta * logits)\n"},
+    "ipo": {"thought": "IPO (Azar et al., 2023): squared distance of the log-ratio margin to 1/(2 beta); "
+                       "per-token mean log-probs.",
+            "code": f"def ipo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):\n"
+                    f"    logits = {_MARGIN}\n    return (logits - 1 / (2 * beta)) ** 2\n",
+            "length_normalize": True},
+    "kto": {"thought": "KTO on pairs (Ethayarajh et al., 2024): sigmoid of each reward against the other side's "
+                       "batch-mean KL estimate.",
+            "code": "def kto(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):\n"
+                    "    chosen = policy_chosen_logps - ref_chosen_logps\n"
+                    "    rejected = policy_rejected_logps - ref_rejected_logps\n"
+                    "    kl_chosen = chosen.mean().clamp(min=0)\n    kl_rejected = rejected.mean().clamp(min=0)\n"
+                    "    return 0.5 * ((1 - torch.sigmoid(beta * (chosen - kl_rejected)))\n"
+                    "                  + (1 - torch.sigmoid(beta * (kl_chosen - rejected))))\n"},
+    "lrml": {"thought": "DiscoPOP / LRML (Lu et al., 2024, Eq. 5): logistic and exponential losses blended by "
+                        "sigmoid(beta * margin / 0.05).",
+             "code": "def lrml(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, "
+                     f"beta):\n    logits = beta * ({_MARGIN})\n    weight = torch.sigmoid(logits / 0.05)\n"
+                     "    return (1 - weight) * -F.logsigmoid(logits) + weight * torch.exp(-logits)\n"},
+}
+
+SYSTEM_PROMPT = f"""You are a machine-learning researcher designing new loss functions for offline preference \
+optimisation of language models (like DPO). A loss receives, for a batch of B preference pairs, four tensors of \
+shape (B,): the summed log-probabilities of the chosen and rejected responses under the policy and under the \
+frozen reference model, and the float beta. It returns B losses (shape (B,)); training minimises their mean.
+
+Answer with one JSON object and nothing else: {{"thought": "<your reasoning>", "name": "<short_snake_case_name>", \
+"code": "<python source>"}}. The code defines exactly one function {SIGNATURE}. torch, \
+torch.nn.functional as F and math are available; nothing else may be imported, no files, no introspection \
+(attributes starting with '_'), no eval/exec/open. Put hyper-parameters inside the function as constants.
+
+Here is an example of the format:
+{json.dumps({"thought": BASELINES["dpo"]["thought"], "name": "dpo", "code": BASELINES["dpo"]["code"]})}
+
+You know the binary-classification and preference-optimisation literature; be creative and build on the best \
+results so far."""
+
+
+class Archive:
+    """Append-only JSONL file of records; every append is flushed and fsync'ed, and a torn last line (a kill
+    during a write) is dropped when the file is opened again."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            log.warning("archive %s: dropping a torn last line (%d bytes)", self.path, len(data) - keep)
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+            data = data[:keep]
+        records = []
+        for i, line in enumerate(data.decode().splitlines(), start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{self.path}:{i}: corrupt archive record ({e})") from None
+        return records
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class DiscoveryLoop:
+    """Propose → validate → train → score → feed back, for ``generations`` generations (see the module docstring).
+
+    Args:
+        run_dir: holds ``archive.jsonl`` (resumed if present), ``summary.md``, ``summary.json``, ``fitness.png``
+            and the fitness's own files (e.g. the SFT export).
+        proposer: who writes candidates (:mod:`lit_modules.discovery.proposers`).
+        fitness: how a valid candidate is scored (default :class:`DPOFitness`: held-out reward accuracy after a
+            short DPO run at β = 0.05 on the built-in preference pairs).
+        generations: number of generations (each ends with one scored candidate or ``max_attempts`` failures).
+        max_attempts: replies per generation before giving up on it.
+        seeds: baselines shown to the proposer with their fitness (names of :data:`BASELINES`).
+        references: baselines scored the same way and kept in the archive, but not shown to the proposer.
+        limits: the sandbox's per-candidate limits.
+        workers: worker processes scoring the baselines in parallel.
+        history: previous (reply, feedback) exchanges kept in the chat after the archive summary.
+        top_k: best scored candidates listed in the prompt (plus the seeds).
+    """
+
+    def __init__(self, run_dir: str = "runs/discovery", proposer: Proposer | None = None,
+                 fitness: Fitness | None = None, generations: int = 10, max_attempts: int = 3,
+                 seeds: list[str] | None = None, references: list[str] | None = None,
+                 limits: SandboxLimits | None = None, workers: int = 1, history: int = 4, top_k: int = 10):
+        if proposer is None:
+            raise ValueError("discovery: a proposer is required (proposer.class_path: ReplayProposer, HFProposer "
+                             "or OpenAIProposer)")
+        seeds = ["dpo", "hinge", "ipo", "kto"] if seeds is None else seeds
+        references = ["lrml"] if references is None else references
+        unknown = sorted(set(seeds + references) - set(BASELINES))
+        if unknown:
+            raise ValueError(f"discovery: unknown seeds/references {unknown}; choose from {sorted(BASELINES)}")
+        if generations < 0 or max_attempts < 1 or workers < 1:
+            raise ValueError("discovery: need generations >= 0, max_attempts >= 1, workers >= 1")
+        self.run_dir, self.proposer = Path(run_dir), proposer
+        self.fitness = DPOFitness() if fitness is None else fitness
+        self.generations, self.max_attempts, self.seeds, self.references = generations, max_attempts, seeds, references
+        self.limits = SandboxLimits() if limits is None else limits
+        self.workers, self.history, self.top_k = workers, history, top_k
+        self.archive = Archive(self.run_dir / "archive.jsonl")
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, code: str, length_normalize: bool = False) -> dict:
+        """Sandboxed validation + fitness of ``code``: status ``evaluated`` (with ``fitness``), ``invalid`` or
+        ``failed``, plus ``stage``, ``error``, ``metrics``, ``seconds``."""
+        out = run_in_worker(code, self.limits, fitness_config(self.fitness), length_normalize=length_normalize)
+        if out["status"] != "ok":
+            return {"status": out["status"], "stage": out["stage"], "error": out["error"], "fitness": None,
+                    "metrics": {}, "seconds": out["seconds"]}
+        return {"status": "evaluated", "stage": "done", "error": None, "fitness": out["metrics"][self.fitness.metric],
+                "metrics": out["metrics"], "seconds": out["seconds"]}
+
+    def _score_baselines(self, records: list[dict]) -> None:
+        done = {r["name"] for r in records if r["kind"] in ("seed", "reference")}
+        todo = [(kind, name) for kind, names in (("seed", self.seeds), ("reference", self.references))
+                for name in names if name not in done]
+        if not todo:
+            return
+
+        def one(item):
+            kind, name = item
+            base = BASELINES[name]
+            result = self.score(base["code"], base.get("length_normalize", False))
+            return {"kind": kind, "name": name, "thought": base["thought"], "code": base["code"],
+                    "length_normalize": base.get("length_normalize", False), **result, "time": _now()}
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            for record in pool.map(one, todo):
+                self.archive.append(record)
+                records.append(record)
+                log.info("discovery: baseline %s: %s %s", record["name"], record["status"],
+                         record["fitness"] if record["status"] == "evaluated" else record["error"])
+
+    # ------------------------------------------------------------------ prompt
+    def build_messages(self, records: list[dict]) -> list[dict[str, str]]:
+        """The chat sent to the proposer, rebuilt from the archive alone (so a resumed run asks the same)."""
+        scored = [r for r in records if r["status"] == "evaluated"]
+        seeds = [r for r in scored if r["kind"] == "seed"]
+        found = sorted((r for r in scored if r["kind"] == "proposal"), key=lambda r: -r["fitness"])[: self.top_k]
+        lines = ["Here are the loss functions evaluated so far, with their fitness (higher is better):"]
+        for r in seeds + found:
+            lines.append(f"\nname: {r['name']}\ncode:\n{r['code']}Fitness: {r['fitness']:.4f}")
+        lines.append("\nPlease generate the next one.")
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
+        exchanges = [r for r in records if r["kind"] == "proposal" and r.get("raw_reply") is not None]
+        for r in exchanges[-self.history:] if self.history else []:
+            messages += [{"role": "assistant", "content": r["raw_reply"]}, {"role": "user", "content": r["feedback"]}]
+        return messages
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> list[dict]:
+        """Run (or resume) the loop; returns every archive record and writes the summary files."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        records = self.archive.load()
+        resumed = bool(records)
+        run_record = {"kind": "run", "status": "resumed" if resumed else "started", "time": _now(),
+                      "proposer": self.proposer.describe(), "fitness": fitness_config(self.fitness),
+                      "limits": asdict(self.limits), "generations": self.generations,
+                      "max_attempts": self.max_attempts, "seeds": self.seeds, "references": self.references}
+        self.archive.append(run_record)
+        records.append(run_record)
+        self.fitness.prepare(self.run_dir)
+        self._score_baselines(records)
+        proposals = [r for r in records if r["kind"] == "proposal"]
+        self.proposer.skip(len(proposals))
+        try:
+            for generation in range(self.generations):
+                tried = [r for r in proposals if r["generation"] == generation]
+                attempt = len(tried)
+                if any(r["status"] == "evaluated" for r in tried):
+                    continue
+                while attempt < self.max_attempts:
+                    record = self._attempt(records, generation, attempt)
+                    self.archive.append(record)
+                    records.append(record)
+                    proposals.append(record)
+                    attempt += 1
+                    log.info("discovery: generation %d attempt %d %s: %s %s", generation, attempt,
+                             record["name"], record["status"],
+                             record["fitness"] if record["status"] == "evaluated" else record["error"])
+                    if record["status"] == "evaluated":
+                        break
+        except ProposerExhausted as e:
+            log.info("discovery: proposer exhausted (%s); stopping", e)
+        write_summary(records, self.run_dir)
+        return records
+
+    def _attempt(self, records: list[dict], generation: int, attempt: int) -> dict:
+        messages = self.build_messages(records)
+        record = {"kind": "proposal", "generation": generation, "attempt": attempt,
+                  "proposer": self.proposer.describe(), "prompt": messages, "raw_reply": None, "thought": None,
+                  "name": None, "code": None, "time": _now()}
+        t0 = time.monotonic()
+        try:
+            reply = self.proposer.propose(messages)
+        except ProposerExhausted:
+            raise
+        except Exception as e:  # noqa: BLE001 - a proposer failure is recorded, the run goes on
+            return record | {"status": "proposer_error", "stage": "propose", "error": f"{type(e).__name__}: {e}",
+                             "feedback": None, "fitness": None, "metrics": {}, "seconds": time.monotonic() - t0}
+        record["raw_reply"] = reply
+        try:
+            candidate = parse_reply(reply)
+        except ValueError as e:
+            result = {"status": "invalid", "stage": "parse", "error": str(e), "fitness": None, "metrics": {},
+                      "seconds": time.monotonic() - t0}
+        else:
+            record.update(candidate)
+            result = self.score(candidate["code"])
+        if result["status"] == "evaluated":
+            feedback = f"Fitness: {result['fitness']:.4f}. Please generate the next one."
+        elif result["status"] == "invalid":
+            feedback = f"Code not valid: {result['error']}. Please fix it and answer with the corrected JSON."
+        else:
+            feedback = f"Training with this loss failed: {result['error']}. Please generate a different one."
+        return record | result | {"feedback": feedback}
+
+
+def write_summary(records: list[dict], out_dir: Path) -> dict:
+    """``summary.md`` (one row per baseline and proposal), ``summary.json`` and ``fitness.png`` (fitness per
+    generation, best so far, and the baselines as horizontal lines) in ``out_dir``; returns the JSON."""
+    rows = [r for r in records if r["kind"] in ("seed", "reference", "proposal")]
+    table = ["| kind | generation | attempt | name | status | fitness | error |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        error = (r.get("error") or "").replace("|", "/").replace("\n", " ")
+        fit = f"{r['fitness']:.4f}" if r.get("fitness") is not None else ""
+        table.append(f"| {r['kind']} | {r.get('generation', '')} | {r.get('attempt', '')} | {r.get('name') or ''} "
+                     f"| {r['status']} | {fit} | {error[:120]} |")
+    scored = [r for r in rows if r["status"] == "evaluated"]
+    best = max((r for r in scored if r["kind"] == "proposal"), key=lambda r: r["fitness"], default=None)
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r["kind"] == "proposal":
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+    summary = {"baselines": {r["name"]: r["fitness"] for r in rows if r["kind"] != "proposal"},
+               "proposals": counts, "best": None if best is None else
+               {k: best[k] for k in ("generation", "name", "fitness", "code", "thought")},
+               "per_generation": [{"generation": r["generation"], "name": r["name"], "fitness": r["fitness"]}
+                                  for r in scored if r["kind"] == "proposal"]}
+    out_dir = Path(out_dir)
+    (out_dir / "summary.md").write_text("\n".join(table) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _plot(summary, out_dir / "fitness.png")
+    return summary
+
+
+def _plot(summary: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    points = summary["per_generation"]
+    if points:
+        xs, ys = [p["generation"] for p in points], [p["fitness"] for p in points]
+        ax.plot(xs, ys, "o", label="candidate")
+        best = [max(ys[: i + 1]) for i in range(len(ys))]
+        ax.step(xs, best, where="post", label="best so far")
+    for i, (name, value) in enumerate(summary["baselines"].items()):
+        if value is not None:
+            ax.axhline(value, ls="--", lw=1, color=f"C{i + 2}", label=name)
+    ax.set(xlabel="generation", ylabel="fitness", title="discovery: fitness per generation")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``litpapers discover --config configs/discopop/discover.yaml [--generations 5 ...]``: run or resume the loop.
+    ``--summarize_only true`` only rewrites the summary files of an existing ``run_dir``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="litpapers discover", description="DiscoPOP's discovery loop: LLM-proposed "
+                            "preference losses, validated in a sandbox and scored by training.")
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--summarize_only", type=bool, default=False)
+    parser.add_class_arguments(DiscoveryLoop)
+    cfg = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if cfg.summarize_only:
+        run_dir = Path(cfg.run_dir)
+        summary = write_summary(Archive(run_dir / "archive.jsonl").load(), run_dir)
+    else:
+        init = parser.instantiate_classes(cfg)
+        loop = DiscoveryLoop(**{k: v for k, v in vars(init).items() if k not in ("config", "summarize_only")})
+        loop.run()
+        summary = json.loads((loop.run_dir / "summary.json").read_text())
+    print(json.dumps({k: summary[k] for k in ("baselines", "proposals", "best")}, indent=1))
+    return 0
