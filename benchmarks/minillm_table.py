@@ -3,8 +3,9 @@
     python -m benchmarks.minillm_table [--quick] [--device cpu|cuda] [--workdir outputs/minillm_table]
                                        [--train-seeds 0 1 2] [--exposure-bias]
 
-Pipeline (each step is ``litpapers fit --config configs/minillm/<row>.yaml`` run in ``--workdir``):
-teacher_sft → sft (the student's SFT, also the initialisation of every other row) → one run per row.
+Pipeline (each step is ``litpapers fit --config configs/minillm/base.yaml --config configs/minillm/<row>.yaml``,
+or the standalone ``teacher_sft.yaml`` / ``sft.yaml``, run in ``--workdir``): teacher_sft → sft (the student's SFT,
+also the initialisation of every other row) → one run per row (``base`` alone is the MiniLLM row).
 "SFT +N" continues the SFT student with SFT for the same number of steps as the distillation rows
 (compute-matched baseline). Each model is then evaluated on the same held-out prompts: Rouge-L (best over
 the valid answers), the rate of valid answers (the task's checker) and the mean response length, sampling
@@ -20,9 +21,12 @@ Prints a markdown table, then one JSON object last.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -32,16 +36,25 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "minillm"
 BASE_EXPORTS = {"teacher_sft": "checkpoints/minillm_teacher", "sft": "checkpoints/minillm_student_sft"}
 ROWS = [("SFT +N (no KD)", "sft", True), ("KD", "kd", False), ("SeqKD", "seqkd", False),
-        ("GKD reverse KL", "gkd_reverse", False), ("MiniLLM", "minillm", False),
+        ("GKD reverse KL", "gkd_reverse", False), ("MiniLLM", "base", False),
+        ("MiniLLM w/o PT loss (lm_coef 0)", "minillm_no_pt", False),
+        ("MiniLLM, L_PT on the SFT data (= KD + PG)", "minillm_pt_sft", False),
         ("MiniLLM w/o length norm", "minillm_no_length_norm", False),
         ("MiniLLM w/o teacher-mix", "minillm_no_teacher_mix", False),
         ("MiniLLM w/o single-step", "minillm_no_single_step", False)]
+STANDALONE = ("teacher_sft", "sft", "base")  # every other config is a row file composed after base.yaml
+
+
+def config_args(config: str) -> list[str]:
+    """The ``--config`` arguments of a shipped MiniLLM config name."""
+    row = [] if config in STANDALONE else ["--config", str(CONFIGS / "base.yaml")]
+    return row + ["--config", str(CONFIGS / f"{config}.yaml")]
 
 
 def _fit(config: str, steps: int, extra: list[str], device: str):
     from cli import build_cli
 
-    args = ["fit", "--config", str(CONFIGS / f"{config}.yaml"), "--trainer.max_steps", str(steps),
+    args = ["fit", *config_args(config), "--trainer.max_steps", str(steps),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.accelerator", device, "--trainer.limit_val_batches", "0"] + extra
     t = time.perf_counter()
@@ -134,13 +147,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num-val", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", nargs="*", default=None, help="subset of row config names")
-    ap.add_argument("--reuse", action="store_true", help="keep an existing teacher / SFT student in --workdir")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the teacher, SFT student and row exports already in --workdir (train only what is missing)")
     ap.add_argument("--train-seeds", type=int, nargs="+", default=[0], help="training seeds of the distillation rows")
     ap.add_argument("--exposure-bias", action="store_true", help="add an ExAccErr column (vs the teacher)")
     ap.add_argument("--exposure-bias-length", type=int, default=4, help="l of the ExAccErr(l) column (1..16)")
+    ap.add_argument("--out", default=None, help="also write the JSON object to this file")
     ap.add_argument("--eval-only", action="store_true",
                     help="train nothing: evaluate the exports a previous run (same --train-seeds) left in --workdir")
     args = ap.parse_args(argv)
+    command = "python -m benchmarks.minillm_table " + " ".join(argv if argv is not None else sys.argv[1:])
+    out_file = Path(args.out).resolve() if args.out else None
     teacher_steps = args.teacher_steps or (20 if args.quick else 1000)
     sft_steps = args.sft_steps or (10 if args.quick else 600)
     row_steps = args.row_steps or (8 if args.quick else 200)
@@ -150,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)  # the configs write checkpoints/ and logs/ relative to the working directory
+
+    from lit_modules.builtin_checkpoints import is_finished_export
 
     results, wall = [], {}
     fit = _require_export if args.eval_only else _fit
@@ -173,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
             if is_sft:  # continue the SFT student with SFT for the rows' number of steps
                 extra += ["--model.init_args.student", "checkpoints/minillm_student_sft", "--model.init_args.lr",
                           "5e-4", "--model.init_args.warmup_steps", "0"]
-            _, wall[f"{config}_seed{seed}"] = fit(config, row_steps, extra, args.device)
+            if not (args.reuse and is_finished_export(export)):
+                _, wall[f"{config}_seed{seed}"] = fit(config, row_steps, extra, args.device)
             per_seed.append(_evaluate(export, args.device, seeds, args.num_val, eb_length))
         results.append({"row": label, "config": config, "steps": row_steps, "train_seeds": args.train_seeds,
                         **_mean_and_std(per_seed)})
@@ -187,10 +207,18 @@ def main(argv: list[str] | None = None) -> dict:
                  + ((("ex_acc_err", 1),) if args.exposure_bias else ())]
         lines.append(f"| {r['row']} | {r['config']}.yaml | {r['steps']} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
-    out = {"benchmark": "minillm_table", "device": args.device, "threads": args.threads, "quick": args.quick,
+    out = {"benchmark": "minillm_table", "command": command,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores visible (shared with other jobs)",
+           "device": args.device, "threads": args.threads, "quick": args.quick,
+           "settings": {"teacher_steps": teacher_steps, "sft_steps": sft_steps, "row_steps": row_steps,
+                        "train_seeds": args.train_seeds, "configs": "configs/minillm (base.yaml + row files)"},
            "eval": {"num_val": args.num_val, "sampling": "temperature 1", "seeds": seeds},
            "rows": results, "wall_seconds": wall}
     print(json.dumps(out, indent=1))
+    if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
