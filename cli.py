@@ -5,7 +5,13 @@
     litpapers validate --config configs/probes/probe_local_model.yaml --model.model /path/to/hf_model
 
 Models and datamodules are chosen in subclass mode (``model.class_path: lit_modules.CausalLM`` or just
-``CausalLM``). Defaults: TensorBoard logger under ``logs/``, rich progress bar, ``seed_everything: 0``.
+``CausalLM``). Defaults: TensorBoard logger under ``logs/``, rich progress bar, ``seed_everything: 0``, and what keeps a run
+from losing work (``callbacks/lifecycle.py``): ``last.ckpt`` every ``DEFAULT_CHECKPOINT_EVERY`` steps, at the end
+and on Ctrl-C, random states in the checkpoint (exact resume), and a stop on a non-finite loss
+(``--stop_on_nonfinite_loss false`` turns it off).
+
+Errors raised by this package's own checks (a bad argument, a missing file) end the output as one line
+``error: ...``; set ``LITPAPERS_DEBUG=1`` to see the traceback instead.
 An ``--optimizer`` replaces the module's AdamW but keeps the module's parameter groups (no weight decay
 on biases/norms, frozen teachers excluded) and its warm-up/decay schedule unless ``--lr_scheduler`` is set.
 """
@@ -14,6 +20,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
+import traceback
+from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
@@ -24,9 +33,16 @@ import callbacks  # noqa: F401
 import datamodules  # noqa: F401
 import lit_modules  # noqa: F401
 import optimizers  # noqa: F401
+from callbacks.lifecycle import LastCheckpoint
 from lit_modules.base import PaperModule
 
 DEFAULT_CHECKPOINT_EVERY = 200
+ROOT = Path(__file__).resolve().parent
+#: Where this package's own code lives: an error raised there is a message for the user, not a bug report.
+PACKAGE_DIRS = tuple(str(ROOT / d) + os.sep for d in ("lit_modules", "datamodules", "callbacks", "optimizers"))
+#: Exception types our own validation raises (an AttributeError and the like stay a traceback: a bug).
+USER_ERROR_TYPES = (ValueError, TypeError, KeyError, OSError, RuntimeError, ImportError)
+EXIT_INTERRUPTED = 130
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -47,14 +63,19 @@ class LitPapersCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--stop_on_nonfinite_loss", type=bool, default=True,
+                            help="stop fit with an error naming the step when the training loss is NaN/inf")
         parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                                 "init_args": {"save_dir": "logs", "name": "litpapers"}}})
 
     def before_instantiate_classes(self) -> None:
         """Add the default callbacks a config did not list itself (a config's own ``callbacks`` list extends
-        these rather than silently dropping them): a rich progress bar, per-step LR logging, and a checkpoint
-        every ``DEFAULT_CHECKPOINT_EVERY`` steps plus ``last.ckpt`` so an interrupted run resumes with
-        ``--ckpt_path logs/<name>/version_N/checkpoints/last.ckpt``. Each is skipped when the matching trainer switch is off."""
+        these rather than silently dropping them): a rich progress bar, per-step LR logging, a checkpoint
+        every ``DEFAULT_CHECKPOINT_EVERY`` steps plus a ``last.ckpt`` that is kept current at the end, on Ctrl-C and
+        on errors (:class:`~callbacks.LastCheckpoint`) with the random states in it
+        (:class:`~callbacks.RandomStateCheckpoint`), so a run resumes exactly with
+        ``--ckpt_path logs/<name>/version_N/checkpoints/last.ckpt``, and :class:`~callbacks.NonFiniteLossGuard`.
+        Each is skipped when the matching switch is off."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         listed = [str(c.get("class_path", "")) for c in (trainer.get("callbacks") or [])]
@@ -65,8 +86,13 @@ class LitPapersCLI(LightningCLI):
             defaults.append({"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
                              "init_args": {"logging_interval": "step"}})
         if trainer.get("enable_checkpointing") is not False and not any(c.endswith("ModelCheckpoint") for c in listed):
-            defaults.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                             "init_args": {"save_last": True, "every_n_train_steps": DEFAULT_CHECKPOINT_EVERY}})
+            defaults.append({"class_path": "callbacks.LastCheckpoint",
+                             "init_args": {"every_n_train_steps": DEFAULT_CHECKPOINT_EVERY}})
+        if trainer.get("enable_checkpointing") is not False and not any(c.endswith("RandomStateCheckpoint")
+                                                                       for c in listed):
+            defaults.append({"class_path": "callbacks.RandomStateCheckpoint", "init_args": {}})
+        if config.get("stop_on_nonfinite_loss", True) and not any(c.endswith("NonFiniteLossGuard") for c in listed):
+            defaults.append({"class_path": "callbacks.NonFiniteLossGuard", "init_args": {}})
         if defaults:
             trainer.callbacks = list(trainer.get("callbacks") or []) + [Namespace(class_path=d["class_path"], init_args=Namespace(**d["init_args"]))
                                                                  for d in defaults]
@@ -89,9 +115,47 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LitPapersCLI:
                         subclass_mode_data=True, args=args, run=run)
 
 
+def user_error(error: BaseException) -> BaseException | None:
+    """The error to show a user as one line, or ``None`` to keep the traceback.
+
+    Walks ``error`` and the errors it was raised from (jsonargparse wraps a constructor's ``ValueError`` in its
+    own "Does not validate against any of the Union subtypes") and returns the innermost one that this package's
+    own code raised (its last frame is in :data:`PACKAGE_DIRS`) with a validation type (:data:`USER_ERROR_TYPES`).
+    """
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    for e in reversed(chain):
+        frames = traceback.extract_tb(e.__traceback__)
+        if isinstance(e, USER_ERROR_TYPES) and frames and frames[-1].filename.startswith(PACKAGE_DIRS):
+            return e
+    return None
+
+
+def error_line(error: BaseException) -> str:
+    """``error: <message>`` (a ``KeyError``'s message without the quotes ``str`` adds)."""
+    message = error.args[0] if isinstance(error, KeyError) and len(error.args) == 1 else str(error)
+    return f"error: {message}"
+
+
 def main() -> None:
-    """Console entry point: ``litpapers fit|validate|test|predict --config FILE``."""
-    build_cli()
+    """Console entry point: ``litpapers fit|validate|test|predict --config FILE``.
+
+    Exits 130 after a Ctrl-C that saved a checkpoint; our own errors print one ``error: ...`` line last."""
+    try:
+        cli = build_cli()
+    except Exception as e:
+        shown = None if os.environ.get("LITPAPERS_DEBUG", "0") not in ("0", "") else user_error(e)
+        if shown is None:
+            raise
+        print("(set LITPAPERS_DEBUG=1 to see the traceback)", file=sys.stderr)
+        print(error_line(shown), file=sys.stderr, flush=True)
+        sys.exit(1)
+    trainer = getattr(cli, "trainer", None)
+    if trainer is not None and any(isinstance(c, LastCheckpoint) and c.interrupted_at is not None
+                                   for c in trainer.callbacks):
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Probes and evaluation callbacks."""
 
+from callbacks.lifecycle import LastCheckpoint, NonFiniteLossError, NonFiniteLossGuard, RandomStateCheckpoint
 from callbacks.oversquashing import (
     OverSquashingProbe,
     RepresentationalCollapseProbe,
@@ -12,4 +13,5 @@ from callbacks.return_alignment import ReturnAlignmentEval
 
 __all__: list[str] = ["ReturnAlignmentEval", "OverSquashingProbe", "RepresentationalCollapseProbe", "SequenceTaskProbe",
                       "representational_collapse", "token_sensitivity", "QuantizationEval",
-                      "evaluate_against_full_precision", "token_flip_stats"]
+                      "evaluate_against_full_precision", "token_flip_stats", "LastCheckpoint",
+                      "NonFiniteLossError", "NonFiniteLossGuard", "RandomStateCheckpoint"]
