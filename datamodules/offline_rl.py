@@ -9,6 +9,12 @@
   last end are an unfinished episode and are dropped with a logged count (as the DT reference does),
 * or one of the **built-in** ids in :data:`datamodules.offline_rl_generate.BUILTIN_DATASETS`, generated on
   first use (``prepare_data``) into ``cache_dir("minari", <generator settings>)`` with seeded scripted policies.
+  It is generated under a private temporary root and its folder renamed into place only when complete, with a
+  marker file (:data:`COMPLETE_MARKER`) inside; a folder without the marker (a run killed while writing it with
+  an older version) is deleted and rebuilt.
+
+Every input is checked where it is loaded: observations, actions and rewards must be finite (NaN/inf fails with
+the file, the field and the index), shapes must agree.
 
 Training examples are K-step windows *ending* at every timestep of every training episode, so each epoch
 visits each step once as the newest position: episodes are drawn in proportion to their length and the end
@@ -23,8 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +47,7 @@ from datamodules.offline_rl_generate import BUILTIN_DATASETS, generate_minari_da
 log = logging.getLogger(__name__)
 
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+COMPLETE_MARKER = "litpapers_complete.json"  # written into a built-in dataset's folder before it is renamed in
 
 
 @dataclasses.dataclass
@@ -63,8 +72,22 @@ def returns_to_go(rewards: np.ndarray) -> np.ndarray:
     return np.cumsum(rewards[::-1])[::-1].copy()
 
 
+def check_finite(values: np.ndarray, field: str, source: str) -> None:
+    """Raise ``ValueError`` naming ``source``, ``field``, the number of NaN/±inf entries and the index of the
+    first one (row, or (row, column)), if a floating-point array has any; integer arrays pass."""
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.floating):
+        return
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{source}: {field!r} has {int(bad.sum())} non-finite value(s); the first, "
+                         f"{values[first]}, at index {first[0] if len(first) == 1 else first}")
+
+
 def split_d4rl_episodes(data: dict[str, np.ndarray], source: str = "data") -> list[Episode]:
-    """Cut flat D4RL arrays into episodes at ``terminals | timeouts``; checks keys and lengths first."""
+    """Cut flat D4RL arrays into episodes at ``terminals | timeouts``; checks keys, lengths and that
+    observations, actions and rewards are finite (indices are rows of the flat arrays) first."""
     missing = [k for k in D4RL_KEYS if k not in data]
     if missing:
         raise KeyError(f"{source}: missing D4RL key(s) {missing} (has {sorted(data)}); "
@@ -76,6 +99,8 @@ def split_d4rl_episodes(data: dict[str, np.ndarray], source: str = "data") -> li
     if data["observations"].ndim != 2:
         raise ValueError(f"{source}: 'observations' must be 2-D (N, state_dim), got shape "
                          f"{data['observations'].shape}")
+    for key in ("observations", "actions", "rewards"):
+        check_finite(data[key], key, source)
     ends = np.flatnonzero(np.asarray(data["terminals"], bool) | np.asarray(data["timeouts"], bool))
     episodes, start = [], 0
     for end in ends:
@@ -129,6 +154,10 @@ def load_minari_episodes(dataset_id: str, root: str | Path | None = None) -> tup
         local = sorted(minari.list_local_datasets())
         if dataset_id not in local:
             where = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+            if dataset_id in BUILTIN_DATASETS:
+                raise ValueError(f"built-in offline-RL dataset {dataset_id!r} is missing or unreadable in its cache "
+                                 f"{Path(where) / dataset_id} (Minari found {local} there); delete that folder "
+                                 "and run again to rebuild it")
             raise ValueError(f"unknown offline-RL dataset {dataset_id!r}: not a file, not a built-in id "
                              f"({sorted(BUILTIN_DATASETS)}), not a local Minari dataset under {where} "
                              f"(found {local}). Download it with `minari download {dataset_id}` first.")
@@ -143,9 +172,44 @@ def load_minari_episodes(dataset_id: str, root: str | Path | None = None) -> tup
                 raise ValueError(f"Minari dataset {dataset_id!r} episode {ep.id}: {len(ep.observations)} "
                                  f"observations and {len(ep.actions)} actions for {T} rewards "
                                  f"(expected T+1 and T)")
+            source = f"Minari dataset {dataset_id!r} ({ds.spec.data_path}) episode {ep.id}"
+            for field, values in (("observations", ep.observations[:T]), ("actions", ep.actions),
+                                  ("rewards", ep.rewards)):
+                check_finite(values, field, source)
             episodes.append(Episode(np.asarray(ep.observations[:T], np.float32), np.asarray(ep.actions),
                                     np.asarray(ep.rewards, np.float32)))
         return episodes, ds.spec.env_spec, ds.action_space
+
+
+def builtin_dataset_complete(root: Path, dataset_id: str) -> bool:
+    """Whether the built-in ``dataset_id`` under Minari root ``root`` was written completely (its marker exists)."""
+    return (root / dataset_id / COMPLETE_MARKER).is_file()
+
+
+def build_builtin_dataset(root: Path, dataset_id: str, settings: dict) -> None:
+    """Generate the built-in ``dataset_id`` with ``settings`` under a private temporary root next to ``root``, write
+    the marker, then rename the finished folder to ``root / dataset_id``. A partial folder there (no marker) is
+    deleted first; if another process completed the dataset meanwhile, ours is discarded."""
+    target = root / dataset_id
+    tmp_root = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_root, ignore_errors=True)
+    try:
+        log.info("generating built-in dataset %s into %s", dataset_id, root)
+        with minari_root(tmp_root):
+            generate_minari_dataset(dataset_id, BUILTIN_DATASETS[dataset_id], **settings)
+        (tmp_root / dataset_id / COMPLETE_MARKER).write_text(json.dumps(settings))
+        if target.exists() and not builtin_dataset_complete(root, dataset_id):
+            log.warning("deleting the partial built-in dataset %s (no %s: an interrupted build)", target,
+                        COMPLETE_MARKER)
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp_root / dataset_id, target)
+        except OSError:  # target exists: another process renamed its complete copy in first
+            if not builtin_dataset_complete(root, dataset_id):
+                raise
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
 
 
 class WindowDataset(Dataset):
@@ -231,14 +295,8 @@ class OfflineRLDataModule(L.LightningDataModule):
             if not Path(self.dataset).is_file():
                 raise FileNotFoundError(f"D4RL hdf5 file {self.dataset!r} does not exist")
             return
-        if self.dataset in BUILTIN_DATASETS and not (self.builtin_root() / self.dataset / "data").exists():
-            import minari
-
-            with minari_root(self.builtin_root()):
-                if self.dataset in minari.list_local_datasets():  # an interrupted earlier generation
-                    minari.delete_dataset(self.dataset)
-                log.info("generating built-in dataset %s into %s", self.dataset, self.builtin_root())
-                generate_minari_dataset(self.dataset, BUILTIN_DATASETS[self.dataset], **self.generate)
+        if self.dataset in BUILTIN_DATASETS and not builtin_dataset_complete(self.builtin_root(), self.dataset):
+            build_builtin_dataset(self.builtin_root(), self.dataset, self.generate)
 
     # -- reading --------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

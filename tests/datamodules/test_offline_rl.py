@@ -1,13 +1,16 @@
 """OfflineRLDataModule: returns-to-go, D4RL hdf5 and Minari loading on files made here, windows, bad input,
 and the built-in scripted-policy generator (tiny settings)."""
 
+import os
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
 import torch
 
 from datamodules import OfflineRLDataModule
-from datamodules.offline_rl import returns_to_go, split_d4rl_episodes
+from datamodules.offline_rl import COMPLETE_MARKER, load_minari_episodes, returns_to_go, split_d4rl_episodes
 
 
 def d4rl_arrays():
@@ -123,3 +126,76 @@ def test_builtin_generator_is_cached_seeded_and_spread():
     other_seed.setup("fit")
     assert not np.allclose(other_seed.episode_returns, dm.episode_returns)
     assert torch.is_tensor(dm.train_set[0]["states"])
+
+
+TINY_BUILTIN = dict(dataset="litpapers/swimmer/scripted-v0", generate_episodes=2, generate_max_steps=6,
+                    generate_num_envs=2, val_fraction=0.0, context_len=2)
+
+
+def test_partial_builtin_cache_is_detected_and_rebuilt():
+    # A run killed while Minari wrote the built-in data (older versions wrote in place) leaves data/ with a
+    # truncated main_data.hdf5: it must be rebuilt, not served or reported as "not a built-in id".
+    fresh = OfflineRLDataModule(**TINY_BUILTIN)
+    fresh.setup("fit")
+    folder = fresh.builtin_root() / TINY_BUILTIN["dataset"]
+    (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+    data_file = folder / "data" / "main_data.hdf5"
+    data_file.write_bytes(data_file.read_bytes()[:100])
+    rebuilt = OfflineRLDataModule(**TINY_BUILTIN)
+    rebuilt.setup("fit")
+    np.testing.assert_array_equal(rebuilt.episode_returns, fresh.episode_returns)
+    assert (folder / COMPLETE_MARKER).is_file() and h5py.is_hdf5(data_file)
+    assert [p.name for p in fresh.builtin_root().parent.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_killed_builtin_generation_leaves_no_dataset_in_place(monkeypatch):
+    import datamodules.offline_rl as offline_rl
+
+    def killed_midway(dataset_id, env_id, **kw):  # writes part of the dataset under the current Minari root, dies
+        partial = Path(os.environ["MINARI_DATASETS_PATH"]) / dataset_id / "data"
+        partial.mkdir(parents=True)
+        (partial / "main_data.hdf5").write_bytes(b"\x89HDF")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(offline_rl, "generate_minari_dataset", killed_midway)
+    dm = OfflineRLDataModule(**TINY_BUILTIN)
+    with pytest.raises(KeyboardInterrupt):
+        dm.prepare_data()
+    assert not (dm.builtin_root() / TINY_BUILTIN["dataset"]).exists()
+    assert [p.name for p in dm.builtin_root().parent.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_unreadable_builtin_dataset_message_says_builtin(tmp_path):
+    with pytest.raises(ValueError, match="built-in offline-RL dataset 'litpapers/swimmer/scripted-v0' is missing"):
+        load_minari_episodes("litpapers/swimmer/scripted-v0", tmp_path / "empty")
+
+
+@pytest.mark.parametrize("field, index, shown", [("rewards", 4, "index 4"), ("observations", (2, 1), "index (2, 1)"),
+                                                 ("actions", (5, 0), "index (5, 0)")])
+def test_non_finite_hdf5_input_fails_with_file_field_and_index(tmp_path, field, index, shown):
+    data = d4rl_arrays()
+    data[field] = data[field].copy()
+    data[field][index] = np.nan if field != "actions" else np.inf
+    path = write_hdf5(tmp_path / "nan.hdf5", data)
+    dm = OfflineRLDataModule(dataset=path, context_len=2, val_fraction=0.0)
+    with pytest.raises(ValueError) as err:
+        dm.setup("fit")
+    msg = str(err.value)
+    assert "nan.hdf5" in msg and repr(field) in msg and "1 non-finite" in msg and shown in msg
+
+
+def test_non_finite_minari_reward_fails_with_episode_and_step(tmp_path, monkeypatch):
+    import gymnasium as gym
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    rewards = [[0.0, 1.0, 2.0], [0.0, float("nan"), 2.0]]
+    buffers = [EpisodeBuffer(id=i, observations=np.zeros((4, 2), np.float32), actions=np.zeros((3, 1), np.float32),
+                             rewards=r, terminations=[False, False, True], truncations=[False] * 3)
+               for i, r in enumerate(rewards)]
+    minari.create_dataset_from_buffers("test/nan-v0", buffers, observation_space=gym.spaces.Box(-9, 9, (2,)),
+                                       action_space=gym.spaces.Box(-1, 1, (1,)))
+    with pytest.raises(ValueError, match=r"'test/nan-v0' .* episode 1: 'rewards' has 1 non-finite value\(s\); "
+                                         r"the first, nan, at index 1"):
+        OfflineRLDataModule(dataset="test/nan-v0", context_len=2).setup("fit")
