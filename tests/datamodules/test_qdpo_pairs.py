@@ -122,3 +122,65 @@ def test_all_identical_answers_raise_a_clear_error(monkeypatch):
     monkeypatch.setattr(qdpo_pairs, "generate_answers", lambda model, tok, prompts, *a, **k: ["same"] * len(prompts))
     with pytest.raises(ValueError, match="identical answers to all .* no preference pair"):
         _attach(QDPOPairsDataModule(num_prompts=10), module).prepare_data()
+
+
+def test_pairs_and_eval_prompt_the_full_precision_model_in_its_own_format(tmp_path, monkeypatch):
+    """The pipeline as `make qdpo` runs it: an SFT export trained with "Q: …\\nA: " is QDPO's full-precision model;
+    the pair generator and QuantizationEval, given no template, must ask it in that format. The model here is an
+    oracle that answers every built-in prompt correctly in its own format and with nonsense in any other, so its
+    chosen answers pass the checker at its own eval's rate (1.0) only when the format is right (old code: 0.0)."""
+    import callbacks.quantization_eval as quantization_eval
+    from callbacks.quantization_eval import QuantizationEval
+    from datamodules import InstructionDataModule
+    from datamodules.instruction_tasks import check_answer, generate_examples
+    from lit_modules import CausalLM
+
+    sft = CausalLM(model=TINY)
+    data = InstructionDataModule(template="Q: {instruction}\nA: ", num_examples=8, num_val=2)
+    data.trainer = SimpleNamespace(lightning_module=sft)
+    data.setup("fit")  # what `litpapers fit --config configs/minillm/teacher_sft.yaml` does before training
+    sft.export(tmp_path / "teacher")
+
+    known = {ex["instruction"]: ex for seed in (1, 12345) for ex in generate_examples(60, seed=seed)}
+
+    def oracle(model, tokenizer, prompts, *args, **kwargs):
+        answers = []
+        for p in prompts:
+            ex = known.get(p[len("Q: "):-len("\nA: ")]) if p.startswith("Q: ") and p.endswith("\nA: ") else None
+            good = ex is not None and model is module.full_precision
+            answers.append(ex["references"][0] if good else "cdcdcdcd")
+        return answers
+
+    module = QDPO(model=str(tmp_path / "teacher"), group_size=16)
+    monkeypatch.setattr(qdpo_pairs, "generate_answers", oracle)
+    monkeypatch.setattr(quantization_eval, "generate_answers", oracle)
+    dm = _attach(QDPOPairsDataModule(num_prompts=60, prompt_seed=1, val_fraction=0.0), module)
+    dm.setup("fit")
+    own_eval = [check_answer(ex, oracle(module.full_precision, None, [f"Q: {ex['instruction']}\nA: "])[0])
+                for ex in generate_examples(60, seed=1)]
+    chosen = [check_answer(p["row"]["example"], p["row"]["chosen"]) for p in dm.pairs]
+    assert sum(own_eval) / len(own_eval) == 1.0
+    assert sum(chosen) / len(chosen) == 1.0 and len(chosen) == len(dm.prompt_records())
+
+    evaluation = QuantizationEval(num_prompts=30, max_new_tokens=4, exclude_training_prompts=False)
+    evaluation._prepare(SimpleNamespace(datamodule=None), module)
+    assert all(check_answer(r, a) for r, a in zip(evaluation.records, evaluation.fp_answers))
+
+
+@pytest.mark.slow
+def test_builtin_teacher_pairs_pass_the_checker_at_its_own_eval_rate():
+    """With the real built-in checkpoint (trained on first use, minutes): the pair generator's greedy FP answers
+    on held-out built-in prompts pass the checker at the rate of the model's own eval in its training format."""
+    from datamodules.instruction_tasks import check_answer, generate_examples
+    from lit_modules.builtin_checkpoints import ensure_built_in
+
+    ensure_built_in("checkpoints/minillm_teacher")
+    module = QDPO(model="checkpoints/minillm_teacher")
+    dm = _attach(QDPOPairsDataModule(num_prompts=300, prompt_seed=12345, max_new_tokens=16, val_fraction=0.0), module)
+    rows = dm.records()
+    examples = [r["example"] for r in rows]
+    own = generate_answers(module.full_precision, module.tokenizer, [f"Q: {ex['instruction']}\nA: " for ex in examples],
+                           max_new_tokens=16)
+    own_rate = sum(check_answer(ex, a) for ex, a in zip(examples, own)) / len(examples)
+    pairs_rate = sum(check_answer(r["example"], r["chosen"]) for r in rows) / len(rows)
+    assert own_rate > 0.3 and abs(pairs_rate - own_rate) < 0.05

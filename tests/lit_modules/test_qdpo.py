@@ -107,3 +107,27 @@ def test_int4_config_runs_end_to_end(root, tmp_path):
     ids = torch.randint(3, 259, (1, 8))
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, cli.model.policy.eval()(ids).logits, atol=1e-5)
+
+
+def test_precomputed_reference_logps_are_the_rtn_models_live_logps(tmp_path):
+    """QDPO's reference is the round-to-nearest model: each precomputed [chosen, rejected] log-prob equals
+    Σ_t log p_RTN(y_t | x, y_<t) over the answer tokens (EOS included), computed here one unpadded pair at a time."""
+    import lightning as L
+
+    from datamodules.qdpo_pairs import QDPOPairsDataModule
+
+    module = QDPO(model={}, bits=3, group_size=32, ref_cache_dir=str(tmp_path / "ref"))
+    dm = QDPOPairsDataModule(num_prompts=40, max_new_tokens=6, batch_size=4, val_fraction=0.25)
+    L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, dm)
+    rtn = quantize_rtn(module.full_precision, bits=3, group_size=32).eval()
+    assert len(dm.pairs) > 4
+    for pair in dm.pairs:
+        live = []
+        for key in ("chosen_ids", "rejected_ids"):
+            ids = torch.tensor([pair["prompt_ids"] + pair[key]])
+            with torch.no_grad():
+                logp = rtn(ids).logits[0].double().log_softmax(-1)
+            start = len(pair["prompt_ids"])
+            live.append(sum(float(logp[t - 1, ids[0, t]]) for t in range(start, ids.shape[1])))
+        assert module.ref_logps_table[pair["index"]].tolist() == pytest.approx(live, abs=2e-4)
