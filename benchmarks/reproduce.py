@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -160,9 +161,15 @@ def _checked_claims(result: dict, key: str) -> list[dict]:
     return claims
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished child processes (built-in checkpoint training)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run_paper(key: str, mode: str, seeds: int | None, out: Path, progress: Progress) -> dict:
     """Run one paper's claim module; never raises: a failure is returned as ``status: failed`` with its error."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     paper_dir = out / key
     record = {"status": "failed", "seconds": 0.0, "error": None, "claims": [], "figures": [], "settings": {},
               "tensorboard": [], "mode": mode, "seeds": seeds}
@@ -182,6 +189,7 @@ def run_paper(key: str, mode: str, seeds: int | None, out: Path, progress: Progr
         record["traceback"] = traceback.format_exc()
         progress(f"FAILED: {record['error']}", None)
     record["seconds"] = round(time.perf_counter() - start, 1)
+    record["cpu_seconds"] = round(cpu_seconds() - cpu_start, 1)
     record["tensorboard"] = sorted({p.parent.relative_to(out).as_posix()
                                     for p in paper_dir.rglob("events.out.tfevents*")}) if paper_dir.exists() else []
     return record
@@ -200,7 +208,7 @@ def _saved(out: Path, key: str, mode: str, seeds: int | None) -> dict | None:
 
 def results_document(mode: str, papers: dict[str, dict], command: str, config: dict) -> dict:
     """The ``results.json`` object (schema: issue 14), plus the command, config and the verdict rule."""
-    keep = ("status", "seconds", "error", "claims", "figures", "settings", "tensorboard")
+    keep = ("status", "seconds", "cpu_seconds", "error", "claims", "figures", "settings", "tensorboard")
     return {"mode": mode, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(), "versions": versions(), "command": command, "config": config,
             "verdict_rule": VERDICT_RULE,
@@ -247,7 +255,9 @@ def render_report(results: dict) -> str:
              "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
              f"- verdict rule: {results['verdict_rule']}", ""]
     for key, paper in results["papers"].items():
-        lines += [f"## {key}", "", f"Status: **{paper['status']}**, {paper['seconds']:.0f} s."]
+        lines += [f"## {key}", "", f"Status: **{paper['status']}**, {paper['seconds']:.0f} s wall-clock, "
+                  f"{paper.get('cpu_seconds') or 0:.0f} s CPU time (on a shared machine the CPU time is the better "
+                  "guide to the time on an idle one)."]
         if paper["error"]:
             lines += ["", f"Error: `{paper['error']}`"]
         if paper["claims"]:

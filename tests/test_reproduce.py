@@ -110,6 +110,7 @@ def test_failure_isolation_and_schema(fakes, monkeypatch, capsys):
     assert list(res["papers"]) == ["ademamix", "minillm", "discopop", "qdpo"]
     for key, paper in res["papers"].items():
         assert paper["status"] in ("ok", "failed") and isinstance(paper["seconds"], float)
+        assert isinstance(paper["cpu_seconds"], float) and paper["cpu_seconds"] >= 0
         for c in paper["claims"]:
             assert set(c) == {"claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better",
                               "spread", "verdict"}
