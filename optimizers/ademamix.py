@@ -30,6 +30,13 @@ Three implementations of the same update, chosen per parameter group:
     2 CPU cores); the per-step scalars are passed as one small tensor so that changing learning rates and schedules
     never recompile.
 
+Precision: m1, m2 and ν are kept in float32 for bfloat16/float16 parameters by default (``state_dtype=None``), and
+the update's arithmetic always runs in at least float32 (parameters and states are upcast, updated, and stored back
+rounded once). A low-precision state cannot hold the slow EMA: bfloat16 keeps 8 significant bits, so once
+|m2| ≥ 2^e with 2^e > 2⁸·(1 − β3)·|g| the increment (1 − β3)·(g − m2) is below half an ulp (2^(e−8)) and rounds away;
+with β3 = 0.9999 and g = 1, m2 stalls at 2⁻⁵ ≈ 0.031 instead of approaching 1 − β3^t (PAPERS.md §5, "Precision"). ``state_dtype="param"`` (or an explicit dtype) keeps the
+state in a lower precision where the user asks.
+
 The step count is a Python ``int`` per parameter (``state["step"]``), saved and restored by ``state_dict``, so a
 resumed run continues the α/β3 schedules where it stopped.
 """
@@ -45,6 +52,35 @@ import torch
 from torch.optim import Optimizer
 
 from optimizers.schedules import alpha_schedule, beta3_schedule
+
+
+STATE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+STATE_KEYS = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")  # m1, m2, ν
+
+
+def parse_state_dtype(value: torch.dtype | str | None) -> torch.dtype | str | None:
+    """``state_dtype`` as ``None``, ``"param"`` or a floating ``torch.dtype`` (names such as ``"float32"`` or
+    ``"torch.bfloat16"`` are accepted, for YAML); anything else is a ``ValueError`` naming the argument."""
+    if value is None or value == "param":
+        return value
+    dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+    if dtype not in STATE_DTYPES:
+        raise ValueError(f"AdEMAMix: state_dtype must be None, 'param' or one of "
+                         f"{[str(d).removeprefix('torch.') for d in STATE_DTYPES]}, got {value!r}")
+    return dtype
+
+
+def state_dtype_for(param_dtype: torch.dtype, option: torch.dtype | str | None) -> torch.dtype:
+    """The dtype of m1, m2, ν for a parameter: ``None`` → float32 for bfloat16/float16 parameters, else the
+    parameter's dtype; ``"param"`` → the parameter's dtype; a dtype → that dtype."""
+    if option is None:
+        return torch.float32 if param_dtype in (torch.bfloat16, torch.float16) else param_dtype
+    return param_dtype if option == "param" else option
+
+
+def compute_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype) -> torch.dtype:
+    """The precision of the update's arithmetic: the widest of the parameter's, the state's and float32."""
+    return torch.promote_types(torch.promote_types(param_dtype, state_dtype), torch.float32)
 
 
 def validate_hyperparameters(lr: float, betas: tuple[float, float, float], alpha: float, t_alpha: int | None,
@@ -88,9 +124,33 @@ def step_scalars(group: dict, t: int) -> StepScalars:
                        eps=group["eps"], weight_decay=group["weight_decay"])
 
 
+def _cast(tensors: list[torch.Tensor] | None, dtype: torch.dtype) -> list[torch.Tensor] | None:
+    return None if tensors is None else [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+def in_compute_dtype(update: Callable, params: list[torch.Tensor], grads: list[torch.Tensor],
+                     m1s: list[torch.Tensor] | None, m2s: list[torch.Tensor], nus: list[torch.Tensor], *args) -> None:
+    """Run the in-place ``update(params, grads, m1s, m2s, nus, *args)`` in :func:`compute_dtype`: lists in
+    another dtype are replaced by upcast copies, which are written back (rounded once) afterwards."""
+    acc = compute_dtype(params[0].dtype, m2s[0].dtype)
+    if all(lst is None or lst[0].dtype == acc for lst in (params, grads, m1s, m2s, nus)):
+        update(params, grads, m1s, m2s, nus, *args)
+        return
+    work = [_cast(lst, acc) for lst in (params, m1s, m2s, nus)]
+    update(work[0], _cast(grads, acc), work[1], work[2], work[3], *args)
+    for original, updated in zip((params, m1s, m2s, nus), work):
+        if original is not None and original[0].dtype != acc:
+            torch._foreach_copy_(original, updated)
+
+
 def loop_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
                 m2s: list[torch.Tensor], nus: list[torch.Tensor], s: StepScalars) -> None:
-    """Reference path: the formula of the module docstring, one parameter at a time."""
+    """Reference path: the formula of the module docstring, one parameter at a time (in :func:`compute_dtype`)."""
+    in_compute_dtype(_loop_body, params, grads, m1s, m2s, nus, s)
+
+
+def _loop_body(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
+               m2s: list[torch.Tensor], nus: list[torch.Tensor], s: StepScalars) -> None:
     for i, (p, g, m2, nu) in enumerate(zip(params, grads, m2s, nus)):
         if m1s is None:
             m1_hat = g
@@ -162,15 +222,16 @@ def cache_blocks(*lists: list[torch.Tensor] | None, block: int = CPU_BLOCK_NUMEL
 
 def foreach_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
                    m2s: list[torch.Tensor], nus: list[torch.Tensor], s: StepScalars) -> None:
-    """Multi-tensor path (tensors on one device with one dtype): :class:`FoldedScalars`' form in nine
-    ``_foreach_*`` passes. On CPU the whole update runs one :func:`cache_blocks` block at a time, so the nine
-    passes hit the cache instead of memory (measured ~3x faster on a 7M-parameter set than op by op)."""
+    """Multi-tensor path (tensors on one device, parameters of one dtype, states of one dtype):
+    :class:`FoldedScalars`' form in nine ``_foreach_*`` passes, in :func:`compute_dtype`. On CPU the whole update
+    runs one :func:`cache_blocks` block at a time, so the nine passes (and any up/down casts) hit the cache instead
+    of memory (measured ~3x faster on a 7M-parameter set than op by op)."""
     f = FoldedScalars.of(s)
     if params[0].device.type == "cpu":
         for block in cache_blocks(params, grads, m1s, m2s, nus):
-            _foreach_folded(*block, f)
+            in_compute_dtype(_foreach_folded, *block, f)
     else:
-        _foreach_folded(params, grads, m1s, m2s, nus, f)
+        in_compute_dtype(_foreach_folded, params, grads, m1s, m2s, nus, f)
 
 
 def _foreach_folded(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
@@ -193,20 +254,23 @@ def _fused_body(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list
     """:class:`FoldedScalars`' update as out-of-place ``_foreach`` expressions written back at the end, for
     ``torch.compile``: Inductor fuses the chain into multi-tensor kernels (one loop per tensor), so each
     tensor is read and written once. ``scalars`` holds the :class:`FoldedScalars` fields in order (a tensor, so new
-    values never trigger a recompile); its dtype is the parameters' precision (float64) or float32.
+    values never trigger a recompile); its dtype is :func:`compute_dtype`, in which every tensor is read (upcast)
+    and the arithmetic runs; the results are stored back in each tensor's own dtype.
     """
     beta1, beta2, beta3, alpha_c1, eps_c2, step_size, decay = scalars.unbind()
     mul, add = torch._foreach_mul, torch._foreach_add
+    stored = (params, m1s, m2s, nus)
+    params, grads, m1s, m2s, nus = (_cast(lst, scalars.dtype) for lst in (params, grads, m1s, m2s, nus))
     m2_new = add(mul(m2s, beta3), mul(grads, 1.0 - beta3))
     nu_new = add(mul(nus, beta2), mul(mul(grads, grads), 1.0 - beta2))
     m1_new = grads if m1s is None else add(mul(m1s, beta1), mul(grads, 1.0 - beta1))
     denom = add(torch._foreach_sqrt(nu_new), eps_c2)
     update = mul(torch._foreach_div(add(m1_new, mul(m2_new, alpha_c1)), denom), step_size)
-    torch._foreach_copy_(params, torch._foreach_sub(mul(params, decay), update))
+    torch._foreach_copy_(stored[0], torch._foreach_sub(mul(params, decay), update))
     if m1s is not None:
-        torch._foreach_copy_(m1s, m1_new)
-    torch._foreach_copy_(m2s, m2_new)
-    torch._foreach_copy_(nus, nu_new)
+        torch._foreach_copy_(stored[1], m1_new)
+    torch._foreach_copy_(stored[2], m2_new)
+    torch._foreach_copy_(stored[3], nu_new)
 
 
 _compiled_body: Callable | None = None
@@ -216,7 +280,7 @@ def fused_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: lis
                  m2s: list[torch.Tensor], nus: list[torch.Tensor], s: StepScalars) -> None:
     """``fused=True``: on CUDA the Triton kernel of :mod:`optimizers.ademamix_triton` (one launch per bucket) when
     Triton imports and the bucket is contiguous float32/bfloat16/float16; otherwise :func:`_fused_body` through
-    ``torch.compile`` (compiled once per process, lazily)."""
+    ``torch.compile`` (compiled once per process, lazily). Both compute in float32 (float64 for float64 tensors)."""
     if params[0].device.type == "cuda":
         from optimizers import ademamix_triton  # imports triton (guarded) only once a CUDA bucket shows up
         if ademamix_triton.supported(params, grads, m1s, m2s, nus):
@@ -225,7 +289,7 @@ def fused_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: lis
     global _compiled_body
     if _compiled_body is None:
         _compiled_body = torch.compile(_fused_body, fullgraph=True)
-    acc = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    acc = compute_dtype(params[0].dtype, m2s[0].dtype)
     scalars = torch.tensor(astuple(FoldedScalars.of(s)), dtype=acc).to(params[0].device, non_blocking=True)
     _compiled_body(params, grads, m1s, m2s, nus, scalars)
 
@@ -245,29 +309,51 @@ class AdEMAMix(Optimizer):
         foreach: multi-tensor path (``None``/``True``, the default) or the per-parameter loop (``False``).
         fused: ``True`` = the single-pass path (a Triton kernel on CUDA, ``torch.compile`` otherwise); excludes
             ``foreach=True``.
+        state_dtype: dtype of m1, m2, ν. ``None`` (default): float32 for bfloat16/float16 parameters (a bf16 slow
+            EMA stalls, see the module docstring), the parameter's dtype otherwise; ``"param"``: always the
+            parameter's dtype (AdamW-like memory for bf16 models, at the cost of a stalled m2); or a dtype
+            (``torch.bfloat16`` or its name). The arithmetic runs in float32 or wider whatever the state dtype.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
                  alpha: float = 5.0, t_alpha: int | None = None, t_beta3: int | None = None, eps: float = 1e-8,
-                 weight_decay: float = 0.0, foreach: bool | None = None, fused: bool | None = None):
+                 weight_decay: float = 0.0, foreach: bool | None = None, fused: bool | None = None,
+                 state_dtype: torch.dtype | str | None = None):
         betas = tuple(betas)
         validate_hyperparameters(lr, betas, alpha, t_alpha, t_beta3, eps, weight_decay)
         if fused and foreach:
             raise ValueError("AdEMAMix: fused=True and foreach=True are mutually exclusive")
         defaults = dict(lr=lr, betas=betas, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
-                        weight_decay=weight_decay, foreach=foreach, fused=fused)
+                        weight_decay=weight_decay, foreach=foreach, fused=fused,
+                        state_dtype=parse_state_dtype(state_dtype))
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])
+        group["state_dtype"] = parse_state_dtype(group["state_dtype"])
         validate_hyperparameters(group["lr"], group["betas"], group["alpha"], group["t_alpha"], group["t_beta3"],
                                  group["eps"], group["weight_decay"])
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``Optimizer.load_state_dict``, except that m1, m2, ν get the dtype of this optimizer's ``state_dtype``
+        rule (:func:`state_dtype_for`) from the saved values, not the parameter's dtype (torch's default cast would
+        round a float32 state of a bfloat16 parameter to bfloat16)."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for group in self.param_groups:
+            for p in group["params"]:
+                saved = state_dict["state"].get(saved_ids.pop(0), {})
+                for key in STATE_KEYS:
+                    if key in saved:
+                        dtype = state_dtype_for(p.dtype, group["state_dtype"])
+                        self.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
+
     def _buckets(self, group: dict) -> dict[tuple, tuple[list, list, list | None, list, list]]:
         """Advance the step of every parameter with a gradient (creating its state on first use) and bucket
-        (param, grad, m1, m2, ν) by (device, dtype, step), the unit one multi-tensor call can update."""
+        (param, grad, m1, m2, ν) by (device, parameter dtype, state dtype, step), the unit one multi-tensor call
+        can update."""
         keep_m1 = group["betas"][0] != 0.0
         buckets: dict[tuple, tuple[list, list, list | None, list, list]] = defaultdict(
             lambda: ([], [], [] if keep_m1 else None, [], []))
@@ -283,12 +369,12 @@ class AdEMAMix(Optimizer):
             state = self.state[p]
             if not state:
                 state["step"] = 0
-                if keep_m1:
-                    state["exp_avg_fast"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_slow"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                dtype = state_dtype_for(p.dtype, group["state_dtype"])
+                for key in STATE_KEYS if keep_m1 else STATE_KEYS[1:]:
+                    state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             state["step"] += 1
-            params, grads, m1s, m2s, nus = buckets[(p.device, p.dtype, state["step"])]
+            key = (p.device, p.dtype, state["exp_avg_slow"].dtype, state["step"])
+            params, grads, m1s, m2s, nus = buckets[key]
             params.append(p)
             grads.append(p.grad)
             if keep_m1:
@@ -311,6 +397,6 @@ class AdEMAMix(Optimizer):
                 update = loop_update
             else:
                 update = foreach_update
-            for (_, _, t), tensors in self._buckets(group).items():
+            for (_, _, _, t), tensors in self._buckets(group).items():
                 update(*tensors, step_scalars(group, t))
         return loss

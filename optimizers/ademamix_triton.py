@@ -5,11 +5,12 @@ The kernel does :class:`optimizers.ademamix.FoldedScalars`' update (the same exp
 handles ``BLOCK`` elements of one tensor, found through per-block tables (tensor index, element offset) built on the
 host and cached per tuple of numels; the tensors themselves are reached through one int64 table of data pointers
 (params, grads, m1, m2, ν), cached per tuple of pointers (grads are often new tensors each step, so a new table is
-uploaded then: one small host→device copy). p, g, m1, m2, ν are read once and p, m1, m2, ν written once; the math
-runs in fp32 and is stored in the tensors' dtype. The folded scalars are plain kernel float arguments, so changing
+uploaded then: one small host→device copy). p, g, m1, m2, ν are read once and p, m1, m2, ν written once; every load
+is upcast to fp32, the math runs in fp32, and each store rounds to its tensor's dtype: the parameters' (p, g) and the
+state's (m1, m2, ν; float32 for bfloat16/float16 parameters by default, see ``AdEMAMix(state_dtype=...)``). The folded scalars are plain kernel float arguments, so changing
 lr/α/β3 never recompiles.
 
-Only contiguous float32/bfloat16/float16 buckets take this path (:func:`supported`); ``import triton`` is guarded
+Only contiguous buckets of float32/bfloat16/float16 parameters and float32/bfloat16/float16 states take this path (:func:`supported`); ``import triton`` is guarded
 (:data:`AVAILABLE`), so CPU-only installs never touch this module's kernel. Tests may run :func:`launch` on CPU
 tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is imported).
 """
@@ -75,12 +76,12 @@ if AVAILABLE:
         _st(nu_ptr, offs, nu, mask, MASKED)
 
     @triton.jit
-    def _ademamix_kernel(ref, ptrs, blk_tensor, blk_start, numels, n_tensors,
+    def _ademamix_kernel(ref, state_ref, ptrs, blk_tensor, blk_start, numels, n_tensors,
                          beta1, beta2, beta3, alpha_c1, eps_c2, step_size, decay,
                          HAS_M1: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         """``ptrs`` = [params | grads | m1s | m2s | nus] data pointers (``n_tensors`` each; the m1 slots hold the
-        params' pointers, unused, when not HAS_M1); ``ref`` is the first parameter, only for its pointer type
-        (element dtype). ``ALIGNED``: every pointer is a multiple of 16 bytes, which (with unmasked full blocks)
+        m2s' pointers, unused, when not HAS_M1); ``ref`` (the first parameter) and ``state_ref`` (its m2) are passed
+        only for their pointer types (element dtypes of p, g and of m1, m2, ν). ``ALIGNED``: every pointer is a multiple of 16 bytes, which (with unmasked full blocks)
         lets the compiler use 128-bit loads and stores."""
         pid = tl.program_id(0)
         t = tl.load(blk_tensor + pid)
@@ -88,11 +89,12 @@ if AVAILABLE:
         n = tl.load(numels + t)
         offs = start + tl.arange(0, BLOCK)
         ptr_ty = ref.dtype
+        state_ty = state_ref.dtype
         p_ptr = tl.load(ptrs + t).to(ptr_ty, bitcast=True)
         g_ptr = tl.load(ptrs + n_tensors + t).to(ptr_ty, bitcast=True)
-        m1_ptr = tl.load(ptrs + 2 * n_tensors + t).to(ptr_ty, bitcast=True)
-        m2_ptr = tl.load(ptrs + 3 * n_tensors + t).to(ptr_ty, bitcast=True)
-        nu_ptr = tl.load(ptrs + 4 * n_tensors + t).to(ptr_ty, bitcast=True)
+        m1_ptr = tl.load(ptrs + 2 * n_tensors + t).to(state_ty, bitcast=True)
+        m2_ptr = tl.load(ptrs + 3 * n_tensors + t).to(state_ty, bitcast=True)
+        nu_ptr = tl.load(ptrs + 4 * n_tensors + t).to(state_ty, bitcast=True)
         if ALIGNED:
             p_ptr = tl.multiple_of(p_ptr, 16)
             g_ptr = tl.multiple_of(g_ptr, 16)
@@ -109,13 +111,16 @@ if AVAILABLE:
 
 def supported(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
               m2s: list[torch.Tensor], nus: list[torch.Tensor]) -> bool:
-    """True when Triton imports and the bucket is CUDA, float32/bfloat16/float16, every tensor contiguous and of
-    the parameters' dtype (anything else goes to the compiled path)."""
-    if not AVAILABLE or not params or params[0].device.type != "cuda" or params[0].dtype not in DTYPES:
+    """True when Triton imports and the bucket is CUDA, every tensor contiguous, params and grads of one
+    float32/bfloat16/float16 dtype and m1, m2, ν of one such dtype (anything else goes to the compiled path)."""
+    if not AVAILABLE or not params or params[0].device.type != "cuda":
         return False
-    dtype = params[0].dtype
-    return all(t.dtype == dtype and t.is_contiguous()
-               for lst in (params, grads, m1s, m2s, nus) if lst is not None for t in lst)
+    dtype, state_dtype = params[0].dtype, m2s[0].dtype
+    if dtype not in DTYPES or state_dtype not in DTYPES:
+        return False
+    return (all(t.dtype == dtype and t.is_contiguous() for lst in (params, grads) for t in lst)
+            and all(t.dtype == state_dtype and t.is_contiguous()
+                    for lst in (m1s, m2s, nus) if lst is not None for t in lst))
 
 
 def _cached(cache: OrderedDict, key: tuple, build):
@@ -158,11 +163,11 @@ def launch(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torc
     numels = tuple(p.numel() for p in params)
     blk_tensor, blk_start, numels_t = _cached(_block_tables, (device, numels, BLOCK),
                                               lambda: _build_block_tables(numels, device))
-    lists = (params, grads, m1s if m1s is not None else params, m2s, nus)  # params stand in for absent m1s
+    lists = (params, grads, m1s if m1s is not None else m2s, m2s, nus)  # m2s stand in for absent m1s
     pointers = tuple(t.data_ptr() for lst in lists for t in lst)
     ptrs = _cached(_pointer_tables, (device, pointers), lambda: _to_device(list(pointers), device))
     grid = (blk_tensor.numel(),)
-    _ademamix_kernel[grid](params[0], ptrs, blk_tensor, blk_start, numels_t, len(params),
+    _ademamix_kernel[grid](params[0], m2s[0], ptrs, blk_tensor, blk_start, numels_t, len(params),
                            float(f.beta1), float(f.beta2), float(f.beta3), float(f.alpha_c1), float(f.eps_c2),
                            float(f.step_size), float(f.decay),
                            HAS_M1=m1s is not None, ALIGNED=all(ptr % 16 == 0 for ptr in pointers), BLOCK=BLOCK,

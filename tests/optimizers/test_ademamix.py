@@ -253,7 +253,7 @@ def test_defaults_hold_every_constructor_argument():
     # cli.rebuild_on_module_groups re-creates the optimizer from `defaults`.
     opt = AdEMAMix([torch.nn.Parameter(torch.zeros(1))], lr=0.5, t_alpha=7, t_beta3=9, foreach=False)
     assert set(opt.defaults) == {"lr", "betas", "alpha", "t_alpha", "t_beta3", "eps", "weight_decay", "foreach",
-                                 "fused"}
+                                 "fused", "state_dtype"}
     clone = type(opt)([torch.nn.Parameter(torch.zeros(1))], **opt.defaults)
     assert clone.defaults == opt.defaults
 
@@ -288,3 +288,108 @@ def test_configs_parse(name, capsys):
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["optimizer"]["class_path"] == "optimizers.AdEMAMix"
     assert config["optimizer"]["init_args"]["t_alpha"] == config["trainer"]["max_steps"]
+
+
+# ------------------------------------------------------------------------------------------ low precision
+def bf16(x: float) -> float:
+    """Round a Python float to the nearest bfloat16 (round-to-nearest-even, as torch's cast)."""
+    return torch.tensor(x, dtype=torch.float64).to(torch.bfloat16).item()
+
+
+# The compiled path's state dtype and values are checked by the next-but-one test (2000 compiled steps take ~80 s).
+@pytest.mark.parametrize("path,beta3,steps", [(dict(foreach=True), 0.9999, 20000), (dict(foreach=False), 0.999, 2000)],
+                         ids=["foreach", "loop"])
+def test_long_horizon_emas_of_bf16_parameters_match_the_closed_form(path, beta3, steps):
+    # Constant g = 1 from zero state: m1 = 1 − β1^t, m2 = 1 − β3^t, ν = 1 − β2^t exactly (geometric series).
+    # β3 = 0.9999, t = 20000: m2 = 1 − e^(20000·ln 0.9999) = 0.86468. A bf16 state stalls where (1 − β3)·g is
+    # below half an ulp of m2: at 2⁻⁵ = 0.03125 for β3 = 0.9999 and at 0.25 for β3 = 0.999 (issue 11 §3).
+    betas = (0.9, 0.999, beta3)
+    expected = {"exp_avg_fast": 1 - 0.9 ** steps, "exp_avg_slow": 1 - beta3 ** steps, "exp_avg_sq": 1 - 0.999 ** steps}
+    assert expected["exp_avg_slow"] == pytest.approx(0.864678 if beta3 == 0.9999 else 0.864800, abs=1e-6)
+    low_p, full_p = (torch.nn.Parameter(torch.zeros(3, dtype=dtype)) for dtype in (torch.bfloat16, torch.float32))
+    opt = AdEMAMix([low_p, full_p], lr=0.0, betas=betas, **path)  # lr = 0: only the state moves
+    for _ in range(steps):
+        low_p.grad, full_p.grad = torch.ones_like(low_p), torch.ones_like(full_p)
+        opt.step()
+    for key, value in expected.items():
+        low, full = opt.state[low_p][key], opt.state[full_p][key]
+        assert low.tolist() == pytest.approx([value] * 3, rel=1e-2)
+        torch.testing.assert_close(low, full, rtol=1e-2, atol=0)
+        assert low.dtype == torch.float32
+
+
+def test_low_precision_state_where_asked_reproduces_the_stall():
+    # state_dtype="param": m2 in bf16 stops at 0.25 for β3 = 0.999 (closed form 0.8648 after 2000 steps).
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    opt = AdEMAMix([p], lr=0.0, betas=(0.9, 0.999, 0.999), state_dtype="param")
+    for _ in range(2000):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert opt.state[p]["exp_avg_slow"].dtype == torch.bfloat16
+    assert opt.state[p]["exp_avg_slow"].tolist() == [0.25, 0.25]
+    q = torch.nn.Parameter(torch.zeros(2))  # fp32 parameters, bf16 state on request
+    q.grad = torch.ones_like(q)
+    opt = AdEMAMix([q], state_dtype=torch.bfloat16)
+    opt.step()
+    assert {v.dtype for k, v in opt.state[q].items() if k != "step"} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_bf16_parameter_update_is_the_fp32_update_rounded_once(path):
+    # With fp32 state the update u_t is computed from exact EMAs of the (bf16-representable) gradients and
+    # θ_t = bf16(θ_{t−1} − η·u_t): the scalar reference of this file with θ rounded to bf16 after each step.
+    grads = [0.5, -0.25, 1.0, 0.75, -1.5, 0.125, 2.0, -0.5]
+    lr, b1, b2, b3, alpha, wd = 0.05, 0.9, 0.99, 0.999, 5.0, 0.1
+    theta, m1, m2, nu = [bf16(1.3), bf16(-0.7)], 0.0, 0.0, 0.0
+    expected = []
+    for t, g in enumerate(grads, start=1):
+        m1, m2, nu = b1 * m1 + (1 - b1) * g, b3 * m2 + (1 - b3) * g, b2 * nu + (1 - b2) * g * g
+        u = (m1 / (1 - b1 ** t) + alpha * m2) / (math.sqrt(nu / (1 - b2 ** t)) + 1e-8)
+        theta = [bf16(th - lr * (u + wd * th)) for th in theta]
+        expected.append(theta)
+    p = torch.nn.Parameter(torch.tensor([1.3, -0.7], dtype=torch.bfloat16))
+    opt = AdEMAMix([p], lr=lr, betas=(b1, b2, b3), alpha=alpha, weight_decay=wd, **path)
+    for g, want in zip(grads, expected):
+        p.grad = torch.full_like(p, g)
+        opt.step()
+        assert p.dtype == torch.bfloat16
+        assert p.tolist() == want  # every step: the exactly rounded fp32 result, never a bf16-accumulated one
+    # fp32 state (the compiled path's 1 − β3 is rounded in fp32: 1e-5 relative); a bf16 m2 would be off by ~4e-3
+    assert opt.state[p]["exp_avg_slow"].dtype == torch.float32
+    assert opt.state[p]["exp_avg_slow"].tolist() == pytest.approx([m2, m2], rel=1e-4)
+
+
+@pytest.mark.parametrize("path", PATHS[:2], ids=PATH_IDS[:2])
+def test_state_dict_round_trip_keeps_the_fp32_state_of_bf16_parameters(path):
+    torch.manual_seed(0)
+    grads = [torch.randn(5, dtype=torch.bfloat16) for _ in range(20)]
+
+    def run(opt, p, gs):
+        for g in gs:
+            p.grad = g.clone()
+            opt.step()
+
+    p = torch.nn.Parameter(torch.ones(5, dtype=torch.bfloat16))
+    straight = AdEMAMix([p], lr=0.01, betas=(0.9, 0.999, 0.9999), **path)
+    run(straight, p, grads)
+    q = torch.nn.Parameter(torch.ones(5, dtype=torch.bfloat16))
+    first = AdEMAMix([q], lr=0.01, betas=(0.9, 0.999, 0.9999), **path)
+    run(first, q, grads[:10])
+    saved = first.state_dict()
+    r = torch.nn.Parameter(q.detach().clone())
+    resumed = AdEMAMix([r], lr=0.01, betas=(0.9, 0.999, 0.9999), **path)
+    resumed.load_state_dict(saved)
+    for key in ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq"):
+        assert resumed.state[r][key].dtype == torch.float32  # torch's default would round it to bf16
+        assert torch.equal(resumed.state[r][key], first.state[q][key])
+        assert resumed.state[r][key].data_ptr() != saved["state"][0][key].data_ptr()
+    run(resumed, r, grads[10:])
+    assert torch.equal(r, p)
+    assert torch.equal(resumed.state[r]["exp_avg_slow"], straight.state[p]["exp_avg_slow"])
+
+
+def test_invalid_state_dtype_is_rejected():
+    with pytest.raises(ValueError, match="state_dtype"):
+        AdEMAMix([torch.nn.Parameter(torch.zeros(1))], state_dtype="int8")
+    with pytest.raises(ValueError, match="state_dtype"):
+        AdEMAMix([{"params": [torch.nn.Parameter(torch.zeros(1))], "state_dtype": torch.int32}])

@@ -3,7 +3,8 @@
 On CUDA (skipped without a GPU): 30 steps with schedules and weight decay on a multi-shape fp32 parameter set, the
 Triton path must match ``foreach=False`` to 1e-5 (β1 = 0.9 and β1 = 0); the bucket must actually take the kernel.
 On CPU (skipped without triton): the kernel launch run under Triton's interpreter (``TRITON_INTERPRET=1``, set in a
-subprocess before triton is imported) against :func:`optimizers.ademamix.loop_update`.
+subprocess before triton is imported) against :func:`optimizers.ademamix.loop_update`, for fp32, bf16 parameters with
+an fp32 state (the default) and an all-bf16 bucket.
 """
 
 import importlib.util
@@ -79,6 +80,10 @@ def test_unsupported_buckets_fall_back_to_the_compiled_path():
     assert not ademamix_triton.supported([p.t()], [p], None, [p], [p])
     assert not ademamix_triton.supported([p.double()], [p.double()], None, [p.double()], [p.double()])
     assert not ademamix_triton.supported([p.cpu()], [p.cpu()], None, [p.cpu()], [p.cpu()])
+    b = p.bfloat16()
+    assert ademamix_triton.supported([b], [b], [p], [p], [p])  # bf16 parameters, fp32 state (the default)
+    assert not ademamix_triton.supported([b], [p], None, [p], [p])  # grads must be in the parameters' dtype
+    assert not ademamix_triton.supported([b], [b], [b], [p], [p])  # one state dtype
 
 
 INTERPRETER_SCRIPT = textwrap.dedent("""
@@ -88,23 +93,34 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 
     gen = torch.Generator().manual_seed(0)
     shapes = [(3, 5), (7000,), (4096,), (1,), (33, 129)]
-    for beta1 in (0.9, 0.0):
-        ps = [torch.randn(s, generator=gen) for s in shapes]
+    cases = [(0.9, torch.float32, torch.float32), (0.0, torch.float32, torch.float32),
+             (0.9, torch.bfloat16, torch.float32), (0.0, torch.bfloat16, torch.bfloat16)]
+    for beta1, dtype, state_dtype in cases:  # (β1, parameter dtype, state dtype)
+        ps = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
         ref = [p.clone() for p in ps]
-        zeros = lambda: [torch.zeros_like(p) for p in ps]
+        zeros = lambda: [torch.zeros_like(p, dtype=state_dtype) for p in ps]
         m1, m1_ref = (zeros(), zeros()) if beta1 else (None, None)
         m2, m2_ref, nu, nu_ref = zeros(), zeros(), zeros(), zeros()
         group = dict(lr=1e-2, betas=(beta1, 0.999, 0.9999), alpha=5.0, t_alpha=4, t_beta3=4, eps=1e-8,
                      weight_decay=0.1)
         for t in range(1, 6):
-            gs = [torch.randn(s, generator=gen) for s in shapes]
+            gs = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
             s = step_scalars(group, t)
             at.launch(ps, gs, m1, m2, nu, FoldedScalars.of(s))
             loop_update(ref, gs, m1_ref, m2_ref, nu_ref, s)
         pairs = list(zip(ps, ref)) + list(zip(m2, m2_ref)) + list(zip(nu, nu_ref))
         pairs += list(zip(m1, m1_ref)) if m1 is not None else []
+        # Both compute in fp32 and round each store once. fp32 tensors: equal up to fp32 order of operations.
+        # bf16 tensors: the interpreter casts fp32 -> bf16 by truncation (compiled Triton and torch round to
+        # nearest), so they may drift apart by up to one bf16 ulp per step (<= 2^-7 of the tensor's largest
+        # magnitude M): 5 steps -> 5 * 2^-7 * M. A wrong pointer type or dtype would be off by far more.
         for a, b in pairs:
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+            assert a.dtype == b.dtype
+            if a.dtype == torch.float32:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+            else:
+                torch.testing.assert_close(a.float(), b.float(), atol=5 * 2 ** -7 * b.float().abs().max().item(),
+                                           rtol=0)
     print("ok")
 """)
 
