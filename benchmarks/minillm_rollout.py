@@ -28,7 +28,7 @@ import time
 import torch
 
 from lit_modules.hf import load_causal_lm, resolve_dtype
-from lit_modules.minillm import sample_mixed
+from lit_modules.sampling import sample_mixed
 
 SIZES = {
     # the table's tiny pair (configs/minillm): student 64-d/2 layers, teacher 128-d/3 layers, byte vocabulary

@@ -14,7 +14,8 @@ the SFT initialisation, which are shared) is trained once per seed (``--seed_eve
 mean ± standard deviation over the seeds. ``--exposure-bias`` adds an ExAccErr column (paper §3.3): each student
 row's excess accumulated error against the teacher at length ``--exposure-bias-length`` (default 4, the answers'
 typical length: beyond it few sequences are alive and single outliers dominate the curve), on the same prompts,
-prefixes sampled at temperature 1 (``lit_modules.minillm.measure_exposure_bias``; all eval seeds × prompts pooled).
+prefixes sampled at temperature 1 (``callbacks.generation_eval.measure_exposure_bias``; all eval seeds × prompts
+pooled).
 Prints a markdown table, then one JSON object last.
 """
 
@@ -78,6 +79,7 @@ def _evaluate(student_dir: str, device: str, seeds: int, num_val: int,
     """Validate the exported model at ``student_dir`` (as an SFT-objective MiniLLM: no teacher needed)."""
     import lightning as L
 
+    from callbacks import GenerationEval
     from datamodules import InstructionDataModule
     from lit_modules import MiniLLM
 
@@ -86,7 +88,8 @@ def _evaluate(student_dir: str, device: str, seeds: int, num_val: int,
         module = MiniLLM(student=student_dir, teacher=None, objective="sft", max_new_tokens=16, eval_seed=1000 * seed)
         data = InstructionDataModule(num_examples=6000, num_val=num_val, batch_size=50, max_response_length=16,
                                      seed=0, template="Q: {instruction}\nA: ")
-        trainer = L.Trainer(accelerator=device, logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer = L.Trainer(accelerator=device, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[GenerationEval(exposure_bias=False)])
         runs.append(trainer.validate(module, data, verbose=False)[0])
     keys = ("val/rougeL", "val/valid_rate", "val/response_length", "val/loss")
     out = {k.split("/")[1]: statistics.mean(float(r[k]) for r in runs) for k in keys}
@@ -98,10 +101,10 @@ def _evaluate(student_dir: str, device: str, seeds: int, num_val: int,
 def _exposure_bias(student_dir: str, device: str, seeds: int, num_val: int, length: int) -> dict[str, float]:
     """ExAccErr (%) at ``length`` of the student at ``student_dir`` against ``checkpoints/minillm_teacher``: for
     every eval seed and held-out prompt one temperature-1 sample from each model; per-step errors of all of them
-    pooled into one curve (:func:`lit_modules.minillm.excess_accumulated_error`)."""
+    pooled into one curve (:func:`callbacks.generation_eval.excess_accumulated_error`)."""
     from datamodules import InstructionDataModule
     from lit_modules.hf import load_causal_lm, load_tokenizer
-    from lit_modules.minillm import excess_accumulated_error, measure_exposure_bias
+    from callbacks.generation_eval import excess_accumulated_error, measure_exposure_bias
 
     tok = load_tokenizer(None, student_dir)
     student = load_causal_lm(student_dir).to(device).eval()

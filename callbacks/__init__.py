@@ -1,5 +1,6 @@
 """Probes and evaluation callbacks."""
 
+from callbacks.generation_eval import GenerationEval, excess_accumulated_error, measure_exposure_bias
 from callbacks.lifecycle import LastCheckpoint, NonFiniteLossError, NonFiniteLossGuard, RandomStateCheckpoint
 from callbacks.oversquashing import (
     OverSquashingProbe,
@@ -11,7 +12,8 @@ from callbacks.oversquashing import (
 from callbacks.quantization_eval import QuantizationEval, evaluate_against_full_precision, token_flip_stats
 from callbacks.return_alignment import ReturnAlignmentEval
 
-__all__: list[str] = ["ReturnAlignmentEval", "OverSquashingProbe", "RepresentationalCollapseProbe", "SequenceTaskProbe",
+__all__: list[str] = ["GenerationEval", "excess_accumulated_error", "measure_exposure_bias",
+                      "ReturnAlignmentEval", "OverSquashingProbe", "RepresentationalCollapseProbe", "SequenceTaskProbe",
                       "representational_collapse", "token_sensitivity", "QuantizationEval",
                       "evaluate_against_full_precision", "token_flip_stats", "LastCheckpoint",
                       "NonFiniteLossError", "NonFiniteLossGuard", "RandomStateCheckpoint"]

@@ -39,16 +39,14 @@ whitened over the batch; with ``single_step=False`` the long-term term uses R_t 
 estimator stays unbiased. Every training step is one optimizer step (automatic optimization: gradient clipping,
 accumulation and DDP come from the Trainer); a rollout is reused for ``ppo_epochs`` consecutive steps.
 
-Validation also measures exposure bias (paper §3.3, App. B.5, LMOps ``evaluate_exposure_bias.py``): ExAccErr, how
-much more per-step error KL(p ‖ q) the student accumulates on its own samples than on the teacher's
-(:func:`per_step_forward_kl`, :func:`excess_accumulated_error`, :func:`measure_exposure_bias`).
+Rollouts are drawn by :func:`lit_modules.sampling.sample_mixed`. Validation logs the SFT loss, Rouge-L and the
+response length, and returns its decoded samples for :class:`callbacks.GenerationEval` (valid-answer rate and
+exposure bias, paper §3.3).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,11 +54,11 @@ import torch.nn.functional as F
 import torchmetrics
 from transformers import PreTrainedModel
 
-from datamodules.instruction_tasks import check_answer
 from lit_modules.base import PaperModule
 from lit_modules.builtin_checkpoints import ensure_built_in
 from lit_modules.hf import (ModelSpec, check_same_vocabulary, load_causal_lm, load_tokenizer,
                              save_pretrained_with_tokenizer)
+from lit_modules.sampling import Rollout, response_logits, sample_mixed
 
 OBJECTIVES = ("sft", "kd", "seqkd", "gkd", "minillm")
 PT_SOURCES = ("pretrain", "sft")
@@ -184,271 +182,6 @@ def minillm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tok
     return loss, stats
 
 
-def per_step_forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
-                        mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-step error of the exposure-bias analysis (paper §3.3 and App. B.5, after Arora et al. 2022; LMOps
-    ``evaluate_exposure_bias.py``): at every position t of a given prefix,
-
-        e_t = KL(p(·|y<t,x) ‖ q(·|y<t,x)) = Σ_v p(v|y<t,x) [log p(v|y<t,x) − log q(v|y<t,x)],
-
-    teacher p, student q, exactly over the vocabulary (y_t is not sampled); fp32. (B, T, V) × 2 → (B, T); positions
-    where ``mask`` is 0 are set to 0."""
-    kl = kl_per_token(teacher_logits, student_logits)
-    return kl if mask is None else kl * mask.to(kl.dtype)
-
-
-def excess_accumulated_error(kl_on_student_prefixes: torch.Tensor, mask_s: torch.Tensor,
-                             kl_on_teacher_prefixes: torch.Tensor, mask_t: torch.Tensor,
-                             alive_mean: bool = True) -> torch.Tensor:
-    """ExAccErr(l) in %, for l = 1..T (paper §3.3, App. B.5; Arora et al. 2022), from per-step errors e_t
-    (:func:`per_step_forward_kl`, (B, T)) on prefixes sampled from the student (``*_s``) and from the teacher (``*_t``):
-
-        R(l)        = Σ_{t≤l} E_{y<t ~ q(·|x)} [e_t]        accumulated error on the student's own prefixes
-        l·ε(l)      = Σ_{t≤l} E_{y<t ~ p(·|x)} [e_t]        ε(l): mean per-step error on oracle (teacher) prefixes
-        ExAccErr(l) = (R(l) − l·ε(l)) / (l·ε(l)) × 100
-
-    Each expectation is estimated over the rows of its batch. Masks are 1 where the row's token t was sampled (EOS
-    included), i.e. where the prefix y<t exists; a row that emitted EOS before t contributes nothing at t:
-
-    - ``alive_mean=True`` (default): E[e_t] = Σ_i m_it e_it / Σ_i m_it, the mean over the rows still alive at t; a
-      step at which no row of that set is alive adds 0 (all of that model's generations have stopped).
-    - ``alive_mean=False``: the reference code's convention (LMOps ``evaluate_exposure_bias.py``): E[e_t] =
-      Σ_i m_it e_it / N, an ended row counts as error 0 in a mean over all N rows, so a model whose answers end
-      sooner accumulates less.
-
-    The two sets may have different lengths (the shorter is padded with mask 0) and sizes. To pool several batches,
-    concatenate their (B, T) tensors first; a mean of per-batch curves is not the same estimate. Returns a (T,)
-    float tensor, NaN where l·ε(l) = 0 (e.g. identical models). Unlike the reference script, step t = 1 (the first
-    response token, prefix = the prompt alone) is included; that script's slicing starts at t = 2.
-    """
-    T = max(kl_on_student_prefixes.shape[1], kl_on_teacher_prefixes.shape[1])
-
-    def accumulated(kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        kl, mask = F.pad(kl.float(), (0, T - kl.shape[1])), F.pad(mask.float(), (0, T - mask.shape[1]))
-        total = (kl * mask).sum(0)
-        per_step = total / (mask.sum(0).clamp(min=1) if alive_mean else max(kl.shape[0], 1))
-        return per_step.cumsum(0)
-
-    r, l_eps = accumulated(kl_on_student_prefixes, mask_s), accumulated(kl_on_teacher_prefixes, mask_t)
-    return torch.where(l_eps > 0, (r - l_eps) / l_eps * 100, torch.full_like(l_eps, float("nan")))
-
-
-# ---------------------------------------------------------------------------------------------- sampling
-@dataclass
-class Rollout:
-    """Sampled responses for left-padded prompts. ``response_ids`` are padded with ``pad_id`` after EOS;
-    ``response_mask`` is 1 on sampled tokens (EOS included). Log-probs are of the sampled tokens: student
-    log q(y_t), teacher log p(y_t) (``None`` without a teacher) and mixture log p̃(y_t)."""
-
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    response_ids: torch.Tensor
-    response_mask: torch.Tensor
-    student_logprobs: torch.Tensor
-    teacher_logprobs: torch.Tensor | None
-    mix_logprobs: torch.Tensor
-
-    def as_dict(self) -> dict[str, torch.Tensor | None]:
-        return dict(vars(self))
-
-    def to(self, device: torch.device | str) -> Rollout:
-        return Rollout(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
-
-
-def _cache_arg(model: PreTrainedModel | None) -> str:
-    """The KV-cache keyword of ``model.forward``: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
-    return "cache" if model is not None and "cache" in inspect.signature(model.forward).parameters \
-        else "past_key_values"
-
-
-def sample_categorical(log_probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row from softmax(``log_probs``) (B, V) by inverting the CDF: i = min{i : F_i > u·F_V},
-    F = cumsum(exp(log_probs)), u ~ U[0, 1). P(i) = (F_i − F_{i−1}) / F_V exactly (up to float rounding), so a
-    zero-probability token is never drawn; ~7× faster than ``torch.multinomial`` on CPU at (16, 259)."""
-    cdf = log_probs.exp().cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
-
-
-class _LazyLM:
-    """One causal LM decoding left-padded prompts with its KV cache, *lazily*: :meth:`dist_for` reads only the
-    tokens it has not seen yet (one chunked forward, all attended, also after EOS) and returns the
-    log-distribution of token t; every token is scored (log-prob under this model) exactly once on the way."""
-
-    def __init__(self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                 temperature: float, max_new_tokens: int):
-        self.model, self.cache_arg, self.cache = model, _cache_arg(model), None
-        self.temperature = temperature if temperature > 0 else 1.0
-        self.prompt_ids = prompt_ids
-        # the attention mask of prompt + every response token (all attended), handed out as growing views
-        self.mask = torch.cat([prompt_mask.long(), prompt_mask.new_ones(prompt_mask.shape[0], max_new_tokens,
-                                                                        dtype=torch.long)], 1)
-        self.prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-        self.next: torch.Tensor | None = None  # log-dist of token index `seen`
-        self.seen = 0  # response tokens read so far
-        self.scores: list[torch.Tensor] = []  # log-prob of response tokens 0, 1, ... under this model
-
-    def _forward(self, ids: torch.Tensor, n_new: int, keep: int) -> torch.Tensor:
-        """Read ``ids`` (the prompt and/or response tokens ``seen`` … ``seen + n_new − 1``) into the cache; log-dists
-        of the last ``keep`` positions."""
-        response_positions = self.prompt_positions[:, -1:] + torch.arange(self.seen + 1, self.seen + n_new + 1,
-                                                                          device=ids.device)
-        if self.cache is None:
-            positions = torch.cat([self.prompt_positions, response_positions], 1)
-        else:
-            positions = response_positions
-        out = self.model(input_ids=ids, attention_mask=self.mask[:, :self.prompt_ids.shape[1] + self.seen + n_new],
-                         position_ids=positions, use_cache=True, logits_to_keep=keep, **{self.cache_arg: self.cache})
-        self.cache = getattr(out, self.cache_arg)
-        logits = out.logits[:, -keep:].float()
-        return torch.log_softmax(logits if self.temperature == 1.0 else logits / self.temperature, -1)
-
-    def dist_for(self, t: int, tokens: list[torch.Tensor]) -> torch.Tensor:
-        """log-dist of token t given the prompt and ``tokens[:t]``."""
-        if self.next is not None and t == self.seen:
-            return self.next
-        chunk = torch.stack(tokens[self.seen:t], 1) if t > self.seen else self.prompt_ids[:, :0]
-        k = chunk.shape[1]
-        if self.next is None:  # first call: prompt and chunk in one forward
-            dists = self._forward(torch.cat([self.prompt_ids, chunk], 1), k, k + 1)
-        else:
-            dists = torch.cat([self.next[:, None], self._forward(chunk, k, k)], 1)
-        for i in range(k):  # dists[:, i] is the distribution of token seen + i
-            if self.seen + i == len(self.scores):
-                self.scores.append(dists[:, i].gather(-1, chunk[:, i, None]).squeeze(-1))
-        self.next, self.seen = dists[:, -1], t
-        return self.next
-
-    def score(self, tokens: list[torch.Tensor]) -> torch.Tensor:
-        """(B, T) log-probs of all ``tokens`` under this model."""
-        last = len(tokens) - 1
-        dist = self.dist_for(last, tokens)
-        if len(self.scores) == last:
-            self.scores.append(dist.gather(-1, tokens[last][:, None]).squeeze(-1))
-        return torch.stack(self.scores, 1)
-
-
-@torch.inference_mode()
-def _sample_mixed(student: PreTrainedModel | None, teacher: PreTrainedModel | None, prompt_ids: torch.Tensor,
-                 prompt_mask: torch.Tensor, max_new_tokens: int, alpha: float = 0.0, eos_id: int | None = 1,
-                 pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"teacher-mix alpha must be in [0, 1], got {alpha}")
-    if alpha > 0 and teacher is None:
-        raise ValueError("teacher-mixed sampling (alpha > 0) needs a teacher")
-    if temperature <= 0 and 0 < alpha < 1:
-        raise ValueError("greedy decoding (temperature 0) of a teacher-student mixture is not defined; "
-                         "use alpha 0 or 1")
-    device = prompt_ids.device
-    stu = _LazyLM(student, prompt_ids, prompt_mask, temperature, max_new_tokens) if alpha < 1 else None
-    tea = _LazyLM(teacher, prompt_ids, prompt_mask, temperature, max_new_tokens) if teacher is not None else None
-    coins = (torch.rand(max_new_tokens, generator=generator, device=generator.device if generator else device)
-             < alpha).tolist()
-    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
-    tokens, masks = [], []
-    for t in range(max_new_tokens):
-        logits = (tea if stu is None or coins[t] else stu).dist_for(t, tokens)
-        if temperature > 0:
-            nxt = sample_categorical(logits, generator)
-        else:
-            nxt = logits.argmax(-1)
-        tokens.append(torch.where(done, torch.full_like(nxt, pad_id), nxt))
-        masks.append(~done)
-        if eos_id is not None:
-            done = done | (tokens[-1] == eos_id)
-        if bool(done.all()):
-            break
-    logp = tea.score(tokens) if tea is not None else None
-    logq = stu.score(tokens) if stu is not None else logp
-    if stu is None or alpha == 0:
-        logmix = logq
-    else:
-        logmix = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
-    return Rollout(prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1).long(), logq, logp,
-                   logmix)
-
-
-def sample_mixed(student: PreTrainedModel | None, teacher: PreTrainedModel | None, prompt_ids: torch.Tensor,
-                 prompt_mask: torch.Tensor, max_new_tokens: int, alpha: float = 0.0, eos_id: int | None = 1,
-                 pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
-    """Sample y_t ~ p̃ = α·p + (1−α)·q (softmax of logits/temperature), batched with KV caches; a sequence
-    that emitted ``eos_id`` gets ``pad_id`` (mask 0) afterwards and the loop stops when all are done.
-
-    The mixture is drawn as: at each step a coin c_t ~ Bernoulli(α), independent of everything before;
-    y_t ~ p(·|y_<t) if c_t else q(·|y_<t). Marginalising c_t gives exactly y_t | y_<t ~ α·p + (1−α)·q for
-    every sequence. The coin is shared by the batch (sequences stay independent given the coins, each with
-    the exact mixture law), so at each step only the model that draws has to run: it reads the tokens it has
-    not seen in one chunked forward. At the end both models read what they missed, which scores every token
-    (log q, log p and log p̃ for the rewards and the importance weights): the same FLOPs as sampling from one
-    model plus one forward of the other. ``alpha=0``: student only; ``alpha=1``: teacher only (SeqKD).
-    ``temperature=0`` is greedy (for α ∈ {0, 1} only).
-
-    Runs under ``torch.inference_mode`` (less per-call overhead); the outputs are cloned into normal tensors.
-    """
-    out = _sample_mixed(student, teacher, prompt_ids, prompt_mask, max_new_tokens, alpha, eos_id, pad_id,
-                        temperature, generator)
-    return Rollout(*(None if x is None else x.clone() for x in vars(out).values()))
-
-
-def response_logits(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
-    """Logits (B, T, V) that predict each response token, from one forward over prompt + response."""
-    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
-    mask = torch.cat([rollout.prompt_mask.long(), rollout.response_mask.long()], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    p, t = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
-    return logits[:, p - 1: p + t - 1]
-
-
-@dataclass
-class ExposureBias:
-    """:func:`measure_exposure_bias`'s result: the ExAccErr curve (T,) in % and its ingredients, the per-step errors
-    e_t (B, T) on the student's and on the teacher's samples with their masks, and the two rollouts."""
-
-    curve: torch.Tensor
-    kl_student_prefixes: torch.Tensor
-    mask_student: torch.Tensor
-    kl_teacher_prefixes: torch.Tensor
-    mask_teacher: torch.Tensor
-    student_rollout: Rollout
-    teacher_rollout: Rollout
-
-
-def _pad_response(rollout: Rollout, length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    extra = length - rollout.response_ids.shape[1]
-    return F.pad(rollout.response_ids, (0, extra), value=pad_id), F.pad(rollout.response_mask, (0, extra))
-
-
-@torch.no_grad()
-def measure_exposure_bias(student: PreTrainedModel, teacher: PreTrainedModel, prompt_ids: torch.Tensor,
-                          prompt_mask: torch.Tensor, max_new_tokens: int, eos_id: int | None = 1, pad_id: int = 0,
-                          generator: torch.Generator | None = None, student_rollout: Rollout | None = None,
-                          alive_mean: bool = True) -> ExposureBias:
-    """ExAccErr(l), l = 1..``max_new_tokens``, of ``student`` against ``teacher`` on left-padded prompts (paper §3.3).
-
-    Prefixes: one response per prompt from the student (``sample_mixed`` α = 0) and one from the teacher (α = 1),
-    temperature 1, no top-k/top-p (as the reference script); ``student_rollout`` reuses a student sample drawn that
-    way. Both models then score both sets of prefixes with one forward each (the two sets stacked along the batch)
-    → e_t = KL(p ‖ q) at every sampled position (:func:`per_step_forward_kl`) → :func:`excess_accumulated_error`
-    (``alive_mean``: its convention for ended sequences). Both models should be in eval mode.
-    """
-    if student_rollout is None:
-        student_rollout = sample_mixed(student, None, prompt_ids, prompt_mask, max_new_tokens, 0.0, eos_id, pad_id,
-                                       1.0, generator)
-    teacher_rollout = sample_mixed(student, teacher, prompt_ids, prompt_mask, max_new_tokens, 1.0, eos_id, pad_id,
-                                   1.0, generator)
-    length = max(max_new_tokens, student_rollout.response_ids.shape[1])
-    (ids_s, mask_s), (ids_t, mask_t) = (_pad_response(r, length, pad_id) for r in (student_rollout, teacher_rollout))
-    both = Rollout(torch.cat([student_rollout.prompt_ids, teacher_rollout.prompt_ids]),
-                   torch.cat([student_rollout.prompt_mask, teacher_rollout.prompt_mask]),
-                   torch.cat([ids_s, ids_t]), torch.cat([mask_s, mask_t]), *(None,) * 3)
-    kl = per_step_forward_kl(response_logits(teacher, both), response_logits(student, both), both.response_mask)
-    b = ids_s.shape[0]
-    kl_s, kl_t = kl[:b], kl[b:]
-    return ExposureBias(excess_accumulated_error(kl_s, mask_s, kl_t, mask_t, alive_mean), kl_s, mask_s, kl_t, mask_t,
-                        student_rollout, teacher_rollout)
-
-
 # ----------------------------------------------------------------------------------------------- module
 class MiniLLM(PaperModule):
     """Distil ``teacher`` into ``student`` with MiniLLM or one of its baselines (see the module docstring).
@@ -472,9 +205,6 @@ class MiniLLM(PaperModule):
         gkd_beta: β of the generalized JSD (``gkd``; 1 = reverse KL).
         max_new_tokens, temperature: rollout length cap and sampling temperature.
         eval_max_new_tokens, eval_temperature, eval_seed: validation sampling (temperature 0 = greedy).
-        eval_exposure_bias: with a teacher, log ``val/ex_acc_err`` = ExAccErr (%) at the eval length (paper §3.3,
-            :func:`measure_exposure_bias`), on the FIRST validation batch only (one extra teacher sample and one
-            forward of each model; the student sample is the Rouge-L one when ``eval_temperature`` is 1).
         export_dir: ``save_pretrained`` the student (and tokenizer) there when training ends.
         lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio: see :class:`PaperModule`.
     """
@@ -486,7 +216,7 @@ class MiniLLM(PaperModule):
                  reward_scaling: float = 0.5, reward_clip: float | None = None, whiten_advantages: bool = True,
                  lm_coef: float = 1.0, kd_ratio: float = 0.5, pt_source: str = "pretrain", gkd_beta: float = 1.0, max_new_tokens: int = 32,
                  temperature: float = 1.0, eval_max_new_tokens: int | None = None, eval_temperature: float = 1.0,
-                 eval_seed: int = 0, eval_exposure_bias: bool = True, export_dir: str | None = None,
+                 eval_seed: int = 0, export_dir: str | None = None,
                  lr: float = 5e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 0, lr_decay: str = "cosine", min_lr_ratio: float = 0.1):
         super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
@@ -522,9 +252,7 @@ class MiniLLM(PaperModule):
         self.export_dir = export_dir
         self.val_loss = torchmetrics.MeanMetric()
         self.val_rouge = torchmetrics.text.ROUGEScore(rouge_keys="rougeL", accumulate="best")
-        self.val_valid = torchmetrics.MeanMetric()
         self.val_length = torchmetrics.MeanMetric()
-        self.history: dict[str, list[float]] = {"step": [], "reward": [], "reverse_kl": []}
         self._rollout: Rollout | None = None  # the rollout batch being reused for PPO's inner epochs
         self._teacher_logits: torch.Tensor | None = None
         self._rollout_uses = 0
@@ -571,15 +299,6 @@ class MiniLLM(PaperModule):
                                 generator)
         finally:
             self.model.train(was_training)
-
-    def exposure_bias(self, batch: dict, generator: torch.Generator | None = None,
-                      student_rollout: Rollout | None = None) -> ExposureBias:
-        """ExAccErr of the student against the teacher on ``batch``'s prompts at the eval length
-        (:func:`measure_exposure_bias`)."""
-        hp = self.hparams
-        return measure_exposure_bias(self.model, self.teacher, batch["prompt_input_ids"],
-                                     batch["prompt_attention_mask"], hp.eval_max_new_tokens or hp.max_new_tokens,
-                                     self.tokenizer.eos_token_id, self.pad_id, generator, student_rollout)
 
     def _lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
                  kd_ratio: float) -> torch.Tensor:
@@ -649,54 +368,31 @@ class MiniLLM(PaperModule):
             loss = loss + hp.lm_coef * stats["pt_loss"]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n)
-        if "reward" in stats:
-            self.history["step"].append(self.global_step)
-            self.history["reward"].append(float(stats["reward"]))
-            self.history["reverse_kl"].append(float(stats["reverse_kl"]))
         return loss
 
-    # -- evaluation: Rouge-L (best over references), valid-answer rate, response length
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    # -- evaluation: SFT loss, Rouge-L (best over references), response length; the samples for GenerationEval
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        """Returns ``{"texts", "rollout", "temperature", "max_new_tokens"}``: the decoded samples, for
+        :class:`callbacks.GenerationEval` (valid-answer rate, exposure bias)."""
         hp = self.hparams
         n = batch["input_ids"].shape[0]
         self.val_loss.update(self._lm_loss(batch["input_ids"], batch["labels"], batch["attention_mask"], 0.0),
                              weight=n)
         gen = torch.Generator(device=self.device).manual_seed(hp.eval_seed + batch_idx)
-        rollout = self.rollout(batch, 0.0, hp.eval_max_new_tokens or hp.max_new_tokens, hp.eval_temperature, gen)
+        length = hp.eval_max_new_tokens or hp.max_new_tokens
+        rollout = self.rollout(batch, 0.0, length, hp.eval_temperature, gen)
         texts = self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
-        examples = batch["examples"]
-        self.val_rouge.update(texts, [ex["references"] or [""] for ex in examples])
-        valid = [float(check_answer(ex, t)) for ex, t in zip(examples, texts) if "task" in ex and "params" in ex]
-        if valid:
-            self.val_valid.update(torch.tensor(valid, device=self.device))
+        self.val_rouge.update(texts, [ex["references"] or [""] for ex in batch["examples"]])
         self.val_length.update(rollout.response_mask.sum(-1).float())
-        if batch_idx == 0 and hp.eval_exposure_bias and self.teacher is not None:
-            reuse = rollout if hp.eval_temperature == 1.0 else None  # a temperature-1 student sample already
-            curve = self.exposure_bias(batch, gen, reuse).curve
-            self.log("val/ex_acc_err", curve[-1], batch_size=n, sync_dist=True)
         self.log("val/loss", self.val_loss, on_epoch=True, batch_size=n)
         self.log("val/response_length", self.val_length, on_epoch=True, batch_size=n)
-        if valid:
-            self.log("val/valid_rate", self.val_valid, prog_bar=True, on_epoch=True, batch_size=n)
+        return {"texts": texts, "rollout": rollout, "temperature": hp.eval_temperature, "max_new_tokens": length}
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/rougeL", self.val_rouge.compute()["rougeL_fmeasure"], prog_bar=True, sync_dist=True)
         self.val_rouge.reset()
 
     def on_train_end(self) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        if self.history["step"] and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
-            import matplotlib.pyplot as plt
-
-            fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-            for ax, key in zip(axes, ("reward", "reverse_kl")):
-                ax.plot(self.history["step"], self.history[key])
-                ax.set_xlabel("optimizer step")
-                ax.set_title(key)
-            fig.tight_layout()
-            self.logger.experiment.add_figure("train/reward_and_kl", fig, global_step=self.global_step)
-            plt.close(fig)
         if self.export_dir and self.trainer.is_global_zero:
             save_pretrained_with_tokenizer(self.model, self.tokenizer, self.export_dir)
 

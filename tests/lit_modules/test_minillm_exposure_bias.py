@@ -1,5 +1,5 @@
 """MiniLLM's exposure-bias measurement (paper §3.3, App. B.5): per-step KL(p ‖ q), ExAccErr, the sampling helper
-and its validation log, against independent math."""
+and its validation log through ``callbacks.GenerationEval``, against independent math."""
 
 import math
 from types import SimpleNamespace
@@ -8,11 +8,13 @@ import lightning as L
 import pytest
 import torch
 
-import lit_modules.minillm as minillm
+import callbacks.generation_eval as generation_eval
+from callbacks.generation_eval import (GenerationEval, excess_accumulated_error, measure_exposure_bias,
+                                       per_step_forward_kl)
 from datamodules import InstructionDataModule
 from lit_modules.hf import load_causal_lm
-from lit_modules.minillm import (MiniLLM, excess_accumulated_error, measure_exposure_bias, per_step_forward_kl,
-                                 response_logits, sample_mixed)
+from lit_modules.minillm import MiniLLM
+from lit_modules.sampling import response_logits, sample_mixed
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}
@@ -171,21 +173,21 @@ def test_helper_on_tiny_llamas_equals_the_direct_computation_from_its_samples():
 
 
 # ------------------------------------------------------------------------------------------------ validation
-def _validate(module: MiniLLM, batches: int = 2) -> dict:
+def _validate(module: MiniLLM, batches: int = 2, **eval_kw) -> dict:
     data = InstructionDataModule(num_examples=40, num_val=8, batch_size=4, max_response_length=6)
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=batches)
+                        limit_val_batches=batches, callbacks=[GenerationEval(**eval_kw)])
     return trainer.validate(module, data, verbose=False)[0]
 
 
 def test_validation_logs_ex_acc_err_on_the_first_batch_only_and_can_be_switched_off(monkeypatch):
     calls = []
-    real = minillm.measure_exposure_bias
-    monkeypatch.setattr(minillm, "measure_exposure_bias", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = generation_eval.measure_exposure_bias
+    monkeypatch.setattr(generation_eval, "measure_exposure_bias", lambda *a, **k: calls.append(1) or real(*a, **k))
     kw = dict(student=TINY, teacher=TINY | {"hidden_size": 48}, objective="kd", max_new_tokens=6)
     on = _validate(MiniLLM(**kw))
     assert len(calls) == 1 and math.isfinite(on["val/ex_acc_err"])
-    off = _validate(MiniLLM(**kw, eval_exposure_bias=False))
+    off = _validate(MiniLLM(**kw), exposure_bias=False)
     assert len(calls) == 1 and "val/ex_acc_err" not in off
     # the measurement does not perturb the other validation metrics (it samples after them)
     assert on["val/rougeL"] == off["val/rougeL"] and on["val/response_length"] == off["val/response_length"]
@@ -201,8 +203,9 @@ def test_logged_value_is_the_helper_curve_at_the_eval_length():
     data.setup("validate")
     batch = next(iter(data.val_dataloader()))
     module.eval()
-    gen = torch.Generator().manual_seed(0)
-    module.rollout(batch, 0.0, 5, 0.5, gen)  # the Rouge-L sample (temperature 0.5: not reused)
-    curve = module.exposure_bias(batch, gen).curve
+    gen = torch.Generator().manual_seed(0)  # GenerationEval's generator: seed 0 + batch index 0
+    curve = measure_exposure_bias(module.model, module.teacher, batch["prompt_input_ids"],
+                                  batch["prompt_attention_mask"], 5, module.tokenizer.eos_token_id, module.pad_id,
+                                  gen).curve  # the Rouge-L sample (temperature 0.5) is not reused
     assert curve.shape == (5,) and logged == pytest.approx(curve[-1].item(), rel=1e-5)
 

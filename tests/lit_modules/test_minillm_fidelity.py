@@ -12,7 +12,8 @@ import yaml
 
 from datamodules import InstructionDataModule
 from lit_modules import MiniLLM
-from lit_modules.minillm import minillm_loss, whiten
+from lit_modules.minillm import gather_logprobs, minillm_loss, whiten
+from lit_modules.sampling import response_logits
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}
@@ -116,7 +117,6 @@ def test_ppo_ratio_is_exactly_one_on_the_first_inner_epoch_at_temperature_07(alp
     assert float(stats["max_abs_log_ratio"]) < 1e-5  # ρ/w = q_θ(y)/q_θold(y) = 1 at θ = θold
     # the untempered student would differ from the sampler's log q by a lot at τ = 0.7
     rollout = module._rollout
-    from lit_modules.minillm import gather_logprobs, response_logits
     with torch.no_grad():
         raw = gather_logprobs(response_logits(module.model, rollout), rollout.response_ids)
     assert ((raw - rollout.student_logprobs).abs() * rollout.response_mask).max() > 1e-2
