@@ -69,11 +69,16 @@ class QDPO(DPO):
         self.quant_tag = quantization_tag(bits, group_size, include_lm_head)  # validates bits/group_size
         self.bits, self.group_size, self.include_lm_head = bits, group_size, include_lm_head
         self.train_quantized_only = train_quantized_only
-        super().__init__(model=model, ref_model=None, tokenizer=tokenizer, loss=loss, beta=beta,
-                         loss_kwargs=loss_kwargs, precompute_ref_logps=precompute_ref_logps,
-                         ref_cache_dir=ref_cache_dir, length_normalize=length_normalize, dtype=dtype,
-                         init_seed=init_seed, export_dir=export_dir, lr=lr, weight_decay=weight_decay, betas=betas,
-                         warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
+        ensure_built_in(model)  # before the tokenizer is read from it
+        try:
+            super().__init__(model=model, ref_model=None, tokenizer=tokenizer, loss=loss, beta=beta,
+                             loss_kwargs=loss_kwargs, precompute_ref_logps=precompute_ref_logps,
+                             ref_cache_dir=ref_cache_dir, length_normalize=length_normalize, dtype=dtype,
+                             init_seed=init_seed, export_dir=export_dir, lr=lr, weight_decay=weight_decay,
+                             betas=betas, warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
+        except OSError as e:
+            raise FileNotFoundError(f"QDPO: cannot load the full-precision model {model!r} ({e}). If it is a local "
+                                    f"export, train it first: `{FP_SFT_HINT}`") from e
         self._fingerprint: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ networks
@@ -81,12 +86,7 @@ class QDPO(DPO):
         """Keep the loaded model as the frozen full-precision yardstick; return a fake-quantized copy."""
         from torchao.quantization.qat import FakeQuantizedLinear
 
-        ensure_built_in(self.model_spec)
-        try:
-            full_precision = super().build_policy()
-        except OSError as e:
-            raise FileNotFoundError(f"QDPO: cannot load the full-precision model {self.model_spec!r} ({e}). If it "
-                                    f"is a local export, train it first: `{FP_SFT_HINT}`") from e
+        full_precision = super().build_policy()
         policy = prepare_qat(copy.deepcopy(full_precision), self.bits, self.group_size, self.include_lm_head)
         if self.train_quantized_only:
             quantized = {id(m.weight) for m in policy.modules() if isinstance(m, FakeQuantizedLinear)}
