@@ -129,7 +129,9 @@ def future_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x − mean)/std over the unmasked entries (LMOps ``utils.whiten``)."""
+    """(x − mean)/std over the unmasked entries, std the population one: x̂ = (x − μ)/sqrt(σ² + eps), masked → 0.
+    LMOps ``utils.whiten`` (called in ``losses._get_advantages_and_returns``) takes μ and σ over every entry of the
+    padded (B, T) tensor; here padding after EOS is left out of both."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return (x - mean) * torch.rsqrt(var + eps) * mask
