@@ -20,7 +20,7 @@ import numpy as np
 from benchmarks.reproduce import paired_spread
 
 SETTINGS = {
-    "quick": {"seeds": 1, "envs": ["halfcheetah"], "variants": ["DT", "RADT"], "steps": 400, "warmup_steps": 40},
+    "quick": {"seeds": 1, "envs": ["halfcheetah"], "variants": ["DT", "RADT"], "steps": 800, "warmup_steps": 80},
     "full": {"seeds": 3, "envs": ["halfcheetah", "swimmer"],
              "variants": ["DT", "RADT", "RADT (SeqRA only)", "RADT (StepRA only)"], "steps": 2000,
              "warmup_steps": 200},
@@ -84,7 +84,7 @@ def run(mode: str, seeds: int | None, out_dir: Path, progress) -> dict:
                 spread = math.hypot(alignment_error_se(runs[(env, "RADT", 0)]["actual"]),
                                     alignment_error_se(runs[(env, base, 0)]["actual"]))
             what = "aligns returns better than DT" if base == "DT" else f"beats its ablation {base}"
-            claims.append({"claim": f"{env}: RADT {what}", "metric": "mean |actual − target| return",
+            claims.append({"claim": f"{env}: RADT {what}", "metric": "mean abs. error of actual vs target return",
                            "ours": statistics.mean(err["RADT"]), "baseline": statistics.mean(err[base]),
                            "baseline_name": base, "higher_is_better": False, "spread": spread})
         figure = f"alignment_{env}.png"

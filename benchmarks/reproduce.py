@@ -219,9 +219,15 @@ def _number(x: float | None) -> str:
     return "–" if x is None else f"{x:.4g}"
 
 
+def _cell(text: str) -> str:
+    """``text`` safe inside a markdown table cell (pipes escaped, one line)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def _claim_rows(key: str | None, claims: list[dict]) -> list[str]:
     rows = []
     for c in claims:
+        c = {**c, **{f: _cell(c[f]) for f in ("claim", "metric", "baseline_name")}}
         spread = "" if c["spread"] is None else f" ± {_number(c['spread'])}"
         better = "higher" if c["higher_is_better"] else "lower"
         first = f"{key} | " if key else ""
@@ -240,7 +246,7 @@ def render_results_table(results: dict) -> str:
              "|---|---|---|---|---|---|"]
     for key, paper in results["papers"].items():
         if paper["status"] != "ok":
-            lines.append(f"| {key} | failed: {paper['error']} | | | | |")
+            lines.append(f"| {key} | failed: {_cell(paper['error'])} | | | | |")
         lines += _claim_rows(key, paper["claims"])
     return "\n".join(lines) + "\n"
 

@@ -211,12 +211,12 @@ def test_render_results_table_by_hand():
                    {"claim": "RADT aligns better than DT", "metric": "alignment error", "ours": 133.21,
                     "baseline": 182.0, "baseline_name": "DT", "higher_is_better": False, "spread": 12.5,
                     "verdict": "reproduced"}]},
-                   "qdpo": {"status": "failed", "error": "ValueError: x", "claims": []}}}
+                   "qdpo": {"status": "failed", "error": "ValueError: a|b\nc", "claims": []}}}
     assert reproduce.render_results_table(results).splitlines()[2:] == [
         "| paper | claim | metric | ours ± spread | baseline | verdict |",
         "|---|---|---|---|---|---|",
         "| radt | RADT aligns better than DT | alignment error (lower is better) | 133.2 ± 12.5 | 182 (DT) | reproduced |",
-        "| qdpo | failed: ValueError: x | | | | |"]
+        "| qdpo | failed: ValueError: a\\|b c | | | | |"]  # a pipe or newline must not break the table
 
 
 def test_alignment_error_se_by_hand():
