@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from lit_modules.hf import load_causal_lm
-from lit_modules.sampling import response_logits, sample_categorical, sample_mixed
+from lit_modules.sampling import generate, response_logits, sample_categorical, sample_mixed
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}
@@ -141,3 +141,30 @@ def test_inverse_cdf_draws_follow_the_distribution_and_never_pick_zero_mass():
         assert freq[probs[row] == 0].sum() == 0
         # 5 binomial standard errors at n = 40k is < 0.013
         torch.testing.assert_close(freq, probs[row].double(), atol=0.013, rtol=0)
+
+
+def test_greedy_generate_matches_a_cache_free_argmax_loop_with_left_padding_and_eos():
+    """``generate`` at temperature 0 = for each prompt alone (no padding, no cache): append argmax of a full forward
+    until EOS or the cap; then pad. EOS is chosen as a token the model does emit, so one sequence ends early."""
+    model = load_causal_lm(TINY, vocab_size=12, seed=3).eval()
+    prompts = [[5, 7, 2, 9], [4, 3]]
+    ids = torch.tensor([[5, 7, 2, 9], [0, 0, 4, 3]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+
+    def argmax_loop(prompt, eos, cap):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(cap):
+                seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+                if seq[-1] == eos:
+                    break
+        return seq[len(prompt):]
+
+    eos = argmax_loop(prompts[0], None, 3)[2]  # the first sequence's third greedy token ends it
+    out = generate(model, ids, mask, 6, temperature=0.0, eos_id=eos, pad_id=0)
+    for b, prompt in enumerate(prompts):
+        want = argmax_loop(prompt, eos, 6)
+        assert out.response_ids[b, :len(want)].tolist() == want
+        assert out.response_mask[b].tolist() == [1] * len(want) + [0] * (out.response_ids.shape[1] - len(want))
+        assert not out.response_ids[b, len(want):].any()
+    assert out.teacher_logprobs is None
