@@ -83,3 +83,20 @@ def test_ddp_two_cpu_processes_agree_with_single_process(tmp_path):
     _run_cli(["fit", *common, *ddp, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3"],
              tmp_path / "ddp_fit")
     assert _csv_metric(tmp_path / "ddp_fit", "val/loss") > 0
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_shipped_config_keeps_its_final_model(config):
+    # A finished run keeps a checkpoint (last.ckpt); MiniLLM/QDPO runs (LLMs users take elsewhere) also export
+    # it with save_pretrained. Only the two built-in checkpoints' configs, which are exports, skip last.ckpt.
+    import yaml
+
+    from lit_modules.builtin_checkpoints import BUILT_IN
+
+    cfg = yaml.safe_load(config.read_text()) or {}
+    model = cfg.get("model") or {}
+    exported = bool((model.get("init_args") or {}).get("export_dir"))
+    built_in = config.relative_to(ROOT).as_posix() in BUILT_IN.values()
+    assert (cfg.get("trainer") or {}).get("enable_checkpointing") is not False or (built_in and exported)
+    if str(model.get("class_path", "")).endswith(("MiniLLM", "QDPO")):
+        assert exported
