@@ -153,7 +153,8 @@ def reference_block(block, x, c, e, heads):
     return plain(h + mlp(h, block.mlp)) * (1 + g_mlp) + b_mlp
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(seqra=False), dict(stepra=False)], ids=["full", "StepRA-only", "SeqRA-only"])
+@pytest.mark.parametrize("kw", [dict(), dict(seqra=False), dict(stepra=False)],
+                         ids=["full", "StepRA-only", "SeqRA-only"])
 def test_block_matches_reference_equations(kw):
     torch.manual_seed(0)
     d, heads = 8, 2
@@ -189,8 +190,9 @@ def test_radt_embeddings_and_output_as_in_reference():
     s, a, r, t, m = inputs()
     t = t + 7
     lin = model.embed_timestep.linear
-    pe = torch.tensor([[[math.sin(p / 10000 ** (2 * (i // 2) / 16)) if i % 2 == 0 else
-                         math.cos(p / 10000 ** (2 * (i // 2) / 16)) for i in range(16)] for p in row] for row in t.tolist()])
+    angle = lambda p, i: p / 10000 ** (2 * (i // 2) / 16)  # noqa: E731
+    pe = torch.tensor([[[math.sin(angle(p, i)) if i % 2 == 0 else math.cos(angle(p, i)) for i in range(16)]
+                        for p in row] for row in t.tolist()])
     e = pe @ lin.weight.T + lin.bias
     x = interleave(s @ model.embed_state.weight.T + model.embed_state.bias + e,
                    a @ model.embed_action.weight.T + model.embed_action.bias + e)
