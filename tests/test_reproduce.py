@@ -226,3 +226,21 @@ def test_alignment_error_se_by_hand():
     assert alignment_error_se([[1.0, 3.0], [2.0, 2.0]]) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="episodes"):
         alignment_error_se([[1.0], [2.0]])
+
+
+def test_discopop_claim_module_runs_tiny(tmp_path, monkeypatch):
+    """The DiscoPOP claim end to end through its real modules, at a tiny size (2 SFT steps, 2 steps per loss)."""
+    from benchmarks import claim_discopop
+
+    monkeypatch.setitem(claim_discopop.SETTINGS, "quick",
+                        {"seeds": 1, "sft_steps": 2, "steps": 2, "pairs": 200, "losses": ["sigmoid"]})
+    messages = []
+    result = claim_discopop.run("quick", None, tmp_path, lambda m, f=None: messages.append((m, f)))
+    (claim,) = result["claims"]
+    assert claim["baseline_name"] == "DPO (sigmoid)" and claim["higher_is_better"] is True
+    assert result["settings"]["held_out_pairs"] == 20 and result["settings"]["beta"] == 0.05
+    # reward accuracies are fractions of the 20 held-out pairs; one seed: binomial standard error
+    assert {round(claim["ours"] * 20, 6) % 1, round(claim["baseline"] * 20, 6) % 1} == {0}
+    assert claim["spread"] == pytest.approx(binomial_diff_se(claim["ours"], claim["baseline"], 20))
+    assert [f for _, f in messages] == [0.0, 0.0, 0.5]
+    assert (tmp_path / "tb" / "discopop" / "seed0").is_dir()
