@@ -1,13 +1,16 @@
-"""Small pieces shared by the datamodules: the tokenizer hand-off and padding collation."""
+"""Small pieces shared by the datamodules: the tokenizer hand-off, padding collation and a training loader
+that resumes mid-epoch (:class:`ResumableDataLoader`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from torch.utils.data import DataLoader, Sampler
 
 from datamodules.tokenizers import load_tokenizer
 
@@ -43,3 +46,69 @@ def cache_dir(*parts: str) -> Path:
     path = base.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class ResumableRandomSampler(Sampler[int]):
+    """A random permutation per epoch that a checkpoint can resume in the middle of.
+
+    The order of epoch ``e`` is ``torch.randperm(n)`` drawn from a generator seeded with ``seed + e``: a pure
+    function of (seed, epoch), unlike ``shuffle=True``, whose order comes from the global random state at the
+    moment the epoch starts. ``seed=None`` draws the seed from the global torch generator once, so
+    ``seed_everything`` still decides the order. Lightning calls :meth:`set_epoch` before each epoch; without
+    it every new pass takes the next epoch. :attr:`start` skips the first indices of the next pass (resume).
+    """
+
+    def __init__(self, num_samples: int, seed: int | None = None):
+        self.num_samples = num_samples
+        self.seed = int(torch.empty((), dtype=torch.int64).random_().item()) if seed is None else seed
+        self.epoch, self.current_epoch, self.start = 0, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        self.current_epoch, self.epoch = self.epoch, self.epoch + 1
+        start, self.start = self.start, 0
+        generator = torch.Generator().manual_seed(self.seed + self.current_epoch)
+        yield from torch.randperm(self.num_samples, generator=generator)[start:].tolist()
+
+
+class ResumableDataLoader(DataLoader):
+    """``DataLoader`` whose position within an epoch is saved in Lightning checkpoints and restored on resume.
+
+    Takes ``DataLoader``'s arguments; ``shuffle=True`` uses a :class:`ResumableRandomSampler`. Lightning saves
+    :meth:`state_dict` (sampler seed, epoch, batches served in it) with the fit loop and calls
+    :meth:`load_state_dict` when resuming, so the resumed run continues with the next batch of the same epoch
+    order instead of a new random order (which repeats some examples and skips others).
+    """
+
+    def __init__(self, dataset, batch_size: int | None = 1, shuffle: bool | None = None, sampler=None,
+                 **kwargs: Any):
+        if shuffle and sampler is None:
+            sampler, shuffle = ResumableRandomSampler(len(dataset)), None
+        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, **kwargs)
+        self._served = 0
+        self._resume: dict | None = None
+
+    def __iter__(self) -> Iterator:
+        resume, self._resume = self._resume, None
+        sampler = self.sampler if isinstance(self.sampler, ResumableRandomSampler) else None
+        self._served = 0
+        if resume is not None and sampler is not None and resume["epoch"] == sampler.epoch:
+            sampler.start, self._served = resume["batches"] * (self.batch_size or 1), resume["batches"]
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self.sampler if isinstance(self.sampler, ResumableRandomSampler) else None
+        return {"seed": sampler.seed if sampler else 0, "epoch": sampler.current_epoch if sampler else 0,
+                "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if isinstance(self.sampler, ResumableRandomSampler):
+            self.sampler.seed = state["seed"]
+        self._resume = dict(state)

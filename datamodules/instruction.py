@@ -34,7 +34,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.common import pad_sequences, resolve_tokenizer
+from datamodules.common import ResumableDataLoader, pad_sequences, resolve_tokenizer
 from datamodules.instruction_tasks import PROMPT_TEMPLATE, format_prompt, generate_examples
 from datamodules.io import read_records
 from datamodules.text import TextDataModule
@@ -212,7 +212,7 @@ class InstructionDataModule(L.LightningDataModule):
         return text.train_blocks
 
     def _loader(self, dataset: _EncodedExamples, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=functools.partial(collate_instruction, pad_id=self.pad_id),
                           drop_last=shuffle and len(dataset) > self.batch_size)
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.common import cache_dir
+from datamodules.common import ResumableDataLoader, cache_dir
 from datamodules.offline_rl_generate import BUILTIN_DATASETS, generate_minari_dataset
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ class OfflineRLDataModule(L.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.common import pad_sequences, resolve_tokenizer
+from datamodules.common import ResumableDataLoader, pad_sequences, resolve_tokenizer
 from datamodules.instruction_tasks import TASKS, WORDS, check_answer, format_prompt, generate_examples
 from datamodules.io import read_records
 
@@ -235,7 +235,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 "index": torch.tensor([p["index"] for p in pairs], dtype=torch.long)}
 
     def _loader(self, pairs: list[dict], shuffle: bool) -> DataLoader:
-        return DataLoader(pairs, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        return ResumableDataLoader(pairs, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=self.collate, drop_last=shuffle and len(pairs) > self.batch_size)
 
     def train_dataloader(self) -> DataLoader:

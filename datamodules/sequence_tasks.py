@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.common import pad_sequences, resolve_tokenizer
+from datamodules.common import ResumableDataLoader, pad_sequences, resolve_tokenizer
 from datamodules.io import read_records
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,9 @@ class SequenceTasksDataModule(L.LightningDataModule):
                 "labels": pad_sequences([p[1] for p in pairs], -100)}
 
     def _loader(self, examples: list[dict], shuffle: bool) -> DataLoader:
-        return DataLoader(examples, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=self.num_workers, drop_last=shuffle and len(examples) > self.batch_size)
+        return ResumableDataLoader(examples, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
+                                   num_workers=self.num_workers,
+                                   drop_last=shuffle and len(examples) > self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_examples, shuffle=True)

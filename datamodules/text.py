@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.common import resolve_tokenizer
+from datamodules.common import ResumableDataLoader, resolve_tokenizer
 from datamodules.io import iter_text_documents
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,9 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, blocks: torch.Tensor, shuffle: bool) -> DataLoader:
         dataset = TensorDataset(blocks)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=stack_blocks,
-                          drop_last=shuffle and len(dataset) > self.batch_size)
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
+                                   num_workers=self.num_workers, collate_fn=stack_blocks,
+                                   drop_last=shuffle and len(dataset) > self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_blocks, shuffle=True)
