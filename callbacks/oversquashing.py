@@ -6,7 +6,8 @@ Pure functions (usable on any model) and Lightning callbacks that run them durin
   representations ``y_n`` and ``y*_{n+1}`` converge as n grows; we measure ‖y_n − y*_{n+1}‖_∞ at a layer.
   :class:`RepresentationalCollapseProbe` sweeps lengths for three prompt families (repeated ones, random
   digits, ones with a comma every third digit) in fp32, bf16 autocast and (optionally) a bf16 copy of the
-  model, plus the total-variation distance of the two next-token distributions.
+  model, plus the total-variation distance of the two next-token distributions and each precision's noise
+  floor (:func:`rounding_noise_floor`), below which a Δ cannot be told apart from rounding.
 - :func:`token_sensitivity` — Thm 5.1: ‖∂y_n/∂v_i‖_F per input position i (Jacobian of the last position's
   hidden state w.r.t. input embedding i). :class:`OverSquashingProbe` turns it into the U-shape figure.
 - :class:`SequenceTaskProbe` — greedy accuracy on the copy/count/sum/find-odd tasks of
@@ -100,8 +101,8 @@ def _as_list(ids: IdSequence) -> list[int]:
 
 
 def last_token_states(model: nn.Module, sequences: Sequence[IdSequence], autocast_dtype: torch.dtype | None = None,
-                      batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states of every layer and the logits at each sequence's last token, in float32.
+                      batch_size: int = 16, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of every layer and the logits at each sequence's last token, in ``dtype`` (float32).
 
     Sequences are right-padded into batches; with causal attention, tokens after position t never affect
     position t, so the states at each last real token are those of the unpadded sequence (no mask needed).
@@ -121,8 +122,8 @@ def last_token_states(model: nn.Module, sequences: Sequence[IdSequence], autocas
             last = torch.tensor([len(s) - 1 for s in chunk], device=device)
             rows = torch.arange(len(chunk), device=device)
             out = model(input_ids=ids, output_hidden_states=True)
-            hidden.append(torch.stack([h[rows, last] for h in out.hidden_states], dim=1).float())
-            logits.append(out.logits[rows, last].float())
+            hidden.append(torch.stack([h[rows, last] for h in out.hidden_states], dim=1).to(dtype))
+            logits.append(out.logits[rows, last].to(dtype))
     return torch.cat(hidden), torch.cat(logits)
 
 
@@ -243,6 +244,18 @@ def _piece_ids(tokenizer, text: str) -> list[int]:
     return list(ids)
 
 
+def rounding_noise_floor(error_a: torch.Tensor, error_b: torch.Tensor) -> torch.Tensor:
+    """Noise floor of a measured Δ = ‖h_p(a) − h_p(b)‖_∞ in precision p: ε_a + ε_b, where ε_s = ‖h_p(s) − h_64(s)‖_∞
+    is p's rounding error on sequence s itself (h_64: a float64 copy of the model, the exact reference).
+
+    By the triangle inequality |Δ_p − Δ_64| ≤ ε_a + ε_b, so a Δ_p above the floor is a real difference, while one
+    at or below it could be produced by rounding alone: the precision no longer certifiably tells the pair apart
+    (collapse in the sense of Barbero et al. §4: equal up to machine precision). The floor is conservative:
+    rounding errors shared by the two sequences (same weights, same prefix) cancel in Δ_p.
+    """
+    return error_a + error_b
+
+
 def family_sequence(family: str, n: int, rng: random.Random) -> str:
     """The n-digit prompt body of a collapse family: ``ones`` 11…1, ``digits`` random, ``ones_commas`` 111,111,…"""
     if family == "ones":
@@ -254,13 +267,30 @@ def family_sequence(family: str, n: int, rng: random.Random) -> str:
     raise ValueError(f"unknown family {family!r}; choose from {list(FAMILIES)}")
 
 
+def collapse_pair(family: str, n: int, rng: random.Random) -> tuple[str, str]:
+    """The pair (v, v*) of Barbero et al. Thm 4.2 for an n-digit body: v* is v with one more copy of its last digit.
+
+    For ``ones`` and ``ones_commas`` v* is the well-formed (n + 1)-digit member of the family, so with commas
+    every third digit the pair is ``"111,11"``/``"111,111"`` and, when n ≡ 0 (mod 3), ``"111"``/``"111,1"`` (the
+    extra digit opens a new group; repeating the last token would give the malformed ``"1111"``). For ``digits``
+    v* = v + its last digit.
+    """
+    body = family_sequence(family, n, rng)
+    if family == "digits":
+        return body, body + body[-1]
+    return body, family_sequence(family, n + 1, rng)
+
+
 class RepresentationalCollapseProbe(_Probe):
     """‖Δ‖_∞ (every layer) and next-token TV between ``prefix+body`` and the same with its last token repeated.
 
-    Sequences are built token by token (each character tokenized alone), so the pair differs by exactly one
-    repeated token whatever the tokenizer merges. Logged: ``probes/collapse/<family>/<precision>/delta`` and
-    ``.../tv`` at the longest length (final layer); the figure shows Δ and TV vs length for every family
-    and precision (zeros — indistinguishable — drawn as triangles on the bottom axis).
+    Pairs come from :func:`collapse_pair` and are built token by token (each character tokenized alone), so
+    they differ by one repeated digit (plus a comma where the extra digit opens a new group) whatever the
+    tokenizer merges. With ``noise_baseline`` each precision's :func:`rounding_noise_floor` is measured on the
+    same pairs against a float64 copy of the model; ``delta <= noise`` means the pair has collapsed in that
+    precision. Logged: ``probes/collapse/<family>/<precision>/delta``, ``.../tv`` and ``.../noise`` at the longest
+    length (final layer); the figure shows Δ (with the noise floors, thin lines) and TV vs length for every
+    family and precision (zeros — indistinguishable — drawn as triangles on the bottom axis).
 
     Args:
         lengths: numbers of digits n.
@@ -272,14 +302,15 @@ class RepresentationalCollapseProbe(_Probe):
             Without a prefix and without BOS, ``ones`` is one token repeated: every position then holds the same
             value vector, attention averages identical vectors and Δ is 0 up to rounding at every length.
         layer: hidden-state index for the scalars (the figure uses it too).
+        noise_baseline: measure the noise floors (costs a float64 copy of the model per round).
     """
 
     name = "collapse"
 
     def __init__(self, lengths: list[int] = (8, 16, 32, 64, 128, 256), families: list[str] = FAMILIES,
                  precisions: list[str] = ("fp32", "bf16"), prefix: str = "", num_samples: int = 1, layer: int = -1,
-                 seed: int = 0, every_n_steps: int = 0, on_validation: bool = True, figure_dir: str | None = None,
-                 tokenizer: str | None = None):
+                 seed: int = 0, noise_baseline: bool = True, every_n_steps: int = 0, on_validation: bool = True,
+                 figure_dir: str | None = None, tokenizer: str | None = None):
         super().__init__(every_n_steps, on_validation, figure_dir, tokenizer)
         for fam in families:
             family_sequence(fam, 1, random.Random(0))
@@ -288,6 +319,7 @@ class RepresentationalCollapseProbe(_Probe):
             raise ValueError(f"precisions {bad} not in {list(_PRECISIONS)}")
         self.lengths, self.families, self.precisions = sorted(lengths), list(families), list(precisions)
         self.prefix, self.num_samples, self.layer, self.seed = prefix, num_samples, layer, seed
+        self.noise_baseline = noise_baseline
 
     def pairs(self, tokenizer) -> dict[tuple[str, int], list[tuple[list[int], list[int]]]]:
         rng = random.Random(self.seed)
@@ -298,13 +330,17 @@ class RepresentationalCollapseProbe(_Probe):
                 samples = self.num_samples if fam == "digits" else 1
                 out[fam, n] = []
                 for _ in range(samples):
-                    ids = head + [i for ch in family_sequence(fam, n, rng) for i in _piece_ids(tokenizer, ch)]
-                    out[fam, n].append((ids, ids + ids[-1:]))
+                    a, b = collapse_pair(fam, n, rng)
+                    out[fam, n].append(tuple(head + [i for ch in text for i in _piece_ids(tokenizer, ch)]
+                                             for text in (a, b)))
         return out
 
     def measure(self, model: nn.Module, tokenizer) -> dict:
         pairs = self.pairs(tokenizer)
         flat = [seq for group in pairs.values() for pair in group for seq in pair]
+        exact = None
+        if self.noise_baseline:
+            exact, _ = last_token_states(copy.deepcopy(model).to(torch.float64), flat, dtype=torch.float64)
         results = {}
         for precision in self.precisions:
             autocast_dtype, weights_dtype = _PRECISIONS[precision]
@@ -312,10 +348,15 @@ class RepresentationalCollapseProbe(_Probe):
             hidden, logits = last_token_states(run_model, flat, autocast_dtype)
             delta = (hidden[0::2] - hidden[1::2]).abs().amax(-1)  # (pairs, layers)
             tv = total_variation(logits[0::2], logits[1::2])
+            if exact is not None:
+                error = (hidden.double() - exact).abs().amax(-1)  # (sequences, layers)
+                noise = rounding_noise_floor(error[0::2], error[1::2])
             i = 0
             for (fam, n), group in pairs.items():
                 k = len(group)
                 results[fam, precision, n] = {"delta": delta[i:i + k].mean(0).tolist(), "tv": tv[i:i + k].mean().item()}
+                if exact is not None:
+                    results[fam, precision, n]["noise"] = noise[i:i + k].mean(0).tolist()
                 i += k
         return results
 
@@ -327,6 +368,8 @@ class RepresentationalCollapseProbe(_Probe):
                 r = results[fam, p, n]
                 out[f"probes/collapse/{fam}/{p}/delta"] = r["delta"][self.layer]
                 out[f"probes/collapse/{fam}/{p}/tv"] = r["tv"]
+                if "noise" in r:
+                    out[f"probes/collapse/{fam}/{p}/noise"] = r["noise"][self.layer]
         return out
 
     def figure(self, results: dict) -> Figure:
@@ -345,9 +388,13 @@ class RepresentationalCollapseProbe(_Probe):
                     ax.plot(self.lengths, [max(y, floor) for y in ys], marker="o", label=f"{fam} {p}", **style)
                     zeros = [n for n, y in zip(self.lengths, ys) if y == 0]
                     ax.plot(zeros, [floor] * len(zeros), marker="v", markersize=9, linestyle="none", color=f"C{ci}")
+                    if key == "delta" and self.noise_baseline:
+                        noise = [max(results[fam, p, n]["noise"][self.layer], floor) for n in self.lengths]
+                        ax.plot(self.lengths, noise, linewidth=0.8, alpha=0.5, label=f"{fam} {p} noise", **style)
             ax.set(xscale="log", yscale="log", xlabel="sequence length n (digits)", title=title)
         fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
-        fig.suptitle("Representational collapse: [x, a] vs [x, a, a]  (▼ = exactly 0)", fontsize=9)
+        fig.suptitle("Representational collapse: [x, a] vs [x, a, a]  (▼ = exactly 0; thin: rounding noise floor)",
+                     fontsize=9)
         return fig
 
 

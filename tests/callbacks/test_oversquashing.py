@@ -40,7 +40,7 @@ class WeightedMeanLM(nn.Module):
     def forward(self, input_ids=None, inputs_embeds=None, output_hidden_states=False):
         e = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         n = e.shape[1]
-        w = torch.ones(n) if self.weights is None else torch.tensor(self.weights[:n], dtype=e.dtype)
+        w = torch.ones(n, dtype=e.dtype) if self.weights is None else torch.tensor(self.weights[:n], dtype=e.dtype)
         w = w.view(1, n, 1)
         y = (w * self.value(e)).cumsum(1) / w.cumsum(1).clamp_min(1e-12)
         return SimpleNamespace(hidden_states=(e, y), logits=y @ self.embed.weight.T)
@@ -97,6 +97,89 @@ def test_collapse_on_tiny_llama_identical_pairs_zero_and_bf16_runs():
     assert representational_collapse(lm, ids, ids + [10]) > 0.0
     assert representational_collapse(lm, [10] * 12 + [11], [10] * 12 + [11, 11],
                                      autocast_dtype=torch.bfloat16) >= 0.0
+
+
+def test_ones_commas_pairs_are_well_formed_members_of_the_family():
+    # v* is the (n+1)-digit member: when n ≡ 0 (mod 3) the extra digit opens a new group ("111" -> "111,1"),
+    # never "1111" / "111,1111" (the old construction repeated the last token).
+    expected = {1: ("1", "11"), 2: ("11", "111"), 3: ("111", "111,1"), 4: ("111,1", "111,11"),
+                5: ("111,11", "111,111"), 6: ("111,111", "111,111,1"), 7: ("111,111,1", "111,111,11"),
+                8: ("111,111,11", "111,111,111"), 9: ("111,111,111", "111,111,111,1"),
+                10: ("111,111,111,1", "111,111,111,11"), 11: ("111,111,111,11", "111,111,111,111"),
+                12: ("111,111,111,111", "111,111,111,111,1")}
+    tok = byte_tokenizer()
+    probe = RepresentationalCollapseProbe(lengths=list(range(1, 13)), families=["ones_commas", "ones", "digits"])
+    pairs = probe.pairs(tok)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    for n, want in expected.items():
+        ((a, b),) = pairs["ones_commas", n]
+        assert (decode(a), decode(b)) == want
+        ((a, b),) = pairs["ones", n]
+        assert (decode(a), decode(b)) == ("1" * n, "1" * (n + 1))
+        ((a, b),) = pairs["digits", n]
+        assert len(decode(a)) == n and decode(b) == decode(a) + decode(a)[-1]
+
+
+def uniform_collapse(lengths, precisions):
+    """The collapse probe (prefix "x") on uniform causal attention, h(s) = V · mean of the embeddings of s."""
+    tok = byte_tokenizer()
+    model = WeightedMeanLM(vocab=len(tok))
+    probe = RepresentationalCollapseProbe(lengths=lengths, families=["ones", "ones_commas"], precisions=precisions,
+                                          prefix="x")
+    return probe.measure(model, tok), model, tok
+
+
+def test_collapse_on_uniform_attention_matches_token_counts_and_commas_keep_delta_larger():
+    # h(s) = Σ_t c_t u_t / L with u_t = V e_t and c_t the token counts. ones: [x, 1ⁿ] vs [x, 1ⁿ⁺¹] gives
+    # Δ = ‖u_1 − u_x‖∞ / ((n+1)(n+2)) ~ 1/n². ones_commas: a has ⌊(n−1)/3⌋ commas, b ⌊n/3⌋; the digit (or ",1")
+    # added to a mean that also holds commas moves it by ~1/n: commas keep Δ larger, by a growing factor.
+    lengths = [4, 15, 64, 255]  # n ≡ 0 (mod 3) too: there the extra digit opens a group (",1", two tokens)
+    results, model, tok = uniform_collapse(lengths, ["fp32"])
+    with torch.no_grad():
+        u = {ch: model.value(model.embed.weight[tok(ch, add_special_tokens=False)["input_ids"][0]]).double()
+             for ch in "x1,"}
+    ratios = []
+    for n in lengths:
+        ones = (u["1"] - u["x"]).abs().max().item() / ((n + 1) * (n + 2))
+        ca, cb = (n - 1) // 3, n // 3
+        h_a = (u["x"] + n * u["1"] + ca * u[","]) / (1 + n + ca)
+        h_b = (u["x"] + (n + 1) * u["1"] + cb * u[","]) / (2 + n + cb)
+        commas = (h_b - h_a).abs().max().item()
+        for fam, exact in (("ones", ones), ("ones_commas", commas)):
+            # the measured fp32 Δ is within its noise floor of the exact value (the floor's defining bound, which
+            # can be tight: slack for the float64 reference's own rounding), and that floor is tiny
+            r = results[fam, "fp32", n]
+            assert abs(r["delta"][-1] - exact) <= r["noise"][-1] * (1 + 1e-4) < 1e-2 * exact
+        assert commas > ones
+        ratios.append(commas / ones)
+    assert ratios == sorted(ratios) and ratios[-1] > 20 * ratios[0]
+
+
+def test_bf16_collapses_no_later_than_fp32_and_noise_floors_order_by_precision():
+    # Noise floor = ε_a + ε_b, each the precision's error against a float64 copy on the same sequence. bf16 keeps
+    # 8 significant bits, fp32 24: bf16's floor is never below fp32's, and wherever fp32 has collapsed
+    # (Δ ≤ floor) bf16 has too. ones: Δ ~ ‖u_1 − u_x‖/n² falls under bf16's floor (~2⁻⁸‖u‖) at moderate n but
+    # stays far above fp32's (~2⁻²⁴‖u‖) at every length here; the shortest pair is distinct in both.
+    lengths = [2, 8, 32, 128, 512]
+    results, _, _ = uniform_collapse(lengths, ["fp32", "bf16", "bf16_weights"])
+    collapsed = lambda r: r["delta"][-1] <= r["noise"][-1]  # noqa: E731
+    for fam in ("ones", "ones_commas"):
+        for n in lengths:
+            full = results[fam, "fp32", n]
+            assert full["noise"][-1] > 0.0 and not collapsed(full)
+            for low in ("bf16", "bf16_weights"):
+                assert results[fam, low, n]["noise"][-1] >= full["noise"][-1]
+                assert collapsed(results[fam, low, n]) or not collapsed(full)
+        assert not collapsed(results[fam, "bf16_weights", 2])
+    assert collapsed(results["ones", "bf16_weights", 512]) and collapsed(results["ones", "bf16", 512])
+    first = {(fam, low): min([n for n in lengths if collapsed(results[fam, low, n])], default=10 ** 9)
+             for fam in ("ones", "ones_commas") for low in ("bf16", "bf16_weights")}
+    for low in ("bf16", "bf16_weights"):  # commas: Δ ~ 1/n stays above the floor at least as long as ones' 1/n²
+        assert first["ones_commas", low] >= first["ones", low]
+    assert first["ones_commas", "bf16"] > first["ones", "bf16"]
+    scalars = RepresentationalCollapseProbe(lengths=lengths, families=["ones"], precisions=["bf16"]).scalars(
+        {("ones", "bf16", n): results["ones", "bf16", n] for n in lengths})
+    assert scalars["probes/collapse/ones/bf16/noise"] == results["ones", "bf16", 512]["noise"][-1]
 
 
 class LastTokenOracle(nn.Module):
