@@ -134,7 +134,10 @@ def main() -> None:
                    help="built-in preference pairs, 10%% held out (default: one epoch of --steps)")
     p.add_argument("--betas", default="0.05,0.1", help="comma-separated β values (0.05 = the paper's)")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds (batch order, dropout)")
-    p.add_argument("--out", default=None, help="also write the JSON here (e.g. docs/results/dpo_losses.json)")
+    p.add_argument("--out", default=None, help="also write the JSON here (e.g. docs/results/dpo_losses.json), "
+                   "updated after every loss")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other β columns already in --out (same settings required)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval-prompts", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
@@ -166,10 +169,23 @@ def main() -> None:
 
     betas = [float(b) for b in args.betas.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
-    results: dict = {}
-    vs_dpo: dict = {}
+    report = {
+        "benchmark": "dpo_losses", "commands": ["python -m benchmarks.dpo_losses " + " ".join(sys.argv[1:])],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": args.device, "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "settings": {"model": MODEL | {"vocab_size": 259}, "sft_steps": args.sft_steps, "sft_lr": args.sft_lr,
+                     "po_steps": args.steps, "batch_pairs": args.batch, "pairs": args.pairs, "seeds": seeds,
+                     "lr": args.lr, "eval_prompts": args.eval_prompts, "discopop_tau": 0.05,
+                     "ipo_logps": "per-token mean (DPO default for ipo)", "other_logps": "summed",
+                     "precompute_ref_logps": True, "sft_seconds": sft_s, "torch_threads": args.threads},
+        "start_policy": {"valid_rate": sum(start_valid) / len(start_valid)},
+        "results": {}, "minus_dpo": {},
+    }
+    if args.merge and args.out and Path(args.out).exists():
+        report = merge_report(json.loads(Path(args.out).read_text()), report)
     for beta in betas:
-        per_beta = results[f"beta={beta:g}"] = {}
+        per_beta = report["results"][f"beta={beta:g}"] = {}
         for loss in losses:
             runs = [run_loss(args, loss, beta, seed, sft_dir, os.path.join(work, "ref_cache"), eval_examples,
                              start_valid) for seed in seeds]
@@ -177,29 +193,28 @@ def main() -> None:
             print(f"beta {beta:g} {loss:>9}: held-out reward acc {r['val_reward_accuracy']:.3f}"
                   f"±{r['val_reward_accuracy_std']:.3f}  valid {r['valid_rate']:.3f}  win rate vs start "
                   f"{r['win_rate']:.3f}  ({r['train_seconds']:.0f}s/seed)", flush=True)
-        anchor = per_beta.get("sigmoid")
-        if anchor:  # paired by seed: same batches and dropout draws for every loss
-            vs_dpo[f"beta={beta:g}"] = {
-                loss: {k: aggregate([{k: a[k] - b[k]} for a, b in zip(r["per_seed"], anchor["per_seed"])])[k]
-                       for k in METRICS} for loss, r in per_beta.items()}
-    report = {
-        "benchmark": "dpo_losses", "command": "python -m benchmarks.dpo_losses " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": args.device, "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "settings": {"model": MODEL | {"vocab_size": 259}, "sft_steps": args.sft_steps, "sft_lr": args.sft_lr,
-                     "po_steps": args.steps, "batch_pairs": args.batch, "pairs": args.pairs, "betas": betas,
-                     "seeds": seeds, "lr": args.lr, "eval_prompts": args.eval_prompts, "discopop_tau": 0.05,
-                     "ipo_logps": "per-token mean (DPO default for ipo)", "other_logps": "summed",
-                     "precompute_ref_logps": True, "sft_seconds": sft_s, "torch_threads": args.threads},
-        "start_policy": {"valid_rate": sum(start_valid) / len(start_valid)},
-        "results": results, "minus_dpo": vs_dpo,
-    }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+            anchor = per_beta.get("sigmoid")
+            if anchor:  # paired by seed: same batches and dropout draws for every loss
+                report["minus_dpo"][f"beta={beta:g}"] = {
+                    name: {k: aggregate([{k: a[k] - b[k]} for a, b in zip(res["per_seed"], anchor["per_seed"])])[k]
+                           for k in METRICS} for name, res in per_beta.items()}
+            if args.out:  # written after every loss, so an interrupted run keeps what it measured
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))
 
+
+def merge_report(old: dict, new: dict) -> dict:
+    """``new`` with ``old``'s per-β results kept (β values measured again in ``new`` are replaced); both must
+    have the same settings and starting policy, so the columns stay comparable."""
+    if old.get("settings", {}) | {"sft_seconds": None} != new["settings"] | {"sft_seconds": None} or \
+            old.get("start_policy") != new["start_policy"]:
+        raise SystemExit("--merge: the existing --out file has other settings or another starting policy")
+    merged = dict(new)
+    merged["commands"] = old["commands"] + new["commands"]
+    merged["results"] = dict(old["results"])
+    merged["minus_dpo"] = dict(old["minus_dpo"])
+    return merged
 
 if __name__ == "__main__":
     main()

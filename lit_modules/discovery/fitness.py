@@ -23,18 +23,18 @@ def validate_loss(fn, n: int = 10, beta: float = 0.05, seed: int = 0) -> None:
     """The DiscoPOP validity check (PAPERS.md §6): called on random log-probs of shape (n,) that require grad,
     the loss must return a floating tensor of shape (n,), finite, whose mean has finite gradients with respect to
     the policy log-probs, at least one of them non-zero. Raises ``ValueError`` with the reason."""
-    from lit_modules.preference_losses import preference_loss
-
     if not callable(fn):
         raise ValueError("the candidate is not callable")
     g = torch.Generator().manual_seed(seed)
     inputs = [(-torch.rand(n, generator=g) * 20 - 0.1).requires_grad_() for _ in range(4)]
     try:
-        out = preference_loss(fn, *inputs, beta=beta)
+        out = fn(*inputs, beta=beta)  # as lit_modules.preference_loss calls it during training
     except TypeError as e:
         raise ValueError(f"calling the loss as fn{_signature()} failed: {e}") from e
     if not isinstance(out, Tensor):
         raise ValueError(f"the loss must return a torch.Tensor of shape ({n},), got {type(out).__name__}")
+    if out.shape != (n,):
+        raise ValueError(f"the loss must return shape ({n},) (one loss per pair), got {tuple(out.shape)}")
     if not out.is_floating_point():
         raise ValueError(f"the loss must return a floating-point tensor, got {out.dtype}")
     if not torch.isfinite(out).all():

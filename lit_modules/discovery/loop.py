@@ -314,9 +314,8 @@ def _plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``litpapers discover --config configs/discopop/discover.yaml [--generations 5 ...]``: run or resume the loop.
-    ``--summarize_only true`` only rewrites the summary files of an existing ``run_dir``."""
+def build_parser():
+    """The ``litpapers discover`` parser: ``--config`` plus every :class:`DiscoveryLoop` argument."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="litpapers discover", description="DiscoPOP's discovery loop: LLM-proposed "
@@ -324,6 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--summarize_only", type=bool, default=False)
     parser.add_class_arguments(DiscoveryLoop)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``litpapers discover --config configs/discopop/discover.yaml [--generations 5 ...]``: run or resume the loop.
+    ``--summarize_only true`` only rewrites the summary files of an existing ``run_dir``."""
+    parser = build_parser()
     cfg = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if cfg.summarize_only:

@@ -43,8 +43,8 @@ MAX_AST_NODES = 5_000
 #: Modules the candidate may import (and the names it sees without importing).
 ALLOWED_IMPORTS = ("torch", "torch.nn.functional", "math")
 #: torch submodules reachable by attribute (``torch.linalg.norm``...); every other module attribute is refused.
-ALLOWED_SUBMODULES = frozenset({"torch", "torch.nn", "torch.nn.functional", "torch.linalg", "torch.special",
-                                "torch.fft", "torch.autograd", "math"})
+ALLOWED_SUBMODULES = frozenset({"torch", "torch.nn", "torch.nn.functional", "torch.functional", "torch.linalg",
+                                "torch.special", "torch.fft", "torch.autograd", "math"})
 SAFE_BUILTIN_NAMES = ("abs", "all", "any", "bool", "dict", "divmod", "enumerate", "filter", "float", "int",
                       "isinstance", "iter", "len", "list", "map", "max", "min", "next", "pow", "range", "reversed",
                       "round", "set", "slice", "sorted", "str", "sum", "tuple", "zip", "ArithmeticError",
@@ -196,6 +196,8 @@ def check_code(code: str) -> str:
     if functions[0].decorator_list:
         raise CandidateRejected(f"line {functions[0].lineno}: decorators are not allowed")
     known = _bound_names(tree) | set(SAFE_BUILTIN_NAMES) | {"torch", "F", "math"}
+    # report the first offence in reading order (where it ends: `a.__class__` before `a.__class__.__mro__`)
+    nodes.sort(key=lambda n: (getattr(n, "end_lineno", 0) or 0, getattr(n, "end_col_offset", 0) or 0))
     for node in nodes:
         where = f"line {getattr(node, 'lineno', '?')}: "
         for kind, what in DENIED_NODES.items():
@@ -250,6 +252,7 @@ def load_candidate(code: str):
     return namespace[names[0]]
 
 
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate",
                 "os.symlink", "os.link", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move",
@@ -258,6 +261,13 @@ _DENIED_EVENTS = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_sp
                   "os.forkpty", "os.kill", "os.killpg", "ctypes.", "pty.", "webbrowser.",
                   "urllib.", "http.", "ftplib.", "smtplib.", "telnetlib.", "sys.remote_exec", "code.__new__",
                   "sys._current_frames", "builtins.input", "resource.setrlimit", "sys.addaudithook")
+
+
+def scrub_secrets(environ) -> None:
+    """Remove variables whose names contain KEY/TOKEN/SECRET/PASSWORD/PASSWD/CREDENTIAL/AUTH (the proposer's API
+    keys are none of the candidate's business)."""
+    for name in [k for k in environ if any(w in k.upper() for w in _SECRET_WORDS)]:
+        del environ[name]
 
 
 def install_audit_hook(workdir: str) -> None:
@@ -324,9 +334,13 @@ def _worker_main(task: dict, conn) -> None:
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         sys.dont_write_bytecode = True
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG = SIGKILL: die with the forkserver (which dies with the run)
         import torch
 
         torch.set_num_threads(1)
+        scrub_secrets(os.environ)
         _set_limits(task["limits"])
         from lit_modules.discovery.fitness import build_fitness, validate_loss
 

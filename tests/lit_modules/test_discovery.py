@@ -1,0 +1,339 @@
+"""DiscoPOP's discovery loop (issue 15): the sandbox rejects each hostile candidate with a clear reason while the
+run continues, the runtime layers hold on their own, a replay run with good, broken and hostile candidates
+completes and resumes after being killed, a tiny random local HF model and an OpenAI-compatible stub server work
+as proposers, and the shipped configs parse."""
+
+import http.server
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_modules.discovery import (BASELINES, Archive, CandidateRejected, DiscoveryLoop, DPOFitness, HFProposer,
+                                   OpenAIProposer, ReplayProposer, SandboxLimits, check_code, parse_reply,
+                                   run_in_worker, validate_loss)
+from lit_modules.discovery.loop import build_parser
+from lit_modules.discovery.sandbox import scrub_secrets
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAD = "def f(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):\n"
+MARGIN = "(policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)"
+GOOD = HEAD + f"    return -F.logsigmoid(beta * ({MARGIN}))\n"
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 2}
+FAST = SandboxLimits(validate_timeout_s=3, train_timeout_s=120, memory_mb=256)
+
+
+def body(*lines):
+    return HEAD + "".join(f"    {line}\n" for line in lines)
+
+
+HOSTILE_STATIC = {
+    "import os": ("import os\n" + GOOD, "import of os is not allowed"),
+    "import subprocess": (body("import subprocess", "return policy_chosen_logps"), "import of subprocess"),
+    "import socket": (body("import socket", "return policy_chosen_logps"), "import of socket"),
+    "from os import system": ("from os import system\n" + GOOD, "'from os import ...' is not allowed"),
+    "ctypes": (body("import ctypes", "return policy_chosen_logps"), "import of ctypes"),
+    "importlib": (body("import importlib", "return policy_chosen_logps"), "import of importlib"),
+    "numpy import": (body("import numpy", "return policy_chosen_logps"), "import of numpy"),
+    "write a file": (body("open('/tmp/x', 'w').write('1')", "return policy_chosen_logps"), "name 'open'"),
+    "exit": (body("exit(0)"), "name 'exit'"),
+    "SystemExit": (body("raise SystemExit(0)"), "name 'SystemExit'"),
+    "mro subclasses": (body("s = ().__class__.__mro__[1].__subclasses__()", "return policy_chosen_logps"),
+                       "attribute '__class__' is not allowed"),
+    "__builtins__": (body("o = __builtins__['open']", "return policy_chosen_logps"), "name '__builtins__'"),
+    "__globals__": (body("g = f.__globals__", "return policy_chosen_logps"), "attribute '__globals__'"),
+    "__import__": (body("m = __import__('os')", "return policy_chosen_logps"), "name '__import__'"),
+    "torch.load": (body("t = torch.load('/etc/passwd')", "return policy_chosen_logps"), "attribute 'load'"),
+    "torch.save": (body("torch.save(policy_chosen_logps, 'x.pt')", "return policy_chosen_logps"),
+                   "attribute 'save'"),
+    "numpy tofile": (body("policy_chosen_logps.detach().numpy().tofile('x')", "return policy_chosen_logps"),
+                     "attribute 'numpy'"),
+    "from_file": (body("s = torch.UntypedStorage.from_file('/etc/passwd')", "return policy_chosen_logps"),
+                  "attribute 'from_file'"),
+    "cpp_extension": (body("torch.utils.cpp_extension.load_inline('x', '')", "return policy_chosen_logps"),
+                      "attribute 'utils'"),
+    "torch.os": (body("torch.os.system('id')", "return policy_chosen_logps"), "attribute 'os'"),
+    "eval": (body("return eval('policy_chosen_logps')"), "name 'eval'"),
+    "exec": (body("exec('x = 1')", "return policy_chosen_logps"), "name 'exec'"),
+    "compile": (body("c = compile('1', 'x', 'eval')", "return policy_chosen_logps"), "name 'compile'"),
+    "getattr": (body("return getattr(torch, 'lo' + 'ad')('x')"), "name 'getattr'"),
+    "str.format leak": (body("s = '{0.__class__}'.format(beta)", "return policy_chosen_logps"),
+                        "attribute 'format'"),
+    "class": ("class A:\n    pass\n" + GOOD, "line 1: only imports"),
+    "try/except": (body("try:", "    pass", "except Exception:", "    pass", "return policy_chosen_logps"),
+                   "try/except are not allowed"),
+    "two functions": (GOOD + GOOD.replace("def f", "def g"), "exactly one top-level function"),
+    "syntax error": (body("return (("), "does not parse"),
+    "decorator": ("@torch.no_grad()\n" + GOOD, "decorators are not allowed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_STATIC))
+def test_static_check_rejects_hostile_code_with_a_clear_reason(case):
+    code, reason = HOSTILE_STATIC[case]
+    with pytest.raises(CandidateRejected, match=reason.replace("(", r"\(")):
+        check_code(code)
+
+
+def test_baselines_and_allowed_imports_pass_the_static_check():
+    for base in BASELINES.values():
+        check_code(base["code"])
+    assert check_code("import torch\nimport torch.nn.functional as F\nimport math\nK = 2.0\n" + GOOD) == "f"
+    assert check_code("from torch.nn import functional as G\n" + GOOD.replace("F.", "G.")) == "f"
+
+
+def test_validate_loss_enforces_the_discopop_checks():
+    """Shape (10,), finite output, finite non-zero gradient w.r.t. the policy log-probs."""
+    validate_loss(lambda pc, pr, rc, rr, beta: -torch.nn.functional.logsigmoid(beta * (pc - pr - rc + rr)))
+    bad = {"shape": lambda pc, pr, rc, rr, beta: (pc - pr).mean(),
+           "non-finite values": lambda pc, pr, rc, rr, beta: torch.log(pc - pr),  # log of negatives: NaN
+           "no gradient with respect to the policy": lambda pc, pr, rc, rr, beta: (rc - rr) * 1.0,
+           "non-finite gradients": lambda pc, pr, rc, rr, beta: torch.sqrt((pc - pc.detach()).abs()) + 1,
+           "must return a torch.Tensor": lambda pc, pr, rc, rr, beta: [0.0] * 10,
+           "calling the loss": lambda pc, pr, rc, rr: pc}
+    for reason, fn in bad.items():
+        with pytest.raises(ValueError, match=reason):
+            validate_loss(fn)
+
+
+def test_runtime_limits_kill_loops_and_allocations_and_the_caller_goes_on():
+    spin = run_in_worker(body("while True:", "    pass"), FAST)
+    assert spin["status"] == "invalid" and spin["stage"] == "validate"
+    assert "time limit exceeded: more than 3 s" in spin["error"]
+    grow = run_in_worker(body("x = []", "while True:", "    x.append(torch.ones(1000000))"), FAST)
+    assert grow["status"] == "invalid" and "memory limit exceeded" in grow["error"]
+    assert "line 4" in grow["error"]  # the candidate's own line is named
+    assert run_in_worker(GOOD, FAST)["status"] == "ok"
+
+
+def test_runtime_layers_hold_without_the_static_check(tmp_path):
+    """With the AST check switched off, the restricted builtins and the audit hook still refuse the classic
+    escapes: no marker file appears and each reason is reported."""
+    marker = tmp_path / "pwned"
+    escape = ("for c in ().__class__.__mro__[1].__subclasses__():",
+              "    if c.__name__ == '_wrap_close':",
+              "        g = c.__init__.__globals__")
+    cases = {
+        "os.system": body(*escape, f"        g['system']('touch {marker}')", "return policy_chosen_logps"),
+        "writing": body(*escape, f"        g['sys'].modules['builtins'].open('{marker}', 'w')",
+                        "return policy_chosen_logps"),
+        "NameError: name 'open'": body(f"open('{marker}', 'w')", "return policy_chosen_logps"),
+        "import of 'os' is not allowed": body("os = __import__('os')", "return policy_chosen_logps"),
+        "'socket.__new__' is not allowed": body(
+            "s = [c for c in ().__class__.__mro__[1].__subclasses__() if c.__name__ == 'socket'][0]", "s()",
+            "return policy_chosen_logps"),
+    }
+    for reason, code in cases.items():
+        out = run_in_worker(code, FAST, static_check=False)
+        assert out["status"] == "invalid" and reason in out["error"], (reason, out)
+    assert not marker.exists()
+
+
+def test_worker_environment_loses_secrets():
+    env = {"OPENAI_API_KEY": "k", "HF_TOKEN": "t", "db_password": "p", "PATH": "/bin", "HOME": "/h"}
+    scrub_secrets(env)
+    assert env == {"PATH": "/bin", "HOME": "/h"}
+
+
+def test_parse_reply_fenced_bare_and_garbage():
+    cand = {"thought": "t", "name": "n", "code": GOOD}
+    assert parse_reply("Sure!\n```json\n" + json.dumps(cand) + "\n```") == cand
+    assert parse_reply("x " + json.dumps({"name": "n", "code": "c"}) + " y")["thought"] == ""
+    for reply, reason in (("", "empty"), ("no json {here", "no JSON object"),
+                          (json.dumps({"name": "n", "code": 3}), "must be strings")):
+        with pytest.raises(ValueError, match=reason):
+            parse_reply(reply)
+
+
+def test_archive_drops_a_torn_last_line(tmp_path):
+    archive = Archive(tmp_path / "a.jsonl")
+    archive.append({"kind": "run", "i": 1})
+    with open(archive.path, "a") as f:
+        f.write('{"kind": "proposal", "i"')  # killed mid-write
+    assert archive.load() == [{"kind": "run", "i": 1}]
+    archive.append({"kind": "run", "i": 2})
+    assert [r["i"] for r in archive.load()] == [1, 2]
+
+
+def tiny_fitness(**kwargs):
+    return DPOFitness(model=TINY, steps=3, num_pairs=48, batch_size=8, val_fraction=0.25, warmup_steps=1, **kwargs)
+
+
+REPLAY = [
+    {"thought": "logistic + exponential", "name": "cell", "code": HEAD.replace("def f", "def cell")
+     + f"    z = beta * ({MARGIN})\n    return 0.5 * torch.exp(-z) - 0.5 * F.logsigmoid(z)\n"},
+    {"reply": "I think a good loss would be the hinge loss."},                       # broken: no JSON
+    {"thought": "escape", "name": "shell", "code": "import subprocess\n" + GOOD},   # hostile: import
+    {"thought": "nan", "name": "nan_loss", "code": body("return torch.log(policy_chosen_logps)")},  # broken: NaN
+    {"thought": "spin", "name": "spin", "code": body("while True:", "    pass")},   # hostile: never returns
+    {"thought": "introspect", "name": "mro", "code": body("return ().__class__.__mro__[1].__subclasses__()")},
+    {"thought": "sigmoid margin", "name": "smooth", "code": HEAD.replace("def f", "def smooth")
+     + f"    z = beta * ({MARGIN})\n    return -0.9 * F.logsigmoid(z) - 0.1 * F.logsigmoid(-z)\n"},
+]
+
+
+def write_config(tmp_path):
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text("".join(json.dumps(r) + "\n" for r in REPLAY))
+    config = {"run_dir": str(tmp_path / "run"), "generations": 3, "max_attempts": 4, "seeds": ["dpo"],
+              "references": [], "workers": 1,
+              "proposer": {"class_path": "lit_modules.discovery.ReplayProposer", "init_args": {"path": str(replay)}},
+              "fitness": {"class_path": "lit_modules.discovery.DPOFitness",
+                          "init_args": tiny_fitness().init_args},
+              "limits": {"validate_timeout_s": 3, "train_timeout_s": 120, "memory_mb": 512}}
+    path = tmp_path / "discover.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def test_replay_run_with_good_broken_hostile_candidates_resumes_after_kill(tmp_path):
+    config = write_config(tmp_path)
+    archive_path = tmp_path / "run" / "archive.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from lit_modules.discovery import main; "
+                             "sys.exit(main(sys.argv[1:]))", "--config", str(config)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:  # kill it hard once the seed and the first proposal are archived
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if archive_path.exists() and sum(1 for _ in open(archive_path)) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    killed = Archive(archive_path).load()
+    assert [r["kind"] for r in killed][:3] == ["run", "seed", "proposal"]
+
+    from lit_modules.discovery import main
+    assert main(["--config", str(config)]) == 0
+    records = Archive(archive_path).load()
+    assert records[: len(killed)] == killed  # nothing evaluated before the kill is lost or redone
+    assert [r["status"] for r in records if r["kind"] == "run"] == ["started", "resumed"]
+    seeds = [r for r in records if r["kind"] == "seed"]
+    assert len(seeds) == 1 and seeds[0]["status"] == "evaluated" and 0 <= seeds[0]["fitness"] <= 1
+    proposals = [r for r in records if r["kind"] == "proposal"]
+    # every replayed reply was asked for exactly once, in order, across the kill
+    assert [p["raw_reply"] for p in proposals] == [r.get("reply", json.dumps(r)) for r in REPLAY]
+    by_name = {p["name"]: p for p in proposals}
+    assert [(p["generation"], p["attempt"], p["status"]) for p in proposals] == [
+        (0, 0, "evaluated"), (1, 0, "invalid"), (1, 1, "invalid"), (1, 2, "invalid"), (1, 3, "invalid"),
+        (2, 0, "invalid"), (2, 1, "evaluated")]
+    assert "no JSON object" in proposals[1]["error"] and proposals[1]["stage"] == "parse"
+    assert "import of subprocess" in by_name["shell"]["error"] and by_name["shell"]["stage"] == "static"
+    assert "non-finite" in by_name["nan_loss"]["error"] and by_name["nan_loss"]["stage"] == "validate"
+    assert "time limit exceeded" in by_name["spin"]["error"]
+    assert "'__class__' is not allowed" in by_name["mro"]["error"]
+    for p in proposals:
+        assert p["prompt"][0]["role"] == "system" and "Fitness: " in p["prompt"][1]["content"]
+        assert p["feedback"].startswith("Fitness: " if p["status"] == "evaluated" else "Code not valid: ")
+        assert (p["status"] == "evaluated") == (p["fitness"] is not None and 0 <= p["fitness"] <= 1)
+    # errors are fed back: the reply after the hostile import sees its reason in the chat
+    assert any("import of subprocess" in m["content"] for m in by_name["nan_loss"]["prompt"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["proposals"] == {"evaluated": 2, "invalid": 5}
+    assert (tmp_path / "run" / "fitness.png").stat().st_size > 0
+    assert "| proposal | 1 | 2 | nan_loss | invalid |" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_tiny_random_local_hf_model_as_proposer_runs_offline(tmp_path):
+    """Its replies are garbage: every attempt is recorded as invalid with the raw reply, and the run completes."""
+    from datamodules.tokenizers import byte_tokenizer
+    from lit_modules.hf import load_causal_lm
+
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<<assistant>>{% endif %}")
+    load_causal_lm(TINY, vocab_size=len(tok), seed=0).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    proposer = HFProposer(str(tmp_path / "lm"), max_new_tokens=16, temperature=1.0)
+    loop = DiscoveryLoop(run_dir=str(tmp_path / "run"), proposer=proposer, fitness=tiny_fitness(), generations=2,
+                         max_attempts=2, seeds=[], references=[], history=1)
+    records = loop.run()
+    proposals = [r for r in records if r["kind"] == "proposal"]
+    assert [(p["generation"], p["status"], p["stage"]) for p in proposals] == [(0, "invalid", "parse")] * 2 + [
+        (1, "invalid", "parse")] * 2
+    assert all(isinstance(p["raw_reply"], str) for p in proposals)
+    rendered = proposer.render(proposals[-1]["prompt"])
+    assert rendered.startswith("<<system>>") and rendered.endswith("<<assistant>>")
+    assert rendered.count("<<user>>Code not valid: no JSON object") == 1  # history=1 exchange fed back
+
+
+def test_openai_compatible_endpoint_against_a_stub_server(tmp_path, monkeypatch):
+    requests = []
+    first = json.dumps({"thought": "t", "name": "sh", "code": "import os\n" + GOOD})
+    replies = [first, "still not json"]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body_ = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append((self.path, self.headers.get("Authorization"), body_))
+            if len(requests) == 1:  # one transient server error: the proposer retries
+                self.send_response(503)
+                self.end_headers()
+                return
+            out = json.dumps({"choices": [{"message": {"role": "assistant", "content": replies.pop(0)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("STUB_KEY", "secret-token")
+        monkeypatch.setattr("lit_modules.discovery.proposers.time.sleep", lambda s: None)
+        proposer = OpenAIProposer("stub-model", base_url=f"http://127.0.0.1:{server.server_port}/v1",
+                                  api_key_env="STUB_KEY", retries=1)
+        loop = DiscoveryLoop(run_dir=str(tmp_path / "run"), proposer=proposer, fitness=tiny_fitness(),
+                             generations=1, max_attempts=2, seeds=[], references=[])
+        records = loop.run()
+    finally:
+        server.shutdown()
+    assert [r[0] for r in requests] == ["/v1/chat/completions"] * 3
+    assert all(r[1] == "Bearer secret-token" for r in requests)
+    assert requests[1][2]["model"] == "stub-model" and requests[1][2]["messages"][0]["role"] == "system"
+    # the second question carries the first answer and the reason it was rejected
+    assert requests[2][2]["messages"][-2] == {"role": "assistant", "content": first}
+    assert requests[2][2]["messages"][-1]["content"].startswith("Code not valid: line 1: import of os")
+    proposals = [r for r in records if r["kind"] == "proposal"]
+    assert [p["stage"] for p in proposals] == ["static", "parse"]
+    assert "secret-token" not in (tmp_path / "run" / "archive.jsonl").read_text()
+    with pytest.raises(ValueError, match="base_url"):
+        monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+        OpenAIProposer("m")
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "discopop").glob("discover*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_parse_and_build(config, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    parser = build_parser()
+    cfg = parser.parse_args(["--config", str(config)])
+    init = parser.instantiate_classes(cfg)
+    assert init.fitness.init_args["beta"] == 0.05
+    assert set(init.seeds) == {"dpo", "hinge", "ipo", "kto"} and init.references == ["lrml"]
+    if isinstance(init.proposer, ReplayProposer):
+        assert len(init.proposer.replies) == 5
+
+
+def test_ipo_baseline_formula_and_length_normalisation():
+    """The IPO seed is (ρ − 1/(2β))² on per-token mean log-probs (PAPERS.md §6): at ρ = 0, β = 0.05 it is 100."""
+    assert BASELINES["ipo"]["length_normalize"] is True
+    ns = {"torch": torch, "F": torch.nn.functional, "math": math}
+    exec(BASELINES["ipo"]["code"], ns)  # trusted, shipped code
+    zero = torch.zeros(3)
+    assert ns["ipo"](zero, zero, zero, zero, 0.05).tolist() == pytest.approx([100.0] * 3)
