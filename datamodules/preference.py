@@ -22,8 +22,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.common import ResumableDataLoader, pad_sequences, resolve_tokenizer
-from datamodules.instruction_tasks import TASKS, WORDS, check_answer, format_prompt, generate_examples
+from datamodules.instruction_tasks import PROMPT_TEMPLATE, TASKS, WORDS, check_answer, format_prompt, generate_examples
 from datamodules.io import read_records
+from datamodules.tokenizers import check_prompt_template, resolve_prompt_template
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,15 @@ def corrupt_answer(example: dict, rng: random.Random, max_tries: int = 1000) -> 
     raise RuntimeError(f"no invalid answer found for {example['instruction']!r}")
 
 
-def builtin_preference_records(n: int, seed: int = 0, tasks: Sequence[str] | None = None) -> list[dict]:
-    """``n`` pairs from :func:`datamodules.instruction_tasks.generate_examples`: chosen = a valid answer,
-    rejected = :func:`corrupt_answer`. Each row keeps the task ``example`` so answers can be checked."""
+def builtin_preference_records(n: int, seed: int = 0, tasks: Sequence[str] | None = None,
+                               template: str = PROMPT_TEMPLATE) -> list[dict]:
+    """``n`` pairs from :func:`datamodules.instruction_tasks.generate_examples`, prompts filled into ``template``:
+    chosen = a valid answer, rejected = :func:`corrupt_answer`. Each row keeps the task ``example`` so answers
+    can be checked."""
     rng = random.Random(seed + 1)
     rows = []
     for ex in generate_examples(n, seed=seed, tasks=tuple(tasks) if tasks else None):
-        rows.append({"prompt": format_prompt(ex["instruction"], ex["context"]), "chosen": ex["response"],
+        rows.append({"prompt": format_prompt(ex["instruction"], ex["context"], template), "chosen": ex["response"],
                      "rejected": corrupt_answer(ex, rng), "example": ex})
     return rows
 
@@ -89,6 +92,8 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: seed of the built-in generator and of the split.
         tokenizer: tokenizer name/path; ``None`` uses the module's tokenizer (byte-level by default).
         chat_template: a Jinja chat template for tokenizers without one (only for message-list rows).
+        template: prompt template of the built-in pairs; ``None`` = the model's own prompt format
+            (:func:`datamodules.tokenizers.resolve_prompt_template`; a different one is used with a warning).
         num_workers: DataLoader worker processes.
 
     Subclasses (or :meth:`from_records`) can supply rows in memory by overriding :meth:`records`.
@@ -98,7 +103,7 @@ class PreferenceDataModule(L.LightningDataModule):
                  rejected_field: str = "rejected", num_examples: int = 2000, tasks: list[str] | None = None,
                  max_prompt_length: int = 128, max_length: int = 256, batch_size: int = 8,
                  val_fraction: float = 0.1, seed: int = 0, tokenizer: str | None = None,
-                 chat_template: str | None = None, num_workers: int = 0):
+                 chat_template: str | None = None, template: str | None = None, num_workers: int = 0):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -112,6 +117,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.max_prompt_length, self.max_length = max_prompt_length, max_length
         self.batch_size, self.val_fraction, self.num_workers = batch_size, val_fraction, num_workers
         self.tokenizer_name, self.chat_template = tokenizer, chat_template
+        self.template = check_prompt_template(template, f"{type(self).__name__}.template") if template else None
+        self.prompt_template = PROMPT_TEMPLATE  # the built-in pairs' template, resolved against the model in setup
         self._records: list[dict] | None = None
         self.pairs: list[dict] | None = None       # every kept pair, position = "index"
         self.train_pairs: list[dict] = []
@@ -136,7 +143,7 @@ class PreferenceDataModule(L.LightningDataModule):
             return self._records
         if self.path is not None:
             return read_records(self.path)
-        return builtin_preference_records(self.num_examples, self.seed, self.tasks)
+        return builtin_preference_records(self.num_examples, self.seed, self.tasks, self.prompt_template)
 
     def _texts(self, row: dict, i: int, tokenizer, source: str) -> tuple[str, str, str]:
         where = _where(row, i, source)
@@ -211,6 +218,8 @@ class PreferenceDataModule(L.LightningDataModule):
             return
         tokenizer = resolve_tokenizer(self, self.tokenizer_name)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if self.path is None and self._records is None:
+            self.prompt_template = resolve_prompt_template(tokenizer, self.template, "PreferenceDataModule.template")
         self.pairs = self.build_pairs(self.records(), tokenizer)
         order = list(range(len(self.pairs)))
         random.Random(self.seed).shuffle(order)

@@ -31,7 +31,7 @@ from torch import nn
 from datamodules.common import cache_dir, pad_sequences
 from datamodules.instruction import load_instruction_records
 from datamodules.preference import PreferenceDataModule
-from datamodules.tokenizers import check_prompt_template, resolve_prompt_template
+from datamodules.tokenizers import resolve_prompt_template
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +116,13 @@ class QDPOPairsDataModule(PreferenceDataModule):
                  tokenizer: str | None = None, num_workers: int = 0):
         super().__init__(path=path, num_examples=num_prompts, tasks=tasks, max_prompt_length=max_prompt_length,
                          max_length=max_length, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
-                         tokenizer=tokenizer, num_workers=num_workers)
+                         tokenizer=tokenizer, template=template, num_workers=num_workers)
         if max_new_tokens < 1 or generation_batch_size < 1:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) and generation_batch_size "
                              f"({generation_batch_size}) must be >= 1")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if template is not None:
-            check_prompt_template(template, "QDPOPairsDataModule.template")
-        self.prompt_seed, self.template = prompt_seed, template
+        self.prompt_seed = prompt_seed
         self.decoding = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
                          "temperature": temperature if do_sample else None, "seed": generation_seed,
                          "max_prompt_length": max_prompt_length}

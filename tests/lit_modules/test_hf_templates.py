@@ -115,3 +115,14 @@ def test_bad_templates_are_clear_errors():
     tok.chat_template = "{{ 'fixed prompt' }}"  # never shows the user's message
     with pytest.raises(ValueError, match="does not show a user message"):
         model_prompt_template(tok)
+
+
+def test_builtin_preference_pairs_use_the_models_format():
+    from datamodules import PreferenceDataModule
+
+    module = CausalLM(model=TINY)
+    set_prompt_template(module.tokenizer, Q)
+    dm = PreferenceDataModule(num_examples=12, val_fraction=0.25)
+    dm.trainer = SimpleNamespace(lightning_module=module)
+    dm.setup("fit")
+    assert all(p["row"]["prompt"] == f"Q: {p['row']['example']['instruction']}\nA: " for p in dm.pairs)
