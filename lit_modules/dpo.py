@@ -234,7 +234,8 @@ class DPO(PaperModule):
         return table
 
     def on_fit_start(self) -> None:
-        self.prepare_reference_logps()
+        with torch.random.fork_rng(devices=[]):  # cached or computed, the table must not move the training RNG
+            self.prepare_reference_logps()
 
     def on_validation_start(self) -> None:  # `trainer.validate` without a preceding fit
         self.prepare_reference_logps()

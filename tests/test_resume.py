@@ -55,3 +55,34 @@ def test_causal_lm_with_ademamix_resumes_exactly():
     assert_resume_is_exact(["--config", str(CONFIGS / "ademamix" / "quick.yaml"),
                             "--model.init_args.model", TINY_LM, "--data.init_args.max_documents", "40",
                             "--data.init_args.block_size", "32", "--data.init_args.batch_size", "4"], steps=8)
+
+
+def test_dpo_resumes_exactly():
+    assert_resume_is_exact(["--config", str(CONFIGS / "dpo" / "dpo.yaml"), "--model.init_args.model", TINY_LM,
+                            "--data.init_args.num_examples", "64", "--data.init_args.batch_size", "4"], steps=6)
+
+
+def test_dpo_with_precomputed_reference_resumes_exactly_and_ignores_the_cache_state():
+    args = ["--config", str(CONFIGS / "dpo" / "dpo.yaml"), "--model.init_args.model", TINY_LM,
+            "--model.init_args.precompute_ref_logps", "true", "--model.init_args.ref_cache_dir", "ref_cache",
+            "--data.init_args.num_examples", "64", "--data.init_args.batch_size", "4"]
+    assert_resume_is_exact(args, steps=6)  # the first run computes the table, the resumed one has it saved
+    assert len(list(Path("ref_cache").glob("*.pt"))) == 1
+    fresh = ["fit", *args, *COMMON, "--trainer.max_steps", "3", "--trainer.enable_checkpointing", "false"]
+    cached = cli.build_cli(fresh).model.state_dict()  # table loaded from the cache
+    for f in Path("ref_cache").glob("*.pt"):
+        f.unlink()
+    computed = cli.build_cli(fresh).model.state_dict()  # table computed again
+    for name, value in cached.items():
+        torch.testing.assert_close(computed[name], value, rtol=0, atol=0, msg=name)
+
+
+RADT_TINY = ["--model.init_args.embed_dim", "32", "--model.init_args.n_layers", "1", "--model.init_args.n_heads", "2",
+             "--data.init_args.batch_size", "8", "--data.init_args.generate_episodes", "6",
+             "--data.init_args.generate_max_steps", "25", "--data.init_args.generate_num_envs", "3",
+             "--trainer.callbacks", "[]", "--trainer.limit_val_batches", "0"]
+
+
+@pytest.mark.parametrize("config", ["halfcheetah.yaml", "dt_halfcheetah.yaml"], ids=["RADT", "DT"])
+def test_return_conditioned_transformers_resume_exactly(config):
+    assert_resume_is_exact(["--config", str(CONFIGS / "radt" / config), *RADT_TINY], steps=6)
