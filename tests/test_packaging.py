@@ -84,28 +84,71 @@ def test_require_returns_the_module_or_names_the_extra():
         require("json", "everything")
 
 
+@pytest.fixture(scope="module")
+def core_install(tmp_path_factory) -> Path:
+    """A fresh virtual environment with `pip install .` (not editable, core dependencies only). Takes minutes."""
+    env_dir = tmp_path_factory.mktemp("core") / "venv"
+    venv.create(env_dir, with_pip=True)
+    subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", str(ROOT)], check=True,
+                   timeout=1700)
+    return env_dir
+
+
+def run_outside_checkout(env_dir: Path, code: str, cwd: Path) -> subprocess.CompletedProcess:
+    clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    clean_env.update(LITPAPERS_CACHE=str(cwd / "cache"), HF_HUB_OFFLINE="1")  # nothing generated earlier is reused
+    return subprocess.run([str(env_dir / "bin" / "python"), "-c", textwrap.dedent(code)], cwd=cwd, env=clean_env,
+                          capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_non_editable_install_imports_every_module(tmp_path):
-    """`pip install .` (not editable) into a fresh virtual environment: every module imports from the installed
-    copy, outside the checkout; `benchmarks` is not installed; the console script starts. Takes minutes."""
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
-    py = env_dir / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", str(ROOT)], check=True, timeout=1700)
-    check = textwrap.dedent("""
-        import importlib, importlib.util, pathlib, sys
+def test_non_editable_install_imports_every_module(core_install, tmp_path):
+    """Every module imports from the installed copy, outside the checkout, with no extra installed;
+    `benchmarks` is not installed; the console script starts."""
+    out = run_outside_checkout(core_install, """
+        import importlib, importlib.util
         for name in ["cli", "optimizers", "lit_modules", "datamodules", "callbacks", "datamodules.contract",
                      "datamodules.extras"]:
             module = importlib.import_module(name)
             assert "site-packages" in module.__file__, (name, module.__file__)
         assert importlib.util.find_spec("benchmarks") is None, "benchmarks was installed"
         print("ok")
-    """)
-    clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([str(py), "-c", check], cwd=tmp_path, env=clean_env, capture_output=True, text=True,
-                         timeout=600)
+    """, tmp_path)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
-    help_out = subprocess.run([str(env_dir / "bin" / "litpapers"), "--help"], cwd=tmp_path, env=clean_env,
+    help_out = subprocess.run([str(core_install / "bin" / "litpapers"), "--help"], cwd=tmp_path,
                               capture_output=True, text=True, timeout=600)
     assert help_out.returncode == 0, help_out.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.xfail(strict=True, reason="the import sites of gymnasium/minari/h5py, torchao and datasets do not call "
+                                       "datamodules.extras.require yet; remove this mark when they do")
+def test_core_install_names_the_missing_extra(core_install, tmp_path):
+    """A paper whose extra is missing stops with one error naming `pip install 'litpapers[<extra>]'`."""
+    out = run_outside_checkout(core_install, """
+        import os
+        from datamodules import OfflineRLDataModule, TextDataModule
+        from lit_modules import QDPO
+
+        def message(fn):
+            try:
+                fn()
+            except ModuleNotFoundError as err:
+                return str(err)
+            return "no error"
+
+        os.makedirs("saved", exist_ok=True)
+        open("saved/dataset_info.json", "w").write("{}")
+        text = TextDataModule(path="saved")
+        rl = OfflineRLDataModule(dataset="litpapers/halfcheetah/scripted-v0")
+        print(message(lambda: (rl.prepare_data(), rl.setup("fit"))))
+        print(message(lambda: QDPO(model={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                          "num_key_value_heads": 2, "intermediate_size": 64})))
+        print(message(lambda: (text.prepare_data(), text.setup("fit"))))
+    """, tmp_path)
+    lines = out.stdout.strip().splitlines()[-3:]
+    assert len(lines) == 3, out.stderr[-3000:]
+    for line, extra in zip(lines, ["rl", "quant", "data"]):
+        assert f"pip install 'litpapers[{extra}]'" in line, line
