@@ -32,7 +32,9 @@ class TokenizerSource(Protocol):
     """A module that owns the tokenizer its datamodule should use (a config then names it once).
 
     ``tokenizer`` is a Hugging Face tokenizer, or ``None`` to let the datamodule fall back to its own
-    (byte-level by default). Every ``lit_modules`` language-model module provides it."""
+    (byte-level by default). Every ``lit_modules`` language-model module provides it. Its ``chat_template``
+    is the model's prompt format: read with ``datamodules.tokenizers.resolve_prompt_template`` by every prompt
+    consumer, written with ``set_prompt_template`` by ``InstructionDataModule`` for the model it trains."""
 
     tokenizer: Any
 
