@@ -126,7 +126,8 @@ def main() -> None:
                 row["ratio_vs_DT"] = round(row["mean_alignment_error"] / dt, 3)
     per_target = {f"{r['env']} / {r['variant']} / seed {r['seed']}":
                   {"targets": [round(t, 1) for t in r["targets"]],
-                   "actual_mean": [round(float(np.mean(a)), 1) for a in r["actual"]]} for r in runs}
+                   "actual_mean": [round(float(np.mean(a)), 1) for a in r["actual"]],
+                   "train_s": r["train_s"], "eval_s": r["eval_s"]} for r in runs}
     report = {"command": "python -m benchmarks.radt_table " + " ".join(sys.argv[1:]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
