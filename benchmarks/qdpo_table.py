@@ -1,6 +1,7 @@
 """QDPO vs round-to-nearest PTQ vs the full-precision model: the offline proxies of PAPERS.md §4.
 
     python -m benchmarks.qdpo_table [--device cpu|cuda] [--quick] [--model DIR] [--bits 4] [--group-size 32]
+                                    [--out docs/results/qdpo_table.json]
 
 Setup (the built-in one): the full-precision model (FP) is ``--model`` (default ``checkpoints/minillm_teacher``,
 the MiniLLM teacher: a tiny byte-level Llama SFT'd on the built-in instruction tasks); when that directory is
@@ -20,10 +21,12 @@ Timings are wall-clock seconds of each stage (one run per seed; medians over see
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -155,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--generation-batch-size", type=int, default=128)
     parser.add_argument("--cache", default=None, help="pairs/reference cache dir (default $LITPAPERS_CACHE)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
+    parser.add_argument("--machine", default=None, help="machine description recorded in the result")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("torchao") is None:
         out = {"benchmark": "qdpo_table", "skipped": "torchao is not installed (pip install torchao)"}
@@ -177,7 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown(table, rec))
     out = {
         "benchmark": "qdpo_table",
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        "command": "python -m benchmarks.qdpo_table " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": (args.machine + "; " if args.machine else "")
+                   + f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
                    + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"seeds": seeds},
         "prompt_template": resolve_prompt_template(load_tokenizer(None, str(args.model))),
@@ -187,6 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
         "median_timings_s": {k: statistics.median(r["timings_s"][k] for r in runs) for k in runs[0]["timings_s"]},
         "runs": runs,
     }
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out))
     return out
 
