@@ -79,7 +79,8 @@ class ResumableRandomSampler(Sampler[int]):
 class ResumableDataLoader(DataLoader):
     """``DataLoader`` whose position within an epoch is saved in Lightning checkpoints and restored on resume.
 
-    Takes ``DataLoader``'s arguments; ``shuffle=True`` uses a :class:`ResumableRandomSampler`. Lightning saves
+    Takes ``DataLoader``'s arguments; ``shuffle=True`` uses a :class:`ResumableRandomSampler`, and the iterators
+    draw nothing from the global random generator (a ``generator`` of its own). Lightning saves
     :meth:`state_dict` (sampler seed, epoch, batches served in it) with the fit loop and calls
     :meth:`load_state_dict` when resuming, so the resumed run continues with the next batch of the same epoch
     order instead of a new random order (which repeats some examples and skips others).
@@ -89,6 +90,10 @@ class ResumableDataLoader(DataLoader):
                  **kwargs: Any):
         if shuffle and sampler is None:
             sampler, shuffle = ResumableRandomSampler(len(dataset)), None
+        # Each new iterator draws a base seed (for worker seeding) from `generator`, by default the global one: a
+        # generator of its own keeps the training random stream (dropout, sampling) independent of the loader.
+        seed = sampler.seed if isinstance(sampler, ResumableRandomSampler) else 0
+        kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
         super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, **kwargs)
         self._served = 0
         self._resume: dict | None = None

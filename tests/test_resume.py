@@ -86,3 +86,13 @@ RADT_TINY = ["--model.init_args.embed_dim", "32", "--model.init_args.n_layers", 
 @pytest.mark.parametrize("config", ["halfcheetah.yaml", "dt_halfcheetah.yaml"], ids=["RADT", "DT"])
 def test_return_conditioned_transformers_resume_exactly(config):
     assert_resume_is_exact(["--config", str(CONFIGS / "radt" / config), *RADT_TINY], steps=6)
+
+
+@pytest.mark.parametrize("steps", [8, 6], ids=["at_a_rollout_boundary", "mid_rollout"])
+def test_minillm_resumes_exactly(steps):
+    # 4 PPO optimizer steps per rollout batch: a step-3 checkpoint is in the middle of one
+    assert_resume_is_exact(["--config", str(CONFIGS / "minillm" / "base.yaml"), "--model.init_args.student", TINY_LM,
+                            "--model.init_args.teacher", TINY_LM.replace("hidden_size: 32", "hidden_size: 48"),
+                            "--model.init_args.max_new_tokens", "4", "--data.init_args.num_examples", "64",
+                            "--data.init_args.num_val", "4", "--data.init_args.batch_size", "4",
+                            "--data.init_args.pretrain_block_size", "16", "--trainer.callbacks", "[]"], steps=steps)
