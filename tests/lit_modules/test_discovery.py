@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lit_modules.discovery import (BASELINES, Archive, CandidateRejected, DiscoveryLoop, DPOFitness, HFProposer,
-                                   OpenAIProposer, ReplayProposer, SandboxLimits, check_code, parse_reply,
+                                   OpenAIProposer, ReplayProposer, SandboxLimits, check_code, main, parse_reply,
                                    run_in_worker, validate_loss)
 from lit_modules.discovery.loop import build_parser
 from lit_modules.discovery.sandbox import scrub_secrets
@@ -201,12 +201,12 @@ def test_replay_run_with_good_broken_hostile_candidates_resumes_after_kill(tmp_p
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from lit_modules.discovery import main; "
                              "sys.exit(main(sys.argv[1:]))", "--config", str(config)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:  # kill it hard once the seed and the first proposal are archived
-        deadline = time.monotonic() + 120
+    try:  # kill the whole run (loop, forkserver, worker) hard once the seed and the first proposal are archived
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             if archive_path.exists() and sum(1 for _ in open(archive_path)) >= 3:
                 break
-            time.sleep(0.2)
+            time.sleep(0.1)
         assert proc.poll() is None, "the run finished before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
@@ -214,7 +214,6 @@ def test_replay_run_with_good_broken_hostile_candidates_resumes_after_kill(tmp_p
     killed = Archive(archive_path).load()
     assert [r["kind"] for r in killed][:3] == ["run", "seed", "proposal"]
 
-    from lit_modules.discovery import main
     assert main(["--config", str(config)]) == 0
     records = Archive(archive_path).load()
     assert records[: len(killed)] == killed  # nothing evaluated before the kill is lost or redone
