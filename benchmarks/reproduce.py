@@ -15,9 +15,11 @@ evaluates through the same modules and configs a user runs and returns
   same mode and ``--seeds``) skips those papers, so an interrupted run resumes and loses nothing finished;
 - rewrites ``<out>/results.json`` and ``<out>/report.md`` after every paper (and at the end).
 
-``spread`` is the standard error of the difference ``ours − baseline``, estimated by the claim module: over seeds
-(:func:`paired_spread`) when there are several, else a within-run sampling error where one exists (e.g.
-:func:`binomial_diff_se` for rates over n evaluation items), else ``None``.
+``spread`` is the noise scale of the difference ``ours − baseline``, estimated by the claim module: with several
+seeds the sample standard deviation over seeds of the paired difference (:func:`paired_spread`, as
+``benchmarks.claim_common.claim``), with one seed a within-run sampling standard error of that difference where one
+exists (e.g. :func:`binomial_diff_se` for rates over n evaluation items; for one seed both estimate the same
+thing: how much the difference would move in a rerun), else ``None``.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ PAPERS = ("ademamix", "minillm", "discopop", "qdpo", "radt", "oversquashing")
 CLAIM_MODULES = {key: f"benchmarks.claim_{key}" for key in PAPERS}
 CLAIM_FIELDS = ("claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better", "spread")
 VERDICT_RULE = (
-    "d = ours − baseline (baseline − ours when lower is better); spread s = standard error of that difference "
-    "(over seeds, or a within-run sampling error). **reproduced** if d > 2s, **not reproduced** if d < −2s, "
+    "d = ours − baseline (baseline − ours when lower is better); spread s = the sample standard deviation over "
+    "seeds of the paired difference (one seed: a within-run sampling standard error of the difference). "
+    "**reproduced** if d > 2s, **not reproduced** if d < −2s, "
     "otherwise **inconclusive**; with no noise estimate (s = null, e.g. one seed and no sampling error) always "
     "**inconclusive**. s = 0 is only reported for exact (noise-free) computations.")
 Progress = Callable[[str, float | None], None]
@@ -70,7 +73,7 @@ def verdict(ours: float, baseline: float, higher_is_better: bool, spread: float 
 
 
 def paired_spread(ours: Sequence[float], baseline: Sequence[float]) -> float | None:
-    """Standard error of mean(ours) − mean(baseline) from per-seed pairs: stdev(ours_i − baseline_i)/√n.
+    """Sample standard deviation over seeds of the paired difference: stdev(ours_i − baseline_i).
 
     None with fewer than two seeds (no estimate of the seed-to-seed noise).
     """
@@ -78,7 +81,7 @@ def paired_spread(ours: Sequence[float], baseline: Sequence[float]) -> float | N
         raise ValueError(f"paired_spread: {len(ours)} values for ours but {len(baseline)} for the baseline")
     if len(ours) < 2:
         return None
-    return statistics.stdev(o - b for o, b in zip(ours, baseline)) / math.sqrt(len(ours))
+    return statistics.stdev(o - b for o, b in zip(ours, baseline))
 
 
 def binomial_diff_se(p_ours: float, p_baseline: float, n_ours: int, n_baseline: int | None = None) -> float:
@@ -240,7 +243,7 @@ def render_results_table(results: dict) -> str:
     """The README's "results at a glance" table: one row per claim of every paper in ``results`` (results.json)."""
     m = results["machine"]
     lines = [f"From `reproduce --{results['mode']}`, {results['created'][:10]}, {m['cpu']} ({m['cores']} cores)"
-             + (f", {m['gpu']}" if m.get("gpu") else "") + ". ± = standard error of the difference (see the rule).",
+             + (f", {m['gpu']}" if m.get("gpu") else "") + ". ± = spread of the difference ours − baseline (see the verdict rule).",
              "",
              "| paper | claim | metric | ours ± spread | baseline | verdict |",
              "|---|---|---|---|---|---|"]

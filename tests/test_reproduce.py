@@ -85,8 +85,8 @@ def test_verdict_rejects_negative_spread():
 
 
 def test_spread_estimators_by_hand():
-    # differences 1, 2, 3: sample std 1, standard error 1/√3
-    assert paired_spread([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]) == pytest.approx(1 / math.sqrt(3))
+    # differences 1, 2, 4: mean 7/3, sample variance ((4/3)² + (1/3)² + (5/3)²)/2 = 7/3
+    assert paired_spread([1.0, 3.0, 5.0], [0.0, 1.0, 1.0]) == pytest.approx(math.sqrt(7 / 3))
     assert paired_spread([0.7], [0.6]) is None
     with pytest.raises(ValueError, match="paired_spread"):
         paired_spread([1.0, 2.0], [1.0])
