@@ -243,7 +243,8 @@ def render_results_table(results: dict) -> str:
     """The README's "results at a glance" table: one row per claim of every paper in ``results`` (results.json)."""
     m = results["machine"]
     lines = [f"From `reproduce --{results['mode']}`, {results['created'][:10]}, {m['cpu']} ({m['cores']} cores)"
-             + (f", {m['gpu']}" if m.get("gpu") else "") + ". ± = spread of the difference ours − baseline (see the verdict rule).",
+             + (f", {m['gpu']}" if m.get("gpu") else "")
+             + ". ± = spread of the difference ours − baseline (see the verdict rule).",
              "",
              "| paper | claim | metric | ours ± spread | baseline | verdict |",
              "|---|---|---|---|---|---|"]
