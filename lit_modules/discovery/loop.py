@@ -26,18 +26,19 @@ from lit_modules.discovery.sandbox import SIGNATURE, SandboxLimits, run_in_worke
 
 log = logging.getLogger(__name__)
 
+_ARGS = "(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)"
 _MARGIN = "(policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)"
 #: Baselines as the proposer sees them (PAPERS.md §6 formulas); IPO on per-token mean log-probs, as TRL.
 BASELINES: dict[str, dict] = {
     "dpo": {"thought": "DPO (Rafailov et al., 2023): logistic loss on the scaled log-ratio margin.",
-            "code": f"def dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):\n"
+            "code": f"def dpo{_ARGS}:\n"
                     f"    logits = {_MARGIN}\n    return -F.logsigmoid(beta * logits)\n"},
     "hinge": {"thought": "SLiC (Zhao et al., 2023): hinge loss on the scaled log-ratio margin.",
               "code": f"def hinge(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, "
                       f"beta):\n    logits = {_MARGIN}\n    return torch.relu(1 - beta * logits)\n"},
     "ipo": {"thought": "IPO (Azar et al., 2023): squared distance of the log-ratio margin to 1/(2 beta); "
                        "per-token mean log-probs.",
-            "code": f"def ipo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):\n"
+            "code": f"def ipo{_ARGS}:\n"
                     f"    logits = {_MARGIN}\n    return (logits - 1 / (2 * beta)) ** 2\n",
             "length_normalize": True},
     "kto": {"thought": "KTO on pairs (Ethayarajh et al., 2024): sigmoid of each reward against the other side's "
@@ -110,7 +111,7 @@ def _now() -> str:
 
 
 class DiscoveryLoop:
-    """Propose → validate → train → score → feed back, for ``generations`` generations (see the module docstring).
+    """Propose → validate → train → score → feed back, ``generations`` times (see the module docstring).
 
     Args:
         run_dir: holds ``archive.jsonl`` (resumed if present), ``summary.md``, ``summary.json``, ``fitness.png``
