@@ -187,7 +187,8 @@ def run_paper(key: str, mode: str, seeds: int | None, out: Path, progress: Progr
         record["figures"] = [f"{key}/{Path(f).as_posix()}" for f in result.get("figures", [])]
         record["settings"] = result.get("settings", {})
         record["status"] = "ok"
-    except Exception as e:  # noqa: BLE001 - failure isolation: record it, run the other papers
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - failure isolation: record it, run the other papers
+        # SystemExit too: LightningCLI/argparse exit on a bad config; only Ctrl-C stops the whole run
         record["error"] = f"{type(e).__name__}: {e}"
         record["traceback"] = traceback.format_exc()
         progress(f"FAILED: {record['error']}", None)

@@ -34,6 +34,10 @@ FAKE_RAISE = """
 def run(mode, seeds, out_dir, progress):
     raise RuntimeError("boom in the experiment")
 """
+FAKE_EXIT = """
+def run(mode, seeds, out_dir, progress):
+    raise SystemExit(2)  # what LightningCLI does on a config error
+"""
 FAKE_SLOW = """
 import pathlib, time
 def run(mode, seeds, out_dir, progress):
@@ -52,6 +56,7 @@ def write_fakes(folder: Path) -> None:
     (folder / "fake_ok_a.py").write_text(FAKE_OK.format(name="a", ours=0.9))
     (folder / "fake_ok_b.py").write_text(FAKE_OK.format(name="b", ours=0.505))
     (folder / "fake_raise.py").write_text(FAKE_RAISE)
+    (folder / "fake_exit.py").write_text(FAKE_EXIT)
     (folder / "fake_slow.py").write_text(FAKE_SLOW)
 
 
@@ -99,15 +104,15 @@ def test_spread_estimators_by_hand():
 def test_failure_isolation_and_schema(fakes, monkeypatch, capsys):
     monkeypatch.setattr(reproduce, "CLAIM_MODULES", {"ademamix": "fake_ok_a", "minillm": "fake_raise",
                                                      "discopop": "fake_ok_b", "qdpo": "no_such_claim_module",
-                                                     "radt": "fake_ok_a", "oversquashing": "fake_ok_a"})
+                                                     "radt": "fake_exit", "oversquashing": "fake_ok_a"})
     out = fakes / "out"
-    assert reproduce.main(["--quick", "--only", "ademamix,minillm,discopop,qdpo", "--out", str(out)]) == 1
+    assert reproduce.main(["--quick", "--only", "ademamix,minillm,discopop,qdpo,radt", "--out", str(out)]) == 1
     res = json.loads((out / "results.json").read_text())
     assert set(res) >= {"mode", "created", "machine", "versions", "papers"}
     assert res["mode"] == "quick" and res["created"].endswith("+00:00")
     assert set(res["versions"]) >= {"python", "torch", "lightning", "transformers"}
     assert set(res["machine"]) >= {"cpu", "cores", "os"}
-    assert list(res["papers"]) == ["ademamix", "minillm", "discopop", "qdpo"]
+    assert list(res["papers"]) == ["ademamix", "minillm", "discopop", "qdpo", "radt"]
     for key, paper in res["papers"].items():
         assert paper["status"] in ("ok", "failed") and isinstance(paper["seconds"], float)
         assert isinstance(paper["cpu_seconds"], float) and paper["cpu_seconds"] >= 0
@@ -119,6 +124,7 @@ def test_failure_isolation_and_schema(fakes, monkeypatch, capsys):
     assert papers["minillm"]["status"] == "failed" and papers["minillm"]["claims"] == []
     assert papers["minillm"]["error"] == "RuntimeError: boom in the experiment"
     assert papers["qdpo"]["status"] == "failed" and "no_such_claim_module" in papers["qdpo"]["error"]
+    assert papers["radt"]["status"] == "failed" and papers["radt"]["error"] == "SystemExit: 2"
     # the papers after the failing one still ran, verdicts computed from the numbers
     assert papers["ademamix"]["status"] == "ok" and papers["ademamix"]["error"] is None
     assert papers["ademamix"]["claims"][0]["verdict"] == "reproduced"  # 0.9 vs 0.5 ± 0.01
@@ -127,7 +133,7 @@ def test_failure_isolation_and_schema(fakes, monkeypatch, capsys):
     report = (out / "report.md").read_text()
     assert "boom in the experiment" in report and "![fig](discopop/fig.png)" in report
     assert "| a beats base | acc (higher is better) | 0.9 ± 0.01 | 0.5 (base) | reproduced |" in report
-    assert "FAILED: minillm, qdpo" in capsys.readouterr().err
+    assert "FAILED: minillm, qdpo, radt" in capsys.readouterr().err
 
 
 def test_bad_claim_fields_fail_the_paper(fakes, monkeypatch):
