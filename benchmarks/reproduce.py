@@ -180,6 +180,8 @@ def run_paper(key: str, mode: str, seeds: int | None, out: Path, progress: Progr
         try:
             module = importlib.import_module(CLAIM_MODULES[key])
         except ModuleNotFoundError as e:
+            if e.name != CLAIM_MODULES[key]:
+                raise  # the module exists but needs something missing: that error names it
             raise RuntimeError(f"claim module {CLAIM_MODULES[key]} is not available ({e})") from e
         paper_dir.mkdir(parents=True, exist_ok=True)
         result = module.run(mode, seeds, paper_dir, progress)
@@ -270,12 +272,12 @@ def render_report(results: dict) -> str:
                   f"{paper.get('cpu_seconds') or 0:.0f} s CPU time (on a shared machine the CPU time is the better "
                   "guide to the time on an idle one)."]
         if paper["error"]:
-            lines += ["", f"Error: `{paper['error']}`"]
+            lines += ["", f"Error: `{paper['error']}` (traceback in `papers/{key}.json`)"]
         if paper["claims"]:
             lines += ["", "| claim | metric | ours ± spread | baseline | verdict |", "|---|---|---|---|---|",
                       *_claim_rows(None, paper["claims"])]
         if paper.get("settings"):
-            lines += ["", f"Settings: `{json.dumps(paper['settings'], sort_keys=True)}`"]
+            lines += ["", f"Settings: `{json.dumps(paper['settings'], sort_keys=True, default=str)}`"]
         if paper.get("tensorboard"):
             lines += ["", "TensorBoard logs: " + ", ".join(f"[{d}]({d})" for d in paper["tensorboard"])]
         lines += [""] + [f"![{Path(f).stem}]({f})" for f in paper.get("figures") or []] + [""]
@@ -284,7 +286,7 @@ def render_report(results: dict) -> str:
 
 def write_outputs(out: Path, mode: str, papers: dict[str, dict], command: str, config: dict) -> dict:
     results = results_document(mode, papers, command, config)
-    atomic_write(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write(out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
     atomic_write(out / "report.md", render_report(results))
     return results
 
@@ -330,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             progress("starting", 0.0)
             papers[key] = run_paper(key, args.mode, args.seeds, out, progress)
-            atomic_write(out / "papers" / f"{key}.json", json.dumps(papers[key], indent=1) + "\n")
+            atomic_write(out / "papers" / f"{key}.json", json.dumps(papers[key], indent=1, default=str) + "\n")
             progress(f"{papers[key]['status']} in {papers[key]['seconds']:.0f} s", 1.0)
         write_outputs(out, args.mode, papers, command, config)
     failed = [k for k, p in papers.items() if p["status"] != "ok"]
