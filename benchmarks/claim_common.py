@@ -1,0 +1,50 @@
+"""Shared pieces of the claim experiments (``benchmarks/claim_*.py``) that ``litpapers reproduce`` runs.
+
+Each experiment module exposes ``run(mode, seeds, out_dir, progress) -> dict`` returning
+``{"claims": [...], "figures": [...], "settings": {...}}``; each claim is built by :func:`claim`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+
+import torch
+
+
+def claim(text: str, metric: str, ours: list[float], baseline: list[float], baseline_name: str,
+          higher_is_better: bool) -> dict:
+    """One claim row from per-seed values of ours and of the baseline (paired by seed).
+
+    ``ours``/``baseline`` are the means over seeds; ``spread`` is the sample standard deviation over seeds of the
+    paired difference ours − baseline (``None`` with a single seed), the scale on which the runner's verdict rule
+    compares the gap.
+    """
+    if not ours or len(ours) != len(baseline):
+        raise ValueError(f"claim {text!r}: need one baseline value per seed, got {len(ours)} and {len(baseline)}")
+    diffs = [a - b for a, b in zip(ours, baseline)]
+    return {"claim": text, "metric": metric, "ours": statistics.fmean(ours), "baseline": statistics.fmean(baseline),
+            "baseline_name": baseline_name, "higher_is_better": higher_is_better,
+            "spread": statistics.stdev(diffs) if len(diffs) > 1 else None}
+
+
+def check_mode(mode: str, seeds: int | None) -> None:
+    """``mode`` must be ``quick`` or ``full`` and ``seeds`` ``None`` or ≥ 1 (``ValueError`` naming the argument)."""
+    if mode not in ("quick", "full"):
+        raise ValueError(f"mode must be 'quick' or 'full', got {mode!r}")
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"seeds must be >= 1 or None, got {seeds}")
+
+
+def write_record(result: dict, path: pathlib.Path, module: str, args: list[str]) -> None:
+    """``result`` plus the command line, UTC date and machine description, as indented JSON at ``path``."""
+    record = dict(result, command=" ".join(["python -m", module, *args]),
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  machine={"description": "2-core CPU shared with other jobs", "platform": platform.platform(),
+                           "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")

@@ -1,0 +1,92 @@
+"""The claim experiments of ``litpapers reproduce`` (benchmarks/claim_*.py): the result schema on tiny settings,
+and the pure pieces against hand-computed values."""
+
+import math
+
+import pytest
+
+from benchmarks import claim_ademamix, claim_oversquashing
+from benchmarks.claim_common import claim
+from lit_modules.hf import byte_tokenizer
+
+CLAIM_KEYS = {"claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better", "spread"}
+
+
+def check_schema(result: dict, out_dir, n_claims: int, seeds: int) -> None:
+    assert set(result) >= {"claims", "figures", "settings"}
+    assert len(result["claims"]) == n_claims
+    for row in result["claims"]:
+        assert set(row) == CLAIM_KEYS and "verdict" not in row
+        assert isinstance(row["claim"], str) and isinstance(row["baseline_name"], str)
+        assert math.isfinite(row["ours"]) and math.isfinite(row["baseline"])
+        assert (row["spread"] is None) == (seeds == 1)
+    assert result["figures"] and all((out_dir / f).stat().st_size > 0 for f in result["figures"])
+    assert all(f.endswith(".png") and not f.startswith("/") for f in result["figures"])
+    assert result["settings"]["seeds"] == seeds
+
+
+def test_claim_row_means_and_paired_spread():
+    # ours 1, 3; baseline 0, 0 -> means 2, 0; differences 1, 3 -> sample std sqrt(((1-2)^2 + (3-2)^2)/1) = sqrt 2
+    row = claim("c", "m", [1.0, 3.0], [0.0, 0.0], "b", higher_is_better=True)
+    assert (row["ours"], row["baseline"]) == (2.0, 0.0)
+    assert row["spread"] == pytest.approx(math.sqrt(2))
+    assert claim("c", "m", [1.0], [0.5], "b", False)["spread"] is None
+    with pytest.raises(ValueError, match="one baseline value per seed"):
+        claim("c", "m", [1.0, 2.0], [0.5], "b", False)
+
+
+def test_steps_to_reach_interpolates_and_flags_censoring():
+    curve = [(10, 3.0), (20, 2.0), (30, 1.5)]
+    assert claim_ademamix.steps_to_reach(curve, 2.5) == (15.0, True)  # halfway from 3.0 to 2.0
+    assert claim_ademamix.steps_to_reach(curve, 2.0) == (20.0, True)
+    assert claim_ademamix.steps_to_reach(curve, 3.5) == (10.0, True)
+    assert claim_ademamix.steps_to_reach(curve, 1.0) == (30.0, False)  # never: the horizon, a lower bound
+
+
+def test_beta3_timescale_is_a_fifth_of_the_run():
+    assert claim_ademamix.beta3_for(500) == pytest.approx(0.99)
+    assert 1 / (1 - claim_ademamix.beta3_for(3000)) == pytest.approx(600)
+
+
+def test_token_stream_never_repeats_a_block_and_holds_out_documents():
+    train, heldout = claim_ademamix.token_stream(byte_tokenizer(), 400, 40, 64)
+    assert train.shape == (400, 64) and heldout.shape == (40, 64)
+    rows = {tuple(r) for r in train.tolist()}
+    assert len(rows) == 400  # every training block distinct: the stream is read once
+    assert not rows & {tuple(r) for r in heldout.tolist()}
+    with pytest.raises(ValueError, match="held-out blocks"):  # fails before reading any file
+        claim_ademamix.token_stream(byte_tokenizer(), 10 ** 8, 1, 64)
+
+
+def test_bad_mode_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="mode"):
+        claim_ademamix.run("medium", None, tmp_path, print)
+    with pytest.raises(ValueError, match="seeds"):
+        claim_oversquashing.run("quick", 0, tmp_path, print)
+
+
+def test_ademamix_claim_runs_on_tiny_settings(tmp_path):
+    lines = []
+    tiny = dict(steps=8, batch_size=2, block_size=16, warmup=2, eval_every=4, val_blocks=4, adamw_horizon=1.5)
+    result = claim_ademamix.run("quick", 2, tmp_path, lines.append, tiny)
+    check_schema(result, tmp_path, 3, 2)
+    assert any("adamw" in line for line in lines) and any("ademamix" in line for line in lines)
+    s = result["settings"]
+    assert s["t_alpha"] == s["t_beta3"] == 8 and s["beta3"] == pytest.approx(1 - 5 / 8)
+    runs = result["measurements"]["runs"]
+    assert [step for step, _ in runs["adamw"][0]["curve"]] == [4, 8, 12]  # AdamW continues to 1.5 T
+    assert [step for step, _ in runs["ademamix"][0]["curve"]] == [4, 8]
+    # forgetting probe: seen at T/2 = 4; measured right after, one step later and at T
+    assert [row[0] for row in runs["ademamix"][0]["forgetting"]] == [4, 5, 8]
+
+
+def test_oversquashing_claim_runs_on_tiny_settings(tmp_path):
+    tiny = dict(steps=2, lengths=[4, 8], sensitivity_lengths=[8], sensitivity_samples=1)
+    result = claim_oversquashing.run("quick", 2, tmp_path, lambda msg: None, tiny)
+    check_schema(result, tmp_path, 4, 2)
+    delta, noise, commas, sens = result["claims"]
+    first = result["measurements"][0]["collapse"]
+    assert delta["ours"] == pytest.approx((first["ones/fp32/8"]["delta"]
+                                           + result["measurements"][1]["collapse"]["ones/fp32/8"]["delta"]) / 2)
+    assert noise["baseline"] > 0 and sens["baseline"] == 1.0
+    assert set(result["figures"]) == {"oversquashing_collapse.png", "oversquashing_sensitivity.png"}
