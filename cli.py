@@ -73,7 +73,7 @@ class LitPapersCLI(LightningCLI):
         these rather than silently dropping them): a rich progress bar, per-step LR logging, a checkpoint
         every ``DEFAULT_CHECKPOINT_EVERY`` steps plus a ``last.ckpt`` that is kept current at the end, on Ctrl-C and
         on errors (:class:`~callbacks.LastCheckpoint`) with the random states in it
-        (:class:`~callbacks.RandomStateCheckpoint`), so a run resumes exactly with
+        (:class:`~callbacks.ExactResume`), so a run resumes exactly with
         ``--ckpt_path logs/<name>/version_N/checkpoints/last.ckpt``, and :class:`~callbacks.NonFiniteLossGuard`.
         Each is skipped when the matching switch is off."""
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -88,9 +88,9 @@ class LitPapersCLI(LightningCLI):
         if trainer.get("enable_checkpointing") is not False and not any(c.endswith("ModelCheckpoint") for c in listed):
             defaults.append({"class_path": "callbacks.LastCheckpoint",
                              "init_args": {"every_n_train_steps": DEFAULT_CHECKPOINT_EVERY}})
-        if trainer.get("enable_checkpointing") is not False and not any(c.endswith("RandomStateCheckpoint")
+        if trainer.get("enable_checkpointing") is not False and not any(c.endswith("ExactResume")
                                                                        for c in listed):
-            defaults.append({"class_path": "callbacks.RandomStateCheckpoint", "init_args": {}})
+            defaults.append({"class_path": "callbacks.ExactResume", "init_args": {}})
         if config.get("stop_on_nonfinite_loss", True) and not any(c.endswith("NonFiniteLossGuard") for c in listed):
             defaults.append({"class_path": "callbacks.NonFiniteLossGuard", "init_args": {}})
         if defaults:

@@ -1,7 +1,7 @@
 """Probes and evaluation callbacks."""
 
 from callbacks.generation_eval import GenerationEval, excess_accumulated_error, measure_exposure_bias
-from callbacks.lifecycle import LastCheckpoint, NonFiniteLossError, NonFiniteLossGuard, RandomStateCheckpoint
+from callbacks.lifecycle import ExactResume, LastCheckpoint, NonFiniteLossError, NonFiniteLossGuard
 from callbacks.oversquashing import (
     OverSquashingProbe,
     RepresentationalCollapseProbe,
@@ -16,4 +16,4 @@ __all__: list[str] = ["GenerationEval", "excess_accumulated_error", "measure_exp
                       "ReturnAlignmentEval", "OverSquashingProbe", "RepresentationalCollapseProbe", "SequenceTaskProbe",
                       "representational_collapse", "token_sensitivity", "QuantizationEval",
                       "evaluate_against_full_precision", "token_flip_stats", "LastCheckpoint",
-                      "NonFiniteLossError", "NonFiniteLossGuard", "RandomStateCheckpoint"]
+                      "NonFiniteLossError", "NonFiniteLossGuard", "ExactResume"]

@@ -8,8 +8,9 @@
   stop" (a second Ctrl-C aborts at once) and that saves ``last.ckpt`` when an exception ends a single-process
   run while the weights are consistent (not inside an optimizer step). Each such save prints one line saying
   where the checkpoint went.
-- :class:`RandomStateCheckpoint` — saves the torch/numpy/python random states in every checkpoint and restores
-  them when training resumes, so dropout and sampling continue as in an uninterrupted run.
+- :class:`ExactResume` — saves the torch/numpy/python random states in every checkpoint and, when training
+  resumes, restores them and the training loader's position within the epoch, so data order, dropout and
+  sampling continue as in an uninterrupted run.
 - :class:`NonFiniteLossGuard` — stops training with :class:`NonFiniteLossError` (naming the step and the last
   good checkpoint) before a non-finite loss is back-propagated, so no NaN reaches the weights or a checkpoint.
 """
@@ -134,10 +135,16 @@ class LastCheckpoint(ModelCheckpoint):
         _say(trainer, f"{type(exception).__name__} at step {trainer.global_step}: checkpoint saved to {path}")
 
 
-class RandomStateCheckpoint(L.Callback):
+class ExactResume(L.Callback):
     """Save the torch (CPU and CUDA), numpy and python random states in each checkpoint; restore them when
     training resumes from one, at the start of training (after the dataloaders are built and the sanity check
-    has run, exactly where the uninterrupted run continues)."""
+    has run, exactly where the uninterrupted run continues).
+
+    Also hands the saved position of a stateful training loader (``state_dict``/``load_state_dict``, e.g.
+    :class:`datamodules.common.ResumableDataLoader`) to it when Lightning 2.6 has not: when ``max_epochs`` is set,
+    ``estimated_stepping_batches`` (read by LR schedules in ``configure_optimizers``) builds the training loader
+    before the checkpoint's loop state is read, and Lightning then never applies the saved loader state.
+    """
 
     def __init__(self) -> None:
         self._to_restore: dict | None = None
@@ -156,6 +163,9 @@ class RandomStateCheckpoint(L.Callback):
         self._to_restore = state_dict
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loop = trainer.fit_loop
+        if loop.restarting and loop._combined_loader is not None and loop._combined_loader_states_to_load:
+            loop._load_combined_loader_states()
         state, self._to_restore = self._to_restore, None
         if not state:
             return

@@ -3,7 +3,7 @@ checkpoint resumed to N in a fresh run (what a SIGKILL right after that save lea
 process). Final weights must be equal (tolerance 0 on CPU: same ops in the same order).
 
 What makes it exact: the checkpoint holds the position within the epoch (``ResumableDataLoader``) and the
-torch/numpy/python random states (``RandomStateCheckpoint``), besides Lightning's own optimizer, scheduler and
+torch/numpy/python random states (``callbacks.ExactResume``), besides Lightning's own optimizer, scheduler and
 loop state.
 """
 
@@ -96,3 +96,14 @@ def test_minillm_resumes_exactly(steps):
                             "--model.init_args.max_new_tokens", "4", "--data.init_args.num_examples", "64",
                             "--data.init_args.num_val", "4", "--data.init_args.batch_size", "4",
                             "--data.init_args.pretrain_block_size", "16", "--trainer.callbacks", "[]"], steps=steps)
+
+
+def test_qdpo_resumes_exactly():
+    from lit_modules.hf import byte_tokenizer, load_causal_lm, save_pretrained_with_tokenizer
+
+    tokenizer = byte_tokenizer()
+    save_pretrained_with_tokenizer(load_causal_lm({}, vocab_size=len(tokenizer), seed=0), tokenizer, "fp")
+    assert_resume_is_exact(["--config", str(CONFIGS / "qdpo" / "int4.yaml"), "--model.init_args.model", "fp",
+                            "--model.init_args.export_dir", "exported", "--data.init_args.num_prompts", "40",
+                            "--data.init_args.max_new_tokens", "6", "--data.init_args.batch_size", "4",
+                            "--trainer.callbacks", "[]", "--trainer.max_epochs", "3"], steps=6)  # 4 batches an epoch
