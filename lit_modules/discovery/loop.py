@@ -124,7 +124,9 @@ class DiscoveryLoop:
         seeds: baselines shown to the proposer with their fitness (names of :data:`BASELINES`).
         references: baselines scored the same way and kept in the archive, but not shown to the proposer.
         limits: the sandbox's per-candidate limits.
-        workers: worker processes scoring the baselines in parallel.
+        workers: worker processes scoring in parallel (the baselines; the replies of one round).
+        population: replies asked per round of a generation (to the same chat), scored in parallel; the
+            generation ends after the first round with a scored candidate or after ``max_attempts`` replies.
         history: previous (reply, feedback) exchanges kept in the chat after the archive summary.
         top_k: best scored candidates listed in the prompt (plus the seeds).
     """
@@ -132,7 +134,8 @@ class DiscoveryLoop:
     def __init__(self, run_dir: str = "runs/discovery", proposer: Proposer | None = None,
                  fitness: Fitness | None = None, generations: int = 10, max_attempts: int = 3,
                  seeds: list[str] | None = None, references: list[str] | None = None,
-                 limits: SandboxLimits | None = None, workers: int = 1, history: int = 4, top_k: int = 10):
+                 limits: SandboxLimits | None = None, workers: int = 1, population: int = 1, history: int = 4,
+                 top_k: int = 10):
         if proposer is None:
             raise ValueError("discovery: a proposer is required (proposer.class_path: ReplayProposer, HFProposer "
                              "or OpenAIProposer)")
@@ -141,13 +144,13 @@ class DiscoveryLoop:
         unknown = sorted(set(seeds + references) - set(BASELINES))
         if unknown:
             raise ValueError(f"discovery: unknown seeds/references {unknown}; choose from {sorted(BASELINES)}")
-        if generations < 0 or max_attempts < 1 or workers < 1:
-            raise ValueError("discovery: need generations >= 0, max_attempts >= 1, workers >= 1")
+        if generations < 0 or max_attempts < 1 or workers < 1 or population < 1:
+            raise ValueError("discovery: need generations >= 0, max_attempts >= 1, workers >= 1, population >= 1")
         self.run_dir, self.proposer = Path(run_dir), proposer
         self.fitness = DPOFitness() if fitness is None else fitness
         self.generations, self.max_attempts, self.seeds, self.references = generations, max_attempts, seeds, references
         self.limits = SandboxLimits() if limits is None else limits
-        self.workers, self.history, self.top_k = workers, history, top_k
+        self.workers, self.population, self.history, self.top_k = workers, population, history, top_k
         self.archive = Archive(self.run_dir / "archive.jsonl")
 
     # ------------------------------------------------------------------ scoring
@@ -207,65 +210,83 @@ class DiscoveryLoop:
         run_record = {"kind": "run", "status": "resumed" if resumed else "started", "time": _now(),
                       "proposer": self.proposer.describe(), "fitness": fitness_config(self.fitness),
                       "limits": asdict(self.limits), "generations": self.generations,
-                      "max_attempts": self.max_attempts, "seeds": self.seeds, "references": self.references}
+                      "max_attempts": self.max_attempts, "population": self.population, "seeds": self.seeds,
+                      "references": self.references}
         self.archive.append(run_record)
         records.append(run_record)
         self.fitness.prepare(self.run_dir)
         self._score_baselines(records)
         proposals = [r for r in records if r["kind"] == "proposal"]
         self.proposer.skip(len(proposals))
-        try:
-            for generation in range(self.generations):
-                tried = [r for r in proposals if r["generation"] == generation]
-                attempt = len(tried)
-                if any(r["status"] == "evaluated" for r in tried):
-                    continue
-                while attempt < self.max_attempts:
-                    record = self._attempt(records, generation, attempt)
-                    self.archive.append(record)
-                    records.append(record)
-                    proposals.append(record)
-                    attempt += 1
-                    log.info("discovery: generation %d attempt %d %s: %s %s", generation, attempt,
-                             record["name"], record["status"],
-                             record["fitness"] if record["status"] == "evaluated" else record["error"])
-                    if record["status"] == "evaluated":
+        exhausted = False
+        for generation in range(self.generations):
+            tried = [r for r in proposals if r["generation"] == generation]
+            attempt = len(tried)
+            if any(r["status"] == "evaluated" for r in tried):
+                continue
+            while attempt < self.max_attempts and not exhausted:
+                messages = self.build_messages(records)
+                asked, scored = [], []
+                for i in range(min(self.population, self.max_attempts - attempt)):
+                    try:
+                        asked.append(self._ask(messages, generation, attempt + i))
+                    except ProposerExhausted as e:
+                        log.info("discovery: proposer exhausted (%s); stopping", e)
+                        exhausted = True
                         break
-        except ProposerExhausted as e:
-            log.info("discovery: proposer exhausted (%s); stopping", e)
+                # scored in parallel, archived in the order asked (so a resumed replay continues correctly)
+                with ThreadPoolExecutor(self.workers) as pool:
+                    for record in pool.map(self._score_reply, asked):
+                        scored.append(record)
+                        self.archive.append(record)
+                        records.append(record)
+                        proposals.append(record)
+                        log.info("discovery: generation %d attempt %d %s: %s %s", generation, record["attempt"],
+                                 record["name"], record["status"],
+                                 record["fitness"] if record["status"] == "evaluated" else record["error"])
+                attempt += len(asked)
+                if any(r["status"] == "evaluated" for r in scored):
+                    break
+            if exhausted:
+                break
         write_summary(records, self.run_dir)
         return records
 
-    def _attempt(self, records: list[dict], generation: int, attempt: int) -> dict:
-        messages = self.build_messages(records)
+    def _ask(self, messages: list[dict[str, str]], generation: int, attempt: int) -> dict:
+        """One reply to ``messages``, parsed (a proposer error is recorded, :class:`ProposerExhausted` raised)."""
         record = {"kind": "proposal", "generation": generation, "attempt": attempt,
                   "proposer": self.proposer.describe(), "prompt": messages, "raw_reply": None, "thought": None,
-                  "name": None, "code": None, "time": _now()}
-        t0 = time.monotonic()
+                  "name": None, "code": None, "time": _now(), "t0": time.monotonic()}
         try:
             reply = self.proposer.propose(messages)
         except ProposerExhausted:
             raise
         except Exception as e:  # noqa: BLE001 - a proposer failure is recorded, the run goes on
-            return record | {"status": "proposer_error", "stage": "propose", "error": f"{type(e).__name__}: {e}",
-                             "feedback": None, "fitness": None, "metrics": {}, "seconds": time.monotonic() - t0}
+            return record | {"status": "proposer_error", "stage": "propose", "error": f"{type(e).__name__}: {e}"}
         record["raw_reply"] = reply
         try:
-            candidate = parse_reply(reply)
+            record.update(parse_reply(reply))
         except ValueError as e:
-            result = {"status": "invalid", "stage": "parse", "error": str(e), "fitness": None, "metrics": {},
-                      "seconds": time.monotonic() - t0}
-        else:
-            record.update(candidate)
-            result = self.score(candidate["code"])
-        if result["status"] == "evaluated":
-            feedback = f"Fitness: {result['fitness']:.4f}. Please generate the next one."
-        elif result["status"] == "invalid":
-            feedback = f"Code not valid: {result['error']}. Please fix it and answer with the corrected JSON."
-        else:
-            feedback = f"Training with this loss failed: {result['error']}. Please generate a different one."
-        return record | result | {"feedback": feedback}
+            record.update(status="invalid", stage="parse", error=str(e))
+        return record
 
+    def _score_reply(self, record: dict) -> dict:
+        """The archive record of an asked reply: scored if it parsed, with the feedback for the proposer."""
+        t0 = record.pop("t0")
+        if "status" in record:
+            result = {"fitness": None, "metrics": {}}
+        else:
+            result = self.score(record["code"])
+        record = record | result | {"seconds": time.monotonic() - t0}
+        if record["status"] == "evaluated":
+            feedback = f"Fitness: {record['fitness']:.4f}. Please generate the next one."
+        elif record["status"] == "invalid":
+            feedback = f"Code not valid: {record['error']}. Please fix it and answer with the corrected JSON."
+        elif record["status"] == "failed":
+            feedback = f"Training with this loss failed: {record['error']}. Please generate a different one."
+        else:
+            feedback = None
+        return record | {"feedback": feedback}
 
 def write_summary(records: list[dict], out_dir: Path) -> dict:
     """``summary.md`` (one row per baseline and proposal), ``summary.json`` and ``fitness.png`` (fitness per

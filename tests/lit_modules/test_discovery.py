@@ -336,3 +336,17 @@ def test_ipo_baseline_formula_and_length_normalisation():
     exec(BASELINES["ipo"]["code"], ns)  # trusted, shipped code
     zero = torch.zeros(3)
     assert ns["ipo"](zero, zero, zero, zero, 0.05).tolist() == pytest.approx([100.0] * 3)
+
+
+def test_population_replies_share_the_chat_and_are_scored_in_parallel(tmp_path):
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text("".join(json.dumps(REPLAY[i]) + "\n" for i in (0, 6, 0)))
+    loop = DiscoveryLoop(run_dir=str(tmp_path / "run"), proposer=ReplayProposer(str(replay)),
+                         fitness=tiny_fitness(), generations=3, max_attempts=2, seeds=[], references=[],
+                         workers=2, population=2, limits=SandboxLimits(train_timeout_s=120, memory_mb=512))
+    proposals = [r for r in loop.run() if r["kind"] == "proposal"]
+    # generation 0: both replies of the round scored; generation 1: one reply, then the file is exhausted
+    assert [(p["generation"], p["attempt"], p["name"], p["status"]) for p in proposals] == [
+        (0, 0, "cell", "evaluated"), (0, 1, "smooth", "evaluated"), (1, 0, "cell", "evaluated")]
+    assert proposals[0]["prompt"] == proposals[1]["prompt"] != proposals[2]["prompt"]
+    assert proposals[0]["fitness"] == proposals[2]["fitness"]  # same loss, same seed and data: same fitness
