@@ -107,3 +107,29 @@ def test_qdpo_resumes_exactly():
                             "--model.init_args.export_dir", "exported", "--data.init_args.num_prompts", "40",
                             "--data.init_args.max_new_tokens", "6", "--data.init_args.batch_size", "4",
                             "--trainer.callbacks", "[]", "--trainer.max_epochs", "3"], steps=6)  # 4 batches an epoch
+
+
+def test_a_sigkilled_run_resumes_to_the_uninterrupted_result():
+    steps, save_at = 40, 6
+    args = ["fit", "--config", str(CONFIGS / "ademamix" / "quick.yaml"), "--model.init_args.model", TINY_LM,
+            "--data.init_args.max_documents", "40", "--data.init_args.block_size", "32",
+            "--data.init_args.batch_size", "4", *COMMON, "--trainer.max_steps", str(steps),
+            "--trainer.val_check_interval", str(save_at)]
+    killed = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args, *_checkpoints(save_at, "killed")],
+                              env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        saved, size, deadline = Path(f"killed/step={save_at}.ckpt"), -1, time.time() + 180
+        while time.time() < deadline and not (saved.exists() and saved.stat().st_size == size > 0):
+            size = saved.stat().st_size if saved.exists() else -1
+            time.sleep(0.5)  # written completely: the same size twice in a row
+        assert killed.poll() is None, "the run finished before it could be killed"
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+    finally:
+        killed.kill()
+    full = cli.build_cli(args)
+    resumed = cli.build_cli([*args, "--ckpt_path", str(saved)])
+    assert resumed.trainer.global_step == full.trainer.global_step == steps
+    for name, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
