@@ -15,6 +15,9 @@ import datetime
 import json
 import logging
 import os
+import platform
+import shlex
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -352,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     """``litpapers discover --config configs/discopop/discover.yaml [--generations 5 ...]``: run or resume the loop.
     ``--summarize_only true`` only rewrites the summary files of an existing ``run_dir``."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if cfg.summarize_only:
@@ -361,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         init = parser.instantiate_classes(cfg)
         loop = DiscoveryLoop(**{k: v for k, v in vars(init).items() if k not in ("config", "summarize_only")})
         loop.run()
-        summary = json.loads((loop.run_dir / "summary.json").read_text())
+        run_dir = loop.run_dir
+        summary = json.loads((run_dir / "summary.json").read_text())
+    summary |= {"command": shlex.join(["litpapers", "discover", *argv]), "date": _now(),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: summary[k] for k in ("baselines", "proposals", "best")}, indent=1))
     return 0
