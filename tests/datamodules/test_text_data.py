@@ -74,3 +74,37 @@ def test_too_little_text_for_a_block(tmp_path):
     (tmp_path / "b.txt").write_text("yo")
     with pytest.raises(ValueError, match="too little text"):
         TextDataModule(path=str(tmp_path), block_size=64).setup("fit")
+
+
+def test_resumable_loader_continues_mid_epoch_and_leaves_the_global_rng_alone():
+    from datamodules.common import ResumableDataLoader
+
+    data = list(range(23))
+    loader = ResumableDataLoader(data, batch_size=4, shuffle=True, drop_last=True)
+    epochs = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        epochs.append([b.tolist() for b in loader])
+    for batches in epochs:  # 5 full batches of distinct indices each epoch, the tail of 3 dropped
+        flat = [i for b in batches for i in b]
+        assert len(batches) == 5 and len(set(flat)) == 20 and set(flat) <= set(data)
+    assert epochs[0] != epochs[1]
+
+    loader.sampler.set_epoch(1)
+    rng = torch.get_rng_state()
+    it = iter(loader)
+    served = [next(it).tolist() for _ in range(2)]
+    state = loader.state_dict()
+    assert served == epochs[1][:2] and state["epoch"] == 1 and state["batches"] == 2
+    assert torch.equal(torch.get_rng_state(), rng)  # shuffling and iterators draw nothing from the global RNG
+
+    torch.manual_seed(123)  # a fresh run: different global state, hence a different sampler seed
+    resumed = ResumableDataLoader(data, batch_size=4, shuffle=True, drop_last=True)
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(1)
+    assert [b.tolist() for b in resumed] == epochs[1][2:]  # the rest of the interrupted epoch, nothing repeated
+    resumed.sampler.set_epoch(1)
+    assert [b.tolist() for b in resumed] == epochs[1]  # the saved position applies to one pass only
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(2)  # the saved epoch is over: a new epoch starts from its beginning
+    assert len([b for b in resumed]) == 5
