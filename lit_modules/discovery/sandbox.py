@@ -44,7 +44,11 @@ MAX_AST_NODES = 5_000
 ALLOWED_IMPORTS = ("torch", "torch.nn.functional", "math")
 #: torch submodules reachable by attribute (``torch.linalg.norm``...); every other module attribute is refused.
 ALLOWED_SUBMODULES = frozenset({"torch", "torch.nn", "torch.nn.functional", "torch.functional", "torch.linalg",
-                                "torch.special", "torch.fft", "torch.autograd", "math"})
+                                "torch.special", "torch.fft", "torch.autograd", "torch.autograd.functional",
+                                "math"})
+#: Attribute prefixes of frames, code objects, generators, coroutines and tracebacks (``gen.gi_frame.f_back
+#: .f_globals`` would reach the worker's own globals).
+DENIED_ATTRIBUTE_PREFIXES = ("_", "gi_", "ag_", "cr_", "f_", "tb_", "co_", "register")
 SAFE_BUILTIN_NAMES = ("abs", "all", "any", "bool", "dict", "divmod", "enumerate", "filter", "float", "int",
                       "isinstance", "iter", "len", "list", "map", "max", "min", "next", "pow", "range", "reversed",
                       "round", "set", "slice", "sorted", "str", "sum", "tuple", "zip", "ArithmeticError",
@@ -68,7 +72,7 @@ DENIED_NODES = {
     ast.ClassDef: "class definitions", ast.AsyncFunctionDef: "async functions", ast.Global: "'global'",
     ast.Nonlocal: "'nonlocal'", ast.Try: "try/except", ast.With: "'with' blocks", ast.AsyncWith: "'with' blocks",
     ast.Yield: "generators (yield)", ast.YieldFrom: "generators (yield)", ast.Await: "await",
-    ast.AsyncFor: "async for"}
+    ast.AsyncFor: "async for", ast.Match: "match statements"}
 if hasattr(ast, "TryStar"):
     DENIED_NODES[ast.TryStar] = "try/except"
 
@@ -113,7 +117,7 @@ def _module_attribute_denials() -> frozenset[str]:
     import torch.nn.functional as F
 
     denied = set()
-    for namespace in (torch, torch.nn, F, math):
+    for namespace in (torch, torch.nn, F, torch.linalg, torch.special, torch.fft, torch.autograd, math):
         for name in dir(namespace):
             value = getattr(namespace, name, None)
             if isinstance(value, types.ModuleType) and value.__name__ not in ALLOWED_SUBMODULES:
@@ -128,8 +132,8 @@ def _denied_attribute(name: str) -> str | None:
     global _MODULE_DENIALS
     if name.startswith("_"):
         return f"attribute '{name}' is not allowed (no attribute starting with '_': no introspection)"
-    if name in DENIED_ATTRIBUTES or name.startswith("register"):
-        return f"attribute '{name}' is not allowed (it can reach files, processes, native code or hooks)"
+    if name in DENIED_ATTRIBUTES or name.startswith(DENIED_ATTRIBUTE_PREFIXES):
+        return f"attribute '{name}' is not allowed (it can reach files, processes, native code, frames or hooks)"
     if _MODULE_DENIALS is None:
         _MODULE_DENIALS = _module_attribute_denials()
     if name in _MODULE_DENIALS:

@@ -68,6 +68,9 @@ HOSTILE_STATIC = {
     "getattr": (body("return getattr(torch, 'lo' + 'ad')('x')"), "name 'getattr'"),
     "str.format leak": (body("s = '{0.__class__}'.format(beta)", "return policy_chosen_logps"),
                         "attribute 'format'"),
+    "generator frame": (body("g = (x for x in ())", "return g.gi_frame.f_back.f_globals"), "attribute 'gi_frame'"),
+    "match class attrs": (body("match beta:", "    case float(real=r):", "        pass", "return policy_chosen_logps"),
+                          "match statements are not allowed"),
     "class": ("class A:\n    pass\n" + GOOD, "line 1: only imports"),
     "try/except": (body("try:", "    pass", "except Exception:", "    pass", "return policy_chosen_logps"),
                    "try/except are not allowed"),
@@ -126,6 +129,9 @@ def test_runtime_layers_hold_without_the_static_check(tmp_path):
         "os.system": body(*escape, f"        g['system']('touch {marker}')", "return policy_chosen_logps"),
         "writing": body(*escape, f"        g['sys'].modules['builtins'].open('{marker}', 'w')",
                         "return policy_chosen_logps"),
+        "os.system' is not allowed": body(  # a running generator's frame → the caller's module globals
+            "g = (g.gi_frame.f_back.f_back.f_globals for _ in [1])",
+            f"[*g][0]['importlib'].import_module('os').system('touch {marker}')", "return policy_chosen_logps"),
         "NameError: name 'open'": body(f"open('{marker}', 'w')", "return policy_chosen_logps"),
         "import of 'os' is not allowed": body("os = __import__('os')", "return policy_chosen_logps"),
         "'socket.__new__' is not allowed": body(
