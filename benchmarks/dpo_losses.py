@@ -137,7 +137,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the JSON here (e.g. docs/results/dpo_losses.json), "
                    "updated after every loss")
     p.add_argument("--merge", action="store_true",
-                   help="keep the other β columns already in --out (same settings required)")
+                   help="keep the results already in --out (other β columns, other losses; same settings required)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval-prompts", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
@@ -185,7 +185,7 @@ def main() -> None:
     if args.merge and args.out and Path(args.out).exists():
         report = merge_report(json.loads(Path(args.out).read_text()), report)
     for beta in betas:
-        per_beta = report["results"][f"beta={beta:g}"] = {}
+        per_beta = report["results"].setdefault(f"beta={beta:g}", {})
         for loss in losses:
             runs = [run_loss(args, loss, beta, seed, sft_dir, os.path.join(work, "ref_cache"), eval_examples,
                              start_valid) for seed in seeds]
@@ -205,14 +205,14 @@ def main() -> None:
 
 
 def merge_report(old: dict, new: dict) -> dict:
-    """``new`` with ``old``'s per-β results kept (β values measured again in ``new`` are replaced); both must
-    have the same settings and starting policy, so the columns stay comparable."""
+    """``new`` starting from ``old``'s per-β, per-loss results (a loss measured again at a β replaces its entry);
+    both must have the same settings and starting policy, so the columns stay comparable."""
     if old.get("settings", {}) | {"sft_seconds": None} != new["settings"] | {"sft_seconds": None} or \
             old.get("start_policy") != new["start_policy"]:
         raise SystemExit("--merge: the existing --out file has other settings or another starting policy")
     merged = dict(new)
     merged["commands"] = old["commands"] + new["commands"]
-    merged["results"] = dict(old["results"])
+    merged["results"] = {beta: dict(per_loss) for beta, per_loss in old["results"].items()}
     merged["minus_dpo"] = dict(old["minus_dpo"])
     return merged
 

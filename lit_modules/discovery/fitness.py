@@ -136,7 +136,7 @@ class DPOFitness(Fitness):
 
             log.info("discovery: SFT of the starting policy for %d steps -> %s", args["sft_steps"], sft_dir)
             L.seed_everything(0, verbose=False)
-            module = CausalLM(model=args["model"], init_seed=0, lr=args["sft_lr"], warmup_steps=20)
+            module = CausalLM(model=args["model"], init_seed=0, lr=args["sft_lr"], warmup_steps=20, weight_decay=0.0)
             dm = InstructionDataModule(num_examples=4000, batch_size=32, seed=0, val_fraction=0.05)
             _trainer(args["sft_steps"], limit_val_batches=0).fit(module, datamodule=dm)
             module.export(sft_dir)
