@@ -39,7 +39,7 @@ from lit_modules import CausalLM
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "probes" / "tasks_quick.yaml"
 PRECISIONS = ["fp32", "bf16", "bf16_weights"]
 MODES = {
-    "quick": dict(steps=200, seeds=1, lengths=[8, 16, 32, 64, 128, 256], sensitivity_lengths=[32, 64],
+    "quick": dict(steps=300, seeds=1, lengths=[8, 16, 32, 64, 128, 256, 512, 1024], sensitivity_lengths=[32, 64],
                   sensitivity_samples=2),
     "full": dict(steps=2000, seeds=3, lengths=[8, 16, 32, 64, 128, 256, 512, 1024],
                  sensitivity_lengths=[32, 64, 128], sensitivity_samples=4),

@@ -379,6 +379,8 @@ class RepresentationalCollapseProbe(_Probe):
         panels = ((axes[0], "delta", "‖Δ‖∞ of last hidden state"), (axes[1], "tv", "TV of next-token dist."))
         for ax, key, title in panels:
             values = [r[key][self.layer] if key == "delta" else r[key] for r in results.values()]
+            if key == "delta" and self.noise_baseline:
+                values += [r["noise"][self.layer] for r in results.values()]
             floor = min([v for v in values if v > 0], default=1.0) / 3
             for ci, fam in enumerate(self.families):
                 for p in self.precisions:
