@@ -4,8 +4,8 @@
                                     [--out docs/results/qdpo_table.json]
 
 Setup (the built-in one): the full-precision model (FP) is ``--model`` (default ``checkpoints/minillm_teacher``,
-the MiniLLM teacher: a tiny byte-level Llama SFT'd on the built-in instruction tasks); when that directory is
-missing it is trained first with ``configs/minillm/teacher_sft.yaml`` (``--sft-steps`` overrides its steps).
+the MiniLLM teacher: a tiny byte-level Llama SFT'd on the built-in instruction tasks; or a model alias such as
+``smollm2-135m-instruct``); when that directory is missing it is trained first with ``configs/minillm/teacher_sft.yaml`` (``--sft-steps`` overrides its steps).
 RTN = FP with every non-``lm_head`` linear weight quantized by symmetric per-group round-to-nearest
 (``--bits``/``--group-size``), no training. QDPO = the same quantizer, trained with sigmoid DPO (β = 0.1,
 AdamW lr 2e-5 with cosine decay to 0.1×, batch 16 pairs, ``--epochs`` 1, only the quantized layers' latent weights)
@@ -170,10 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     device = torch.device(args.device)
 
+    from datamodules.model_aliases import ALIASES
     from datamodules.tokenizers import load_tokenizer, resolve_prompt_template
 
     sft_s = None
-    if not (args.model / "config.json").exists():
+    if str(args.model) not in ALIASES and not (args.model / "config.json").exists():
         sft_s = train_full_precision(args.model, args.sft_steps, accelerator)
     runs = [run_seed(args, seed, device, accelerator) for seed in seeds]
     table = median_table(runs)
