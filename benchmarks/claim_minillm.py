@@ -104,5 +104,6 @@ def run(mode: str, seeds: int | None, out_dir: Path, progress) -> dict:
     claims.append(toy)
     return {"claims": claims, "figures": [],
             "settings": {**s, "seeds": n_seeds, "held_out_prompts": NUM_VAL, "sampling": "temperature 1",
-                         "configs": {row: f"configs/minillm/{row}.yaml" for row in rows},
+                         "configs": {row: [c.relative_to(CONFIGS.parents[1]).as_posix() for c in row_configs(row)]
+                                     for row in rows},
                          "per_seed": evals, "toy": toy_settings}}
