@@ -117,10 +117,161 @@ class _LazyLM:
         return torch.stack(self.scores, 1)
 
 
+class _EagerDecoder:
+    """The reference decoder (HF dynamic cache, no graphs): per step, only the model that draws runs, lazily
+    (:class:`_LazyLM`); the other reads what it missed at the end."""
+
+    check_every = 1  # test for "all sequences done" after every token
+
+    def __init__(self, stu: _LazyLM | None, tea: _LazyLM | None):
+        self.stu, self.tea = stu, tea
+
+    def dist(self, t: int, tokens: list[torch.Tensor], use_teacher: bool) -> torch.Tensor:
+        return (self.tea if use_teacher else self.stu).dist_for(t, tokens)
+
+    def scores(self, tokens: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (None if self.stu is None else self.stu.score(tokens),
+                None if self.tea is None else self.tea.score(tokens))
+
+
+def _static_prefill_mask(prompt_mask: torch.Tensor, max_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask (B, 1, P, L) of the prompt forward over a static cache of length L: query i attends key j
+    iff j ≤ i and j is a real prompt token, or j = i (so a left-pad query attends itself and stays finite; nothing
+    real ever attends a pad key). Keys j ≥ P (not yet written) are masked. 0 = attend, finfo(dtype).min = not."""
+    p = prompt_mask.shape[1]
+    keys = torch.arange(max_len, device=prompt_mask.device)
+    queries = keys[:p, None]
+    real = torch.cat([prompt_mask.bool(), prompt_mask.new_zeros(prompt_mask.shape[0], max_len - p).bool()], 1)
+    allowed = ((keys <= queries) & real[:, None, :]) | (keys == queries)
+    return torch.zeros((), dtype=dtype, device=prompt_mask.device).masked_fill(~allowed, torch.finfo(dtype).min)[
+        :, None]
+
+
+class _StaticLM:
+    """One causal LM over a preallocated transformers ``StaticCache`` of length L = P + max_new_tokens: the prompt
+    in one forward (:meth:`prefill`), then one token per :meth:`step` into slot P + r (r = the response index
+    read, kept in a device counter so a CUDA-graph replay advances it by itself). Position of response token r:
+    (last prompt position) + r + 1, as in :class:`_LazyLM`; the additive mask attends the real prompt tokens
+    and response slots ≤ P + r (response tokens after EOS included, as the eager path does)."""
+
+    def __init__(self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                 temperature: float, max_new_tokens: int):
+        from transformers import StaticCache
+
+        if getattr(model, "config", None) is None:
+            raise ValueError(f"cache='static' needs a transformers model with a config, got {type(model).__name__}")
+        self.model, self.cache_arg = model, _cache_arg(model)
+        self.dtype = next(model.parameters()).dtype
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask
+        self.p, self.max_len = prompt_ids.shape[1], prompt_ids.shape[1] + max_new_tokens
+        self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
+        self.prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        self.real = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(prompt_mask.shape[0], max_new_tokens,
+                                                                       dtype=torch.bool)], 1)
+        self.keys = torch.arange(self.max_len, device=prompt_ids.device)
+        self.r = torch.zeros((), dtype=torch.long, device=prompt_ids.device)  # response tokens read
+
+    def _log_dist(self, out) -> torch.Tensor:
+        logits = out.logits[:, -1].float()
+        return torch.log_softmax(logits if self.temperature == 1.0 else logits / self.temperature, -1)
+
+    def prefill(self) -> torch.Tensor:
+        """Read the prompt; log-dist of response token 0."""
+        out = self.model(input_ids=self.prompt_ids, position_ids=self.prompt_positions, use_cache=True,
+                         attention_mask=_static_prefill_mask(self.prompt_mask, self.max_len, self.dtype),
+                         logits_to_keep=1, **{self.cache_arg: self.cache})
+        return self._log_dist(out)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Read response token r (``ids``, (B, 1)); log-dist of token r + 1. No host sync: graph-capturable."""
+        allowed = self.real & (self.keys <= self.p + self.r)
+        mask = torch.zeros((), dtype=self.dtype, device=ids.device).masked_fill(~allowed, torch.finfo(self.dtype).min)
+        out = self.model(input_ids=ids, position_ids=self.prompt_positions[:, -1:] + self.r + 1, use_cache=True,
+                         attention_mask=mask[:, None, None], logits_to_keep=1, **{self.cache_arg: self.cache})
+        self.r.add_(1)
+        return self._log_dist(out)
+
+    def rewind(self, r: int) -> None:
+        """Set the read position back to response token ``r`` (after the warm-up runs of a graph capture)."""
+        self.r.fill_(r)
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(self.p + r)
+
+
+class _StaticDecoder:
+    """Static KV caches for every model that scores (student and/or teacher), all stepped together one token at a
+    time, so the step has fixed shapes and, with ``cuda_graphs``, is captured once into a ``torch.cuda.CUDAGraph``
+    and replayed (the token to read is copied into a fixed input buffer). Each step yields every model's
+    distribution of the next token, so the sampled token is scored on the way (log q, log p) and the loop draws
+    from the coin's model exactly as the eager path does, with the same random draws. The host checks for
+    "all done" every ``check_every`` tokens (a device sync), and the extra all-padding tokens are trimmed."""
+
+    check_every = 8
+
+    def __init__(self, lms: list[_StaticLM | None], cuda_graphs: bool):
+        self.lms = lms  # [student, teacher], None where absent
+        live = [lm for lm in lms if lm is not None]
+        self.dists = [None if lm is None else lm.prefill() for lm in lms]
+        self.ids = torch.zeros(live[0].prompt_ids.shape[0], 1, dtype=torch.long, device=live[0].prompt_ids.device)
+        self.logps: list[list[torch.Tensor]] = [[], []]
+        self.t = 0  # the token whose distributions are in self.dists
+        self._step = self._eager_step
+        if cuda_graphs:
+            self._step = self._capture(live)
+
+    def _eager_step(self) -> list[torch.Tensor | None]:
+        return [None if lm is None else lm.step(self.ids) for lm in self.lms]
+
+    def _capture(self, live: list[_StaticLM]):
+        """Warm up on a side stream (2 steps, then rewind the caches), capture one step into a CUDA graph; the
+        replay writes the new distributions into the graph's output tensors."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._eager_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        for lm in live:
+            lm.rewind(0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = self._eager_step()
+        self.graph = graph
+
+        def replay() -> list[torch.Tensor | None]:
+            graph.replay()
+            return outs
+
+        return replay
+
+    def dist(self, t: int, tokens: list[torch.Tensor], use_teacher: bool) -> torch.Tensor:
+        if t > self.t:  # score token t − 1 under every model, then read it
+            self._score(tokens[t - 1])
+            self.ids.copy_(tokens[t - 1][:, None])
+            self.dists, self.t = self._step(), t
+        return self.dists[1 if use_teacher else 0]
+
+    def _score(self, token: torch.Tensor) -> None:
+        for logps, d in zip(self.logps, self.dists):
+            if d is not None:
+                logps.append(d.gather(-1, token[:, None]).squeeze(-1))
+
+    def scores(self, tokens: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        self._score(tokens[-1])
+        return tuple(torch.stack(lp, 1) if lp else None for lp in self.logps)
+
+
+def default_cache(device: torch.device) -> str:
+    """``"static"`` on CUDA (fixed-shape one-token steps, CUDA-graph capturable), ``"dynamic"`` elsewhere."""
+    return "static" if torch.device(device).type == "cuda" else "dynamic"
+
+
 @torch.inference_mode()
 def _sample_mixed(student: PreTrainedModel | None, teacher: PreTrainedModel | None, prompt_ids: torch.Tensor,
                  prompt_mask: torch.Tensor, max_new_tokens: int, alpha: float = 0.0, eos_id: int | None = 1,
-                 pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
+                 pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None,
+                 cache: str | None = None, cuda_graphs: bool | None = None) -> Rollout:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"teacher-mix alpha must be in [0, 1], got {alpha}")
     if alpha > 0 and teacher is None:
@@ -129,14 +280,23 @@ def _sample_mixed(student: PreTrainedModel | None, teacher: PreTrainedModel | No
         raise ValueError("greedy decoding (temperature 0) of a teacher-student mixture is not defined; "
                          "use alpha 0 or 1")
     device = prompt_ids.device
-    stu = _LazyLM(student, prompt_ids, prompt_mask, temperature, max_new_tokens) if alpha < 1 else None
-    tea = _LazyLM(teacher, prompt_ids, prompt_mask, temperature, max_new_tokens) if teacher is not None else None
+    cache = default_cache(device) if cache is None else cache
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"sample_mixed cache must be 'dynamic' or 'static', got {cache!r}")
+    cuda_graphs = cache == "static" and device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    if cuda_graphs and (cache != "static" or device.type != "cuda"):
+        raise ValueError(f"sample_mixed cuda_graphs=True needs cache='static' on a CUDA device, got cache={cache!r} "
+                         f"on {device}")
+    lm_cls = _StaticLM if cache == "static" else _LazyLM
+    stu = lm_cls(student, prompt_ids, prompt_mask, temperature, max_new_tokens) if alpha < 1 else None
+    tea = lm_cls(teacher, prompt_ids, prompt_mask, temperature, max_new_tokens) if teacher is not None else None
     coins = (torch.rand(max_new_tokens, generator=generator, device=generator.device if generator else device)
              < alpha).tolist()
+    decoder = _StaticDecoder([stu, tea], cuda_graphs) if cache == "static" else _EagerDecoder(stu, tea)
     done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
     tokens, masks = [], []
     for t in range(max_new_tokens):
-        logits = (tea if stu is None or coins[t] else stu).dist_for(t, tokens)
+        logits = decoder.dist(t, tokens, stu is None or coins[t])
         if temperature > 0:
             nxt = sample_categorical(logits, generator)
         else:
@@ -145,37 +305,48 @@ def _sample_mixed(student: PreTrainedModel | None, teacher: PreTrainedModel | No
         masks.append(~done)
         if eos_id is not None:
             done = done | (tokens[-1] == eos_id)
-        if bool(done.all()):
-            break
-    logp = tea.score(tokens) if tea is not None else None
-    logq = stu.score(tokens) if stu is not None else logp
+            if (t + 1) % decoder.check_every == 0 and bool(done.all()):
+                break
+    logq, logp = decoder.scores(tokens)
+    logq = logp if logq is None else logq
     if stu is None or alpha == 0:
         logmix = logq
     else:
         logmix = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
-    return Rollout(prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1).long(), logq, logp,
-                   logmix)
+    mask = torch.stack(masks, 1).long()
+    # the loop stops after the token at which the last sequence ended: trim what a sparser check drew beyond it
+    n = int(mask.sum(1).max()) if eos_id is not None else mask.shape[1]
+    return Rollout(prompt_ids, prompt_mask, torch.stack(tokens, 1)[:, :n], mask[:, :n], logq[:, :n],
+                   None if logp is None else logp[:, :n], logmix[:, :n])
 
 
 def sample_mixed(student: PreTrainedModel | None, teacher: PreTrainedModel | None, prompt_ids: torch.Tensor,
                  prompt_mask: torch.Tensor, max_new_tokens: int, alpha: float = 0.0, eos_id: int | None = 1,
-                 pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
+                 pad_id: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None,
+                 cache: str | None = None, cuda_graphs: bool | None = None) -> Rollout:
     """Sample y_t ~ p̃ = α·p + (1−α)·q (softmax of logits/temperature), batched with KV caches; a sequence
     that emitted ``eos_id`` gets ``pad_id`` (mask 0) afterwards and the loop stops when all are done.
 
     The mixture is drawn as: at each step a coin c_t ~ Bernoulli(α), independent of everything before;
     y_t ~ p(·|y_<t) if c_t else q(·|y_<t). Marginalising c_t gives exactly y_t | y_<t ~ α·p + (1−α)·q for
     every sequence. The coin is shared by the batch (sequences stay independent given the coins, each with
-    the exact mixture law), so at each step only the model that draws has to run: it reads the tokens it has
-    not seen in one chunked forward. At the end both models read what they missed, which scores every token
-    (log q, log p and log p̃ for the rewards and the importance weights): the same FLOPs as sampling from one
-    model plus one forward of the other. ``alpha=0``: student only; ``alpha=1``: teacher only (SeqKD).
-    ``temperature=0`` is greedy (for α ∈ {0, 1} only).
+    the exact mixture law). Every sampled token is scored (log q, log p and log p̃ for the rewards and the
+    importance weights) at the FLOPs of sampling from one model plus one forward of the other.
+    ``alpha=0``: student only; ``alpha=1``: teacher only (SeqKD). ``temperature=0`` is greedy (for α ∈ {0, 1}).
+
+    Two decode paths, the same law and the same random draws (coins, then one uniform per row per token):
+
+    - ``cache="dynamic"`` (the default off CUDA; the reference): HF's dynamic cache; at each step only the model
+      that draws runs, reading the tokens it has not seen in one chunked forward; the other catches up at the end.
+    - ``cache="static"`` (the default on CUDA): a preallocated ``transformers.StaticCache`` per model, both models
+      read each token as it is drawn (one-token steps of fixed shape), with ``cuda_graphs`` (default: on for
+      CUDA) the step is captured once into a CUDA graph and replayed. All-done is checked every 8 tokens, so the
+      generator may advance by up to 7 draws more than on the dynamic path (the outputs are the same).
 
     Runs under ``torch.inference_mode`` (less per-call overhead); the outputs are cloned into normal tensors.
     """
     out = _sample_mixed(student, teacher, prompt_ids, prompt_mask, max_new_tokens, alpha, eos_id, pad_id,
-                        temperature, generator)
+                        temperature, generator, cache, cuda_graphs)
     return Rollout(*(None if x is None else x.clone() for x in vars(out).values()))
 
 
@@ -191,8 +362,9 @@ def response_logits(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
 
 def generate(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, eos_id: int | None = 1, pad_id: int = 0,
-             generator: torch.Generator | None = None) -> Rollout:
+             generator: torch.Generator | None = None, cache: str | None = None,
+             cuda_graphs: bool | None = None) -> Rollout:
     """Sample (``temperature`` > 0) or greedily decode (0) up to ``max_new_tokens`` from one ``model`` for left-padded
-    prompts: :func:`sample_mixed` with α = 0 (``teacher_logprobs`` is ``None``)."""
+    prompts: :func:`sample_mixed` with α = 0 (``teacher_logprobs`` is ``None``; ``cache``/``cuda_graphs`` as there)."""
     return sample_mixed(model, None, prompt_ids, prompt_mask, max_new_tokens, 0.0, eos_id, pad_id, temperature,
-                        generator)
+                        generator, cache, cuda_graphs)
