@@ -98,7 +98,8 @@ class LastCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.save_on_interrupt and threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+            previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._previous_handler = signal.default_int_handler if previous is None else previous  # None: set in C
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_handler is not None:
@@ -115,10 +116,12 @@ class LastCheckpoint(ModelCheckpoint):
         stop = self._interrupt_requested
         if trainer.world_size > 1:  # every rank must stop (and save) at the same step
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop and self._can_save(trainer):
+        if stop:
+            self.interrupted_at, trainer.should_stop = trainer.global_step, True
+            if not self._can_save(trainer):
+                _say(trainer, f"Interrupted at step {trainer.global_step}: nothing to save yet")
+                return
             path = self._save_last_now(trainer)
-            self.interrupted_at = trainer.global_step
-            trainer.should_stop = True
             _say(trainer, f"Interrupted at step {trainer.global_step}: checkpoint saved to {path} "
                           f"(resume with --ckpt_path {path})")
 
