@@ -50,7 +50,7 @@ from optimizers import AdEMAMix
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ademamix" / "quick.yaml"
 MODES = {
     "quick": dict(steps=600, seeds=1, batch_size=16, block_size=64, warmup=None, eval_every=None, adamw_horizon=1.5,
-                  lr_grid=None, lr={"adamw": 4e-3, "ademamix": 2e-3}, val_blocks=64),
+                  lr_grid=None, lr={"adamw": 1e-3, "ademamix": 1e-3}, val_blocks=64),
     "full": dict(steps=3000, seeds=3, batch_size=16, block_size=64, warmup=None, eval_every=None, adamw_horizon=2.0,
                  lr_grid=[1e-3, 2e-3, 4e-3, 8e-3], lr=None, val_blocks=128),
 }

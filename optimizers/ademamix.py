@@ -336,6 +336,11 @@ class AdEMAMix(Optimizer):
         validate_hyperparameters(group["lr"], group["betas"], group["alpha"], group["t_alpha"], group["t_beta3"],
                                  group["eps"], group["weight_decay"])
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # state dicts saved before ``state_dtype`` existed
+            group.setdefault("state_dtype", None)
+
     def load_state_dict(self, state_dict: dict) -> None:
         """``Optimizer.load_state_dict``, except that m1, m2, ν get the dtype of this optimizer's ``state_dtype``
         rule (:func:`state_dtype_for`) from the saved values, not the parameter's dtype (torch's default cast would

@@ -388,6 +388,22 @@ def test_state_dict_round_trip_keeps_the_fp32_state_of_bf16_parameters(path):
     assert torch.equal(resumed.state[r]["exp_avg_slow"], straight.state[p]["exp_avg_slow"])
 
 
+def test_state_dict_saved_before_state_dtype_existed_loads_with_the_default():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    old = AdEMAMix([p], state_dtype="param")
+    p.grad = torch.full_like(p, 0.5)
+    old.step()
+    saved = old.state_dict()
+    for group in saved["param_groups"]:
+        del group["state_dtype"]
+    new = AdEMAMix([p])
+    new.load_state_dict(saved)
+    assert new.param_groups[0]["state_dtype"] is None
+    assert new.state[p]["exp_avg_slow"].dtype == torch.float32  # the default rule, widened losslessly
+    assert torch.equal(new.state[p]["exp_avg_slow"], old.state[p]["exp_avg_slow"].float())
+    new.step()
+
+
 def test_invalid_state_dtype_is_rejected():
     with pytest.raises(ValueError, match="state_dtype"):
         AdEMAMix([torch.nn.Parameter(torch.zeros(1))], state_dtype="int8")
