@@ -102,8 +102,9 @@ def run_loss(args: argparse.Namespace, loss: str, beta: float, seed: int, sft_di
     val = trainer(args, args.steps).validate(module, datamodule=dm, verbose=False)[0]
     prompts = [format_prompt(ex["instruction"], ex["context"]) for ex in eval_examples]
     valid = validity(eval_examples, greedy_answers(module.policy, module.tokenizer, prompts, args.device))
-    return {"val_reward_accuracy": val["val/reward_accuracy"], "val_reward_margin": val["val/reward_margin"],
-            "val_loss": val["val/loss"], "valid_rate": sum(valid) / len(valid),
+    return {"seed": seed, "val_reward_accuracy": val["val/reward_accuracy"],
+            "val_reward_margin": val["val/reward_margin"], "val_loss": val["val/loss"],
+            "valid_rate": sum(valid) / len(valid),
             **win_rate(valid, start_valid), "train_seconds": train_s}
 
 
@@ -114,7 +115,7 @@ def aggregate(runs: list[dict]) -> dict:
     """Mean and sample standard deviation (0 for one seed) over seeds of every metric, plus the raw runs."""
     out: dict = {"per_seed": runs}
     for key in runs[0]:
-        if isinstance(runs[0][key], (int, float)):
+        if key != "seed" and isinstance(runs[0][key], (int, float)):
             values = torch.tensor([float(r[key]) for r in runs], dtype=torch.float64)
             out[key] = values.mean().item()
             out[f"{key}_std"] = values.std().item() if len(runs) > 1 else 0.0
@@ -187,32 +188,45 @@ def main() -> None:
     for beta in betas:
         per_beta = report["results"].setdefault(f"beta={beta:g}", {})
         for loss in losses:
-            runs = [run_loss(args, loss, beta, seed, sft_dir, os.path.join(work, "ref_cache"), eval_examples,
-                             start_valid) for seed in seeds]
-            r = per_beta[loss] = aggregate(runs)
+            by_seed = {run["seed"]: run for run in per_beta.get(loss, {}).get("per_seed", [])}  # from --merge
+            by_seed |= {seed: run_loss(args, loss, beta, seed, sft_dir, os.path.join(work, "ref_cache"),
+                                       eval_examples, start_valid) for seed in seeds}
+            r = per_beta[loss] = aggregate([by_seed[k] for k in sorted(by_seed)])
             print(f"beta {beta:g} {loss:>9}: held-out reward acc {r['val_reward_accuracy']:.3f}"
                   f"±{r['val_reward_accuracy_std']:.3f}  valid {r['valid_rate']:.3f}  win rate vs start "
                   f"{r['win_rate']:.3f}  ({r['train_seconds']:.0f}s/seed)", flush=True)
             anchor = per_beta.get("sigmoid")
             if anchor:  # paired by seed: same batches and dropout draws for every loss
-                report["minus_dpo"][f"beta={beta:g}"] = {
-                    name: {k: aggregate([{k: a[k] - b[k]} for a, b in zip(res["per_seed"], anchor["per_seed"])])[k]
-                           for k in METRICS} for name, res in per_beta.items()}
+                report["minus_dpo"][f"beta={beta:g}"] = {name: paired_difference(res, anchor)
+                                                         for name, res in per_beta.items()}
+            report["settings"]["seeds"] = sorted({run["seed"] for per_loss in report["results"].values()
+                                                  for res in per_loss.values() for run in res["per_seed"]})
             if args.out:  # written after every loss, so an interrupted run keeps what it measured
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))
 
 
+def paired_difference(res: dict, anchor: dict) -> dict:
+    """Mean ± std over the seeds both have of (metric − anchor's metric), for each of :data:`METRICS`."""
+    anchor_runs = {run["seed"]: run for run in anchor["per_seed"]}
+    pairs = [(run, anchor_runs[run["seed"]]) for run in res["per_seed"] if run["seed"] in anchor_runs]
+    diffs = aggregate([{k: a[k] - b[k] for k in METRICS} for a, b in pairs])
+    return {k: v for k, v in diffs.items() if k != "per_seed"} | {"seeds": [a["seed"] for a, _ in pairs]}
+
+
 def merge_report(old: dict, new: dict) -> dict:
-    """``new`` starting from ``old``'s per-β, per-loss results (a loss measured again at a β replaces its entry);
-    both must have the same settings and starting policy, so the columns stay comparable."""
-    if old.get("settings", {}) | {"sft_seconds": None} != new["settings"] | {"sft_seconds": None} or \
-            old.get("start_policy") != new["start_policy"]:
+    """``new`` starting from ``old``'s per-β, per-loss, per-seed runs (a run measured again replaces its entry);
+    both must have the same settings (but the seeds) and starting policy, so the numbers stay comparable. Runs
+    of files written before runs carried their ``seed`` get it from the file's ``settings.seeds``, in order."""
+    ignore = {"sft_seconds": None, "seeds": None}
+    if old.get("settings", {}) | ignore != new["settings"] | ignore or old.get("start_policy") != new["start_policy"]:
         raise SystemExit("--merge: the existing --out file has other settings or another starting policy")
     merged = dict(new)
     merged["commands"] = old["commands"] + new["commands"]
-    merged["results"] = {beta: dict(per_loss) for beta, per_loss in old["results"].items()}
+    merged["results"] = {beta: {loss: res | {"per_seed": [{"seed": seed} | run for seed, run in
+                                                         zip(old["settings"]["seeds"], res["per_seed"])]}
+                                for loss, res in per_loss.items()} for beta, per_loss in old["results"].items()}
     merged["minus_dpo"] = dict(old["minus_dpo"])
     return merged
 
