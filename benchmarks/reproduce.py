@@ -15,11 +15,10 @@ evaluates through the same modules and configs a user runs and returns
   same mode and ``--seeds``) skips those papers, so an interrupted run resumes and loses nothing finished;
 - rewrites ``<out>/results.json`` and ``<out>/report.md`` after every paper (and at the end).
 
-``spread`` is the noise scale of the difference ``ours − baseline``, estimated by the claim module: with several
-seeds the sample standard deviation over seeds of the paired difference (:func:`paired_spread`, as
-``benchmarks.claim_common.claim``), with one seed a within-run sampling standard error of that difference where one
-exists (e.g. :func:`binomial_diff_se` for rates over n evaluation items; for one seed both estimate the same
-thing: how much the difference would move in a rerun), else ``None``.
+``spread`` is the sample standard deviation over training seeds of the paired difference ``ours − baseline``
+(:func:`paired_spread`, as ``benchmarks.claim_common.claim``), ``None`` with one seed. A within-run error (e.g. the
+binomial error of a rate over the evaluation prompts) is not used in its place: it leaves out the training-seed noise,
+which dominates on these small runs, and would turn noise into verdicts.
 """
 
 from __future__ import annotations
@@ -46,10 +45,9 @@ CLAIM_MODULES = {key: f"benchmarks.claim_{key}" for key in PAPERS}
 CLAIM_FIELDS = ("claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better", "spread")
 VERDICT_RULE = (
     "d = ours − baseline (baseline − ours when lower is better); spread s = the sample standard deviation over "
-    "seeds of the paired difference (one seed: a within-run sampling standard error of the difference). "
-    "**reproduced** if d > 2s, **not reproduced** if d < −2s, "
-    "otherwise **inconclusive**; with no noise estimate (s = null, e.g. one seed and no sampling error) always "
-    "**inconclusive**. s = 0 is only reported for exact (noise-free) computations.")
+    "training seeds of the paired difference. **reproduced** if d > 2s, **not reproduced** if d < −2s, otherwise "
+    "**inconclusive**; with one seed (s = null: no estimate of the seed-to-seed noise, and an evaluation-only error "
+    "would leave that noise out) always **inconclusive**.")
 Progress = Callable[[str, float | None], None]
 
 
@@ -82,14 +80,6 @@ def paired_spread(ours: Sequence[float], baseline: Sequence[float]) -> float | N
     if len(ours) < 2:
         return None
     return statistics.stdev(o - b for o, b in zip(ours, baseline))
-
-
-def binomial_diff_se(p_ours: float, p_baseline: float, n_ours: int, n_baseline: int | None = None) -> float:
-    """Standard error of the difference of two rates over independent items: √(p₁(1−p₁)/n₁ + p₂(1−p₂)/n₂)."""
-    n_baseline = n_ours if n_baseline is None else n_baseline
-    if n_ours < 1 or n_baseline < 1:
-        raise ValueError(f"binomial_diff_se needs n >= 1, got {n_ours} and {n_baseline}")
-    return math.sqrt(p_ours * (1 - p_ours) / n_ours + p_baseline * (1 - p_baseline) / n_baseline)
 
 
 # ----------------------------------------------------------------------------------------------- environment

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import reproduce
-from benchmarks.reproduce import binomial_diff_se, paired_spread, verdict
+from benchmarks.reproduce import paired_spread, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def fakes(tmp_path, monkeypatch):
     (133.0, 182.0, False, 30.0, "inconclusive"),   # d = 49 < 60
     (0.80, 0.70, True, None, "inconclusive"),      # no noise estimate: never a verdict either way
     (0.10, 0.90, True, None, "inconclusive"),
-    (0.044, 0.5, False, 0.0, "reproduced"),        # exact computation: any difference counts
+    (0.044, 0.5, False, 0.0, "reproduced"),        # identical paired differences over seeds
     (0.5, 0.5, True, 0.0, "inconclusive"),
     (float("nan"), 0.5, True, 0.1, "inconclusive"),
 ])
@@ -89,15 +89,12 @@ def test_verdict_rejects_negative_spread():
         verdict(1.0, 0.0, True, -0.1)
 
 
-def test_spread_estimators_by_hand():
+def test_paired_spread_by_hand():
     # differences 1, 2, 4: mean 7/3, sample variance ((4/3)² + (1/3)² + (5/3)²)/2 = 7/3
     assert paired_spread([1.0, 3.0, 5.0], [0.0, 1.0, 1.0]) == pytest.approx(math.sqrt(7 / 3))
     assert paired_spread([0.7], [0.6]) is None
     with pytest.raises(ValueError, match="paired_spread"):
         paired_spread([1.0, 2.0], [1.0])
-    # √(0.25/100 + 0.25/100)
-    assert binomial_diff_se(0.5, 0.5, 100) == pytest.approx(0.0707107, rel=1e-5)
-    assert binomial_diff_se(0.9, 0.6, 100, 50) == pytest.approx(math.sqrt(0.09 / 100 + 0.24 / 50))
 
 
 # ------------------------------------------------------------------------------------- failure isolation, schema
@@ -225,15 +222,6 @@ def test_render_results_table_by_hand():
         "| qdpo | failed: ValueError: a\\|b c | | | | |"]  # a pipe or newline must not break the table
 
 
-def test_alignment_error_se_by_hand():
-    from benchmarks.claim_radt import alignment_error_se
-
-    # target 0: returns 1, 3 (sample var 2); target 1: 2, 2 (var 0): √((2/2 + 0/2)) / 2 targets = 0.5
-    assert alignment_error_se([[1.0, 3.0], [2.0, 2.0]]) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="episodes"):
-        alignment_error_se([[1.0], [2.0]])
-
-
 def test_discopop_claim_module_runs_tiny(tmp_path, monkeypatch):
     """The DiscoPOP claim end to end through its real modules, at a tiny size (2 SFT steps, 2 steps per loss)."""
     from benchmarks import claim_discopop
@@ -245,8 +233,8 @@ def test_discopop_claim_module_runs_tiny(tmp_path, monkeypatch):
     (claim,) = result["claims"]
     assert claim["baseline_name"] == "DPO (sigmoid)" and claim["higher_is_better"] is True
     assert result["settings"]["held_out_pairs"] == 20 and result["settings"]["beta"] == 0.05
-    # reward accuracies are fractions of the 20 held-out pairs; one seed: binomial standard error
+    # reward accuracies are fractions of the 20 held-out pairs; one training seed: no spread
     assert {round(claim["ours"] * 20, 6) % 1, round(claim["baseline"] * 20, 6) % 1} == {0}
-    assert claim["spread"] == pytest.approx(binomial_diff_se(claim["ours"], claim["baseline"], 20))
+    assert claim["spread"] is None
     assert [f for _, f in messages] == [0.0, 0.0, 0.5]
     assert (tmp_path / "tb" / "discopop" / "seed0").is_dir()
