@@ -115,7 +115,7 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_result():
             "--data.init_args.max_documents", "40", "--data.init_args.block_size", "32",
             "--data.init_args.batch_size", "4", *COMMON, "--trainer.max_steps", str(steps),
             "--trainer.val_check_interval", str(save_at)]
-    killed = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args, *_checkpoints(save_at, "killed")],
+    killed = subprocess.Popen([sys.executable, "-m", "cli", *args, *_checkpoints(save_at, "killed")],
                               env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -311,7 +311,7 @@ def test_validate_config_under_two_process_ddp_logs_probes_once(tmp_path):
     import sys
 
     entry = Path(sys.executable).parent / "litpapers"
-    launcher = [str(entry)] if entry.exists() else [sys.executable, str(ROOT / "cli.py")]
+    launcher = [str(entry)] if entry.exists() else [sys.executable, "-m", "cli"]
     cmd = [*launcher, "validate", "--config", str(ROOT / "configs/probes/probe_local_model.yaml"),
            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",

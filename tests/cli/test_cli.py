@@ -62,7 +62,7 @@ def _run_cli(args: list[str], out: Path, timeout: int = 240) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     # DDP re-launches this command line for rank 1, so it must be a real script, not `python -c`.
     entry = Path(sys.executable).parent / "litpapers"
-    launcher = [str(entry)] if entry.exists() else [sys.executable, str(ROOT / "cli.py")]
+    launcher = [str(entry)] if entry.exists() else [sys.executable, "-m", "cli"]
     cmd = [*launcher, *args,
            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

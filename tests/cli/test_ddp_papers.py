@@ -49,7 +49,7 @@ def test_paper_config_trains_under_two_process_ddp(name, tmp_path):
         save_pretrained_with_tokenizer(load_causal_lm(TINY, vocab_size=259, seed=i), byte_tokenizer(), target)
     config, extra = CASES[name]
     entry = Path(sys.executable).parent / "litpapers"  # DDP re-launches the command line: a real script
-    launcher = [str(entry)] if entry.exists() else [sys.executable, str(ROOT / "cli.py")]
+    launcher = [str(entry)] if entry.exists() else [sys.executable, "-m", "cli"]
     cmd = [*launcher, "fit", "--config", str(ROOT / config), *extra, "--trainer.accelerator", "cpu",
            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "4",
            "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",

@@ -27,7 +27,7 @@ def _main(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
 
 def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     environment = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **env)
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", *args], cwd=cwd, env=environment,
+    return subprocess.run([sys.executable, "-m", "cli", "fit", *args], cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=300)
 
 

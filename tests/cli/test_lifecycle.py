@@ -132,7 +132,7 @@ def _env() -> dict:
 
 
 def test_ctrl_c_finishes_the_step_saves_last_ckpt_and_says_where(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "fit", "--config", QUICK, "--trainer.max_steps",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "fit", "--config", QUICK, "--trainer.max_steps",
                              "100000", "--trainer.val_check_interval", "100000", *FAST], cwd=tmp_path, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

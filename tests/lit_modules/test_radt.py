@@ -330,7 +330,7 @@ def test_radt_fit_and_validate_under_two_process_ddp(root, tmp_path):
     probe = tmp_path / "probe"
     probe.mkdir()
     entry = Path(sys.executable).parent / "litpapers"
-    launcher = [str(entry)] if entry.exists() else [sys.executable, str(root / "cli.py")]
+    launcher = [str(entry)] if entry.exists() else [sys.executable, "-m", "cli"]
     cmd = [*launcher, "fit", *common, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
            "--trainer.strategy", "ddp", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
            "--trainer.logger.init_args.save_dir", str(tmp_path / "ddp"),
