@@ -5,7 +5,7 @@ lower than Decision Transformer's; removing either of its two components (SeqRA,
 Experiment: ``benchmarks.radt_table.run_one`` trains each variant with the same recipe on the built-in scripted
 dataset and evaluates it with ``callbacks.ReturnAlignmentEval`` (7 targets from the 5th to the 95th return
 percentile, 10 episodes each, the same seeded episodes for every model). Quick: RADT vs DT on HalfCheetah, one
-seed (~3 min of CPU per model, so its verdict is inconclusive: the numbers and the figure show the direction);
+seed (~1.5 min of CPU per model, so its verdict is inconclusive: the numbers and the figure show the direction);
 full: HalfCheetah and Swimmer, 3 training seeds, plus both ablations.
 """
 
