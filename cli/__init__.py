@@ -139,10 +139,23 @@ def error_line(error: BaseException) -> str:
     return f"error: {message}"
 
 
+#: Subcommands that are not Lightning's: name -> (module, one-line help). Each module has ``main(argv) -> int``.
+TOOLS = {"reproduce": ("cli.reproduce", "run every paper's claim test and write report.md + results.json"),
+         "discover": ("lit_modules.discovery", "DiscoPOP's discovery loop: LLM-proposed preference losses")}
+
+
 def main() -> None:
-    """Console entry point: ``litpapers fit|validate|test|predict --config FILE``.
+    """Console entry point: ``litpapers fit|validate|test|predict --config FILE``, ``litpapers reproduce ...`` and
+    ``litpapers discover ...`` (see :data:`TOOLS`).
 
     Exits 130 after a Ctrl-C that saved a checkpoint; our own errors print one ``error: ...`` line last."""
+    if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
+        import importlib
+
+        sys.exit(importlib.import_module(TOOLS[sys.argv[1]][0]).main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        print("litpapers: Lightning subcommands below, plus\n" + "\n".join(
+            f"  {name:<12}{text}  (litpapers {name} --help)" for name, (_, text) in TOOLS.items()) + "\n")
     try:
         cli = build_cli()
     except Exception as e:
