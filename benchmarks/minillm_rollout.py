@@ -2,14 +2,17 @@
 teacher forward over its output (what a sampler without mixing needs for the rewards).
 
     python -m benchmarks.minillm_rollout [--device cpu|cuda] [--quick] [--size tiny|100m] [--no-train-step]
+                                         [--caches static,dynamic] [--out FILE]
 
 Both sides: same random-init Llama student/teacher (config dicts), same left-padded prompt batch, the same
 number of new tokens (``eos_token_id=None`` on ``generate`` and ``eos_id=None`` in ours, so no sequence stops
 early), sampling at temperature 1 with no top-k/top-p (``generate``: ``torch.multinomial``; ours: inverse-CDF
 draws, the same distribution), fp32 on CPU / ``--dtype`` on CUDA,
 ``torch.inference_mode``. Ours additionally samples from the α = 0.2 teacher-student mixture and returns the teacher's
-and the mixture's log-probs of every token. Prints one JSON object with the median tokens/s of each side and
-the ratio ours/anchor.
+and the mixture's log-probs of every token. Each sampler path (``--caches``: ``static`` = StaticCache, with CUDA
+graphs on CUDA; ``dynamic`` = the eager reference) is timed teacher-mixed against ``generate`` + one teacher forward
+and student-only (α = 0, no teacher) against ``generate`` alone, all sides interleaved in one run. Prints one JSON
+object with the median tokens/s of each side and the ratios ours/anchor.
 
 Training step (when ``trl`` is installed): TRL's ``GKDTrainer`` (λ = 1 on-policy, β = 1 reverse KL,
 ``bf16=False``, ``gradient_checkpointing=False``, AdamW) vs ``MiniLLM(objective="gkd", gkd_beta=1)`` in a
@@ -26,6 +29,7 @@ import statistics
 import time
 
 import torch
+import transformers
 
 from lit_modules.hf import load_causal_lm, resolve_dtype
 from lit_modules.sampling import sample_mixed
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     ap.add_argument("--no-train-step", action="store_true", help="skip the training-step comparison")
+    ap.add_argument("--caches", default="static,dynamic", help="sampler paths to time (comma-separated)")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     size = args.size or ("100m" if device.type == "cuda" else "tiny")
@@ -98,37 +104,51 @@ def main(argv: list[str] | None = None) -> dict:
         mask[i, : args.prompt_len - n] = 0
 
     @torch.inference_mode()  # as ours: sample_mixed runs under inference_mode
+    def anchor_generate():
+        return student.generate(input_ids=prompts, attention_mask=mask, do_sample=True, max_new_tokens=new_tokens,
+                                eos_token_id=None, pad_token_id=0, top_k=0, top_p=1.0, temperature=1.0)
+
+    @torch.inference_mode()
     def anchor():
-        out = student.generate(input_ids=prompts, attention_mask=mask, do_sample=True, max_new_tokens=new_tokens,
-                               eos_token_id=None, pad_token_id=0, top_k=0, top_p=1.0, temperature=1.0)
+        out = anchor_generate()
         full_mask = torch.cat([mask, torch.ones_like(out[:, prompts.shape[1]:])], dim=1)
         teacher(input_ids=out, attention_mask=full_mask)
 
-    def ours():
-        sample_mixed(student, teacher, prompts, mask, new_tokens, alpha=args.alpha, eos_id=None, pad_id=0)
-
-    def ours_student_only():
-        sample_mixed(student, None, prompts, mask, new_tokens, alpha=0.0, eos_id=None, pad_id=0)
+    def ours(cache: str, mixed: bool):
+        return lambda: sample_mixed(student, teacher if mixed else None, prompts, mask, new_tokens,
+                                    alpha=args.alpha if mixed else 0.0, eos_id=None, pad_id=0, cache=cache)
 
     tokens = batch * new_tokens
-    times = _time_interleaved({"anchor_generate_plus_teacher_forward": anchor, "ours_teacher_mixed": ours,
-                               "ours_student_only_alpha0": ours_student_only}, device, repeats)
+    sides = {"anchor_generate_plus_teacher_forward": anchor, "anchor_generate": anchor_generate}
+    for cache in args.caches.split(","):
+        sides[f"ours_teacher_mixed_{cache}"] = ours(cache, True)
+        sides[f"ours_student_only_{cache}"] = ours(cache, False)
+    times = _time_interleaved(sides, device, repeats)
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
+    ratios = {}
+    for cache in args.caches.split(","):
+        ratios[f"teacher_mixed_{cache}_vs_generate_plus_teacher_forward"] = (
+            tps[f"ours_teacher_mixed_{cache}"] / tps["anchor_generate_plus_teacher_forward"])
+        ratios[f"student_only_{cache}_vs_generate"] = tps[f"ours_student_only_{cache}"] / tps["anchor_generate"]
     result = {
         "benchmark": "minillm_rollout", "device": str(device),
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({args.threads} threads)",
+        "torch": torch.__version__, "transformers": transformers.__version__,
         "settings": {"size": size, "student_params": sum(p.numel() for p in student.parameters()),
                      "teacher_params": sum(p.numel() for p in teacher.parameters()), "batch": batch,
                      "prompt_len": args.prompt_len, "new_tokens": new_tokens, "alpha": args.alpha,
                      "dtype": str(dtype), "repeats": repeats, "sampling": "T=1, no top-k/top-p",
-                     "anchor": "student.generate(do_sample, eos_token_id=None) + 1 teacher forward"},
-        "seconds": times, "tokens_per_s_median": tps,
-        "ratio_ours_vs_anchor": tps["ours_teacher_mixed"] / tps["anchor_generate_plus_teacher_forward"],
-        "ratio_student_only_vs_anchor": tps["ours_student_only_alpha0"] / tps["anchor_generate_plus_teacher_forward"],
+                     "anchors": "student.generate(do_sample, eos_token_id=None) [+ 1 teacher forward]",
+                     "ours": "sample_mixed(cache=static: StaticCache + CUDA graphs on cuda, no graphs on cpu; "
+                             "cache=dynamic: the eager reference path)"},
+        "seconds": times, "tokens_per_s_median": tps, "ratios": ratios,
     }
     if not args.no_train_step:
         result["train_step"] = train_step_comparison(s_cfg, t_cfg, device, batch, 16, 12 if args.quick else 30)
     print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
     return result
 
 
