@@ -165,10 +165,11 @@ class RADT(ReturnConditionedPolicy):
     """
 
     def __init__(self, state_dim: int | None = None, act_dim: int | None = None, discrete: bool | None = None,
-                 seqra: bool = True, stepra: bool = True, timestep_embedding: str = "sinusoid", embed_dim: int = 128, n_layers: int = 3, n_heads: int = 1,
+                 seqra: bool = True, stepra: bool = True, embed_dim: int = 128, n_layers: int = 3, n_heads: int = 1,
                  dropout: float = 0.1, context_len: int = 20, max_timestep: int = 1000, rtg_scale: float = 1000.0,
                  lr: float = 1e-4, weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
-                 warmup_steps: int = 10_000, lr_decay: str = "constant", min_lr_ratio: float = 0.1):
+                 warmup_steps: int = 10_000, lr_decay: str = "constant", min_lr_ratio: float = 0.1,
+                 timestep_embedding: str = "sinusoid"):
         super().__init__(state_dim, act_dim, discrete, embed_dim, n_layers, n_heads, dropout, context_len,
                          max_timestep, rtg_scale, lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio)
         if not (seqra or stepra):
