@@ -1,12 +1,12 @@
 """DPO training throughput: ``lit_modules.DPO`` (Lightning Trainer) vs TRL's ``DPOTrainer``, same model and data.
 
-    python -m benchmarks.dpo_throughput [--device cpu|cuda] [--quick]
+    python -m benchmarks.dpo_throughput [--device cpu|cuda] [--quick] [--precision 32-true|bf16-mixed] [--out FILE]
 
 Both sides train the same tiny Llama (identical initial weights, byte-level tokenizer) with the sigmoid (DPO)
 loss, β = 0.1, on the same built-in preference pairs (prompts padded to a fixed length with a constant prefix,
-so every batch has about the same sequence length), batch size, fp32 weights and compute, AdamW (torch,
-non-fused; lr 1e-5 constant, β (0.9, 0.999), no weight decay), gradient clipping at 1.0, no gradient
-checkpointing, no bf16/fp16, one process, no dataloader workers. TRL: ``DPOConfig(bf16=False, fp16=False,
+so every batch has about the same sequence length), batch size, fp32 weights and (by default) fp32 compute, AdamW
+(torch, non-fused; lr 1e-5 constant, β (0.9, 0.999), no weight decay), gradient clipping at 1.0, no gradient
+checkpointing, one process, no dataloader workers. TRL: ``DPOConfig(bf16=False, fp16=False,
 gradient_checkpointing=False, optim="adamw_torch", lr_scheduler_type="constant", max_grad_norm=1.0,
 report_to="none")``; ours: ``Trainer(precision="32-true", gradient_clip_val=1.0, logger=False)``.
 
@@ -18,6 +18,12 @@ rotating each round); medians are
 reported, with ratios against TRL measured in the same run. With ``precompute_ref_logps`` (both sides'
 option) the reference forward is done once up front. Peak memory: the process's peak RSS (CPU) or
 ``torch.cuda.max_memory_allocated`` during training (CUDA). Without ``trl`` installed the TRL sides are skipped.
+
+``--precision bf16-mixed`` trains both sides under bf16 autocast (fp32 weights; TRL ``bf16=True``, ours
+``Trainer(precision="bf16-mixed")``). Throughput is also given as tokens/s (pairs/s × the records' mean tokens per
+pair: prompt + chosen + EOS and prompt + rejected + EOS) and, on a GPU in :data:`PEAK_BF16_TFLOPS`, as model FLOPs
+utilisation MFU = 6·N·tokens/s / peak dense bf16 FLOP/s (N = policy parameters; the reference forward, 2·N per
+token when not precomputed, is not counted: ``mfu_incl_reference_forward`` counts it).
 """
 
 from __future__ import annotations
@@ -35,6 +41,30 @@ import tempfile
 import time
 
 SIDES = ("ours", "ours_precompute", "trl", "trl_precompute")
+# dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name (first match);
+# NVIDIA datasheets: H100 SXM / H200 989.4, H100 PCIe 756, A100 312, L40S 362
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0))
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of the card named ``device_name`` (``None`` when it is not in the table)."""
+    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS if key in device_name), None)
+
+
+def mfu(n_params: int, tokens_per_s: float, peak_flops: float, flops_per_param_token: int = 6) -> float:
+    """Model FLOPs utilisation = flops_per_param_token · N · tokens/s / peak (6 = forward 2 + backward 4 per
+    parameter and token; Kaplan et al. 2020 §2.1, PaLM App. B)."""
+    return flops_per_param_token * n_params * tokens_per_s / peak_flops
+
+
+def tokens_per_pair(records: list[dict]) -> float:
+    """Mean tokens a pair puts through the policy: prompt + chosen + EOS and prompt + rejected + EOS (byte
+    tokenizer: one token per byte)."""
+    from lit_modules.hf import byte_tokenizer
+
+    tok = byte_tokenizer()
+    n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    return statistics.mean(2 * n(r["prompt"]) + n(r["chosen"]) + n(r["rejected"]) + 2 for r in records)
 PREFIX = "You are a careful assistant. Answer with the answer only, nothing else, please.\n"
 
 
@@ -71,12 +101,13 @@ def _peak(device: str) -> dict:
     return out
 
 
-def _result(times: list[float], args: argparse.Namespace, precompute_s: float | None) -> dict:
+def _result(times: list[float], args: argparse.Namespace, precompute_s: float | None, model) -> dict:
     elapsed = times[-1] - times[args.warmup - 1]
     import torch
 
     return {"pairs_per_s": args.steps * args.batch / elapsed, "seconds": elapsed, "precompute_s": precompute_s,
-            "threads_during_training": torch.get_num_threads(), **_peak(args.device)}
+            "threads_during_training": torch.get_num_threads(),
+            "policy_params": sum(p.numel() for p in model.parameters()), **_peak(args.device)}
 
 
 def run_ours(args: argparse.Namespace, precompute: bool) -> dict:
@@ -107,12 +138,12 @@ def run_ours(args: argparse.Namespace, precompute: bool) -> dict:
     module = DPO(model=settings(args), loss="sigmoid", beta=0.1, lr=1e-5, lr_decay="constant",
                  precompute_ref_logps=precompute, ref_cache_dir=tempfile.mkdtemp())
     timer = StepTimer()
-    trainer = L.Trainer(max_steps=n_steps, accelerator=args.device, devices=1, precision="32-true", logger=False,
+    trainer = L.Trainer(max_steps=n_steps, accelerator=args.device, devices=1, precision=args.precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
-    return _result(timer.times, args, timer.start - t0 if precompute else None)
+    return _result(timer.times, args, timer.start - t0 if precompute else None, module.policy)
 
 
 def run_trl(args: argparse.Namespace, precompute: bool) -> dict:
@@ -140,7 +171,8 @@ def run_trl(args: argparse.Namespace, precompute: bool) -> dict:
     model = load_causal_lm(settings(args), vocab_size=len(tokenizer), seed=0)
     config = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=n_steps,
                        learning_rate=1e-5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-                       optim="adamw_torch", beta=0.1, loss_type=["sigmoid"], bf16=False, fp16=False,
+                       optim="adamw_torch", beta=0.1, loss_type=["sigmoid"], fp16=False,
+                       bf16=args.precision == "bf16-mixed",
                        gradient_checkpointing=False, precompute_ref_log_probs=precompute, max_length=None,
                        report_to="none", logging_steps=10**6, save_strategy="no", disable_tqdm=True,
                        dataloader_num_workers=0, use_cpu=args.device == "cpu", seed=0)
@@ -151,7 +183,7 @@ def run_trl(args: argparse.Namespace, precompute: bool) -> dict:
                          train_dataset=Dataset.from_list(make_records(n_steps * args.batch, args.prompt_bytes)))
     precompute_s = time.perf_counter() - t0 if precompute else None  # includes TRL's tokenization map
     trainer.train()
-    return _result(timer.times, args, precompute_s)
+    return _result(timer.times, args, precompute_s, model)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -178,6 +210,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default 1 on CPU: on a shared machine more threads oversubscribe "
                         "the cores and swamp the timings; 0 = torch default)")
+    p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak dense bf16 TFLOP/s for the MFU (default: looked up from the GPU's name)")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = p.parse_args()
     size = (128, 2, 10, 2) if args.quick else ((256, 4, 20, 4) if args.device == "cpu" else (512, 6, 50, 4))
@@ -196,7 +232,8 @@ def main() -> None:
     except ImportError:
         sides = tuple(s for s in SIDES if not s.startswith("trl"))
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                 if k in ("device", "hidden", "layers", "batch", "prompt_bytes", "steps", "warmup", "threads")]
+                 if k in ("device", "hidden", "layers", "batch", "prompt_bytes", "steps", "warmup", "threads",
+                          "precision")]
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     for r in range(args.repeats):
@@ -223,18 +260,37 @@ def main() -> None:
     ratios["ours_precompute_vs_ours"] = summary["ours_precompute"]["pairs_per_s"] / summary["ours"]["pairs_per_s"]
     import torch
 
-    print(json.dumps({
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (
+        peak_bf16_flops(gpu) if gpu and args.precision == "bf16-mixed" else None)
+    per_pair = tokens_per_pair(make_records((args.warmup + args.steps) * args.batch, args.prompt_bytes))
+    for s, row in summary.items():
+        row["tokens_per_s"] = row["pairs_per_s"] * per_pair
+        if peak:
+            row["mfu"] = mfu(row["policy_params"], row["tokens_per_s"], peak)
+            row["mfu_incl_reference_forward"] = mfu(row["policy_params"], row["tokens_per_s"], peak,
+                                                    6 if s.endswith("precompute") else 8)
+    result = {
         "benchmark": "dpo_throughput", "device": args.device, "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "gpu": gpu,
+        "peak_bf16_tflops": None if peak is None else peak / 1e12,
+        "mfu": "6·N·tokens/s / peak dense bf16" if peak else f"skipped: needs --precision bf16-mixed on a GPU in "
+                                                              f"PEAK_BF16_TFLOPS or --peak-tflops (got {gpu or 'cpu'})",
+        "trl": "run" if "trl" in summary else "skipped: trl is not importable",
         "settings": {"model": settings(args) | {"vocab_size": 259, "model_type": "llama"}, "batch_pairs": args.batch,
                      "prompt_tokens": args.prompt_bytes, "response_tokens": "1-8 (+EOS)", "steps": args.steps,
-                     "warmup": args.warmup, "repeats": args.repeats, "precision": "fp32", "torch_threads": args.threads,
+                     "tokens_per_pair": per_pair, "warmup": args.warmup, "repeats": args.repeats,
+                     "precision": args.precision, "torch_threads": args.threads,
                      "optimizer": "torch AdamW (non-fused), lr 1e-5 constant, clip 1.0",
-                     "trl": "DPOConfig(bf16=False, fp16=False, gradient_checkpointing=False, optim='adamw_torch')",
-                     "ours": "lit_modules.DPO + Lightning Trainer(precision='32-true', logger=False)"},
+                     "trl": f"DPOConfig(bf16={args.precision == 'bf16-mixed'}, fp16=False, "
+                            "gradient_checkpointing=False, optim='adamw_torch')",
+                     "ours": f"lit_modules.DPO + Lightning Trainer(precision={args.precision!r}, logger=False)"},
         "median": summary, "ratios": ratios, "raw": runs,
-    }))
+    }
+    print(json.dumps(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
