@@ -5,8 +5,8 @@ AdEMAMix vs AdamW at equal steps on a token stream that never repeats.
 
 Setup (PAPERS.md §5, "a fair small-scale test"): the tiny byte-level Llama of ``configs/ademamix/quick.yaml``
 (hidden 64, 2 layers); training data read once, in order, never repeated: the built-in corpus
-(``pydoc_data.topics``) followed by CPython's standard-library sources (documents shuffled with a fixed seed, each
-followed by EOS, packed into blocks); held-out documents give the validation set, the forgetting-probe batch and a
+(``pydoc_data.topics``) and CPython's standard-library sources (all documents shuffled together with a fixed seed,
+each followed by EOS, packed into blocks); held-out documents give the validation set, the forgetting-probe batch and a
 fresh control batch. Same model init, batches and schedule for both optimizers: linear warm-up then a constant
 learning rate (a cosine schedule ties the loss curve to the run length; with a constant one, a single longer AdamW
 run gives AdamW's loss at every step count), weight decay 0.1 on matrices, gradient clipping 1.0. AdEMAMix:
@@ -52,7 +52,7 @@ MODES = {
     "quick": dict(steps=600, seeds=1, batch_size=16, block_size=64, warmup=None, eval_every=None, adamw_horizon=1.5,
                   lr_grid=None, lr={"adamw": 1e-3, "ademamix": 1e-3}, val_blocks=64),
     "full": dict(steps=3000, seeds=3, batch_size=16, block_size=64, warmup=None, eval_every=None, adamw_horizon=2.0,
-                 lr_grid=[1e-3, 2e-3, 4e-3, 8e-3], lr=None, val_blocks=128),
+                 lr_grid=[2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3], lr=None, val_blocks=128),
 }
 OPTIMIZERS = ("ademamix", "adamw")
 
@@ -64,46 +64,47 @@ def stdlib_paths() -> list[pathlib.Path]:
     return [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.relative_to(root).parts]
 
 
-def read_documents(paths: list[pathlib.Path]) -> Iterator[tuple[str, str]]:
-    """(path, text) of each UTF-8 file in order, lazily; files that are not UTF-8 are skipped."""
-    for path in paths:
+def read_documents(docs: list[str | pathlib.Path]) -> Iterator[str]:
+    """Each document's text in order, lazily: a ``str`` is the text, a path is read (non-UTF-8 files skipped)."""
+    for doc in docs:
+        if isinstance(doc, str):
+            yield doc
+            continue
         try:
-            yield str(path), path.read_text(encoding="utf-8")
+            yield doc.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
 
 
 def token_stream(tokenizer, num_train_blocks: int, num_heldout_blocks: int, block_size: int,
                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held-out) blocks of ``block_size`` tokens. Documents (pydoc topics, then the stdlib sources) are
-    shuffled within each source with ``seed``; every 20th document is held out; the rest are packed in order.
+    """(train, held-out) blocks of ``block_size`` tokens. All documents (pydoc topics and stdlib sources) are
+    shuffled together with ``seed`` (so the stream's distribution does not change along the run, and the held-out
+    side has the same mix); every 20th document is held out; the rest are packed in order.
     No document (hence no block) occurs twice, so training reads the stream once. Files are read and tokenized
     only as far as needed. ``ValueError`` when the built-in text is too short for the requested sizes (checked
     first against its size in bytes, an upper bound on the tokens of a byte-level or subword tokenizer)."""
-    rng = random.Random(seed)
-    pydoc, paths = builtin_documents(), stdlib_paths()
-    rng.shuffle(pydoc)
-    rng.shuffle(paths)
-    available = sum(len(text.encode()) for _, text in pydoc) + sum(p.stat().st_size for p in paths)
+    pydoc, paths = [text for _, text in builtin_documents()], stdlib_paths()
+    available = sum(len(text.encode()) for text in pydoc) + sum(p.stat().st_size for p in paths)
     if (num_train_blocks + num_heldout_blocks) * block_size > available:
         raise ValueError(f"built-in text has at most {available} tokens; {num_train_blocks} train + "
                          f"{num_heldout_blocks} held-out blocks of {block_size} tokens need more (lower steps or "
                          "batch_size)")
-    sources = [pydoc, read_documents(paths)]
+    docs: list[str | pathlib.Path] = [*pydoc, *paths]
+    random.Random(seed).shuffle(docs)
     train_ids: list[list[int]] = []
     heldout_ids: list[list[int]] = []
     counts = [0, 0]
     needs = [num_train_blocks * block_size, num_heldout_blocks * block_size]
-    for docs in sources:
-        for i, (_, text) in enumerate(docs):
-            side = 1 if i % 20 == 0 else 0
-            if counts[side] >= needs[side] * 1.05 + block_size:
-                if counts[1 - side] >= needs[1 - side] * 1.05 + block_size:
-                    break
-                continue
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            (heldout_ids if side else train_ids).append(ids)
-            counts[side] += len(ids) + 1
+    for i, text in enumerate(read_documents(docs)):
+        side = 1 if i % 20 == 0 else 0
+        if counts[side] >= needs[side] * 1.05 + block_size:
+            if counts[1 - side] >= needs[1 - side] * 1.05 + block_size:
+                break
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        (heldout_ids if side else train_ids).append(ids)
+        counts[side] += len(ids) + 1
     train = pack_blocks(train_ids, block_size, tokenizer.eos_token_id)
     heldout = pack_blocks(heldout_ids, block_size, tokenizer.eos_token_id)
     if len(train) < num_train_blocks or len(heldout) < num_heldout_blocks:
@@ -246,8 +247,8 @@ def run(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Callable[
     s.update(lr=lrs, beta3=beta3_for(T), alpha=5.0, t_alpha=T, t_beta3=T, adamw_betas=[0.9, 0.999],
              schedule=f"linear warm-up over {s['warmup']} steps, then constant", weight_decay=0.1,
              config=str(CONFIG.relative_to(CONFIG.parents[2])), tokens_per_step=s["batch_size"] * s["block_size"],
-             data="pydoc_data.topics then CPython stdlib sources, read once (no repetition); held-out documents "
-                  "for validation/probe/control",
+             data="pydoc_data.topics and CPython stdlib sources shuffled together, read once (no repetition); "
+                  "held-out documents for validation/probe/control",
              spread="sample std over seeds of the paired difference ours - baseline (None for one seed)",
              lr_source="grid (seed 0, T steps)" if s["lr_grid"] else "MODES['quick'] (full-mode grid winners)")
     measurements = {"lr_grid": {f"{n}/{lr:g}": v for (n, lr), v in grid.items()},

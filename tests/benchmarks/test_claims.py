@@ -48,14 +48,25 @@ def test_beta3_timescale_is_a_fifth_of_the_run():
     assert 1 / (1 - claim_ademamix.beta3_for(3000)) == pytest.approx(600)
 
 
-def test_token_stream_never_repeats_a_block_and_holds_out_documents():
-    train, heldout = claim_ademamix.token_stream(byte_tokenizer(), 400, 40, 64)
-    assert train.shape == (400, 64) and heldout.shape == (40, 64)
-    rows = {tuple(r) for r in train.tolist()}
-    assert len(rows) == 400  # every training block distinct: the stream is read once
-    assert not rows & {tuple(r) for r in heldout.tolist()}
+def test_token_stream_reads_each_document_once_and_holds_out_every_twentieth(monkeypatch, tmp_path):
+    # 60 distinct documents (40 built-in texts + 20 files), 12 byte tokens + EOS each: 60 * 13 = 780 tokens.
+    texts = [f"<doc {i:03d}>" + "x" * 3 for i in range(40)]
+    files = []
+    for i in range(40, 60):
+        files.append(tmp_path / f"m{i}.py")
+        files[-1].write_text(f"<doc {i:03d}>" + "x" * 3)
+    monkeypatch.setattr(claim_ademamix, "builtin_documents", lambda: [(f"t{i}", t) for i, t in enumerate(texts)])
+    monkeypatch.setattr(claim_ademamix, "stdlib_paths", lambda: files)
+    tok = byte_tokenizer()
+    train, heldout = claim_ademamix.token_stream(tok, 30, 3, 13)  # whole documents: one per block
+    train_docs = [tok.decode(row, skip_special_tokens=True) for row in train.tolist()]
+    held_docs = [tok.decode(row, skip_special_tokens=True) for row in heldout.tolist()]
+    assert len(set(train_docs)) == 30 and not set(train_docs) & set(held_docs)  # no document twice
+    assert all(d.startswith("<doc ") for d in train_docs + held_docs)
+    assert len({d[5:8] for d in train_docs} | {d[5:8] for d in held_docs}) == 33
+    assert any(int(d[5:8]) >= 40 for d in train_docs) and any(int(d[5:8]) < 40 for d in train_docs)  # mixed
     with pytest.raises(ValueError, match="held-out blocks"):  # fails before reading any file
-        claim_ademamix.token_stream(byte_tokenizer(), 10 ** 8, 1, 64)
+        claim_ademamix.token_stream(tok, 10 ** 6, 1, 13)
 
 
 def test_bad_mode_is_rejected(tmp_path):
