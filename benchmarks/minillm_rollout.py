@@ -27,6 +27,7 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 
 import torch
 import transformers
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
     for cache in args.caches.split(","):
         sides[f"ours_teacher_mixed_{cache}"] = ours(cache, True)
         sides[f"ours_student_only_{cache}"] = ours(cache, False)
-    times = _time_interleaved(sides, device, repeats)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a CUDA-graph capture that fell back
+        warnings.simplefilter("always", RuntimeWarning)
+        times = _time_interleaved(sides, device, repeats)
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     ratios = {}
     for cache in args.caches.split(","):
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "ours": "sample_mixed(cache=static: StaticCache + CUDA graphs on cuda, no graphs on cpu; "
                              "cache=dynamic: the eager reference path)"},
         "seconds": times, "tokens_per_s_median": tps, "ratios": ratios,
+        "runtime_warnings": sorted({str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)}),
     }
     if not args.no_train_step:
         result["train_step"] = train_step_comparison(s_cfg, t_cfg, device, batch, 16, 12 if args.quick else 30)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -218,7 +219,13 @@ class _StaticDecoder:
         self.t = 0  # the token whose distributions are in self.dists
         self._step = self._eager_step
         if cuda_graphs:
-            self._step = self._capture(live)
+            try:
+                self._step = self._capture(live)
+            except RuntimeError as e:  # a forward that cannot be captured (e.g. a host sync): run it uncaptured
+                warnings.warn(f"sample_mixed: CUDA-graph capture of the decode step failed, running it uncaptured "
+                              f"({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
+                for lm in live:
+                    lm.rewind(0)
 
     def _eager_step(self) -> list[torch.Tensor | None]:
         return [None if lm is None else lm.step(self.ids) for lm in self.lms]
@@ -340,7 +347,8 @@ def sample_mixed(student: PreTrainedModel | None, teacher: PreTrainedModel | Non
       that draws runs, reading the tokens it has not seen in one chunked forward; the other catches up at the end.
     - ``cache="static"`` (the default on CUDA): a preallocated ``transformers.StaticCache`` per model, both models
       read each token as it is drawn (one-token steps of fixed shape), with ``cuda_graphs`` (default: on for
-      CUDA) the step is captured once into a CUDA graph and replayed. All-done is checked every 8 tokens, so the
+      CUDA) the step is captured once into a CUDA graph and replayed (if capture fails: a ``RuntimeWarning`` and
+      the uncaptured step). All-done is checked every 8 tokens, so the
       generator may advance by up to 7 draws more than on the dynamic path (the outputs are the same).
 
     Runs under ``torch.inference_mode`` (less per-call overhead); the outputs are cloned into normal tensors.

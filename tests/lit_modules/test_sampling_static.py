@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lit_modules.hf import load_causal_lm
-from lit_modules.sampling import Rollout, _static_prefill_mask, response_logits, sample_mixed
+from lit_modules.sampling import (Rollout, _static_prefill_mask, _StaticDecoder, _StaticLM, response_logits,
+                                  sample_mixed)
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2}
@@ -98,7 +99,29 @@ def test_default_is_eager_on_cpu_and_bad_arguments_are_named():
         sample_mixed(NoConfig(), None, prompt, torch.ones_like(prompt), 2, cache="static")
 
 
+def test_a_failed_graph_capture_warns_and_rewinds_to_the_uncaptured_step(monkeypatch):
+    def failing_capture(self, live):  # warm-up steps advance the caches, then the capture fails
+        self._eager_step(), self._eager_step()
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    student, teacher = _pair()
+    prompt, mask = PROMPT, (PROMPT != 0).long()
+    tokens = [torch.tensor([3, 4, 5, 6]), torch.tensor([7, 1, 2, 3]), torch.tensor([8, 9, 10, 11])]
+
+    def run(cuda_graphs):
+        decoder = _StaticDecoder([_StaticLM(m, prompt, mask, 1.0, 4) for m in (student, teacher)], cuda_graphs)
+        return [decoder.dist(t, tokens, use_teacher=t == 1) for t in range(3)]
+
+    reference = run(False)
+    monkeypatch.setattr(_StaticDecoder, "_capture", failing_capture)
+    with pytest.warns(RuntimeWarning, match="capture of the decode step failed"):
+        fallback = run(True)
+    for a, b in zip(reference, fallback):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @cuda
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a failed capture (fallback to uncaptured) fails the test
 def test_cuda_graph_replay_is_bitwise_the_uncaptured_static_step():
     student, teacher = _pair("cuda", torch.bfloat16, vocab=300)
     for alpha in (0.0, 0.2):
@@ -108,6 +131,7 @@ def test_cuda_graph_replay_is_bitwise_the_uncaptured_static_step():
 
 
 @cuda
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_cuda_default_static_graphs_match_the_eager_path_in_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     student, teacher = _pair("cuda")
