@@ -13,8 +13,9 @@ import torch
 import torchmetrics
 from transformers import PreTrainedModel
 
-from lit_modules.base import PaperModule
-from lit_modules.hf import ModelSpec, load_causal_lm, load_tokenizer, save_pretrained_with_tokenizer
+from lit_modules.base import LRSchedulerCallable, OptimizerCallable, PaperModule
+from lit_modules.hf import ModelSpec, load_causal_lm, load_tokenizer
+from lit_modules.sharding import export_pretrained, shard_module
 
 
 class CausalLM(PaperModule):
@@ -27,7 +28,8 @@ class CausalLM(PaperModule):
         dtype: parameter dtype (``"float32"``, ``"bf16"``...); ``None`` keeps the checkpoint's/fp32.
         export_dir: if set, ``save_pretrained`` model and tokenizer there when training ends.
         init_seed: seed for the random initialisation of a config-dict model.
-        lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio: see :class:`PaperModule`.
+        lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio, optimizer, lr_scheduler: see
+            :class:`PaperModule`.
 
     Batches are dicts with ``input_ids``, optional ``attention_mask`` and ``labels`` (−100 = ignored);
     without ``labels`` every non-padding token is a target.
@@ -36,9 +38,10 @@ class CausalLM(PaperModule):
     def __init__(self, model: ModelSpec | None = None, tokenizer: str | None = None, dtype: str | None = None,
                  export_dir: str | None = None, init_seed: int = 0, lr: float = 3e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 0, lr_decay: str = "cosine",
-                 min_lr_ratio: float = 0.1):
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
+                 min_lr_ratio: float = 0.1, optimizer: OptimizerCallable | None = None,
+                 lr_scheduler: LRSchedulerCallable | None = None):
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr=lr, weight_decay=weight_decay,
+                         betas=betas, warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
         self.save_hyperparameters()
         model = {} if model is None else model
         self.tokenizer = load_tokenizer(tokenizer, model)
@@ -84,9 +87,14 @@ class CausalLM(PaperModule):
         self.log("val/ppl", self.val_ppl, on_epoch=True, batch_size=n_tokens)
 
     def export(self, path: str | Path) -> Path:
-        """``save_pretrained`` the model and tokenizer into ``path`` (loadable by ``load_causal_lm(path)``)."""
-        return save_pretrained_with_tokenizer(self.model, self.tokenizer, path)
+        """``save_pretrained`` the model and tokenizer into ``path`` (loadable by ``load_causal_lm(path)``).
+        Sharded: collective (weights gathered once), rank 0 writes and the others return ``None``."""
+        return export_pretrained(self, self.model, self.tokenizer, path)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2-shard the model (:mod:`lit_modules.sharding`); else nothing."""
+        shard_module(self, [self.model])
 
     def on_train_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
+        if self.export_dir:  # every rank: sharded weights are gathered collectively, rank 0 writes
             self.export(self.export_dir)

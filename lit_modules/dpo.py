@@ -25,9 +25,10 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from lit_modules.base import PaperModule
-from lit_modules.hf import ModelSpec, load_causal_lm, load_tokenizer, save_pretrained_with_tokenizer
+from lit_modules.base import LRSchedulerCallable, OptimizerCallable, PaperModule
+from lit_modules.hf import ModelSpec, load_causal_lm, load_tokenizer
 from lit_modules.preference_losses import PREFERENCE_LOSSES, preference_loss, resolve_preference_loss
+from lit_modules.sharding import export_pretrained, is_model_parallel, shard_module
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ class DPO(PaperModule):
         dtype: parameter dtype of policy and reference (``"bf16"``...); ``None`` = checkpoint's/fp32.
         init_seed: seed of a config-dict model's random initialisation.
         export_dir: if set, ``save_pretrained`` the policy and tokenizer there when training ends.
-        lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio: see :class:`PaperModule`.
+        lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio, optimizer, lr_scheduler: see
+            :class:`PaperModule`.
     """
 
     def __init__(self, model: ModelSpec | None = None, ref_model: ModelSpec | None = None,
@@ -107,9 +109,10 @@ class DPO(PaperModule):
                  ref_cache_dir: str | None = None, length_normalize: bool | None = None, dtype: str | None = None,
                  init_seed: int = 0, export_dir: str | None = None, lr: float = 5e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0, lr_decay: str = "cosine",
-                 min_lr_ratio: float = 0.1):
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
+                 min_lr_ratio: float = 0.1, optimizer: OptimizerCallable | None = None,
+                 lr_scheduler: LRSchedulerCallable | None = None):
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr=lr, weight_decay=weight_decay,
+                         betas=betas, warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
         self.save_hyperparameters()
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
@@ -339,11 +342,15 @@ class DPO(PaperModule):
 
     # ------------------------------------------------------------------ export
     def export(self, path: str | Path) -> Path:
-        """``save_pretrained`` the policy and tokenizer into ``path``."""
-        return save_pretrained_with_tokenizer(self.policy, self.tokenizer, path)
+        """``save_pretrained`` the policy and tokenizer into ``path`` (sharded: collective, rank 0 writes)."""
+        return export_pretrained(self, self.policy, self.tokenizer, path)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2-shard policy and reference (:mod:`lit_modules.sharding`)."""
+        shard_module(self, [self.policy], [self.ref_model])
 
     def on_train_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
+        if self.export_dir and (self.trainer.is_global_zero or is_model_parallel(self)):  # sharded: collective
             self.export(self.export_dir)
 
 

@@ -54,11 +54,11 @@ import torch.nn.functional as F
 import torchmetrics
 from transformers import PreTrainedModel
 
-from lit_modules.base import PaperModule
+from lit_modules.base import LRSchedulerCallable, OptimizerCallable, PaperModule
 from lit_modules.builtin_checkpoints import ensure_built_in
-from lit_modules.hf import (ModelSpec, check_same_vocabulary, load_causal_lm, load_tokenizer,
-                             save_pretrained_with_tokenizer)
+from lit_modules.hf import ModelSpec, check_same_vocabulary, load_causal_lm, load_tokenizer
 from lit_modules.sampling import Rollout, response_logits, sample_mixed
+from lit_modules.sharding import export_pretrained, is_model_parallel, shard_module, truncate_at_eos
 
 OBJECTIVES = ("sft", "kd", "seqkd", "gkd", "minillm")
 PT_SOURCES = ("pretrain", "sft")
@@ -208,7 +208,8 @@ class MiniLLM(PaperModule):
         max_new_tokens, temperature: rollout length cap and sampling temperature.
         eval_max_new_tokens, eval_temperature, eval_seed: validation sampling (temperature 0 = greedy).
         export_dir: ``save_pretrained`` the student (and tokenizer) there when training ends.
-        lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio: see :class:`PaperModule`.
+        lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio, optimizer, lr_scheduler: see
+            :class:`PaperModule`.
     """
 
     def __init__(self, student: ModelSpec | None = None, teacher: ModelSpec | None = DEFAULT_TEACHER,
@@ -220,9 +221,10 @@ class MiniLLM(PaperModule):
                  temperature: float = 1.0, eval_max_new_tokens: int | None = None, eval_temperature: float = 1.0,
                  eval_seed: int = 0, export_dir: str | None = None,
                  lr: float = 5e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
-                 warmup_steps: int = 0, lr_decay: str = "cosine", min_lr_ratio: float = 0.1):
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
+                 warmup_steps: int = 0, lr_decay: str = "cosine", min_lr_ratio: float = 0.1,
+                 optimizer: OptimizerCallable | None = None, lr_scheduler: LRSchedulerCallable | None = None):
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr=lr, weight_decay=weight_decay,
+                         betas=betas, warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
         if objective not in OBJECTIVES:
             raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
         if not 0.0 <= teacher_mix_alpha < 1.0:
@@ -293,12 +295,16 @@ class MiniLLM(PaperModule):
                 generator: torch.Generator | None = None) -> Rollout:
         was_training = self.model.training
         self.model.eval()
+        # sharded (FSDP2): every forward is a collective, so every rank runs both models at every step (static
+        # caches) for max_new_tokens steps, and the rollout is cut at EOS afterwards (sharding.truncate_at_eos)
+        sharded, eos = is_model_parallel(self), self.tokenizer.eos_token_id
         try:
-            return sample_mixed(self.model, self.teacher if alpha > 0 else None, batch["prompt_input_ids"],
-                                batch["prompt_attention_mask"],
-                                max_new_tokens or self.hparams.max_new_tokens, alpha, self.tokenizer.eos_token_id,
-                                self.pad_id, self.hparams.temperature if temperature is None else temperature,
-                                generator)
+            out = sample_mixed(self.model, self.teacher if alpha > 0 else None, batch["prompt_input_ids"],
+                               batch["prompt_attention_mask"], max_new_tokens or self.hparams.max_new_tokens, alpha,
+                               None if sharded else eos, self.pad_id,
+                               self.hparams.temperature if temperature is None else temperature, generator,
+                               cache="static" if sharded else None)
+            return truncate_at_eos(out, eos, self.pad_id) if sharded and eos is not None else out
         finally:
             self.model.train(was_training)
 
@@ -394,9 +400,13 @@ class MiniLLM(PaperModule):
         self.log("val/rougeL", self.val_rouge.compute()["rougeL_fmeasure"], prog_bar=True, sync_dist=True)
         self.val_rouge.reset()
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2-shard student and teacher (:mod:`lit_modules.sharding`)."""
+        shard_module(self, [self.model], [self.teacher])
+
     def on_train_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            save_pretrained_with_tokenizer(self.model, self.tokenizer, self.export_dir)
+        if self.export_dir:  # every rank: sharded weights are gathered collectively, rank 0 writes
+            export_pretrained(self, self.model, self.tokenizer, self.export_dir)
 
 
 def _clear_load_error(role: str, spec: ModelSpec, config: str, load):

@@ -27,10 +27,12 @@ from typing import Any
 
 from torch import nn
 
+from lit_modules.base import LRSchedulerCallable, OptimizerCallable
 from lit_modules.builtin_checkpoints import ensure_built_in
 from lit_modules.dpo import DPO, module_fingerprint
 from lit_modules.hf import ModelSpec
 from lit_modules.quantization import convert_qat, prepare_qat, quantization_tag, save_quantized
+from lit_modules.sharding import is_model_parallel
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,8 @@ class QDPO(DPO):
         export_dir: if set, the converted (real low-bit) model and tokenizer are saved there when training ends.
         loss, beta, loss_kwargs, precompute_ref_logps, ref_cache_dir, length_normalize, dtype, init_seed:
             see :class:`lit_modules.DPO` (reference log-probs are precomputed by default).
-        lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio: see :class:`lit_modules.PaperModule`.
+        lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio, optimizer, lr_scheduler: see
+            :class:`lit_modules.PaperModule`.
     """
 
     def __init__(self, model: ModelSpec | None = None, tokenizer: str | None = None, bits: int = 4,
@@ -65,7 +68,8 @@ class QDPO(DPO):
                  precompute_ref_logps: bool = True, ref_cache_dir: str | None = None,
                  length_normalize: bool = False, dtype: str | None = None, init_seed: int = 0, lr: float = 2e-5,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
-                 lr_decay: str = "cosine", min_lr_ratio: float = 0.1):
+                 lr_decay: str = "cosine", min_lr_ratio: float = 0.1, optimizer: OptimizerCallable | None = None,
+                 lr_scheduler: LRSchedulerCallable | None = None):
         self.quant_tag = quantization_tag(bits, group_size, include_lm_head)  # validates bits/group_size
         self.bits, self.group_size, self.include_lm_head = bits, group_size, include_lm_head
         self.train_quantized_only = train_quantized_only
@@ -75,7 +79,8 @@ class QDPO(DPO):
                              loss_kwargs=loss_kwargs, precompute_ref_logps=precompute_ref_logps,
                              ref_cache_dir=ref_cache_dir, length_normalize=length_normalize, dtype=dtype,
                              init_seed=init_seed, export_dir=export_dir, lr=lr, weight_decay=weight_decay,
-                             betas=betas, warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
+                             betas=betas, warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio,
+                             optimizer=optimizer, lr_scheduler=lr_scheduler)
         except OSError as e:
             raise FileNotFoundError(f"QDPO: cannot load the full-precision model {model!r} ({e}). If it is a local "
                                     f"export, train it first: `{FP_SFT_HINT}`") from e
@@ -99,6 +104,12 @@ class QDPO(DPO):
         super().train(mode)
         self.full_precision.eval()
         return self
+
+    def configure_model(self) -> None:
+        if is_model_parallel(self):
+            raise ValueError("QDPO does not support ModelParallelStrategy (FSDP2 sharding): its export and "
+                             "quantized_model() re-quantize a deep copy of the whole fake-quantized policy with "
+                             "torchao (convert_qat), which needs unsharded weights. Use trainer.strategy: ddp")
 
     def pair_models(self) -> tuple[nn.Module, nn.Module, Any, dict[str, str]]:
         """(full precision, quantized policy, tokenizer, fingerprint) for :class:`datamodules.QDPOPairsDataModule`.
