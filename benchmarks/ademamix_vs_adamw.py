@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.steps or (100 if args.quick else 300)
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     accelerator = "gpu" if args.device == "cuda" else "cpu"
-    warmup = ["--optimizer.init_args.t_alpha", str(steps), "--optimizer.init_args.t_beta3", str(steps)]
+    warmup = ["--model.init_args.optimizer.init_args.t_alpha", str(steps),
+              "--model.init_args.optimizer.init_args.t_beta3", str(steps)]
 
     runs = []
     for seed in seeds:

@@ -1,7 +1,7 @@
 """``litpapers``: one LightningCLI for every module, datamodule, callback and optimizer in this package.
 
     litpapers fit --config configs/ademamix/quick.yaml
-    litpapers fit --config configs/ademamix/quick.yaml --optimizer AdEMAMix --optimizer.lr 1e-3
+    litpapers fit --config configs/ademamix/quick_adamw.yaml --model.optimizer AdEMAMix --model.optimizer.lr 1e-3
     litpapers validate --config configs/probes/probe_local_model.yaml --model.model /path/to/hf_model
 
 Models and datamodules are chosen in subclass mode (``model.class_path: lit_modules.CausalLM`` or just
@@ -12,32 +12,36 @@ and on Ctrl-C, random states in the checkpoint (exact resume), and a stop on a n
 
 Errors raised by this package's own checks (a bad argument, a missing file) end the output as one line
 ``error: ...``; set ``LITPAPERS_DEBUG=1`` to see the traceback instead.
-An ``--optimizer`` replaces the module's AdamW but keeps the module's parameter groups (no weight decay
-on biases/norms, frozen teachers excluded) and its warm-up/decay schedule unless ``--lr_scheduler`` is set.
+The optimizer is the model's own argument (``--model.optimizer AdEMAMix --model.optimizer.alpha 8``, see
+``lit_modules/base.py``): built once, on the module's parameter groups (no weight decay on biases/norms, frozen
+teachers excluded), with the module's warm-up/decay schedule unless ``--model.lr_scheduler`` is set. The top-level
+``--optimizer``/``--lr_scheduler`` (and ``optimizer:``/``lr_scheduler:`` config keys) still work: they are moved
+into the model's arguments (replacing the model's own) before it is built.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import traceback
 from pathlib import Path
 
-import torch
-from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeUnion
+from cli.console import quiet_console
+
+quiet_console()  # before the imports below: transformers imports torchao, which logs at import
+
+from jsonargparse import Namespace  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 # Imported so their classes resolve by short name (``--optimizer AdEMAMix``, ``CausalLM``, callbacks).
-import callbacks  # noqa: F401
-import datamodules  # noqa: F401
-import lit_modules  # noqa: F401
-import optimizers  # noqa: F401
-from callbacks.lifecycle import LastCheckpoint
-from lit_modules.base import PaperModule
+import callbacks  # noqa: E402,F401
+import datamodules  # noqa: E402,F401
+import lit_modules  # noqa: E402,F401
+import optimizers  # noqa: E402,F401
+from callbacks.lifecycle import LastCheckpoint  # noqa: E402
 
 DEFAULT_CHECKPOINT_EVERY = 200
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 #: Where this package's own code lives: an error raised there is a message for the user, not a bug report.
 PACKAGE_DIRS = tuple(str(ROOT / d) + os.sep for d in ("lit_modules", "datamodules", "callbacks", "optimizers"))
 #: Exception types our own validation raises (an AttributeError and the like stay a traceback: a bug).
@@ -45,15 +49,6 @@ USER_ERROR_TYPES = (ValueError, TypeError, KeyError, OSError, RuntimeError, Impo
 EXIT_INTERRUPTED = 130
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def rebuild_on_module_groups(module: PaperModule, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Re-create ``optimizer`` (built by LightningCLI over *all* parameters) on the module's parameter groups,
-    with the same constructor arguments; the ``--optimizer``'s weight decay applies to matrices only."""
-    accepted = inspect.signature(type(optimizer).__init__).parameters
-    kwargs = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-    groups = module.parameter_groups(weight_decay=optimizer.defaults.get("weight_decay", 0.0))
-    return type(optimizer)(groups, **kwargs)
 
 
 class LitPapersCLI(LightningCLI):
@@ -77,11 +72,12 @@ class LitPapersCLI(LightningCLI):
         ``--ckpt_path logs/<name>/version_N/checkpoints/last.ckpt``, and :class:`~callbacks.NonFiniteLossGuard`.
         Each is skipped when the matching switch is off."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        self._move_optimizer_into_model(config)
         trainer = config.trainer
         listed = [str(c.get("class_path", "")) for c in (trainer.get("callbacks") or [])]
         defaults = []
         if trainer.get("enable_progress_bar") is not False and not any(c.endswith("ProgressBar") for c in listed):
-            defaults.append({"class_path": "lightning.pytorch.callbacks.RichProgressBar", "init_args": {}})
+            defaults.append({"class_path": "callbacks.progress.StepProgressBar", "init_args": {}})
         if trainer.get("logger") not in (False, None) and not any(c.endswith("LearningRateMonitor") for c in listed):
             defaults.append({"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
                              "init_args": {"logging_interval": "step"}})
@@ -98,14 +94,14 @@ class LitPapersCLI(LightningCLI):
                                                                  for d in defaults]
 
     @staticmethod
-    def configure_optimizers(lightning_module, optimizer, lr_scheduler: LRSchedulerTypeUnion | None = None):
-        if not isinstance(lightning_module, PaperModule):
-            return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
-        if lr_scheduler is not None:
-            # The scheduler was built on the CLI's optimizer: keep both, stepping the scheduler per step.
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
-        optimizer = rebuild_on_module_groups(lightning_module, optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": lightning_module.lr_scheduler_config(optimizer)}
+    def _move_optimizer_into_model(config: Namespace) -> None:
+        """Hand a top-level ``optimizer``/``lr_scheduler`` to a model that takes one (a
+        :class:`~lit_modules.PaperModule`), replacing the model's own, so it is built once, by the model, on its
+        parameter groups; LightningCLI then overrides nothing."""
+        model_args = config.model.get("init_args") if isinstance(config.get("model"), Namespace) else None
+        for key in ("optimizer", "lr_scheduler"):
+            if config.get(key) is not None and model_args is not None and key in model_args:
+                model_args[key], config[key] = config[key], None
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LitPapersCLI:

@@ -1,41 +1,72 @@
-"""The one pattern every LightningModule here follows: optimizer and schedule from plain arguments.
+"""The one pattern every LightningModule here follows: an injected optimizer on the module's parameter groups.
 
-Subclasses call ``super().__init__(lr=..., ...)`` with their optimisation arguments, implement their own
-``training_step``/``validation_step``, and list the parameters to train in :meth:`trainable_parameters`
-(frozen teachers/references are excluded there). ``litpapers fit --optimizer AdEMAMix`` swaps the optimizer
-and keeps this schedule (see ``cli.py``).
+Subclasses call ``super().__init__(optimizer=..., lr_scheduler=..., lr=..., ...)`` with their optimisation
+arguments, implement their own ``training_step``/``validation_step``, and list the parameters to train in
+:meth:`trainable_parameters` (frozen teachers/references are excluded there).
+
+Choosing the optimizer follows LightningCLI's dependency-injection pattern: the module takes an
+``optimizer: OptimizerCallable`` (and optionally an ``lr_scheduler: LRSchedulerCallable``) and applies it, once,
+in :meth:`configure_optimizers`, to :meth:`parameter_groups` (weight decay on matrices only)::
+
+    litpapers fit --config configs/ademamix/quick.yaml                       # as configured
+    litpapers fit ... --model.optimizer AdEMAMix --model.optimizer.alpha 8   # any torch.optim.Optimizer
+    litpapers fit ... --optimizer AdEMAMix --optimizer.lr 1e-3               # same: the CLI moves it to the model
+
+Where the learning rate lives — one place, whichever optimizer is used:
+
+- ``optimizer`` unset (``None``, the default): AdamW with the module's ``lr``, ``betas`` and ``weight_decay``
+  (each module's defaults are its paper's). Existing Python code (``CausalLM(..., lr=1e-3)``) is unchanged.
+- ``optimizer`` set: the optimizer's own arguments (``--model.optimizer.lr``) hold lr, betas and weight decay;
+  the module's ``lr``/``betas``/``weight_decay`` are then the default AdamW's settings and must stay at their
+  defaults or agree with the optimizer's: a different value is a ``ValueError`` naming both, never silently
+  ignored. The weight decay of the injected optimizer applies to matrices; biases and norm scales get none.
+- ``lr_scheduler`` unset: linear warm-up + cosine/constant decay (``warmup_steps``, ``lr_decay``,
+  ``min_lr_ratio``) on whichever optimizer. Set: that scheduler instead, stepped every optimizer step (the
+  module's schedule arguments must then stay at their defaults, as above).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Iterable
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from optimizers.schedules import warmup_cosine_factor
 
+#: Module arguments that set the default AdamW / the default schedule, checked against an injected one.
+OPTIMIZER_ARGUMENTS = ("lr", "betas", "weight_decay")
+SCHEDULE_ARGUMENTS = ("warmup_steps", "lr_decay", "min_lr_ratio")
+
 
 class PaperModule(L.LightningModule):
-    """Base class: AdamW (decoupled weight decay, no decay on biases/norms) + linear warm-up + cosine/constant.
+    """Base class: an injected optimizer (default AdamW) on two parameter groups + a per-step LR schedule.
 
     Args:
-        lr: peak learning rate.
-        weight_decay: decoupled weight decay applied to matrices (≥ 2-D weights) only.
-        betas: AdamW betas.
-        warmup_steps: linear warm-up steps.
+        optimizer: builds the optimizer from parameter groups (``torch.optim.AdamW``-like callable;
+            LightningCLI: ``--model.optimizer AdEMAMix``). ``None``: AdamW(``lr``, ``betas``, ``weight_decay``).
+        lr_scheduler: builds a scheduler from the optimizer, stepped per optimizer step. ``None``: warm-up +
+            ``lr_decay`` below.
+        lr: peak learning rate of the default AdamW.
+        weight_decay: decoupled weight decay of the default AdamW, applied to matrices (≥ 2-D weights) only.
+        betas: betas of the default AdamW.
+        warmup_steps: linear warm-up steps of the default schedule.
         lr_decay: ``"cosine"`` (to ``min_lr_ratio``·lr at the last step) or ``"constant"`` after warm-up.
-        min_lr_ratio: final learning rate as a fraction of ``lr`` for the cosine decay.
+        min_lr_ratio: final learning rate as a fraction of the peak for the cosine decay.
     """
 
-    def __init__(self, lr: float = 3e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, optimizer: OptimizerCallable | None = None, lr_scheduler: LRSchedulerCallable | None = None,
+                 lr: float = 3e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_steps: int = 0, lr_decay: str = "cosine", min_lr_ratio: float = 0.1):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if lr_decay not in ("cosine", "constant"):
             raise ValueError(f"lr_decay must be 'cosine' or 'constant', got {lr_decay!r}")
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.lr_decay, self.min_lr_ratio = warmup_steps, lr_decay, min_lr_ratio
 
@@ -46,7 +77,8 @@ class PaperModule(L.LightningModule):
     def parameter_groups(self, weight_decay: float | None = None) -> list[dict]:
         """Two groups: weight-decayed matrices and undecayed vectors (biases, norm scales).
 
-        ``weight_decay`` defaults to the module's own; the CLI passes the ``--optimizer``'s value instead.
+        ``weight_decay`` defaults to the module's own. :meth:`configure_optimizers` gives an injected optimizer
+        the matrices' group without a ``weight_decay`` key, so that optimizer's own weight decay applies there.
         """
         decay, no_decay = [], []
         for _, p in self.trainable_parameters():
@@ -55,7 +87,11 @@ class PaperModule(L.LightningModule):
         return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
     def lr_scheduler_config(self, optimizer: torch.optim.Optimizer) -> dict:
-        """Per-step ``LambdaLR`` with :func:`warmup_cosine_factor`, over the trainer's estimated step count."""
+        """The injected ``lr_scheduler``, or a per-step ``LambdaLR`` with :func:`warmup_cosine_factor` over the
+        trainer's estimated step count; either is stepped every optimizer step."""
+        if self.lr_scheduler is not None:
+            self._check_not_set_twice(SCHEDULE_ARGUMENTS, {}, "lr_scheduler")
+            return {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}
         total = None
         if self._trainer is not None:
             total = int(self.trainer.estimated_stepping_batches)
@@ -63,6 +99,40 @@ class PaperModule(L.LightningModule):
                                    min_ratio=self.min_lr_ratio, decay=self.lr_decay)
         return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
 
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over :meth:`parameter_groups`: the injected one, or AdamW(``lr``, ``betas``,
+        ``weight_decay``)."""
+        if self.optimizer is None:
+            return torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas)
+        decayed, plain = self.parameter_groups()
+        del decayed["weight_decay"]  # the injected optimizer's own weight decay applies to the matrices
+        optimizer = self.optimizer([decayed, plain])
+        self._check_not_set_twice(OPTIMIZER_ARGUMENTS, optimizer.defaults, "optimizer")
+        return optimizer
+
+    def _check_not_set_twice(self, names: tuple[str, ...], injected: dict, injected_name: str) -> None:
+        """Raise if a module argument in ``names`` was changed from its default while ``injected_name`` (which
+        has its own setting, ``injected``) is used: one of the two would be silently ignored."""
+        defaults = inspect.signature(type(self).__init__).parameters
+        for name in names:
+            value = getattr(self, name)
+            default = defaults[name].default if name in defaults else inspect.Parameter.empty
+            if default is inspect.Parameter.empty or _same(value, default):
+                continue
+            if name in injected and _same(value, injected[name]):
+                continue
+            theirs = f"{injected_name}'s {name}={injected[name]!r}" if name in injected else f"the {injected_name}"
+            raise ValueError(f"{type(self).__name__}: {name}={value!r} is set on the model and {theirs} is used "
+                             f"instead; set it once, in the {injected_name}'s arguments "
+                             f"(--model.{injected_name}.{name}), and leave the model's {name} at its default")
+
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas)
+        optimizer = self.build_optimizer()
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_config(optimizer)}
+
+
+def _same(a, b) -> bool:
+    """Equal, comparing sequences (betas) on the module's entries: AdamW's 2 betas vs AdEMAMix's first 2 of 3."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return tuple(a) == tuple(b)[:len(a)]
+    return a == b

@@ -11,6 +11,7 @@ GPT-2 config uses ReLU) so the two differ only in how returns enter.
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lit_modules.return_conditioned import MLP, ReturnConditionedPolicy, SelfAttention, interleave, token_attention_mask
@@ -38,9 +39,11 @@ class DecisionTransformer(ReturnConditionedPolicy):
                  embed_dim: int = 128, n_layers: int = 3, n_heads: int = 1, dropout: float = 0.1,
                  context_len: int = 20, max_timestep: int = 1000, rtg_scale: float = 1000.0, lr: float = 1e-4,
                  weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 10_000,
-                 lr_decay: str = "constant", min_lr_ratio: float = 0.1):
+                 lr_decay: str = "constant", min_lr_ratio: float = 0.1, optimizer: OptimizerCallable | None = None,
+                 lr_scheduler: LRSchedulerCallable | None = None):
         super().__init__(state_dim, act_dim, discrete, embed_dim, n_layers, n_heads, dropout, context_len,
-                         max_timestep, rtg_scale, lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio)
+                         max_timestep, rtg_scale, lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio,
+                         optimizer, lr_scheduler)
         self.save_hyperparameters()
         self.build_if_sized()
 

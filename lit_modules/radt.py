@@ -39,6 +39,7 @@ two agree (docs/radt.md).
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lit_modules.return_conditioned import (
@@ -169,9 +170,11 @@ class RADT(ReturnConditionedPolicy):
                  dropout: float = 0.1, context_len: int = 20, max_timestep: int = 1000, rtg_scale: float = 1000.0,
                  lr: float = 1e-4, weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_steps: int = 10_000, lr_decay: str = "constant", min_lr_ratio: float = 0.1,
-                 timestep_embedding: str = "sinusoid"):
+                 timestep_embedding: str = "sinusoid", optimizer: OptimizerCallable | None = None,
+                 lr_scheduler: LRSchedulerCallable | None = None):
         super().__init__(state_dim, act_dim, discrete, embed_dim, n_layers, n_heads, dropout, context_len,
-                         max_timestep, rtg_scale, lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio)
+                         max_timestep, rtg_scale, lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio,
+                         optimizer, lr_scheduler)
         if not (seqra or stepra):
             raise ValueError("RADT needs seqra=True or stepra=True: with both off the returns never reach the model")
         if timestep_embedding not in ("sinusoid", "learned"):

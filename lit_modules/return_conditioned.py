@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lit_modules.base import PaperModule
@@ -128,17 +129,21 @@ class ReturnConditionedPolicy(PaperModule):
         max_timestep: size of the timestep embedding table; the data's episodes must fit (checked at ``setup``),
             longer evaluation episodes use the last row.
         rtg_scale: returns-to-go are divided by it (paper: 1000 on MuJoCo).
-        lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio: see :class:`PaperModule`
-            (paper: AdamW 1e-4, wd 1e-4, 10k linear warm-up, then constant).
+        lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio, optimizer, lr_scheduler: see
+            :class:`PaperModule` (paper: AdamW 1e-4, wd 1e-4, 10k linear warm-up, then constant).
     """
 
     def __init__(self, state_dim: int | None = None, act_dim: int | None = None, discrete: bool | None = None,
                  embed_dim: int = 128, n_layers: int = 3, n_heads: int = 1, dropout: float = 0.1,
                  context_len: int = 20, max_timestep: int = 1000, rtg_scale: float = 1000.0, lr: float = 1e-4,
                  weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 10_000,
-                 lr_decay: str = "constant", min_lr_ratio: float = 0.1):
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
+                 lr_decay: str = "constant", min_lr_ratio: float = 0.1, optimizer: OptimizerCallable | None = None,
+                 lr_scheduler: LRSchedulerCallable | None = None):
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr=lr, weight_decay=weight_decay,
+                         betas=betas, warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
+        for name, value in (("context_len", context_len), ("max_timestep", max_timestep)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if rtg_scale <= 0:
             raise ValueError(f"rtg_scale must be > 0, got {rtg_scale}")
         self.embed_dim, self.n_layers, self.n_heads, self.dropout = embed_dim, n_layers, n_heads, dropout

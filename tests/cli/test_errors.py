@@ -34,6 +34,8 @@ def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
 CASES = {
     "radt_context_len_0": (["--config", str(ROOT / "configs/radt/halfcheetah.yaml"), "--data.init_args.context_len",
                             "0"], "error: context_len must be >= 1, got 0"),
+    "radt_model_context_len_0": (["--config", str(ROOT / "configs/radt/halfcheetah.yaml"),
+                                  "--model.init_args.context_len", "0"], "error: context_len must be >= 1, got 0"),
     "minillm_vocabulary_mismatch": (["--model", "lit_modules.MiniLLM", "--model.student", TINY + ", vocab_size: 300}",
                                      "--model.teacher", TINY + ", vocab_size: 400}", "--model.objective", "kd",
                                      "--data", "datamodules.InstructionDataModule"],

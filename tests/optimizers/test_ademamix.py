@@ -250,7 +250,7 @@ def test_invalid_param_group_override_is_rejected():
 
 
 def test_defaults_hold_every_constructor_argument():
-    # cli.rebuild_on_module_groups re-creates the optimizer from `defaults`.
+    # `defaults` holds every argument, so a checkpoint's param_groups restore the full configuration.
     opt = AdEMAMix([torch.nn.Parameter(torch.zeros(1))], lr=0.5, t_alpha=7, t_beta3=9, foreach=False)
     assert set(opt.defaults) == {"lr", "betas", "alpha", "t_alpha", "t_beta3", "eps", "weight_decay", "foreach",
                                  "fused", "state_dtype"}
@@ -286,8 +286,9 @@ def test_configs_parse(name, capsys):
         cli.build_cli(["fit", "--config", str(CONFIGS / name), "--print_config"])
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
-    assert config["optimizer"]["class_path"] == "optimizers.AdEMAMix"
-    assert config["optimizer"]["init_args"]["t_alpha"] == config["trainer"]["max_steps"]
+    optimizer = config["model"]["init_args"]["optimizer"]  # the model's own argument (lit_modules/base.py)
+    assert optimizer["class_path"] == "optimizers.AdEMAMix"
+    assert optimizer["init_args"]["t_alpha"] == config["trainer"]["max_steps"]
 
 
 # ------------------------------------------------------------------------------------------ low precision

@@ -1,0 +1,45 @@
+"""A quiet console for ``litpapers``: drop the start-up noise of third-party libraries that is not about the run.
+
+Each filter matches one known message, so every other warning still shows:
+
+- ``transformers`` imports ``torchao`` whenever it is installed (to register its quantizer, also when no model
+  is quantized), and torchao then logs ``Failed to load <kernel>.so`` for its optional CUDA/other-ABI kernels and
+  torch logs that torchao's ``register_constant`` on Enum classes is deprecated. This package itself imports
+  torchao only inside the QDPO functions that quantize (``lit_modules/quantization.py``, ``lit_modules/qdpo.py``).
+- Lightning 2.6 calls ``isinstance(treespec, LeafSpec)``, which torch 2.13 deprecates (a ``FutureWarning``).
+- Lightning's "Tip: ... try installing litlogger/litmodels" advertisements.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+#: logger name -> pattern of the messages dropped from it.
+DROPPED_LOG_MESSAGES = {
+    "torchao": r"Failed to load .*\.so",
+    "torch.utils._pytree": r".* is an Enum subclass and is now natively supported by torch\.compile",
+    "lightning.pytorch.utilities.rank_zero": r"💡 Tip: ",
+}
+#: warning message patterns ignored (``warnings.filterwarnings``), with their category.
+IGNORED_WARNINGS = ((r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),)
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.pattern.match(record.getMessage()) is None
+
+
+def quiet_console() -> None:
+    """Install the filters above (idempotent). Call before importing ``transformers``."""
+    for name, pattern in DROPPED_LOG_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMatching) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(_DropMatching(pattern))
+    for message, category in IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
