@@ -43,8 +43,8 @@ def rank_rows(rows):
     return rows if rank is None else rows[int(rank)::WORLD]
 
 
-def lm_loader(batch: int) -> DataLoader:
-    rows = rank_rows(token_rows())
+def lm_loader(batch: int, n: int = GLOBAL_BATCH * STEPS // 2) -> DataLoader:
+    rows = rank_rows(token_rows(n))
     data = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r, "prompt_input_ids": r[:4],
              "prompt_attention_mask": torch.ones(4, dtype=torch.long)} for r in rows]
     return DataLoader(data, batch_size=batch)
@@ -127,17 +127,21 @@ def trainable_weights(module) -> dict[str, torch.Tensor]:
 
 
 def interrupted_then_resumed(kind: str, out: Path) -> dict:
-    """Stop after the checkpoint at step 2 (end of the first of two epochs), then resume from it in a new
-    trainer to ``STEPS``."""
+    """An uninterrupted run, and one stopped after its checkpoint at step 2 then resumed from it in a new
+    trainer to ``STEPS``. One batch per epoch: Lightning 2.6 restarts an epoch-end checkpoint's epoch from its
+    first batch with a plain loader (the loader's position is ExactResume's business, not the strategy's)."""
     ckpt = out / f"{kind}_step2.ckpt"
-    L.seed_everything(0, verbose=False)
-    module, loader = build(kind)
-    trainer(True, Record(stop_after=2, ckpt=ckpt)).fit(module, loader(GLOBAL_BATCH // WORLD))
-    L.seed_everything(0, verbose=False)
-    module, loader = build(kind)
-    rec = Record()
-    trainer(True, rec).fit(module, loader(GLOBAL_BATCH // WORLD), ckpt_path=ckpt)
-    return {"losses": rec.losses, "is_dir": ckpt.is_dir(), "weights": trainable_weights(module)}
+    results = {}
+    for name, callback, ckpt_path in (("uninterrupted", Record(), None), ("interrupted", Record(2, ckpt), None),
+                                      ("resumed", Record(), ckpt)):
+        L.seed_everything(0, verbose=False)
+        module, _ = build(kind)
+        trainer(True, callback).fit(module, lm_loader(GLOBAL_BATCH // WORLD, n=GLOBAL_BATCH), ckpt_path=ckpt_path)
+        results[name] = {"losses": callback.losses, "weights": trainable_weights(module)}
+    return {"losses": results["resumed"]["losses"], "uninterrupted_losses": results["uninterrupted"]["losses"],
+            "is_dir": ckpt.is_dir(), "weights": results["resumed"]["weights"],
+            "uninterrupted_weights": results["uninterrupted"]["weights"],
+            "interrupted_weights": results["interrupted"]["weights"]}
 
 
 def main(out: Path, scenarios: list[str]) -> None:
@@ -160,6 +164,8 @@ def main(out: Path, scenarios: list[str]) -> None:
         if scenario == "minillm_kd":
             results["rollout"] = sharded_rollout(out)
     weights = {k: v.pop("weights", None) for k, v in results.items() if isinstance(v, dict)}
+    for key in ("uninterrupted_weights", "interrupted_weights"):
+        weights[f"resume_{key}"] = results.get("resume", {}).pop(key, None)
     if rank == 0:
         torch.save(weights, out / "weights.pt")
     (out / f"rank{rank}.json").write_text(json.dumps(results))
