@@ -5,7 +5,8 @@
     litpapers validate --config configs/probes/probe_local_model.yaml --model.model /path/to/hf_model
 
 Models and datamodules are chosen in subclass mode (``model.class_path: lit_modules.CausalLM`` or just
-``CausalLM``). Defaults: TensorBoard logger under ``logs/``, rich progress bar, ``seed_everything: 0``, and what keeps a run
+``CausalLM``). Defaults: TensorBoard logger under ``logs/``, a progress bar in steps (``callbacks/progress.py``),
+``seed_everything: 0``, and what keeps a run
 from losing work (``callbacks/lifecycle.py``): ``last.ckpt`` every ``DEFAULT_CHECKPOINT_EVERY`` steps, at the end
 and on Ctrl-C, random states in the checkpoint (exact resume), and a stop on a non-finite loss
 (``--stop_on_nonfinite_loss false`` turns it off).
@@ -90,8 +91,8 @@ class LitPapersCLI(LightningCLI):
         if config.get("stop_on_nonfinite_loss", True) and not any(c.endswith("NonFiniteLossGuard") for c in listed):
             defaults.append({"class_path": "callbacks.NonFiniteLossGuard", "init_args": {}})
         if defaults:
-            trainer.callbacks = list(trainer.get("callbacks") or []) + [Namespace(class_path=d["class_path"], init_args=Namespace(**d["init_args"]))
-                                                                 for d in defaults]
+            trainer.callbacks = list(trainer.get("callbacks") or []) + [
+                Namespace(class_path=d["class_path"], init_args=Namespace(**d["init_args"])) for d in defaults]
 
     @staticmethod
     def _move_optimizer_into_model(config: Namespace) -> None:

@@ -121,10 +121,14 @@ class PaperModule(L.LightningModule):
                 continue
             if name in injected and _same(value, injected[name]):
                 continue
-            theirs = f"{injected_name}'s {name}={injected[name]!r}" if name in injected else f"the {injected_name}"
-            raise ValueError(f"{type(self).__name__}: {name}={value!r} is set on the model and {theirs} is used "
-                             f"instead; set it once, in the {injected_name}'s arguments "
-                             f"(--model.{injected_name}.{name}), and leave the model's {name} at its default")
+            if name in injected:
+                raise ValueError(f"{type(self).__name__}: {name}={value!r} is set on the model and "
+                                 f"{injected_name}'s {name}={injected[name]!r} is used instead; set it once, in the "
+                                 f"{injected_name}'s arguments (--model.{injected_name}.{name}), and leave the "
+                                 f"model's {name} at its default ({default!r})")
+            raise ValueError(f"{type(self).__name__}: {name}={value!r} is set on the model for its own "
+                             f"learning-rate schedule, which the {injected_name} replaces; leave {name} at its "
+                             f"default ({default!r}) or drop the {injected_name}")
 
     def configure_optimizers(self):
         optimizer = self.build_optimizer()

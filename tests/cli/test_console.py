@@ -1,0 +1,38 @@
+"""A quiet console: ``litpapers fit --config configs/ademamix/quick.yaml`` and ``import cli`` print no warning or
+traceback-looking line, and the progress bar counts optimizer steps out of ``max_steps`` without ``v_num``."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+NOISE = re.compile(r"warn|deprecat|failed to load|traceback", re.IGNORECASE)
+
+
+def _run(code_or_args: list[str], cwd: Path) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", COLUMNS="120")
+    env.pop("PYTHONWARNINGS", None)
+    done = subprocess.run([sys.executable, *code_or_args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def _noise(output: str) -> list[str]:
+    return [line for line in output.splitlines() if NOISE.search(line)]
+
+
+def test_import_cli_is_silent(tmp_path):
+    assert _run(["-c", "import cli"], tmp_path).strip() == ""
+
+
+def test_quick_config_console_has_no_warning_and_counts_steps(tmp_path):
+    output = _run(["-m", "cli", "fit", "--config", str(ROOT / "configs" / "ademamix" / "quick.yaml"),
+                   "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
+                   "--data.init_args.max_documents", "40", "--data.init_args.batch_size", "4"], tmp_path)
+    assert _noise(output) == [], output[-3000:]
+    assert "LlamaForCausalLM" in output  # the model summary is still shown
+    assert re.search(r"^Step\b.* 3/3 ", output, re.MULTILINE), output[-3000:]  # steps of max_steps
+    assert "Epoch" not in output and "v_num" not in output and "train/loss" in output
