@@ -1,9 +1,9 @@
-"""Claim test of AdEMAMix (Pagliardini, Ablin, Grangier; ICLR 2025; PAPERS.md §5) for ``litpapers reproduce``:
+"""Claim test of AdEMAMix (Pagliardini, Ablin, Grangier; ICLR 2025; docs/papers.md §5) for ``litpapers reproduce``:
 AdEMAMix vs AdamW at equal steps on a token stream that never repeats.
 
     python -m benchmarks.claim_ademamix [--full] [--seeds N] [--out DIR]
 
-Setup (PAPERS.md §5, "a fair small-scale test"): the tiny byte-level Llama of ``configs/ademamix/quick.yaml``
+Setup (docs/papers.md §5, "a fair small-scale test"): the tiny byte-level Llama of ``configs/ademamix/quick.yaml``
 (hidden 64, 2 layers); training data read once, in order, never repeated: the built-in corpus
 (``pydoc_data.topics``) and CPython's standard-library sources (all documents shuffled together with a fixed seed,
 each followed by EOS, packed into blocks); held-out documents give the validation set, the forgetting-probe batch and a

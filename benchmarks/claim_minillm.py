@@ -1,6 +1,6 @@
 """MiniLLM claims (``litpapers reproduce``): reverse-KL distillation vs KD (and SeqKD, SFT), and mode seeking.
 
-Paper claims (Gu et al., ICLR 2024, PAPERS.md §1): (1) a student distilled with MiniLLM answers better than one
+Paper claims (Gu et al., ICLR 2024, docs/papers.md §1): (1) a student distilled with MiniLLM answers better than one
 distilled with word-level KD, SeqKD or trained by SFT alone, (2) with less exposure bias, and (3) minimising the
 reverse KL is mode seeking: a student that cannot represent the teacher puts little mass where the teacher has
 little. Experiment, with the shipped configs (``configs/minillm/base.yaml`` composed with each row's file,

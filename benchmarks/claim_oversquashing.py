@@ -1,4 +1,4 @@
-"""Claim test of "Transformers need glasses!" (Barbero et al., NeurIPS 2024; PAPERS.md, over-squashing) for
+"""Claim test of "Transformers need glasses!" (Barbero et al., NeurIPS 2024; docs/papers.md, over-squashing) for
 ``litpapers reproduce``: representational collapse vs length (fp32, bf16 with its rounding noise floor, commas) and
 the sensitivity profile, on a tiny Llama trained on the built-in sequence tasks.
 

@@ -1,6 +1,6 @@
 """QDPO claim (``litpapers reproduce``): QDPO brings a quantized model closer to its full-precision self than RTN.
 
-Paper claim (Lee et al., ACL 2024, PAPERS.md §4): after weight-only quantization, aligning the quantized model to
+Paper claim (Lee et al., ACL 2024, docs/papers.md §4): after weight-only quantization, aligning the quantized model to
 the full-precision (FP) model's own answers with DPO (QDPO) reduces token flips and recovers the FP model's
 behaviour better than plain round-to-nearest (RTN) post-training quantization. Experiment:
 ``benchmarks.qdpo_table`` (int4, group 32; the FP model is the built-in ``checkpoints/minillm_teacher``, trained

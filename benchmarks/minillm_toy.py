@@ -4,7 +4,7 @@
 
 Teacher p: y1 uniform over V tokens, y2 = y1 with probability 0.98 (else uniform over the other V−1).
 Student q(y1, y2) = q1(y1)·q2(y2), independent, so it cannot represent the correlation (MiniLLM paper,
-Fig. 2 / PAPERS.md §1). Fits, all by Adam from the same small random init:
+Fig. 2 / docs/papers.md §1). Fits, all by Adam from the same small random init:
 
 - forward KL(p‖q): exact, by autograd over all V² sequences (what word-level KD minimises);
 - reverse KL(q‖p) through MiniLLM's estimator (``lit_modules.minillm.minillm_loss``) on sampled batches;

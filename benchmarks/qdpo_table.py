@@ -1,4 +1,4 @@
-"""QDPO vs round-to-nearest PTQ vs the full-precision model: the offline proxies of PAPERS.md §4.
+"""QDPO vs round-to-nearest PTQ vs the full-precision model: the offline proxies of docs/papers.md §4.
 
     python -m benchmarks.qdpo_table [--device cpu|cuda] [--quick] [--model DIR] [--bits 4] [--group-size 32]
                                     [--out docs/results/qdpo_table.json]

@@ -1,4 +1,4 @@
-"""How far a quantized model's behaviour is from its full-precision self (QDPO's offline proxies, PAPERS.md §4).
+"""How far a quantized model's behaviour is from its full-precision self (QDPO's offline proxies, docs/papers.md §4).
 
 On a held-out prompt set, against the full-precision model (FP):
 

@@ -1,4 +1,4 @@
-"""Return-alignment evaluation of return-conditioned policies (RADT paper, PAPERS.md §3 "Evaluation").
+"""Return-alignment evaluation of return-conditioned policies (RADT paper, docs/papers.md §3 "Evaluation").
 
 For each target return G (default: 7 targets evenly spaced from the 5th to the 95th percentile of the
 dataset's episode returns) the policy is rolled out for N episodes starting from R̂_0 = G and updating

@@ -1,4 +1,4 @@
-"""Offline-RL trajectories for return-conditioned transformers (Decision Transformer, RADT; PAPERS.md §3).
+"""Offline-RL trajectories for return-conditioned transformers (Decision Transformer, RADT; docs/papers.md §3).
 
 ``OfflineRLDataModule(dataset=...)`` reads
 

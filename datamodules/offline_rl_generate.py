@@ -1,6 +1,6 @@
 """Built-in offline-RL data: seeded scripted policies of varied quality rolled out in MuJoCo, saved as Minari.
 
-A return-conditioned policy needs a wide spread of returns (PAPERS.md §3, DESIGN.md "Offline RL data"), so each
+A return-conditioned policy needs a wide spread of returns (docs/papers.md §3, DESIGN.md "Offline RL data"), so each
 episode draws its own open-loop *phase-oscillator gait*
 
     a_t = clip(A ⊙ sin(2π f t Δt + φ) + σ ε_t),  ε_t ~ N(0, I),

@@ -1,4 +1,4 @@
-"""QDPO's automatically built preference pairs (PAPERS.md §4): for each prompt, chosen = the full-precision
+"""QDPO's automatically built preference pairs (docs/papers.md §4): for each prompt, chosen = the full-precision
 model's answer, rejected = the quantized model's answer, both decoded with the same settings.
 
 A :class:`datamodules.PreferenceDataModule` whose rows come from generation instead of a file: prompts are

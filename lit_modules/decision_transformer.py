@@ -1,4 +1,4 @@
-"""Decision Transformer (Chen et al., 2021), the baseline RADT is compared with (PAPERS.md §3).
+"""Decision Transformer (Chen et al., 2021), the baseline RADT is compared with (docs/papers.md §3).
 
 Reference: kzl/decision-transformer (``gym/decision_transformer/models/decision_transformer.py``): one causal
 GPT over 3K interleaved tokens (R̂_t, s_t, a_t), each ``Linear(x) + E_time[t]``, then LayerNorm on the token

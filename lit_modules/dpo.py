@@ -1,5 +1,5 @@
 """Direct preference optimisation of any Hugging Face causal LM with a pluggable pairwise loss (DPO, DiscoPOP
-and the rest of :mod:`lit_modules.preference_losses`; PAPERS.md §6).
+and the rest of :mod:`lit_modules.preference_losses`; docs/papers.md §6).
 
 Per batch of B pairs (2B rows, chosen first — see :mod:`datamodules.preference`):
 1. one policy forward over the 2B concatenated sequences gives log π(y|x) = Σ_{t ∈ response} log π(x_t | x_<t)
@@ -95,7 +95,7 @@ class DPO(PaperModule):
         ref_cache_dir: cache directory (default ``$LITPAPERS_CACHE/dpo_ref_logps``).
         length_normalize: use per-token mean log-probs instead of sums. ``None`` (default) = per-token means
             for ``ipo`` (as TRL's ``DPOTrainer`` does for IPO, both the version DiscoPOP subclassed and today's;
-            PAPERS.md §6) and sums for every other loss; ``False`` gives IPO with summed log-probs.
+            docs/papers.md §6) and sums for every other loss; ``False`` gives IPO with summed log-probs.
         dtype: parameter dtype of policy and reference (``"bf16"``...); ``None`` = checkpoint's/fp32.
         init_seed: seed of a config-dict model's random initialisation.
         export_dir: if set, ``save_pretrained`` the policy and tokenizer there when training ends.

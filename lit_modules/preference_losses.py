@@ -1,10 +1,10 @@
-"""Pairwise preference losses: DPO and the DiscoPOP family (Lu et al., 2024, arXiv 2406.08414; PAPERS.md §6).
+"""Pairwise preference losses: DPO and the DiscoPOP family (Lu et al., 2024, arXiv 2406.08414; docs/papers.md §6).
 
 Every loss maps the four per-sequence log-probabilities of a batch of B preference pairs to B losses::
 
     loss_fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1, **kw)
 
-Notation (PAPERS.md §6): ρ = (log π(y_w) − log π(y_l)) − (log π_ref(y_w) − log π_ref(y_l)) and z = β·ρ.
+Notation (docs/papers.md §6): ρ = (log π(y_w) − log π(y_l)) − (log π_ref(y_w) − log π_ref(y_l)) and z = β·ρ.
 The formulas follow the published ones literally; the references are TRL's ``DPOTrainer`` (sigmoid, hinge,
 ipo, kto_pair, discopop) and the DiscoPOP repository's ``src/alignment/gpo.py`` (lrml = discopop, padll,
 cell, aql, aqfl, pfl). Built-in losses optionally fill ``stats`` (a dict) with detached per-loss extras that
@@ -64,7 +64,7 @@ def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     """IPO (Azar et al., 2023, Eq. 17; β plays the paper's τ): L = (ρ − 1/(2β))².
 
     ρ is built from whatever log-probs are passed in. ``lit_modules.DPO`` passes per-token *mean* log-probs for
-    ``ipo`` by default, as TRL's ``DPOTrainer`` does for IPO (PAPERS.md §6); ``DPO(length_normalize=False)``
+    ``ipo`` by default, as TRL's ``DPOTrainer`` does for IPO (docs/papers.md §6); ``DPO(length_normalize=False)``
     passes summed log-probs (the formula read literally).
     """
     rho = log_ratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)

@@ -1,5 +1,5 @@
 """QDPO: align a quantized LLM with its full-precision self by preference optimisation (Lee et al., ACL 2024,
-arXiv 2407.03051; PAPERS.md §4).
+arXiv 2407.03051; docs/papers.md §4).
 
 - Pairs (:class:`datamodules.QDPOPairsDataModule`): for each prompt, chosen = the full-precision model's
   answer, rejected = the quantized model's answer; identical pairs carry no signal and are dropped.
@@ -7,7 +7,7 @@ arXiv 2407.03051; PAPERS.md §4).
   weight-only symmetric round-to-nearest, ``bits``/``group_size``); gradients reach the latent fp weights
   through the rounding with the straight-through estimator (quantization-aware training).
 - Reference = the initial quantized model (= the RTN model; the paper's reference is marked *unverified*
-  in PAPERS.md), by default as reference log-probs precomputed once before training (:class:`DPO`).
+  in docs/papers.md), by default as reference log-probs precomputed once before training (:class:`DPO`).
 - Loss = :class:`DPO`'s (sigmoid DPO by default, any of ``lit_modules.PREFERENCE_LOSSES``).
 - At the end (``export_dir``) or on demand (:meth:`QDPO.export`, :meth:`QDPO.quantized_model`) the latent
   weights are re-quantized into real low-bit weights (:func:`~lit_modules.quantization.convert_qat`) and

@@ -1,4 +1,4 @@
-"""RADT: Return-Aligned Decision Transformer (Tanaka et al., TMLR 2025, arXiv 2402.03923; PAPERS.md §3).
+"""RADT: Return-Aligned Decision Transformer (Tanaka et al., TMLR 2025, arXiv 2402.03923; docs/papers.md §3).
 
 Reference: CyberAgentAILab/radt ``gym/models/radt.py`` (``RADT``, ``DecoderBlock``, ``PreNormDecoderBlock``,
 ``Attention``) with ``gym/conf/default.yaml`` (``radt: {use_learnable_pos_emb: False, stepra: True,

@@ -1,7 +1,7 @@
 """What Decision Transformer and RADT share: input handling, the action loss, the training loop, acting.
 
 Both read windows of K steps (states s, actions a, returns-to-go R̂, timesteps t, padding mask m) from
-``datamodules.OfflineRLDataModule`` and predict a_t from the state token of step t (PAPERS.md §3):
+``datamodules.OfflineRLDataModule`` and predict a_t from the state token of step t (docs/papers.md §3):
 
 * states are normalised with the dataset's mean/std (buffers, so a checkpoint is self-contained);
   returns-to-go are divided by ``rtg_scale`` (1000 for MuJoCo in both papers);

@@ -1,4 +1,4 @@
-"""AdEMAMix (Pagliardini, Ablin, Grangier; ICLR 2025; arXiv 2409.03137, Algorithm 1; PAPERS.md §5).
+"""AdEMAMix (Pagliardini, Ablin, Grangier; ICLR 2025; arXiv 2409.03137, Algorithm 1; docs/papers.md §5).
 
 Adam with a second, slow gradient EMA mixed into the numerator:
 
@@ -34,7 +34,7 @@ Precision: m1, m2 and ν are kept in float32 for bfloat16/float16 parameters by 
 the update's arithmetic always runs in at least float32 (parameters and states are upcast, updated, and stored back
 rounded once). A low-precision state cannot hold the slow EMA: bfloat16 keeps 8 significant bits, so once
 |m2| ≥ 2^e with 2^e > 2⁸·(1 − β3)·|g| the increment (1 − β3)·(g − m2) is below half an ulp (2^(e−8)) and rounds away;
-with β3 = 0.9999 and g = 1, m2 stalls at 2⁻⁵ ≈ 0.031 instead of approaching 1 − β3^t (PAPERS.md §5, "Precision"). ``state_dtype="param"`` (or an explicit dtype) keeps the
+with β3 = 0.9999 and g = 1, m2 stalls at 2⁻⁵ ≈ 0.031 instead of approaching 1 − β3^t (docs/papers.md §5, "Precision"). ``state_dtype="param"`` (or an explicit dtype) keeps the
 state in a lower precision where the user asks.
 
 The step count is a Python ``int`` per parameter (``state["step"]``), saved and restored by ``state_dict``, so a

@@ -25,7 +25,7 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int | None, 
 
 
 def alpha_schedule(t: float, alpha: float, t_alpha: int | None) -> float:
-    """AdEMAMix mixing coefficient at step ``t`` (PAPERS.md §5; arXiv 2409.03137 §3, Algorithm 1):
+    """AdEMAMix mixing coefficient at step ``t`` (docs/papers.md §5; arXiv 2409.03137 §3, Algorithm 1):
 
     ``α(t) = min(t·α / T_α, α)``, a linear warm-up from 0 reaching ``α`` at ``t = T_α``; ``T_α = None`` → ``α``.
     """
@@ -35,7 +35,7 @@ def alpha_schedule(t: float, alpha: float, t_alpha: int | None) -> float:
 
 
 def beta3_schedule(t: float, beta_start: float, beta3: float, t_beta3: int | None) -> float:
-    """AdEMAMix slow-EMA decay at step ``t`` (PAPERS.md §5; arXiv 2409.03137 §3, Algorithm 1):
+    """AdEMAMix slow-EMA decay at step ``t`` (docs/papers.md §5; arXiv 2409.03137 §3, Algorithm 1):
 
     ``β3(t) = min(exp(ln β_start · ln β3 / ((1 − t/T)·ln β3 + (t/T)·ln β_start)), β3)`` with ``T = T_β3``,
     i.e. the half-life ``ln 0.5 / ln β`` interpolated linearly from β_start's (t = 0) to β3's (t = T).

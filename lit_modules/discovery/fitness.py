@@ -1,4 +1,4 @@
-"""Validation and fitness of a candidate preference loss (PAPERS.md §6 "Discovery loop"; issue 15).
+"""Validation and fitness of a candidate preference loss (docs/papers.md §6 "Discovery loop"; issue 15).
 
 Both run inside the sandbox worker (:mod:`lit_modules.discovery.sandbox`); :meth:`Fitness.prepare` runs once in
 the parent (trusted: e.g. the SFT of the starting policy), :meth:`Fitness.setup` in each worker *before* the
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def validate_loss(fn, n: int = 10, beta: float = 0.05, seed: int = 0) -> None:
-    """The DiscoPOP validity check (PAPERS.md §6): called on random log-probs of shape (n,) that require grad,
+    """The DiscoPOP validity check (docs/papers.md §6): called on random log-probs of shape (n,) that require grad,
     the loss must return a floating tensor of shape (n,), finite, whose mean has finite gradients with respect to
     the policy log-probs, at least one of them non-zero. Raises ``ValueError`` with the reason."""
     if not callable(fn):

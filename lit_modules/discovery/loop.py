@@ -1,4 +1,4 @@
-"""DiscoPOP's discovery loop (Lu et al., 2024, §3; PAPERS.md §6 "Discovery loop"; issue 15).
+"""DiscoPOP's discovery loop (Lu et al., 2024, §3; docs/papers.md §6 "Discovery loop"; issue 15).
 
 Each generation: the chat is built from the archive (seeded with DPO, hinge, IPO, KTO and their fitness), the
 proposer answers JSON ``{thought, name, code}``, the code is checked and validated in the sandbox; an invalid
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 _ARGS = "(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)"
 _MARGIN = "(policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)"
-#: Baselines as the proposer sees them (PAPERS.md §6 formulas); IPO on per-token mean log-probs, as TRL.
+#: Baselines as the proposer sees them (docs/papers.md §6 formulas); IPO on per-token mean log-probs, as TRL.
 BASELINES: dict[str, dict] = {
     "dpo": {"thought": "DPO (Rafailov et al., 2023): logistic loss on the scaled log-ratio margin.",
             "code": f"def dpo{_ARGS}:\n"

@@ -336,7 +336,7 @@ def test_shipped_configs_parse_and_build(config, monkeypatch):
 
 
 def test_ipo_baseline_formula_and_length_normalisation():
-    """The IPO seed is (ρ − 1/(2β))² on per-token mean log-probs (PAPERS.md §6): at ρ = 0, β = 0.05: 100."""
+    """The IPO seed is (ρ − 1/(2β))² on per-token mean log-probs (docs/papers.md §6): at ρ = 0, β = 0.05: 100."""
     assert BASELINES["ipo"]["length_normalize"] is True
     ns = {"torch": torch, "F": torch.nn.functional, "math": math}
     exec(BASELINES["ipo"]["code"], ns)  # trusted, shipped code

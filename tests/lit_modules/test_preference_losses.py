@@ -1,4 +1,4 @@
-"""Preference losses against plain-float math of the published formulas (PAPERS.md §6), on hand-picked inputs."""
+"""Preference losses against plain-float math of the published formulas (docs/papers.md §6), on hand-picked inputs."""
 
 import math
 import statistics

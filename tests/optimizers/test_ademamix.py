@@ -1,6 +1,6 @@
 """AdEMAMix against hand-computed updates, closed-form schedules, AdamW (α = 0) and itself across paths/resumes.
 
-Expected values are computed here with plain Python floats from PAPERS.md §5:
+Expected values are computed here with plain Python floats from docs/papers.md §5:
 m1 ← β1 m1 + (1−β1) g;  m2 ← β3 m2 + (1−β3) g;  ν ← β2 ν + (1−β2) g²;
 θ ← θ − η[(m1/(1−β1^t) + α m2)/(√(ν/(1−β2^t)) + ε) + λθ].
 """
