@@ -137,8 +137,23 @@ def error_line(error: BaseException) -> str:
 
 
 #: Subcommands that are not Lightning's: name -> (module, one-line help). Each module has ``main(argv) -> int``.
-TOOLS = {"reproduce": ("cli.reproduce", "run every paper's claim test and write report.md + results.json"),
+TOOLS = {"reproduce": ("benchmarks.reproduce", "run every paper's claim test and write report.md + results.json"),
          "discover": ("lit_modules.discovery", "DiscoPOP's discovery loop: LLM-proposed preference losses")}
+
+
+def run_tool(name: str, argv: list[str]) -> int:
+    """Run one of :data:`TOOLS`. ``benchmarks`` (the reproduce experiments) is not installed: it is found in the
+    source checkout this package was installed from (``pip install -e .``), else the error says so."""
+    import importlib
+
+    module = TOOLS[name][0]
+    if module.startswith("benchmarks."):
+        if not (ROOT / "benchmarks").is_dir():
+            print(f"error: litpapers {name} runs from a source checkout (it uses benchmarks/ and configs/): "
+                  "git clone the repository and run `make demo` or `pip install -e .` there", file=sys.stderr)
+            return 2
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(module).main(argv)
 
 
 def main() -> None:
@@ -147,9 +162,7 @@ def main() -> None:
 
     Exits 130 after a Ctrl-C that saved a checkpoint; our own errors print one ``error: ...`` line last."""
     if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
-        import importlib
-
-        sys.exit(importlib.import_module(TOOLS[sys.argv[1]][0]).main(sys.argv[2:]))
+        sys.exit(run_tool(sys.argv[1], sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
         print("litpapers: Lightning subcommands below, plus\n" + "\n".join(
             f"  {name:<12}{text}  (litpapers {name} --help)" for name, (_, text) in TOOLS.items()) + "\n")
