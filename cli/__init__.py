@@ -176,6 +176,9 @@ def main() -> None:
         print(error_line(shown), file=sys.stderr, flush=True)
         sys.exit(1)
     trainer = getattr(cli, "trainer", None)
+    log_dir = trainer.log_dir if trainer is not None else None  # a broadcast under DDP/FSDP: on every rank
+    if log_dir is not None and trainer.is_global_zero:
+        print(f"Logs, config and checkpoints: {log_dir}", flush=True)
     if trainer is not None and any(isinstance(c, LastCheckpoint) and c.interrupted_at is not None
                                    for c in trainer.callbacks):
         sys.exit(EXIT_INTERRUPTED)

@@ -120,7 +120,7 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_good_checkpo
 def test_cli_stops_a_diverging_run_by_default_and_the_switch_turns_it_off(monkeypatch):
     # lr 1e30 makes the loss non-finite within a few steps; before, the run trained on NaN to the end.
     diverge = ["fit", "--config", QUICK, "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
-               "--model.init_args.lr", "1e30", "--model.init_args.warmup_steps", "0", *FAST]
+               "--model.init_args.optimizer.init_args.lr", "1e30", "--model.init_args.warmup_steps", "0", *FAST]
     with pytest.raises(NonFiniteLossError, match="training loss is (nan|inf|-inf) at step [1-5] "):
         cli.build_cli(diverge)
     run = cli.build_cli([*diverge, "--stop_on_nonfinite_loss", "false"])
