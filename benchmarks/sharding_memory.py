@@ -6,6 +6,7 @@ shards of trainable parameters, gradients, optimizer state and frozen parameters
 bytes (what one unsharded process holds), and the rank's peak resident memory. Writes JSON (rank 0).
 
     OMP_NUM_THREADS=1 python benchmarks/sharding_memory.py --out docs/results/sharding_memory.json
+    python benchmarks/sharding_memory.py --render-docs docs/sharding.md     # the table in docs/sharding.md
 """
 
 from __future__ import annotations
@@ -71,12 +72,47 @@ def batches(kind: str, seq: int):
     return DataLoader(list(ids), batch_size=2, collate_fn=collate)
 
 
+BEGIN, END = "<!-- sharding_memory: begin (generated) -->", "<!-- sharding_memory: end -->"
+ROWS = (("trainable_params", "trainable parameters"), ("grads", "gradients"), ("optimizer_state", "AdamW state"),
+        ("frozen_params", "frozen reference (sharded)"))
+
+
+def render_table(report: dict) -> str:
+    """Markdown table of the JSON report: per module and tensor kind, whole MiB, each rank's local MiB, share."""
+    n = report["settings"]["processes"]
+    lines = [f"| module | tensors | whole (MiB) | {' | '.join(f'rank {r} (MiB)' for r in range(n))} | rank 0 share |",
+             "|" + "---|" * (4 + n)]
+    for kind, r in report["results"].items():
+        for key, label in ROWS:
+            whole = r["whole_bytes"][key]
+            if not whole:
+                continue
+            local = [p["local_bytes"][key] / 2**20 for p in r["per_rank"]]
+            lines.append(f"| {kind} | {label} | {whole / 2**20:.1f} | {' | '.join(f'{x:.1f}' for x in local)} | "
+                         f"{r['per_rank'][0]['local_bytes'][key] / whole:.3f} |")
+        rss = ", ".join(f"{p['peak_rss_bytes'] / 2**30:.2f}" for p in r["per_rank"])
+        lines.append(f"| {kind} | peak RSS per rank (GiB) | | {rss} | |".replace(", ", " | ", n - 1))
+    return "\n".join(lines)
+
+
+def render_docs(report: dict, doc: Path) -> None:
+    """Replace the generated block of ``doc`` with :func:`render_table` of ``report``."""
+    text = doc.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    doc.write_text(f"{head}{BEGIN}\n{render_table(report)}\n{END}{tail}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="docs/results/sharding_memory.json")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--render-docs", metavar="MD", help="only rewrite MD's generated table from --out, then exit")
     args = parser.parse_args()
+    if args.render_docs:
+        render_docs(json.loads(Path(args.out).read_text()), Path(args.render_docs))
+        return
     torch.set_num_threads(1)
     results = {}
     for kind in ("causal_lm", "dpo"):

@@ -143,8 +143,8 @@ class DPO(PaperModule):
 
     def build_reference(self) -> nn.Module:
         """The reference: ``ref_model`` if given, else a copy of the policy as :meth:`build_policy` left it."""
-        if self.ref_model_spec is None:
-            return copy.deepcopy(self.policy)
+        if self.ref_model_spec is None:  # a sharded (FSDP2) policy cannot be deep-copied: build it again
+            return self.build_policy() if is_model_parallel(self) else copy.deepcopy(self.policy)
         return load_causal_lm(self.ref_model_spec, vocab_size=len(self.tokenizer), dtype=self.param_dtype,
                               seed=self.init_seed)
 

@@ -54,13 +54,14 @@ def pair_loader(batch: int) -> DataLoader:
     """Preference pairs sharing a 4-token prompt; rows chosen first, as datamodules.preference collates."""
     chosen, rejected = token_rows(seed=1), token_rows(seed=2)
     rejected[:, :4] = chosen[:, :4]
-    pairs = rank_rows(list(zip(chosen, rejected)))
+    pairs = rank_rows(list(zip(range(len(chosen)), chosen, rejected)))
 
     def collate(items):
-        ids = torch.stack([c for c, _ in items] + [r for _, r in items])
+        ids = torch.stack([c for _, c, _ in items] + [r for _, _, r in items])
         resp = torch.ones_like(ids)
         resp[:, :4] = 0
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": resp}
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": resp,
+                "index": torch.tensor([i for i, _, _ in items])}
 
     return DataLoader(pairs, batch_size=batch, collate_fn=collate)
 
@@ -70,6 +71,8 @@ def build(kind: str):
         return CausalLM(model=TINY, lr=1e-2, lr_decay="constant"), lm_loader
     if kind == "dpo":
         return DPO(model=TINY, lr=1e-2, lr_decay="constant"), pair_loader
+    if kind == "dpo_precompute":
+        return DPO(model=TINY, precompute_ref_logps=True, lr=1e-2, lr_decay="constant"), pair_loader
     if kind == "minillm_kd":
         return MiniLLM(student=TINY, teacher=TINY | {"hidden_size": 48}, objective="kd", lr=1e-2,
                        lr_decay="constant"), lm_loader
@@ -80,6 +83,18 @@ def build(kind: str):
         return QDPO(model=TINY | {"hidden_size": 64}, group_size=32, precompute_ref_logps=False, lr=1e-2,
                     lr_decay="constant"), pair_loader
     raise ValueError(kind)
+
+
+class Data(L.LightningDataModule):
+    def __init__(self, loader: DataLoader):
+        super().__init__()
+        self.loader = loader
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader
+
+    def val_dataloader(self) -> list:
+        return []
 
 
 class Record(L.Callback):
@@ -117,7 +132,8 @@ def fit(kind: str, sharded: bool, out: Path, export: bool = False, **strategy_kw
         module.export_dir = str(out / f"{kind}_export")
     rec = Record()
     per_rank = GLOBAL_BATCH // WORLD if sharded else GLOBAL_BATCH
-    trainer(sharded, rec, **strategy_kwargs).fit(module, loader(per_rank))
+    data = Data(loader(per_rank))  # precomputed reference log-probs read the loaders from a datamodule
+    trainer(sharded, rec, **strategy_kwargs).fit(module, datamodule=data)
     return {"losses": rec.losses, "memory": rec.memory, "weights": trainable_weights(module)}
 
 

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import sharding_worker as w  # noqa: E402
 
-SCENARIOS = ["causal_lm", "resume", "dpo", "minillm_kd", "qdpo", "causal_lm_bf16"]
+SCENARIOS = ["causal_lm", "resume", "dpo", "dpo_precompute", "minillm_kd", "qdpo", "causal_lm_bf16"]
 TOL = 1e-5
 
 
@@ -66,6 +66,15 @@ def test_each_rank_holds_half(sharded, single, kind):
                 assert abs(b / total - 0.5) < 0.01, (key, per_rank, total)
     if kind != "causal_lm":
         assert whole["frozen_params"] > 0  # teacher / reference are sharded too
+
+
+def test_dpo_precomputed_reference_under_sharding_matches_single_process(sharded, single):
+    """The reference log-probs precomputed by a whole temporary reference on each rank (an FSDP2 policy cannot be
+    deep-copied, so it is rebuilt) give the losses and weights of the single process with a live reference."""
+    _, ranks, weights = sharded
+    assert rank_mean_losses(ranks, "dpo_precompute") == pytest.approx(single["dpo"]["losses"], abs=TOL)
+    for name, value in single["dpo"]["weights"].items():
+        assert torch.allclose(weights["dpo_precompute"][name], value, atol=TOL, rtol=0), name
 
 
 def test_resume_after_checkpoint_gives_same_weights(sharded):
