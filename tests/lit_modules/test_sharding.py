@@ -132,3 +132,16 @@ def test_single_device_and_ddp_paths_do_not_shard():
     module = w.build("causal_lm")[0]
     module.configure_model()  # no trainer: nothing to shard
     assert not any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def test_docs_memory_table_is_generated_from_the_committed_json():
+    import json
+
+    from benchmarks.sharding_memory import BEGIN, END, render_table
+
+    report = json.loads((w.ROOT / "docs" / "results" / "sharding_memory.json").read_text())
+    doc = (w.ROOT / "docs" / "sharding.md").read_text()
+    assert doc.split(BEGIN, 1)[1].split(END, 1)[0].strip() == render_table(report)
+    for kind in ("causal_lm", "dpo"):  # the measured claim: each of 2 ranks holds half of every kind of tensor
+        for key, share in report["results"][kind]["rank0_fraction_of_whole"].items():
+            assert share is None or abs(share - 0.5) < 0.01, (kind, key)
