@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torchmetrics
 
+from datamodules.extras import require
+
 Policy = Callable[..., torch.Tensor]  # (states, actions, returns_to_go, timesteps, mask, cache=dict) -> actions
 
 
@@ -47,7 +49,7 @@ def rollout_returns(policy: Policy, make_env: Callable[[], object], targets: Seq
     (``ReturnConditionedPolicy.act`` does).
     ``num_envs`` episodes run at once in one vector env (``None``: all of them; 1: one episode at a time).
     """
-    import gymnasium as gym
+    gym = require("gymnasium", "rl")
 
     jobs = [(i, e) for i in range(len(targets)) for e in range(episodes_per_target)]
     returns = np.zeros((len(targets), episodes_per_target))
@@ -68,7 +70,7 @@ def rollout_returns(policy: Policy, make_env: Callable[[], object], targets: Seq
 
 def _run_group(policy: Policy, envs, obs: np.ndarray, rtg: np.ndarray, K: int, device: torch.device) -> np.ndarray:
     """Roll the episodes of one vector env to their ends; returns their undiscounted returns."""
-    import gymnasium as gym
+    gym = require("gymnasium", "rl")
 
     space = envs.single_action_space
     discrete = isinstance(space, gym.spaces.Discrete)

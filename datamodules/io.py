@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from datamodules.extras import require
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 RECORD_SUFFIXES = (".jsonl", ".json")
 
@@ -22,10 +24,9 @@ def is_saved_hf_dataset(path: Path) -> bool:
 
 def load_saved_hf_dataset(path: Path, split: str = "train") -> list[dict[str, Any]]:
     """Rows of a dataset saved with ``save_to_disk`` (a ``DatasetDict`` uses ``split``)."""
-    from datasets import DatasetDict, load_from_disk
-
-    ds = load_from_disk(str(path))
-    if isinstance(ds, DatasetDict):
+    datasets = require("datasets", "data")
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise ValueError(f"{path}: saved DatasetDict has splits {list(ds)}, not {split!r}")
         ds = ds[split]

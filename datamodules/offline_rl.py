@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.common import ResumableDataLoader, cache_dir
+from datamodules.extras import require
 from datamodules.offline_rl_generate import BUILTIN_DATASETS, generate_minari_dataset
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def split_d4rl_episodes(data: dict[str, np.ndarray], source: str = "data") -> li
 
 def load_d4rl_hdf5(path: str | Path) -> list[Episode]:
     """Episodes of a D4RL-format hdf5 file (see the module docstring for the keys)."""
-    import h5py
+    h5py = require("h5py", "rl")
 
     path = Path(path)
     if not path.is_file():
@@ -147,8 +148,8 @@ def minari_root(path: str | Path | None) -> Iterator[None]:
 
 def load_minari_episodes(dataset_id: str, root: str | Path | None = None) -> tuple[list[Episode], object, object]:
     """Episodes, the env spec (or ``None``) and the action space of a local Minari dataset."""
-    import gymnasium as gym
-    import minari
+    gym = require("gymnasium", "rl")
+    minari = require("minari", "rl")
 
     with minari_root(root):
         local = sorted(minari.list_local_datasets())
@@ -355,7 +356,7 @@ class OfflineRLDataModule(L.LightningDataModule):
 
     def make_env(self, **kwargs):
         """A fresh evaluation environment (the dataset's env spec, incl. its time limit, or ``env_id``)."""
-        import gymnasium as gym
+        gym = require("gymnasium", "rl")
 
         if self.env_id is None:
             raise ValueError(f"{self.dataset}: no environment recorded; pass env_id=... to OfflineRLDataModule")

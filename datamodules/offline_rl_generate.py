@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from datamodules.extras import require
+
 if TYPE_CHECKING:  # gymnasium/minari are imported lazily: GPU benchmark machines may not have them.
     import minari
 
@@ -60,8 +62,8 @@ def rollout_scripted_episodes(env_id: str, n_episodes: int, max_episode_steps: i
 
     An episode ends at termination or at ``max_episode_steps``; observations have T+1 rows (Minari layout).
     """
-    import gymnasium as gym
-    from minari.data_collector import EpisodeBuffer
+    gym = require("gymnasium", "rl")
+    EpisodeBuffer = require("minari.data_collector", "rl").EpisodeBuffer
 
     rng = np.random.default_rng(seed)
     buffers: list = []
@@ -107,8 +109,8 @@ def generate_minari_dataset(dataset_id: str, env_id: str, n_episodes: int = 300,
                             seed: int = 0, num_envs: int = 16, random_fraction: float = 0.1) -> minari.MinariDataset:
     """Roll out the scripted policies and write them as the Minari dataset ``dataset_id`` under the current
     Minari root (``$MINARI_DATASETS_PATH``); the env spec recorded carries ``max_episode_steps``."""
-    import gymnasium as gym
-    import minari
+    gym = require("gymnasium", "rl")
+    minari = require("minari", "rl")
 
     buffers = rollout_scripted_episodes(env_id, n_episodes, max_episode_steps, seed, num_envs, random_fraction)
     spec = dataclasses.replace(gym.spec(env_id), max_episode_steps=max_episode_steps)

@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import nn
 
+from datamodules.extras import require
 from lit_modules.base import LRSchedulerCallable, OptimizerCallable
 from lit_modules.builtin_checkpoints import ensure_built_in
 from lit_modules.dpo import DPO, module_fingerprint
@@ -89,8 +90,7 @@ class QDPO(DPO):
     # ------------------------------------------------------------------ networks
     def build_policy(self) -> nn.Module:
         """Keep the loaded model as the frozen full-precision yardstick; return a fake-quantized copy."""
-        from torchao.quantization.qat import FakeQuantizedLinear
-
+        FakeQuantizedLinear = require("torchao.quantization.qat", "quant").FakeQuantizedLinear
         full_precision = super().build_policy()
         policy = prepare_qat(copy.deepcopy(full_precision), self.bits, self.group_size, self.include_lm_head)
         if self.train_quantized_only:

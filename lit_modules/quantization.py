@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from datamodules.extras import require
+
 SUPPORTED_BITS = tuple(range(2, 9))
 
 
@@ -59,28 +61,23 @@ def quantization_tag(bits: int, group_size: int | None, include_lm_head: bool = 
 
 
 def _granularity(group_size: int | None):
-    from torchao.quantization.granularity import PerAxis, PerGroup
-
-    return PerGroup(group_size) if group_size else PerAxis(0)
+    granularity = require("torchao.quantization.granularity", "quant")
+    return granularity.PerGroup(group_size) if group_size else granularity.PerAxis(0)
 
 
 def weight_only_config(bits: int, group_size: int | None):
     """torchao's real-quantization config for the quantizer above (``IntxWeightOnlyConfig``, symmetric)."""
-    from torchao.quantization import IntxWeightOnlyConfig
-    from torchao.quantization.quant_primitives import MappingType
-
     _check_spec(bits, group_size)
-    return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=_granularity(group_size),
-                                mapping_type=MappingType.SYMMETRIC)
+    symmetric = require("torchao.quantization.quant_primitives", "quant").MappingType.SYMMETRIC
+    return require("torchao.quantization", "quant").IntxWeightOnlyConfig(
+        weight_dtype=getattr(torch, f"int{bits}"), granularity=_granularity(group_size), mapping_type=symmetric)
 
 
 def fake_quantize_config(bits: int, group_size: int | None):
     """torchao's fake-quantization config for the same quantizer (``IntxFakeQuantizeConfig``, symmetric)."""
-    from torchao.quantization.qat import IntxFakeQuantizeConfig
-
     _check_spec(bits, group_size)
-    return IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), granularity=_granularity(group_size),
-                                  is_symmetric=True)
+    return require("torchao.quantization.qat", "quant").IntxFakeQuantizeConfig(
+        getattr(torch, f"int{bits}"), granularity=_granularity(group_size), is_symmetric=True)
 
 
 def conv1d_to_linear(model: nn.Module) -> int:
@@ -144,8 +141,8 @@ def prepare_qat(model: nn.Module, bits: int = 4, group_size: int | None = 32,
     Forward uses Q(w) (module docstring); backward passes gradients straight through the rounding to the
     latent full-precision ``weight`` parameters (STE). Returns ``model``.
     """
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import QATConfig
+    quantize_ = require("torchao.quantization", "quant").quantize_
+    QATConfig = require("torchao.quantization.qat", "quant").QATConfig
 
     _check_spec(bits, group_size)
     conv1d_to_linear(model)
@@ -156,8 +153,7 @@ def prepare_qat(model: nn.Module, bits: int = 4, group_size: int | None = 32,
 
 
 def is_fake_quantized(model: nn.Module) -> bool:
-    from torchao.quantization.qat import FakeQuantizedLinear
-
+    FakeQuantizedLinear = require("torchao.quantization.qat", "quant").FakeQuantizedLinear
     return any(isinstance(m, FakeQuantizedLinear) for m in model.modules())
 
 
@@ -165,8 +161,9 @@ def convert_qat(model: nn.Module, bits: int = 4, group_size: int | None = 32) ->
     """Turn every fake-quantized linear layer of ``model`` (in place) into an ``nn.Linear`` holding real
     quantized weights (torchao ``IntxUnpackedToInt8Tensor``); ``bits``/``group_size`` must be the ones
     :func:`prepare_qat` used. Returns ``model``."""
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
+    quantize_ = require("torchao.quantization", "quant").quantize_
+    qat = require("torchao.quantization.qat", "quant")
+    FakeQuantizedLinear, QATConfig = qat.FakeQuantizedLinear, qat.QATConfig
 
     if not is_fake_quantized(model):
         raise ValueError("convert_qat: the model has no fake-quantized layer (run prepare_qat first)")

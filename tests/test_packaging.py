@@ -84,6 +84,46 @@ def test_require_returns_the_module_or_names_the_extra():
         require("json", "everything")
 
 
+def hide(monkeypatch, *packages: str) -> None:
+    """Make ``import`` of each package (and of its already imported submodules) fail as if not installed."""
+    for name in list(sys.modules):
+        if name.split(".")[0] in packages:
+            monkeypatch.setitem(sys.modules, name, None)
+    for name in packages:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def missing_extra_message(fn) -> str:
+    with pytest.raises(ModuleNotFoundError) as err:
+        fn()
+    return str(err.value)
+
+
+def test_missing_extra_at_the_point_of_use_names_the_install(monkeypatch, tmp_path):
+    """RADT data without gymnasium/minari/h5py, QDPO without torchao, a saved HF dataset without datasets: each
+    stops with the ModuleNotFoundError naming `pip install 'litpapers[<extra>]'` (the fast twin of the slow test
+    below, hiding the packages in this environment instead of installing without them)."""
+    from datamodules import OfflineRLDataModule, TextDataModule
+    from lit_modules import QDPO
+
+    monkeypatch.setenv("LITPAPERS_CACHE", str(tmp_path / "cache"))  # the built-in dataset is not cached
+    hide(monkeypatch, "gymnasium", "minari", "h5py", "torchao", "datasets")
+    rl = OfflineRLDataModule(dataset="litpapers/halfcheetah/scripted-v0")
+    assert "pip install 'litpapers[rl]'" in missing_extra_message(lambda: rl.setup("fit"))
+    hdf5 = tmp_path / "d4rl.hdf5"
+    hdf5.write_bytes(b"")
+    assert "pip install 'litpapers[rl]'" in missing_extra_message(
+        lambda: OfflineRLDataModule(dataset=str(hdf5)).setup("fit"))
+    tiny = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "intermediate_size": 64}
+    assert "pip install 'litpapers[quant]'" in missing_extra_message(lambda: QDPO(model=tiny))
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "dataset_info.json").write_text("{}")
+    text = TextDataModule(path=str(saved))
+    assert "pip install 'litpapers[data]'" in missing_extra_message(lambda: (text.prepare_data(), text.setup("fit")))
+
+
 @pytest.fixture(scope="module")
 def core_install(tmp_path_factory) -> Path:
     """A fresh virtual environment with `pip install .` (not editable, core dependencies only). Takes minutes."""
@@ -123,8 +163,6 @@ def test_non_editable_install_imports_every_module(core_install, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.xfail(strict=True, reason="the import sites of gymnasium/minari/h5py, torchao and datasets do not call "
-                                       "datamodules.extras.require yet; remove this mark when they do")
 def test_core_install_names_the_missing_extra(core_install, tmp_path):
     """A paper whose extra is missing stops with one error naming `pip install 'litpapers[<extra>]'`."""
     out = run_outside_checkout(core_install, """
