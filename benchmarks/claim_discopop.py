@@ -1,6 +1,6 @@
 """DiscoPOP claim (``litpapers reproduce``): the LRML loss vs DPO at the paper's β = 0.05, held-out reward accuracy.
 
-Paper claim (Chris Lu et al. 2024, docs/papers.md §3): DiscoPOP (LRML, τ = 0.05) beats DPO and the other offline
+Paper claim (Chris Lu et al. 2024, docs/papers.md §6): DiscoPOP (LRML, τ = 0.05) beats DPO and the other offline
 preference losses. Experiment, on the built-in checkable instruction task (as ``benchmarks.dpo_losses``): a tiny
 byte-level Llama is SFT'd once (``benchmarks.dpo_losses.sft``); each loss then trains a copy of it with
 ``lit_modules.DPO`` (β = 0.05, precomputed reference log-probs) on the built-in ``PreferenceDataModule`` pairs

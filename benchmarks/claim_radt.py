@@ -1,6 +1,6 @@
 """RADT claim (``litpapers reproduce``): RADT aligns the actual return with the target return better than DT.
 
-Paper claim (Tanaka et al. 2024, docs/papers.md §2): RADT's mean absolute error between target and actual return is
+Paper claim (Tanaka et al. 2024, docs/papers.md §3): RADT's mean absolute error between target and actual return is
 lower than Decision Transformer's; removing either of its two components (SeqRA, StepRA) loses part of that.
 Experiment: ``benchmarks.radt_table.run_one`` trains each variant with the same recipe on the built-in scripted
 dataset and evaluates it with ``callbacks.ReturnAlignmentEval`` (7 targets from the 5th to the 95th return
