@@ -145,3 +145,41 @@ def test_docs_memory_table_is_generated_from_the_committed_json():
     for kind in ("causal_lm", "dpo"):  # the measured claim: each of 2 ranks holds half of every kind of tensor
         for key, share in report["results"][kind]["rank0_fraction_of_whole"].items():
             assert share is None or abs(share - 0.5) < 0.01, (kind, key)
+
+
+def test_truncate_at_eos_hand_case():
+    from lit_modules.sampling import Rollout
+    from lit_modules.sharding import truncate_at_eos
+
+    ids = torch.tensor([[5, 1, 7, 1], [5, 6, 1, 8], [1, 2, 3, 4]])
+    lp = torch.arange(12.0).reshape(3, 4)
+    out = truncate_at_eos(Rollout(ids[:, :1], torch.ones(3, 1), ids, torch.ones_like(ids), lp, None, lp), 1, 0)
+    # row 0 ends at t=1, row 1 at t=2, row 2 at t=0: mask keeps the EOS, the last EOS is at t=2 → 3 columns
+    assert out.response_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
+    assert out.response_ids.tolist() == [[5, 1, 0], [5, 6, 1], [1, 0, 0]]
+    assert out.student_logprobs.tolist() == lp[:, :3].tolist() and out.teacher_logprobs is None
+
+
+def test_fixed_length_sampling_cut_at_eos_equals_early_stopping():
+    """What MiniLLM does under sharding (static caches, max_new_tokens steps, then cut) keeps the tokens and
+    log-probs the EOS-stopping sampler draws with the same generator."""
+    from lit_modules.hf import load_causal_lm
+    from lit_modules.sampling import sample_mixed
+    from lit_modules.sharding import truncate_at_eos
+
+    small = {"vocab_size": 6, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+             "num_key_value_heads": 2}
+    student, teacher = load_causal_lm(small, seed=0), load_causal_lm(small | {"hidden_size": 24}, seed=1)
+    prompts = torch.randint(2, 6, (6, 3), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompts)
+    kw = dict(alpha=0.3, pad_id=0, cache="static")
+    stop = sample_mixed(student, teacher, prompts, mask, 12, eos_id=1, generator=torch.Generator().manual_seed(3),
+                        **kw)
+    fixed = sample_mixed(student, teacher, prompts, mask, 12, eos_id=None,
+                         generator=torch.Generator().manual_seed(3), **kw)
+    cut = truncate_at_eos(fixed, 1, 0)
+    assert 0 < stop.response_mask.sum() < stop.response_mask.numel()  # some rows ended early, some did not
+    assert torch.equal(cut.response_ids, stop.response_ids) and torch.equal(cut.response_mask, stop.response_mask)
+    m = stop.response_mask.bool()
+    for name in ("student_logprobs", "teacher_logprobs", "mix_logprobs"):
+        assert torch.allclose(getattr(cut, name)[m], getattr(stop, name)[m], atol=1e-6), name
