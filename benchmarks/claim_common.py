@@ -12,8 +12,21 @@ import os
 import pathlib
 import platform
 import statistics
+from collections.abc import Sequence
 
 import torch
+
+
+def paired_spread(ours: Sequence[float], baseline: Sequence[float]) -> float | None:
+    """Sample standard deviation over seeds of the paired difference: stdev(ours_i − baseline_i).
+
+    None with fewer than two seeds (no estimate of the seed-to-seed noise).
+    """
+    if len(ours) != len(baseline):
+        raise ValueError(f"paired_spread: {len(ours)} values for ours but {len(baseline)} for the baseline")
+    if len(ours) < 2:
+        return None
+    return statistics.stdev(o - b for o, b in zip(ours, baseline))
 
 
 def claim(text: str, metric: str, ours: list[float], baseline: list[float], baseline_name: str,
@@ -26,10 +39,9 @@ def claim(text: str, metric: str, ours: list[float], baseline: list[float], base
     """
     if not ours or len(ours) != len(baseline):
         raise ValueError(f"claim {text!r}: need one baseline value per seed, got {len(ours)} and {len(baseline)}")
-    diffs = [a - b for a, b in zip(ours, baseline)]
     return {"claim": text, "metric": metric, "ours": statistics.fmean(ours), "baseline": statistics.fmean(baseline),
             "baseline_name": baseline_name, "higher_is_better": higher_is_better,
-            "spread": statistics.stdev(diffs) if len(diffs) > 1 else None}
+            "spread": paired_spread(ours, baseline)}
 
 
 def check_mode(mode: str, seeds: int | None) -> None:

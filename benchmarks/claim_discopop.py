@@ -12,10 +12,9 @@ full: LRML vs every other loss; 3 training seeds in both (the spread is over see
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
-from benchmarks.reproduce import paired_spread
+from benchmarks.claim_common import claim
 
 SETTINGS = {
     "quick": {"seeds": 3, "sft_steps": 150, "steps": 60, "pairs": 1200, "losses": ["sigmoid"]},
@@ -67,15 +66,9 @@ def run(mode: str, seeds: int | None, out_dir: Path, progress) -> dict:
                      (seed * len(losses) + i) / (n_seeds * len(losses)))
             a, n_val = train_and_score(loss, seed, str(sft_dir), s, out_dir)
             acc[loss].append(a)
-    ours = statistics.mean(acc["discopop"])
-    claims = []
-    for loss in s["losses"]:
-        base = statistics.mean(acc[loss])
-        spread = paired_spread(acc["discopop"], acc[loss])
-        claims.append({"claim": f"DiscoPOP (LRML) beats {'DPO' if loss == 'sigmoid' else loss} at β = 0.05",
-                       "metric": "held-out reward accuracy", "ours": ours, "baseline": base,
-                       "baseline_name": "DPO (sigmoid)" if loss == "sigmoid" else loss, "higher_is_better": True,
-                       "spread": spread})
+    claims = [claim(f"DiscoPOP (LRML) beats {'DPO' if loss == 'sigmoid' else loss} at β = 0.05",
+                    "held-out reward accuracy", acc["discopop"], acc[loss],
+                    "DPO (sigmoid)" if loss == "sigmoid" else loss, higher_is_better=True) for loss in s["losses"]]
     return {"claims": claims, "figures": [],
             "settings": {**s, **COMMON, "seeds": n_seeds, "held_out_pairs": n_val, "per_seed_accuracy": acc,
                          "model": "benchmarks.dpo_losses.MODEL (SFT'd once, seed 0)", "precompute_ref_logps": True}}

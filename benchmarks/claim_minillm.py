@@ -16,10 +16,9 @@ and the compute-matched SFT continuation, 3 training seeds, 2000 steps. The toy 
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
-from benchmarks.reproduce import paired_spread
+from benchmarks.claim_common import claim
 
 SETTINGS = {
     "quick": {"seeds": 1, "steps": 300, "eval_seeds": 2, "baselines": ["kd"], "toy_seeds": 3, "toy_steps": 200},
@@ -68,11 +67,10 @@ def toy_claim(s: dict) -> tuple[dict, dict]:
     kw = {"vocab": 2, "steps": s["toy_steps"], "batch": 64, "lr": 0.05}
     ours = [fit("reverse_kl_minillm_estimator", seed=i, **kw)["mass_off_mode"] for i in range(s["toy_seeds"])]
     base = [fit("forward_kl_exact", seed=i, **kw)["mass_off_mode"] for i in range(s["toy_seeds"])]
-    claim = {"claim": "toy: reverse KL (MiniLLM estimator) is mode seeking", "metric":
-             "student mass on sequences the teacher makes with p = 0.02", "ours": statistics.mean(ours),
-             "baseline": statistics.mean(base), "baseline_name": "forward KL (exact)", "higher_is_better": False,
-             "spread": paired_spread(ours, base)}
-    return claim, kw | {"seeds": s["toy_seeds"], "per_seed": {"minillm_estimator": ours, "forward_kl": base}}
+    row = claim("toy: reverse KL (MiniLLM estimator) is mode seeking",
+                "student mass on sequences the teacher makes with p = 0.02", ours, base, "forward KL (exact)",
+                higher_is_better=False)
+    return row, kw | {"seeds": s["toy_seeds"], "per_seed": {"minillm_estimator": ours, "forward_kl": base}}
 
 
 def run(mode: str, seeds: int | None, out_dir: Path, progress) -> dict:
@@ -90,11 +88,8 @@ def run(mode: str, seeds: int | None, out_dir: Path, progress) -> dict:
     claims = []
     for base in s["baselines"]:
         for key, metric, higher in METRICS:
-            ours_runs, base_runs = [r[key] for r in evals["minillm"]], [r[key] for r in evals[base]]
-            ours, baseline = statistics.mean(ours_runs), statistics.mean(base_runs)
-            claims.append({"claim": f"MiniLLM beats {NAMES[base]}", "metric": metric, "ours": ours,
-                           "baseline": baseline, "baseline_name": NAMES[base], "higher_is_better": higher,
-                           "spread": paired_spread(ours_runs, base_runs)})
+            claims.append(claim(f"MiniLLM beats {NAMES[base]}", metric, [r[key] for r in evals["minillm"]],
+                                [r[key] for r in evals[base]], NAMES[base], higher_is_better=higher))
     claims.append(toy)
     return {"claims": claims, "figures": [],
             "settings": {**s, "seeds": n_seeds, "held_out_prompts": NUM_VAL, "sampling": "temperature 1",

@@ -11,12 +11,11 @@ full: HalfCheetah and Swimmer, 3 training seeds, plus both ablations.
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.reproduce import paired_spread
+from benchmarks.claim_common import claim
 
 SETTINGS = {
     "quick": {"seeds": 1, "envs": ["halfcheetah"], "variants": ["DT", "RADT"], "steps": 800, "warmup_steps": 80},
@@ -66,10 +65,8 @@ def run(mode: str, seeds: int | None, out_dir: Path, progress) -> dict:
         err = {v: [runs[(env, v, seed)]["mean_error"] for seed in range(n_seeds)] for v in s["variants"]}
         for base in [v for v in s["variants"] if v != "RADT"]:
             what = "aligns returns better than DT" if base == "DT" else f"beats its ablation {base}"
-            claims.append({"claim": f"{env}: RADT {what}", "metric": "mean abs. error of actual vs target return",
-                           "ours": statistics.mean(err["RADT"]), "baseline": statistics.mean(err[base]),
-                           "baseline_name": base, "higher_is_better": False,
-                           "spread": paired_spread(err["RADT"], err[base])})
+            claims.append(claim(f"{env}: RADT {what}", "mean abs. error of actual vs target return", err["RADT"],
+                                err[base], base, higher_is_better=False))
         figure = f"alignment_{env}.png"
         _figure(runs, env, s["variants"], out_dir / figure)
         figures.append(figure)

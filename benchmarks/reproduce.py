@@ -16,7 +16,7 @@ evaluates through the same modules and configs a user runs and returns
 - rewrites ``<out>/results.json`` and ``<out>/report.md`` after every paper (and at the end).
 
 ``spread`` is the sample standard deviation over training seeds of the paired difference ``ours − baseline``
-(:func:`paired_spread`, as ``benchmarks.claim_common.claim``), ``None`` with one seed. A within-run error (e.g. the
+(``benchmarks.claim_common.paired_spread``), ``None`` with one seed. A within-run error (e.g. the
 binomial error of a rate over the evaluation prompts) is not used in its place: it leaves out the training-seed noise,
 which dominates on these small runs, and would turn noise into verdicts.
 """
@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import resource
-import statistics
 import sys
 import time
 import traceback
@@ -68,18 +67,6 @@ def verdict(ours: float, baseline: float, higher_is_better: bool, spread: float 
     if d < -2 * spread:
         return "not reproduced"
     return "inconclusive"
-
-
-def paired_spread(ours: Sequence[float], baseline: Sequence[float]) -> float | None:
-    """Sample standard deviation over seeds of the paired difference: stdev(ours_i − baseline_i).
-
-    None with fewer than two seeds (no estimate of the seed-to-seed noise).
-    """
-    if len(ours) != len(baseline):
-        raise ValueError(f"paired_spread: {len(ours)} values for ours but {len(baseline)} for the baseline")
-    if len(ours) < 2:
-        return None
-    return statistics.stdev(o - b for o, b in zip(ours, baseline))
 
 
 # ----------------------------------------------------------------------------------------------- environment

@@ -3,7 +3,6 @@
 Claim modules are replaced by tiny fake modules written into the test's directory (no training)."""
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import reproduce
-from benchmarks.reproduce import paired_spread, verdict
+from benchmarks.reproduce import verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,14 +86,6 @@ def test_verdict_rule(ours, baseline, higher, spread, expected):
 def test_verdict_rejects_negative_spread():
     with pytest.raises(ValueError, match="spread"):
         verdict(1.0, 0.0, True, -0.1)
-
-
-def test_paired_spread_by_hand():
-    # differences 1, 2, 4: mean 7/3, sample variance ((4/3)² + (1/3)² + (5/3)²)/2 = 7/3
-    assert paired_spread([1.0, 3.0, 5.0], [0.0, 1.0, 1.0]) == pytest.approx(math.sqrt(7 / 3))
-    assert paired_spread([0.7], [0.6]) is None
-    with pytest.raises(ValueError, match="paired_spread"):
-        paired_spread([1.0, 2.0], [1.0])
 
 
 # ------------------------------------------------------------------------------------- failure isolation, schema

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from benchmarks import claim_ademamix, claim_oversquashing
-from benchmarks.claim_common import claim
+from benchmarks.claim_common import claim, paired_spread
 from lit_modules.hf import byte_tokenizer
 
 CLAIM_KEYS = {"claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better", "spread"}
@@ -23,6 +23,14 @@ def check_schema(result: dict, out_dir, n_claims: int, seeds: int) -> None:
     assert result["figures"] and all((out_dir / f).stat().st_size > 0 for f in result["figures"])
     assert all(f.endswith(".png") and not f.startswith("/") for f in result["figures"])
     assert result["settings"]["seeds"] == seeds
+
+
+def test_paired_spread_by_hand():
+    # differences 1, 2, 4: mean 7/3, sample variance ((4/3)² + (1/3)² + (5/3)²)/2 = 7/3
+    assert paired_spread([1.0, 3.0, 5.0], [0.0, 1.0, 1.0]) == pytest.approx(math.sqrt(7 / 3))
+    assert paired_spread([0.7], [0.6]) is None
+    with pytest.raises(ValueError, match="paired_spread"):
+        paired_spread([1.0, 2.0], [1.0])
 
 
 def test_claim_row_means_and_paired_spread():
