@@ -215,6 +215,13 @@ def test_seqra_gate_starts_at_zero():
         RADT(seqra=False, stepra=False)
 
 
+@pytest.mark.parametrize("cls", [RADT, DecisionTransformer])
+@pytest.mark.parametrize("name", ["context_len", "max_timestep"])
+def test_window_sizes_below_one_are_one_clear_error(cls, name):
+    with pytest.raises(ValueError, match=f"^{name} must be >= 1, got 0$"):
+        cls(**{name: 0})
+
+
 @pytest.mark.parametrize("cls,kw", [(RADT, {}), (RADT, {"stepra": False}), (RADT, {"seqra": False}),
                                     (DecisionTransformer, {})])
 def test_act_with_cache_equals_full_forward_along_a_sliding_rollout(cls, kw):
