@@ -28,21 +28,17 @@ Claims (per seed, paired):
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import pathlib
 import random
-import sys
-import time
 from collections.abc import Callable, Iterator
 
 import torch
 import yaml
 from matplotlib.figure import Figure
 
-from benchmarks.claim_common import check_mode, claim, write_record
+from benchmarks.claim_common import check_mode, claim, claim_parser, run_and_record
 from datamodules.text import builtin_documents, pack_blocks
 from lit_modules import CausalLM
 from optimizers import AdEMAMix
@@ -279,23 +275,12 @@ def draw(runs: dict, T: int, out_dir: pathlib.Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true")
-    parser.add_argument("--seeds", type=int, default=None)
+    parser = claim_parser(__doc__, "claim_ademamix")
     parser.add_argument("--steps", type=int, default=None, help="override T (documented in the output settings)")
     parser.add_argument("--lr-grid", type=float, nargs="+", default=None)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("reports/claim_ademamix"))
-    parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the result (with command, "
-                        "date and machine) to this file")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("steps", args.steps), ("lr_grid", args.lr_grid)) if v is not None}
-    start = time.perf_counter()
-    result = run("full" if args.full else "quick", args.seeds, args.out, lambda m: print(m, flush=True), overrides)
-    result["seconds"] = time.perf_counter() - start
-    if args.json:
-        write_record(result, args.json, "benchmarks.claim_ademamix", sys.argv[1:] if argv is None else argv)
-    print(json.dumps(result, default=str))
-    return result
+    return run_and_record(run, args, overrides, "claim_ademamix", argv)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,16 @@ Each experiment module exposes ``run(mode, seeds, out_dir, progress) -> dict`` r
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import pathlib
 import platform
 import statistics
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -60,3 +63,30 @@ def write_record(result: dict, path: pathlib.Path, module: str, args: list[str])
                            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+
+
+def claim_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The command line every claim experiment shares: ``--full``, ``--seeds``, ``--out`` (default
+    ``reports/<name>``) and ``--json``; the module adds its own overrides. ``doc``'s first line describes it."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("reports") / name)
+    parser.add_argument("--json", type=pathlib.Path, default=None,
+                        help="also write the result (with command, date and machine) to this file")
+    return parser
+
+
+def run_and_record(run: Callable[..., dict], args: argparse.Namespace, overrides: dict | None, name: str,
+                   argv: list[str] | None) -> dict:
+    """``run(mode, seeds, out, progress, overrides)`` as the parsed :func:`claim_parser` ``args`` ask, with its
+    wall-clock ``seconds`` added; written by :func:`write_record` (module ``benchmarks.<name>``) when ``--json``
+    is given, printed as JSON and returned."""
+    start = time.perf_counter()
+    result = run("full" if args.full else "quick", args.seeds, args.out, lambda msg: print(msg, flush=True),
+                 overrides)
+    result["seconds"] = time.perf_counter() - start
+    if args.json:
+        write_record(result, args.json, f"benchmarks.{name}", sys.argv[1:] if argv is None else argv)
+    print(json.dumps(result, default=str))
+    return result

@@ -19,18 +19,13 @@ ones_commas; fp32, bf16 autocast, bf16 weights; noise floors against a float64 c
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
-import sys
-import time
 from collections.abc import Callable
 
 import lightning as L
-import torch
 import yaml
 
-from benchmarks.claim_common import check_mode, claim, write_record
+from benchmarks.claim_common import check_mode, claim, claim_parser, run_and_record
 from callbacks import OverSquashingProbe, RepresentationalCollapseProbe
 from callbacks.oversquashing import FAMILIES, eval_mode
 from datamodules import SequenceTasksDataModule
@@ -127,23 +122,11 @@ def run(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Callable[
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true")
-    parser.add_argument("--seeds", type=int, default=None)
+    parser = claim_parser(__doc__, "claim_oversquashing")
     parser.add_argument("--steps", type=int, default=None, help="override the training steps (kept in settings)")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("reports/claim_oversquashing"))
-    parser.add_argument("--json", type=pathlib.Path, default=None,
-                        help="also write the result (with command, date and machine) to this file")
     args = parser.parse_args(argv)
     overrides = {"steps": args.steps} if args.steps is not None else None
-    start = time.perf_counter()
-    result = run("full" if args.full else "quick", args.seeds, args.out, lambda msg: print(msg, flush=True),
-                 overrides)
-    result["seconds"] = time.perf_counter() - start
-    if args.json:
-        write_record(result, args.json, "benchmarks.claim_oversquashing", sys.argv[1:] if argv is None else argv)
-    print(json.dumps(result, default=str))
-    return result
+    return run_and_record(run, args, overrides, "claim_oversquashing", argv)
 
 
 if __name__ == "__main__":

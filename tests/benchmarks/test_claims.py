@@ -1,12 +1,14 @@
 """The claim experiments of ``litpapers reproduce`` (benchmarks/claim_*.py): the result schema on tiny settings,
 and the pure pieces against hand-computed values."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
 from benchmarks import claim_ademamix, claim_oversquashing
-from benchmarks.claim_common import claim, paired_spread
+from benchmarks.claim_common import claim, claim_parser, paired_spread, run_and_record
 from lit_modules.hf import byte_tokenizer
 
 CLAIM_KEYS = {"claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better", "spread"}
@@ -75,6 +77,28 @@ def test_token_stream_reads_each_document_once_and_holds_out_every_twentieth(mon
     assert any(int(d[5:8]) >= 40 for d in train_docs) and any(int(d[5:8]) < 40 for d in train_docs)  # mixed
     with pytest.raises(ValueError, match="held-out blocks"):  # fails before reading any file
         claim_ademamix.token_stream(tok, 10 ** 6, 1, 13)
+
+
+def test_claim_command_line_runs_and_records(tmp_path, capsys):
+    calls = []
+
+    def fake_run(mode, seeds, out_dir, progress, overrides):
+        progress("working")
+        calls.append((mode, seeds, out_dir, overrides))
+        return {"claims": [], "figures": [], "settings": {"seeds": seeds}}
+
+    assert claim_parser("Doc line.\nmore", "claim_x").parse_args([]).out == Path("reports/claim_x")
+    argv = ["--full", "--seeds", "2", "--out", str(tmp_path / "o"), "--json", str(tmp_path / "r.json")]
+    result = run_and_record(fake_run, claim_parser("Doc.", "claim_x").parse_args(argv), {"steps": 5}, "claim_x",
+                            argv)
+    assert calls == [("full", 2, tmp_path / "o", {"steps": 5})] and result["seconds"] >= 0
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["command"] == "python -m benchmarks.claim_x " + " ".join(argv) and record["settings"] == {"seeds": 2}
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "working" and json.loads(out[1])["seconds"] == result["seconds"]
+    quick = claim_parser("Doc.", "claim_x").parse_args([])
+    assert run_and_record(fake_run, quick, None, "claim_x", [])["settings"] == {"seeds": None}
+    assert calls[-1][:2] == ("quick", None)
 
 
 def test_bad_mode_is_rejected(tmp_path):
