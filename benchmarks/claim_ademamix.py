@@ -38,7 +38,7 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from benchmarks.claim_common import check_mode, claim, claim_parser, run_and_record
+from benchmarks.claim_common import claim, claim_parser, mode_settings, run_and_record
 from datamodules.text import builtin_documents, pack_blocks
 from lit_modules import CausalLM
 from optimizers import AdEMAMix
@@ -190,10 +190,7 @@ def run(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Callable[
         overrides: dict | None = None) -> dict:
     """Tune (full), train both optimizers per seed, return the claims (module docstring); ``overrides``
     replaces ``MODES[mode]`` entries (tests use tiny settings)."""
-    check_mode(mode, seeds)
-    s = {**MODES[mode], **(overrides or {})}
-    if seeds is not None:
-        s["seeds"] = seeds
+    s = mode_settings(MODES, mode, seeds, overrides)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     T = s["steps"]

@@ -47,12 +47,19 @@ def claim(text: str, metric: str, ours: list[float], baseline: list[float], base
             "spread": paired_spread(ours, baseline)}
 
 
-def check_mode(mode: str, seeds: int | None) -> None:
-    """``mode`` must be ``quick`` or ``full`` and ``seeds`` ``None`` or ≥ 1 (``ValueError`` naming the argument)."""
+def mode_settings(modes: dict[str, dict], mode: str, seeds: int | None, overrides: dict | None) -> dict:
+    """The settings of a run: ``modes[mode]`` updated by ``overrides``, with ``seeds`` when given.
+
+    ``mode`` must be ``quick`` or ``full`` and ``seeds`` ``None`` or ≥ 1 (``ValueError`` naming the argument).
+    """
     if mode not in ("quick", "full"):
         raise ValueError(f"mode must be 'quick' or 'full', got {mode!r}")
     if seeds is not None and seeds < 1:
         raise ValueError(f"seeds must be >= 1 or None, got {seeds}")
+    settings = {**modes[mode], **(overrides or {})}
+    if seeds is not None:
+        settings["seeds"] = seeds
+    return settings
 
 
 def write_record(result: dict, path: pathlib.Path, module: str, args: list[str]) -> None:

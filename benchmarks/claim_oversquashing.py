@@ -25,7 +25,7 @@ from collections.abc import Callable
 import lightning as L
 import yaml
 
-from benchmarks.claim_common import check_mode, claim, claim_parser, run_and_record
+from benchmarks.claim_common import claim, claim_parser, mode_settings, run_and_record
 from callbacks import OverSquashingProbe, RepresentationalCollapseProbe
 from callbacks.oversquashing import FAMILIES, eval_mode
 from datamodules import SequenceTasksDataModule
@@ -59,10 +59,7 @@ def run(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Callable[
         overrides: dict | None = None) -> dict:
     """Train, probe and return the claims (see the module docstring); ``overrides`` replaces ``MODES[mode]``
     entries (tests use tiny settings)."""
-    check_mode(mode, seeds)
-    settings = {**MODES[mode], **(overrides or {})}
-    if seeds is not None:
-        settings["seeds"] = seeds
+    settings = mode_settings(MODES, mode, seeds, overrides)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lengths = sorted(settings["lengths"])

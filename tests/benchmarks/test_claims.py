@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import claim_ademamix, claim_oversquashing
-from benchmarks.claim_common import claim, claim_parser, paired_spread, run_and_record
+from benchmarks.claim_common import claim, claim_parser, mode_settings, paired_spread, run_and_record
 from lit_modules.hf import byte_tokenizer
 
 CLAIM_KEYS = {"claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better", "spread"}
@@ -99,6 +99,13 @@ def test_claim_command_line_runs_and_records(tmp_path, capsys):
     quick = claim_parser("Doc.", "claim_x").parse_args([])
     assert run_and_record(fake_run, quick, None, "claim_x", [])["settings"] == {"seeds": None}
     assert calls[-1][:2] == ("quick", None)
+
+
+def test_mode_settings_apply_overrides_then_seeds():
+    modes = {"quick": {"seeds": 1, "steps": 10, "lr": 0.1}, "full": {"seeds": 5, "steps": 100, "lr": 0.1}}
+    assert mode_settings(modes, "full", None, None) == {"seeds": 5, "steps": 100, "lr": 0.1}
+    assert mode_settings(modes, "quick", 3, {"steps": 2, "seeds": 7}) == {"seeds": 3, "steps": 2, "lr": 0.1}
+    assert modes["quick"] == {"seeds": 1, "steps": 10, "lr": 0.1}  # the table itself is left alone
 
 
 def test_bad_mode_is_rejected(tmp_path):
