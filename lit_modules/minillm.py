@@ -296,14 +296,15 @@ class MiniLLM(PaperModule):
         was_training = self.model.training
         self.model.eval()
         # sharded (FSDP2): every forward is a collective, so every rank runs both models at every step (static
-        # caches) for max_new_tokens steps, and the rollout is cut at EOS afterwards (sharding.truncate_at_eos)
+        # caches; no CUDA graph: FSDP's all-gathers cannot be captured) for max_new_tokens steps, and the rollout
+        # is cut at EOS afterwards (sharding.truncate_at_eos)
         sharded, eos = is_model_parallel(self), self.tokenizer.eos_token_id
         try:
             out = sample_mixed(self.model, self.teacher if alpha > 0 else None, batch["prompt_input_ids"],
                                batch["prompt_attention_mask"], max_new_tokens or self.hparams.max_new_tokens, alpha,
                                None if sharded else eos, self.pad_id,
                                self.hparams.temperature if temperature is None else temperature, generator,
-                               cache="static" if sharded else None)
+                               cache="static" if sharded else None, cuda_graphs=False if sharded else None)
             return truncate_at_eos(out, eos, self.pad_id) if sharded and eos is not None else out
         finally:
             self.model.train(was_training)
