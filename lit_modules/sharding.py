@@ -23,15 +23,12 @@ A plain ``ModelParallelStrategy`` uses the defaults (fp32, no checkpointing, fro
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 MIXED_PRECISION = (None, "bf16")
 
