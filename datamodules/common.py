@@ -12,16 +12,17 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from datamodules.contract import TokenizerSource
 from datamodules.tokenizers import load_tokenizer
 
 
 def resolve_tokenizer(datamodule: L.LightningDataModule, tokenizer: str | None):
     """The datamodule's tokenizer: the one it was given, else the attached module's ``tokenizer`` (the model
-    owns it, so a config names it once), else byte-level."""
+    owns it, so a config names it once: :class:`~datamodules.contract.TokenizerSource`), else byte-level."""
     if tokenizer is not None:
         return load_tokenizer(tokenizer)
     trainer = getattr(datamodule, "trainer", None)
-    module = trainer.lightning_module if trainer is not None else None
+    module: TokenizerSource | None = trainer.lightning_module if trainer is not None else None
     if module is not None and getattr(module, "tokenizer", None) is not None:
         return module.tokenizer
     return load_tokenizer(None)

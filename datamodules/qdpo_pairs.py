@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from datamodules.common import cache_dir, pad_sequences
+from datamodules.contract import PairModelSource
 from datamodules.instruction import load_instruction_records
 from datamodules.preference import PreferenceDataModule
 from datamodules.tokenizers import resolve_prompt_template
@@ -145,8 +146,10 @@ class QDPOPairsDataModule(PreferenceDataModule):
             log.info("QDPOPairsDataModule: %d duplicate prompt(s) removed, %d distinct", duplicates, len(records))
         return records
 
-    def _pair_models(self):
-        module = self.trainer.lightning_module if getattr(self, "trainer", None) is not None else None
+    def _pair_models(self) -> tuple[nn.Module, nn.Module, Any, dict[str, str]]:
+        """The attached module's :meth:`~datamodules.contract.PairModelSource.pair_models`."""
+        trainer = getattr(self, "trainer", None)
+        module: PairModelSource | None = trainer.lightning_module if trainer is not None else None
         if module is None or not hasattr(module, "pair_models"):
             raise RuntimeError("QDPOPairsDataModule generates pairs with the attached module's pair_models() "
                                "(use it with lit_modules.QDPO), got "

@@ -27,6 +27,7 @@ import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from datamodules.contract import OfflineRLSource
 from lit_modules.base import PaperModule
 
 
@@ -196,8 +197,9 @@ class ReturnConditionedPolicy(PaperModule):
         """Hook for initialisations that must survive the generic one (RADT's zero-init gate and adaLN)."""
 
     def setup(self, stage: str) -> None:
-        """Take sizes and state statistics from an attached ``OfflineRLDataModule``."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        """Take sizes and state statistics from an attached ``OfflineRLDataModule``
+        (:class:`~datamodules.contract.OfflineRLSource`)."""
+        dm: OfflineRLSource | None = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None or not hasattr(dm, "state_dim"):
             if not self.built:
                 raise ValueError(f"{type(self).__name__}: state_dim/act_dim not given and no OfflineRLDataModule "
