@@ -16,7 +16,8 @@ import re
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
+
+from datamodules.io import read_records
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +68,14 @@ class ReplayProposer(Proposer):
     def __init__(self, path: str):
         self.path = path
         self.replies: list[str] = []
-        for i, line in enumerate(Path(path).read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-            if isinstance(row, dict) and isinstance(row.get("reply"), str):
+        for row in read_records(path):  # one JSON object per line; bad lines are errors naming file:line
+            line = row.pop("_line")
+            if isinstance(row.get("reply"), str):
                 self.replies.append(row["reply"])
-            elif isinstance(row, dict) and {"name", "code"} <= row.keys():
+            elif {"name", "code"} <= row.keys():
                 self.replies.append(json.dumps(row))
             else:
-                raise ValueError(f"{path}:{i}: expected {{\"reply\": str}} or {{\"thought\", \"name\", \"code\"}}")
+                raise ValueError(f"{path}:{line}: expected {{\"reply\": str}} or {{\"thought\", \"name\", \"code\"}}")
         self.position = 0
 
     def skip(self, n: int) -> None:
