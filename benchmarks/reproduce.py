@@ -276,6 +276,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", default=None, help=f"comma-separated paper keys out of {','.join(PAPERS)}")
     ap.add_argument("--seeds", type=int, default=None, help="training seeds per experiment (default: the mode's)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default reports/<mode>-<date>)")
+    ap.add_argument("--update-readme", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="only rewrite README.md's results block from a committed results.json, then exit")
     args = ap.parse_args(argv)
     args.mode = "full" if args.full else "quick"
     keys = args.only.split(",") if args.only else list(PAPERS)
@@ -289,10 +291,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+README_BEGIN, README_END = "<!-- results:begin -->\n", "<!-- results:end -->"
+
+
+def update_readme(readme: Path, results: dict) -> None:
+    """Replace what lies between ``README_BEGIN`` and ``README_END`` in ``readme`` by
+    :func:`render_results_table` of ``results`` (the README's numbers are never typed)."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme}: no {README_BEGIN.strip()} ... {README_END} block to fill")
+    head, rest = text.split(README_BEGIN, 1)
+    atomic_write(readme, head + README_BEGIN + render_results_table(results) + README_END + rest.split(README_END, 1)[1])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the selected papers (skipping finished ones in ``--out``); 0 if all are ``ok``, else 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.update_readme is not None:
+        update_readme(Path(__file__).resolve().parents[1] / "README.md", json.loads(args.update_readme.read_text()))
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

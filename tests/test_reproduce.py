@@ -195,7 +195,22 @@ def test_readme_table_matches_committed_results():
     begin, end = "<!-- results:begin -->\n", "<!-- results:end -->"
     assert begin in readme and end in readme, "README.md lacks the <!-- results:begin/end --> markers"
     block = readme.split(begin, 1)[1].split(end, 1)[0]
-    assert block == reproduce.render_results_table(json.loads(committed.read_text()))
+    assert block == reproduce.render_results_table(json.loads(committed.read_text())), (
+        "README's results block is stale: python -m benchmarks.reproduce --update-readme " + str(committed))
+
+
+def test_update_readme_replaces_only_the_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:begin -->\nold typed numbers\n<!-- results:end -->\ntail\n")
+    results = {"mode": "quick", "created": "2026-11-27T00:00:00", "machine": {"cpu": "c", "cores": 2},
+               "papers": {"radt": {"status": "failed", "error": "boom", "claims": []}}}
+    reproduce.update_readme(readme, results)
+    text = readme.read_text()
+    assert text.startswith("# x\n<!-- results:begin -->\nFrom `reproduce --quick`, 2026-11-27, c (2 cores)")
+    assert "| radt | failed: boom |" in text and "old typed numbers" not in text and text.endswith("-->\ntail\n")
+    (tmp_path / "bad.md").write_text("no markers")
+    with pytest.raises(ValueError, match="bad.md"):
+        reproduce.update_readme(tmp_path / "bad.md", results)
 
 
 def test_render_results_table_by_hand():
