@@ -51,17 +51,17 @@ skip() {  # name, reason
   echo "=== $1: skipped ($2)"
 }
 
-step cuda_tests 100 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" \
+step cuda_tests 90 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" \
   tests/lit_modules/test_sampling_static.py tests/optimizers/test_ademamix.py tests/optimizers/test_ademamix_triton.py \
   -k "cuda or triton_path or fall_back"
 
 if [ "$CUDA" = 1 ] && [ "$DRY" = 0 ]; then
   step minillm_rollout 140 "$PY" -m benchmarks.minillm_rollout --device cuda --size 100m --batch 64 --prompt-len 64 \
     --new-tokens 256 --dtype bf16 --repeats 3 --no-train-step --out "$OUT/minillm_rollout.json"
-  step dpo_throughput 140 "$PY" -m benchmarks.dpo_throughput --device cuda --precision bf16-mixed --hidden 768 \
+  step dpo_throughput 170 "$PY" -m benchmarks.dpo_throughput --device cuda --precision bf16-mixed --hidden 768 \
     --layers 12 --batch 64 --prompt-bytes 248 --steps 15 --warmup 3 --repeats 1 --out "$OUT/dpo_throughput.json"
   step optimizer_step 90 "$PY" -m benchmarks.optimizer_step --device cuda
-  step probe_overhead 50 "$PY" -m benchmarks.probe_overhead --device cuda --quick
+  step probe_overhead 45 "$PY" -m benchmarks.probe_overhead --device cuda --quick
 elif [ "$DRY" = 1 ]; then
   step minillm_rollout 300 "$PY" -m benchmarks.minillm_rollout --device cpu --size tiny --batch 4 --prompt-len 8 \
     --new-tokens 12 --repeats 1 --no-train-step --out "$OUT/minillm_rollout.json"
