@@ -33,6 +33,7 @@ from lit_modules.builtin_checkpoints import ensure_built_in
 from lit_modules.dpo import DPO, module_fingerprint
 from lit_modules.hf import ModelSpec
 from lit_modules.quantization import convert_qat, prepare_qat, quantization_tag, save_quantized
+from lit_modules.sampling import generate_answers
 from lit_modules.sharding import is_model_parallel
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,11 @@ class QDPO(DPO):
             self._fingerprint = {"full_precision": module_fingerprint(self.full_precision),
                                  "quantization": self.quant_tag}
         return self.full_precision, self.policy, self.tokenizer, self._fingerprint
+
+    def generate_answers(self, model: nn.Module, prompts: list[str], **decoding: Any) -> list[str]:
+        """``model``'s answers to ``prompts`` with this module's tokenizer through the package's one sampler
+        (:func:`lit_modules.sampling.generate_answers`; ``decoding`` as there): how the pair generator decodes."""
+        return generate_answers(model, self.tokenizer, prompts, **decoding)
 
     def quantized_model(self) -> nn.Module:
         """A copy of the policy with its latent weights re-quantized into real low-bit weights."""

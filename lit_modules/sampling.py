@@ -7,10 +7,14 @@ a KV cache per model, per-sequence EOS, optional teacher-mixed sampling, and eve
 - :func:`generate` — the one-model case: ``generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0,
   eos_id=…, pad_id=…, generator=…)``;
 - :func:`response_logits` — one teacher-forced forward over prompt + response (the logits predicting each response
-  token), for losses and evaluations on a rollout.
+  token), for losses and evaluations on a rollout;
+- :func:`generate_answers` — text in, text out: a tokenizer's prompts answered by :func:`generate` in batches, each
+  answer decoded up to its EOS.
 
-MiniLLM's rollouts (teacher-mixed sampling, paper §2.2 / LMOps ``minillm/sampler.py``), SeqKD/GKD samples and the
-exposure-bias evaluation (``callbacks.generation_eval``) all draw through :func:`sample_mixed`.
+MiniLLM's rollouts (teacher-mixed sampling, paper §2.2 / LMOps ``minillm/sampler.py``), SeqKD/GKD samples, the
+exposure-bias evaluation (``callbacks.generation_eval``), QDPO's pair generation (``datamodules.QDPOPairsDataModule``
+through ``QDPO.generate_answers``) and its evaluation (``callbacks.quantization_eval``) all draw through
+:func:`sample_mixed`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
+
+from datamodules.common import pad_sequences
 
 
 @dataclass
@@ -376,3 +383,38 @@ def generate(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torc
     prompts: :func:`sample_mixed` with α = 0 (``teacher_logprobs`` is ``None``; ``cache``/``cuda_graphs`` as there)."""
     return sample_mixed(model, None, prompt_ids, prompt_mask, max_new_tokens, 0.0, eos_id, pad_id, temperature,
                         generator, cache, cuda_graphs)
+
+
+def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 32,
+                     batch_size: int = 64, max_prompt_length: int = 128, do_sample: bool = False,
+                     temperature: float = 1.0, seed: int = 0) -> list[str]:
+    """Answer every prompt with :func:`generate` (batches of ``batch_size`` left-padded prompts, each cut to its last
+    ``max_prompt_length`` tokens, KV cache), decoded up to (without) the tokenizer's EOS.
+
+    Greedy unless ``do_sample`` (plain softmax(logits/``temperature``) sampling, no top-k/top-p). Batch ``i`` draws
+    from its own ``torch.Generator`` seeded ``seed + i`` (the global RNG is untouched), so two models given the
+    same prompts and seed share their random numbers (coupled sampling). ``model`` runs in eval mode; its mode is
+    restored afterwards.
+    """
+    if do_sample and temperature <= 0:
+        raise ValueError(f"generate_answers: temperature must be > 0 when sampling, got {temperature}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    answers = []
+    for batch_no, start in enumerate(range(0, len(prompts), batch_size)):
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt_length:]
+               for p in prompts[start:start + batch_size]]
+        input_ids = pad_sequences(ids, pad, left=True).to(device)
+        attention_mask = pad_sequences([[1] * len(i) for i in ids], 0, left=True).to(device)
+        generator = torch.Generator(device=device).manual_seed(seed + batch_no)
+        out = generate(model, input_ids, attention_mask, max_new_tokens, temperature if do_sample else 0.0,
+                       eos_id=eos, pad_id=pad, generator=generator)
+        for row, mask in zip(out.response_ids.tolist(), out.response_mask.tolist()):
+            row = [t for t, m in zip(row, mask) if m]
+            if eos in row:
+                row = row[: row.index(eos)]
+            answers.append(tokenizer.decode(row, skip_special_tokens=True))
+    model.train(was_training)
+    return answers
