@@ -27,6 +27,7 @@ import argparse
 import datetime as dt
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -41,6 +42,8 @@ from pathlib import Path
 PAPERS = ("ademamix", "minillm", "discopop", "qdpo", "radt", "oversquashing")
 # The one place that maps a paper key to its claim module (the only names to change when the package moves).
 CLAIM_MODULES = {key: f"benchmarks.claim_{key}" for key in PAPERS}
+# Optional: real-model claim rows added to every paper in --full mode (see real_claims_hook)
+REAL_CLAIMS_MODULE = "benchmarks.claim_real"
 CLAIM_FIELDS = ("claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better", "spread")
 VERDICT_RULE = (
     "d = ours − baseline (baseline − ours when lower is better); spread s = the sample standard deviation over "
@@ -123,15 +126,17 @@ def _console_progress(key: str, index: int, total: int, start: float) -> Progres
     return progress
 
 
-def _checked_claims(result: dict, key: str) -> list[dict]:
-    """The module's claims with their verdicts; a missing field or a non-number is one clear error."""
+def _checked_claims(result: dict, key: str, source: str | None = None) -> list[dict]:
+    """The claims of ``result`` (from ``source``, default the paper's claim module) with their verdicts; a missing
+    field or a non-number is one clear error naming the module."""
+    source = source or CLAIM_MODULES[key]
     if not isinstance(result, dict) or not isinstance(result.get("claims"), list) or not result["claims"]:
-        raise ValueError(f"claim module {CLAIM_MODULES[key]}.run returned no 'claims' list")
+        raise ValueError(f"claim module {source} returned no 'claims' list")
     claims = []
     for i, claim in enumerate(result["claims"]):
         missing = [f for f in CLAIM_FIELDS if f not in claim]
         if missing:
-            raise ValueError(f"{CLAIM_MODULES[key]}: claim {i} lacks fields {missing}")
+            raise ValueError(f"{source}: claim {i} lacks fields {missing}")
         c = {f: claim[f] for f in CLAIM_FIELDS}
         c["ours"], c["baseline"] = float(c["ours"]), float(c["baseline"])
         c["spread"] = None if c["spread"] is None else float(c["spread"])
@@ -141,10 +146,32 @@ def _checked_claims(result: dict, key: str) -> list[dict]:
     return claims
 
 
+def real_claims_hook() -> Callable[[str, str, Path, int], list[dict]] | None:
+    """``claims`` of :data:`REAL_CLAIMS_MODULE` when that module exists and defines it, else None.
+
+    Signature: ``claims(paper_key, mode, out_dir, seeds) -> list[dict]``, each dict a claim row with the fields of
+    :data:`CLAIM_FIELDS` (the runner adds the verdict); an empty list when it has nothing for that paper. The
+    runner calls it in ``--full`` mode after the paper's own claim module, with ``out_dir = <out>/<key>/real``.
+    """
+    if importlib.util.find_spec(REAL_CLAIMS_MODULE) is None:
+        return None
+    return getattr(importlib.import_module(REAL_CLAIMS_MODULE), "claims", None)
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process and its finished child processes (built-in checkpoint training)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def single_thread() -> None:
+    """Run torch on one thread (here and, through ``OMP_NUM_THREADS``, in the built-in checkpoint trainings it
+    starts) unless ``OMP_NUM_THREADS`` says otherwise. The experiments' models are tiny: a second thread only adds
+    synchronisation (on the 2-core machine an AdEMAMix claim step took 0.033 CPU s on one thread, 0.72 on two)."""
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
 
 
 def run_paper(key: str, mode: str, seeds: int | None, out: Path, progress: Progress) -> dict:
@@ -165,6 +192,15 @@ def run_paper(key: str, mode: str, seeds: int | None, out: Path, progress: Progr
         record["claims"] = _checked_claims(result, key)
         record["figures"] = [f"{key}/{Path(f).as_posix()}" for f in result.get("figures", [])]
         record["settings"] = result.get("settings", {})
+        real = real_claims_hook() if mode == "full" else None
+        if real is not None:
+            n_seeds = seeds or record["settings"].get("seeds") or 1
+            progress(f"real-model claims ({REAL_CLAIMS_MODULE}.claims, {n_seeds} seeds)", None)
+            real_dir = paper_dir / "real"
+            real_dir.mkdir(parents=True, exist_ok=True)
+            real_claims = real(key, mode, real_dir, n_seeds)
+            if real_claims:
+                record["claims"] += _checked_claims({"claims": real_claims}, key, REAL_CLAIMS_MODULE)
         record["status"] = "ok"
     except (Exception, SystemExit) as e:  # noqa: BLE001 - failure isolation: record it, run the other papers
         # SystemExit too: LightningCLI/argparse exit on a bad config; only Ctrl-C stops the whole run
@@ -268,8 +304,17 @@ def write_outputs(out: Path, mode: str, papers: dict[str, dict], command: str, c
     return results
 
 
+def program_name(process_argv: Sequence[str]) -> str:
+    """How the user started this run, from the process's ``sys.argv``: ``litpapers reproduce`` through the
+    ``litpapers`` console script (or ``python -m cli reproduce``), else ``python -m benchmarks.reproduce``."""
+    head = Path(process_argv[0]) if process_argv else Path()
+    via_cli = head.name == "litpapers" or (head.name == "__main__.py" and head.parent.name == "cli")
+    return "litpapers reproduce" if via_cli and list(process_argv[1:2]) == ["reproduce"] else (
+        "python -m benchmarks.reproduce")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="litpapers reproduce", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog=program_name(sys.argv), description=__doc__.split("\n")[0])
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="the small settings (default; ≤ 15 min on 2 CPU cores)")
     group.add_argument("--full", action="store_true", help="the documented larger settings (hours)")
@@ -312,9 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         update_readme(Path(__file__).resolve().parents[1] / "README.md", json.loads(args.update_readme.read_text()))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    single_thread()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python -m benchmarks.reproduce", *argv])
+    command = " ".join([program_name(sys.argv), *argv])
     config = {"mode": args.mode, "only": args.keys, "seeds": args.seeds, "out": str(out)}
     start = time.perf_counter()
     papers: dict[str, dict] = {}

@@ -143,6 +143,65 @@ def test_cli_arguments(fakes, monkeypatch):
     assert args.out.parent == Path("reports") and args.out.name.startswith("full-")
 
 
+# ------------------------------------------------------------------------------------------- command recorded
+def test_program_name_names_how_the_run_was_started():
+    assert reproduce.program_name(["/x/.venv/bin/litpapers", "reproduce", "--quick"]) == "litpapers reproduce"
+    assert reproduce.program_name(["/x/cli/__main__.py", "reproduce"]) == "litpapers reproduce"  # python -m cli
+    for argv in (["/x/benchmarks/reproduce.py", "--quick"], ["/x/bin/pytest", "reproduce"], []):
+        assert reproduce.program_name(argv) == "python -m benchmarks.reproduce"
+
+
+def test_report_records_the_command_as_the_user_ran_it(fakes, monkeypatch):
+    import cli
+
+    monkeypatch.setattr(reproduce, "CLAIM_MODULES", dict(reproduce.CLAIM_MODULES, radt="fake_ok_a"))
+    out = fakes / "o"
+    argv = ["--quick", "--only", "radt", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/litpapers", "reproduce", *argv])  # the console script's argv
+    assert cli.run_tool("reproduce", argv) == 0
+    assert json.loads((out / "results.json").read_text())["command"] == "litpapers reproduce " + " ".join(argv)
+    assert f"with `litpapers reproduce {' '.join(argv)}`" in (out / "report.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["/x/benchmarks/reproduce.py", *argv])  # python -m benchmarks.reproduce
+    assert reproduce.main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["command"] == (
+        "python -m benchmarks.reproduce " + " ".join(argv))
+
+
+# ------------------------------------------------------------------------------------------ real-model hook
+FAKE_REAL = """
+import json, pathlib
+def claims(paper_key, mode, out_dir, seeds):
+    if paper_key == "minillm":
+        raise RuntimeError("no real model here")
+    (pathlib.Path(out_dir) / "called.json").write_text(json.dumps([paper_key, mode, seeds]))
+    return [{"claim": "real " + paper_key, "metric": "m", "ours": 2.0, "baseline": 1.0, "baseline_name": "b",
+             "higher_is_better": True, "spread": 0.1}]
+"""
+
+
+def test_full_mode_adds_the_real_model_claims(fakes, monkeypatch):
+    (fakes / "fake_real.py").write_text(FAKE_REAL)
+    monkeypatch.setattr(reproduce, "REAL_CLAIMS_MODULE", "fake_real")
+    monkeypatch.setattr(reproduce, "CLAIM_MODULES", dict(reproduce.CLAIM_MODULES, radt="fake_ok_a",
+                                                         minillm="fake_ok_b"))
+    out = fakes / "full"
+    assert reproduce.main(["--full", "--only", "radt,minillm", "--seeds", "2", "--out", str(out)]) == 1
+    papers = json.loads((out / "results.json").read_text())["papers"]
+    assert [c["claim"] for c in papers["radt"]["claims"]] == ["a beats base", "real radt"]
+    assert papers["radt"]["claims"][1]["verdict"] == "reproduced"  # 2 − 1 > 2 · 0.1: the runner's rule applies
+    assert json.loads((out / "radt" / "real" / "called.json").read_text()) == ["radt", "full", 2]
+    assert papers["minillm"]["status"] == "failed"  # a raising hook fails its paper, keeping the tiny rows
+    assert papers["minillm"]["error"] == "RuntimeError: no real model here"
+    assert [c["claim"] for c in papers["minillm"]["claims"]] == ["b beats base"]
+    quick = fakes / "quick"  # --quick never calls it
+    assert reproduce.main(["--quick", "--only", "radt", "--out", str(quick)]) == 0
+    assert len(json.loads((quick / "results.json").read_text())["papers"]["radt"]["claims"]) == 1
+    assert not (quick / "radt" / "real").exists()
+    monkeypatch.setattr(reproduce, "REAL_CLAIMS_MODULE", "no_such_real_module")  # absent: the full run is unchanged
+    assert reproduce.main(["--full", "--only", "radt", "--out", str(fakes / "full2")]) == 0
+    assert len(json.loads((fakes / "full2" / "results.json").read_text())["papers"]["radt"]["claims"]) == 1
+
+
 # ---------------------------------------------------------------------------------------------------- resume
 def test_resume_after_sigkill(tmp_path):
     write_fakes(tmp_path)
