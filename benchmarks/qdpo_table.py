@@ -68,7 +68,8 @@ def run_seed(args, seed: int, device: torch.device, accelerator: str) -> dict:
     import lightning as L
 
     from callbacks.quantization_eval import evaluate_against_full_precision
-    from datamodules.qdpo_pairs import QDPOPairsDataModule, generate_answers
+    from datamodules.qdpo_pairs import QDPOPairsDataModule
+    from lit_modules.sampling import generate_answers
     from lit_modules import QDPO
     from lit_modules.quantization import quantize_rtn
 

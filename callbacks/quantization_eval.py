@@ -39,8 +39,9 @@ from torchmetrics.text.rouge import ROUGEScore
 from datamodules.common import pad_sequences
 from datamodules.instruction import load_instruction_records
 from datamodules.instruction_tasks import check_answer
-from datamodules.qdpo_pairs import generate_answers, unique_prompt_records
+from datamodules.qdpo_pairs import unique_prompt_records
 from datamodules.tokenizers import check_prompt_template, resolve_prompt_template
+from lit_modules.sampling import generate_answers
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ def evaluate_against_full_precision(full_precision: nn.Module, model: nn.Module,
                                     fp_answers: list[str] | None = None, max_new_tokens: int = 32,
                                     batch_size: int = 64, max_prompt_length: int = 128) -> dict[str, float | None]:
     """The metrics of the module docstring for ``model`` on ``records`` (rows with ``prompt``; built-in rows
-    also ``task``/``params``). ``fp_answers``: FP's greedy answers, generated when not given."""
+    also ``task``/``params``). ``fp_answers``: FP's greedy answers, generated when not given. Answers are decoded
+    greedily with the package's one sampler (:func:`lit_modules.sampling.generate_answers`)."""
     prompts = [r["prompt"] for r in records]
     gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_length=max_prompt_length)
     modes = [full_precision.training, model.training]

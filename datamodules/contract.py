@@ -8,7 +8,9 @@ their own module or datamodule knows what to provide, and code can say what it n
 - :class:`TokenizerSource` (a module): ``TextDataModule``, ``InstructionDataModule``, ``PreferenceDataModule``
   and ``SequenceTasksDataModule`` read the attached module's ``tokenizer`` when they were given none
   (``datamodules.common.resolve_tokenizer``).
-- :class:`PairModelSource` (a module): ``QDPOPairsDataModule`` calls ``pair_models()`` to generate its pairs.
+- :class:`PairModelSource` (a module): ``QDPOPairsDataModule`` calls ``pair_models()`` for the two models and
+  answers with the module's ``generate_answers`` (the package's one sampler, which lives upstairs in
+  ``lit_modules/sampling.py``: handed down through the module, not imported).
 - :class:`OfflineRLSource` (a datamodule): ``RADT``/``DecisionTransformer`` read ``state_dim``, ``act_dim``,
   ``discrete``, ``state_mean``, ``state_std`` at ``setup``; ``ReturnAlignmentEval`` reads ``episode_returns``
   and calls ``make_env()``.
@@ -49,6 +51,14 @@ class PairModelSource(Protocol):
         model whose answers are *rejected* (the round-to-nearest quantized policy before training), the
         tokenizer both share, and a JSON-able fingerprint of the two (weights, quantizer) that keys the
         on-disk pair cache, so changing either regenerates the pairs."""
+        ...
+
+    def generate_answers(self, model: nn.Module, prompts: list[str], *, max_new_tokens: int, batch_size: int,
+                         max_prompt_length: int, do_sample: bool, temperature: float, seed: int) -> list[str]:
+        """``model``'s answer to each prompt string (decoded up to EOS, the module's tokenizer): greedy unless
+        ``do_sample``; batch ``i`` of ``batch_size`` prompts draws from a generator seeded ``seed + i`` (two models
+        given the same prompts and seed share their random numbers). ``lit_modules.QDPO`` answers with
+        ``lit_modules.sampling.generate_answers``."""
         ...
 
 

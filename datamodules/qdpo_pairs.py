@@ -5,7 +5,10 @@ A :class:`datamodules.PreferenceDataModule` whose rows come from generation inst
 read like :class:`datamodules.InstructionDataModule`'s (``path``: Dolly-style JSONL/JSON/saved HF dataset;
 ``None``: the built-in checkable tasks) and filled into the full-precision model's own prompt format (its
 tokenizer's chat template, :func:`datamodules.tokenizers.resolve_prompt_template`), the two models come from the
-attached module (``QDPO.pair_models()``), and the base class tokenizes, drops identical pairs (counted and logged), splits and batches as usual.
+attached module (``QDPO.pair_models()``) and answer through its ``generate_answers`` (the package's one sampler,
+:func:`lit_modules.sampling.generate_answers`, handed over by the module: this data floor imports nothing from
+``lit_modules``; see :class:`datamodules.contract.PairModelSource`), and the base class tokenizes, drops identical
+pairs (counted and logged), splits and batches as usual.
 
 Decoding is greedy by default: the pair then differs exactly when quantization flips an argmax somewhere
 along the answer — the paper's "token flipping" — and the pairs are deterministic. ``do_sample=True`` samples
@@ -25,50 +28,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from datamodules.common import cache_dir, pad_sequences
+from datamodules.common import cache_dir
 from datamodules.contract import PairModelSource
 from datamodules.instruction import load_instruction_records
 from datamodules.preference import PreferenceDataModule
 from datamodules.tokenizers import resolve_prompt_template
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 32,
-                     batch_size: int = 64, max_prompt_length: int = 128, do_sample: bool = False,
-                     temperature: float = 1.0, seed: int = 0) -> list[str]:
-    """Answer every prompt with ``model.generate`` (batched, left-padded prompts, KV cache), cut at EOS.
-
-    Greedy unless ``do_sample`` (plain softmax sampling at ``temperature``, no top-k/top-p; batch ``i`` is
-    drawn under seed ``seed + i`` in a forked RNG, so two models given the same prompts share random numbers).
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "use_cache": True,
-                                "pad_token_id": pad, "eos_token_id": eos}
-    if do_sample:
-        settings.update(temperature=temperature, top_k=0, top_p=1.0)
-    answers = []
-    for batch_no, start in enumerate(range(0, len(prompts), batch_size)):
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt_length:]
-               for p in prompts[start:start + batch_size]]
-        input_ids = pad_sequences(ids, pad, left=True).to(device)
-        attention_mask = pad_sequences([[1] * len(i) for i in ids], 0, left=True).to(device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed + batch_no)
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
-        for row in out[:, input_ids.shape[1]:].tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
-            answers.append(tokenizer.decode(row, skip_special_tokens=True))
-    model.train(was_training)
-    return answers
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -105,8 +73,9 @@ class QDPOPairsDataModule(PreferenceDataModule):
         max_prompt_length, max_length, batch_size, val_fraction, seed, tokenizer, num_workers: see
             :class:`datamodules.PreferenceDataModule`.
 
-    The attached module must provide ``pair_models() -> (full_precision, quantized, tokenizer, fingerprint)``
-    (:class:`lit_modules.QDPO` does); ``fingerprint`` (a dict) identifies both models in the cache key.
+    The attached module must be a :class:`~datamodules.contract.PairModelSource` (:class:`lit_modules.QDPO` is):
+    ``pair_models() -> (full_precision, quantized, tokenizer, fingerprint)`` (``fingerprint``, a dict, identifies
+    both models in the cache key) and ``generate_answers(model, prompts, **decoding) -> answers``.
     """
 
     def __init__(self, path: str | None = None, num_prompts: int = 1000, prompt_seed: int = 1,
@@ -135,7 +104,7 @@ class QDPOPairsDataModule(PreferenceDataModule):
         """Prompt records (``prompt`` filled from the template, resolved against ``tokenizer``'s prompt format —
         default: the attached module's; built-in ones keep ``task``/``params``), deduplicated under greedy
         decoding (equal prompts would give equal pairs)."""
-        tokenizer = tokenizer if tokenizer is not None else self._pair_models()[2]
+        tokenizer = tokenizer if tokenizer is not None else self._source().pair_models()[2]
         template = resolve_prompt_template(tokenizer, self.template, "QDPOPairsDataModule.template")
         records = load_instruction_records(self.path, self.num_examples, self.prompt_seed, template,
                                            self.tasks, require_response=False)
@@ -146,21 +115,22 @@ class QDPOPairsDataModule(PreferenceDataModule):
             log.info("QDPOPairsDataModule: %d duplicate prompt(s) removed, %d distinct", duplicates, len(records))
         return records
 
-    def _pair_models(self) -> tuple[nn.Module, nn.Module, Any, dict[str, str]]:
-        """The attached module's :meth:`~datamodules.contract.PairModelSource.pair_models`."""
+    def _source(self) -> PairModelSource:
+        """The attached module, which provides the models (``pair_models()``) and the decoding
+        (``generate_answers``) of the pairs."""
         trainer = getattr(self, "trainer", None)
-        module: PairModelSource | None = trainer.lightning_module if trainer is not None else None
-        if module is None or not hasattr(module, "pair_models"):
-            raise RuntimeError("QDPOPairsDataModule generates pairs with the attached module's pair_models() "
-                               "(use it with lit_modules.QDPO), got "
+        module = trainer.lightning_module if trainer is not None else None
+        if not isinstance(module, PairModelSource):
+            raise RuntimeError("QDPOPairsDataModule generates pairs with the attached module's pair_models() and "
+                               "generate_answers() (use it with lit_modules.QDPO), got "
                                f"{type(module).__name__ if module is not None else 'no module'}")
-        return module.pair_models()
+        return module
 
     def records(self) -> list[dict]:
         """Rows ``{"prompt", "chosen", "rejected", "example"}``: read from the cache, else generated and cached."""
         if self._records is not None:
             return self._records
-        full_precision, quantized, tokenizer, fingerprint = self._pair_models()
+        full_precision, quantized, tokenizer, fingerprint = self._source().pair_models()
         prompts = self.prompt_records(tokenizer)
         key = cache_key({"models": fingerprint, "decoding": self.decoding,
                          "prompts": [r["prompt"] for r in prompts]})
@@ -171,7 +141,7 @@ class QDPOPairsDataModule(PreferenceDataModule):
             rows = [json.loads(line) for line in self.cache_file.read_text().splitlines() if line.strip()]
             log.info("QDPOPairsDataModule: read %d cached pairs from %s", len(rows), self.cache_file)
         else:
-            rows = self.generate(full_precision, quantized, tokenizer, prompts)
+            rows = self.generate(full_precision, quantized, prompts)
             tmp = self.cache_file.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             tmp.replace(self.cache_file)
@@ -186,18 +156,22 @@ class QDPOPairsDataModule(PreferenceDataModule):
     def source_name(self) -> str:
         return f"QDPO pairs ({self.cache_file})" if self.cache_file else "QDPO pairs"
 
-    def generate(self, full_precision: nn.Module, quantized: nn.Module, tokenizer, prompts: list[dict]) -> list[dict]:
-        """Generate chosen (full precision) and rejected (quantized) answers with identical decoding."""
+    def generate(self, full_precision: nn.Module, quantized: nn.Module, prompts: list[dict]) -> list[dict]:
+        """Generate chosen (full precision) and rejected (quantized) answers with identical decoding, through the
+        attached module's ``generate_answers``."""
         device = self.trainer.strategy.root_device if getattr(self, "trainer", None) is not None else None
+        source = self._source()
         texts = [r["prompt"] for r in prompts]
         answers = []
         for model in (full_precision, quantized):
             if device is not None:
                 model.to(device)
-            answers.append(generate_answers(model, tokenizer, texts, self.decoding["max_new_tokens"],
-                                            self.generation_batch_size, self.decoding["max_prompt_length"],
-                                            self.decoding["do_sample"], self.decoding["temperature"] or 1.0,
-                                            self.decoding["seed"]))
+            answers.append(source.generate_answers(model, texts, max_new_tokens=self.decoding["max_new_tokens"],
+                                                   batch_size=self.generation_batch_size,
+                                                   max_prompt_length=self.decoding["max_prompt_length"],
+                                                   do_sample=self.decoding["do_sample"],
+                                                   temperature=self.decoding["temperature"] or 1.0,
+                                                   seed=self.decoding["seed"]))
         self.num_generated = len(texts)
         return [{"prompt": r["prompt"], "chosen": c, "rejected": q, "example": r}
                 for r, c, q in zip(prompts, *answers)]

@@ -1,15 +1,15 @@
 """QDPO's generated preference pairs: deduplication (counted), disk caching keyed by models/quantization/
-prompts/decoding (a rerun does not generate), batched greedy generation, clear errors."""
+prompts/decoding (a rerun does not generate), generation through the module's one sampler (the same tokens HF
+``generate`` decodes greedily), clear errors. ``generate_answers`` itself: tests/lit_modules/test_generate_answers.py."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import datamodules.qdpo_pairs as qdpo_pairs
-from datamodules.qdpo_pairs import QDPOPairsDataModule, generate_answers, unique_prompt_records
+from datamodules.qdpo_pairs import QDPOPairsDataModule, unique_prompt_records
 from lit_modules import QDPO
-from lit_modules.hf import byte_tokenizer, load_causal_lm
+from lit_modules.sampling import generate_answers
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}
@@ -25,13 +25,13 @@ def fake_generation(monkeypatch):
     """Replace generation: FP answers "a0", "a1", ...; the quantized model agrees on every third prompt."""
     calls = []
 
-    def fake(model, tokenizer, prompts, *args, **kwargs):
+    def fake(model, prompts, **decoding):
         calls.append(model)
         fp = model is module.full_precision
         return [f"a{i}" if fp or i % 3 == 0 else f"q{i}" for i in range(len(prompts))]
 
     module = QDPO(model=TINY, group_size=16)
-    monkeypatch.setattr(qdpo_pairs, "generate_answers", fake)
+    monkeypatch.setattr(module, "generate_answers", fake)
     return module, calls
 
 
@@ -71,16 +71,6 @@ def test_cache_hit_does_not_regenerate_and_key_tracks_settings(fake_generation, 
     assert len(calls) == 8
 
 
-def test_greedy_generation_is_batch_invariant_and_stops_at_eos():
-    tok = byte_tokenizer()
-    model = load_causal_lm(TINY, vocab_size=len(tok), seed=0).eval()
-    prompts = ["### Instruction:\nName an even number between 4 and 9.\n### Response:\n", "hi", "a longer prompt here"]
-    batched = generate_answers(model, tok, prompts, max_new_tokens=6, batch_size=3)
-    single = [generate_answers(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
-    assert batched == single
-    assert all(len(a.encode()) <= 6 for a in batched)
-
-
 def test_prompt_deduplication_keeps_first():
     rows = [{"prompt": "x", "i": 0}, {"prompt": "y", "i": 1}, {"prompt": "x", "i": 2}]
     kept, removed = unique_prompt_records(rows)
@@ -103,23 +93,9 @@ def test_prompt_file_errors_name_the_line(tmp_path, fake_generation):
         _attach(QDPOPairsDataModule(path=str(path)), module).prepare_data()
 
 
-def test_sampling_is_reproducible_per_seed_and_leaves_global_rng_alone():
-    tok = byte_tokenizer()
-    model = load_causal_lm(TINY, vocab_size=len(tok), seed=0)
-    prompts = ["abc", "defg"] * 2
-    torch.manual_seed(123)
-    before = torch.rand(1)
-    torch.manual_seed(123)
-    a = generate_answers(model, tok, prompts, max_new_tokens=8, do_sample=True, seed=7)
-    assert torch.equal(torch.rand(1), before)  # generation drew from a forked RNG
-    assert a == generate_answers(model, tok, prompts, max_new_tokens=8, do_sample=True, seed=7)
-    assert a != generate_answers(model, tok, prompts, max_new_tokens=8, do_sample=True, seed=8)
-    assert model.training  # the caller's mode is restored
-
-
 def test_all_identical_answers_raise_a_clear_error(monkeypatch):
     module = QDPO(model=TINY, group_size=16)
-    monkeypatch.setattr(qdpo_pairs, "generate_answers", lambda model, tok, prompts, *a, **k: ["same"] * len(prompts))
+    monkeypatch.setattr(module, "generate_answers", lambda model, prompts, **decoding: ["same"] * len(prompts))
     with pytest.raises(ValueError, match="identical answers to all .* no preference pair"):
         _attach(QDPOPairsDataModule(num_prompts=10), module).prepare_data()
 
@@ -152,7 +128,7 @@ def test_pairs_and_eval_prompt_the_full_precision_model_in_its_own_format(tmp_pa
         return answers
 
     module = QDPO(model=str(tmp_path / "teacher"), group_size=16)
-    monkeypatch.setattr(qdpo_pairs, "generate_answers", oracle)
+    monkeypatch.setattr(module, "generate_answers", lambda model, prompts, **decoding: oracle(model, None, prompts))
     monkeypatch.setattr(quantization_eval, "generate_answers", oracle)
     dm = _attach(QDPOPairsDataModule(num_prompts=60, prompt_seed=1, val_fraction=0.0), module)
     dm.setup("fit")
