@@ -1,5 +1,6 @@
 """Probes and evaluation callbacks."""
 
+from callbacks.figures import MetricFigures
 from callbacks.generation_eval import GenerationEval, excess_accumulated_error, measure_exposure_bias
 from callbacks.lifecycle import ExactResume, LastCheckpoint, NonFiniteLossError, NonFiniteLossGuard
 from callbacks.oversquashing import (
@@ -16,4 +17,4 @@ __all__: list[str] = ["GenerationEval", "excess_accumulated_error", "measure_exp
                       "ReturnAlignmentEval", "OverSquashingProbe", "RepresentationalCollapseProbe", "SequenceTaskProbe",
                       "representational_collapse", "token_sensitivity", "QuantizationEval",
                       "evaluate_against_full_precision", "token_flip_stats", "LastCheckpoint",
-                      "NonFiniteLossError", "NonFiniteLossGuard", "ExactResume"]
+                      "NonFiniteLossError", "NonFiniteLossGuard", "ExactResume", "MetricFigures"]

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 METRICS = ("loss", "reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "logps_chosen",
            "logps_rejected")
-REWARD_CURVES = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
 
 
 def sequence_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor, length_normalize: bool = False) -> Tensor:
@@ -103,6 +102,11 @@ class DPO(PaperModule):
             :class:`PaperModule`.
     """
 
+    #: The validation curves :class:`callbacks.MetricFigures` draws (tag -> panel -> logged metrics).
+    metric_figures = {"val/rewards": {"val rewards β·(log π − log π_ref)": ["val/reward_chosen", "val/reward_rejected",
+                                                                          "val/reward_margin"],
+                                      "val reward accuracy": ["val/reward_accuracy"]}}
+
     def __init__(self, model: ModelSpec | None = None, ref_model: ModelSpec | None = None,
                  tokenizer: str | None = None, loss: str = "sigmoid", beta: float = 0.1,
                  loss_kwargs: dict[str, Any] | None = None, precompute_ref_logps: bool = False,
@@ -133,7 +137,6 @@ class DPO(PaperModule):
         #: (N, 2) precomputed reference log-probs [chosen, rejected] by pair index (NaN = not computed).
         self.ref_logps_table: Tensor | None = None
         self.val_metrics = torchmetrics.MetricCollection({k: torchmetrics.MeanMetric() for k in METRICS})
-        self.reward_history: list[tuple[float, ...]] = []  # (step, *REWARD_CURVES) per validation
 
     # ------------------------------------------------------------------ networks (override points)
     def build_policy(self) -> nn.Module:
@@ -316,29 +319,6 @@ class DPO(PaperModule):
         # already reduced over ranks by torchmetrics; sync_dist only tells Lightning so (a mean of equal values)
         self.log("val/loss", values.pop("val/loss"), prog_bar=True, sync_dist=True)
         self.log_dict(values, sync_dist=True)
-        if not self.trainer.sanity_checking:
-            self.reward_history.append((self.global_step, *(float(values[f"val/{k}"]) for k in REWARD_CURVES)))
-            self._log_reward_figure()
-
-    def _log_reward_figure(self) -> None:
-        """Validation rewards (chosen, rejected, margin) and reward accuracy vs step, as a TensorBoard figure."""
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        if not isinstance(self.logger, TensorBoardLogger) or len(self.reward_history) < 2:
-            return
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(8, 3))
-        ax_reward, ax_acc = fig.subplots(1, 2)
-        steps = [h[0] for h in self.reward_history]
-        for i, name in enumerate(REWARD_CURVES[:-1], start=1):
-            ax_reward.plot(steps, [h[i] for h in self.reward_history], marker="o", label=name)
-        ax_acc.plot(steps, [h[-1] for h in self.reward_history], marker="o")
-        ax_reward.set(xlabel="step", ylabel="β·(log π − log π_ref)", title="val rewards")
-        ax_acc.set(xlabel="step", ylabel="fraction", title="val reward accuracy", ylim=(0, 1))
-        ax_reward.legend()
-        fig.tight_layout()
-        self.logger.experiment.add_figure("val/rewards", fig, global_step=self.global_step)
 
     # ------------------------------------------------------------------ export
     def export(self, path: str | Path) -> Path:

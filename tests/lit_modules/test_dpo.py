@@ -179,22 +179,6 @@ def test_config_parses_and_runs_two_steps(config):
     assert all(torch.isfinite(v) for v in metrics.values())
 
 
-def test_reward_curves_logged_as_tensorboard_figure(tmp_path):
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    logger = TensorBoardLogger(str(tmp_path), name="tb")
-    trainer = L.Trainer(max_steps=2, val_check_interval=1, limit_val_batches=1, logger=logger,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    module = DPO(model=TINY)
-    trainer.fit(module, datamodule=PreferenceDataModule(num_examples=40, batch_size=4, val_fraction=0.2))
-    assert [h[0] for h in module.reward_history] == [1, 2]
-    events = EventAccumulator(logger.log_dir)
-    events.Reload()
-    assert "val/rewards" in events.Tags()["images"]
-    assert "val/reward_accuracy" in events.Tags()["scalars"]
-
-
 def test_custom_loss_by_module_path_with_kwargs(tmp_path, monkeypatch):
     (tmp_path / "my_dpo_losses.py").write_text(
         "import torch.nn.functional as F\n\n"
