@@ -27,6 +27,7 @@ Where the learning rate lives — one place, whichever optimizer is used:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Iterable
@@ -140,3 +141,82 @@ def _same(a, b) -> bool:
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return tuple(a) == tuple(b)[:len(a)]
     return a == b
+
+
+class DeferredNetworksModule(PaperModule):
+    """A :class:`PaperModule` whose networks are built in Lightning's ``configure_model`` hook, not in
+    ``__init__`` (docs/sharding.md): one construction path for a single device, DDP and
+    ``ModelParallelStrategy``, where :meth:`build_networks` builds them sharded from the meta device
+    (:func:`lit_modules.sharding.build_causal_lm`) so no rank but 0 ever holds a whole model.
+
+    Subclasses name their network attributes in ``trainable_networks``/``frozen_networks`` and set all of them
+    in :meth:`build_networks`. :meth:`configure_model` builds them once (Lightning calls it at every
+    ``fit``/``validate``/``test`` and in ``load_from_checkpoint``). Outside a trainer, using the networks before
+    that (reading a network attribute, ``parameters()``, ``state_dict()``, ``load_state_dict()``, ``.to()``)
+    builds them then, on the same path (whole, on the CPU).
+    """
+
+    trainable_networks: tuple[str, ...] = ()
+    frozen_networks: tuple[str, ...] = ()
+
+    def build_networks(self) -> None:
+        """Set every attribute of ``trainable_networks`` and ``frozen_networks`` (a network may be ``None``)."""
+        raise NotImplementedError
+
+    def configure_model(self) -> None:
+        """Build the networks the first time; later calls leave them as they are, except that networks built
+        whole before a ``ModelParallelStrategy`` trainer attached are then sharded in place."""
+        from lit_modules.sharding import shard_module
+
+        if self.__dict__.get("_networks_built"):
+            shard_module(self, [getattr(self, n) for n in self.trainable_networks],
+                         [getattr(self, n) for n in self.frozen_networks])
+            return
+        self.__dict__["_networks_building"] = True
+        try:
+            # on the CPU in float32 whatever the trainer's device/precision contexts, as a module built in
+            # __init__ was (the same random initialisation everywhere); Lightning moves and casts it afterwards
+            with torch.device("cpu"), _default_dtype(torch.float32):
+                self.build_networks()
+        finally:
+            del self.__dict__["_networks_building"]
+        self.__dict__["_networks_built"] = True
+
+    def _build_on_use(self) -> None:
+        if not self.__dict__.get("_networks_built") and not self.__dict__.get("_networks_building"):
+            self.configure_model()
+
+    def __getattr__(self, name: str):
+        if name in type(self).trainable_networks + type(self).frozen_networks and not self.__dict__.get(
+                "_networks_built") and not self.__dict__.get("_networks_building"):
+            self.configure_model()
+            return getattr(self, name)
+        return super().__getattr__(name)
+
+    # the nn.Module entry points that reach every parameter (parameters(), modules(), ... go through
+    # named_modules): build the networks first
+    def named_modules(self, *args, **kwargs):
+        self._build_on_use()
+        return super().named_modules(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        self._build_on_use()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._build_on_use()
+        return super().load_state_dict(*args, **kwargs)
+
+    def _apply(self, *args, **kwargs):
+        self._build_on_use()
+        return super()._apply(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -13,12 +13,12 @@ import torch
 import torchmetrics
 from transformers import PreTrainedModel
 
-from lit_modules.base import LRSchedulerCallable, OptimizerCallable, PaperModule
+from lit_modules.base import DeferredNetworksModule, LRSchedulerCallable, OptimizerCallable
 from lit_modules.hf import ModelSpec, load_causal_lm, load_tokenizer
-from lit_modules.sharding import export_pretrained, shard_module
+from lit_modules.sharding import build_causal_lm, export_pretrained
 
 
-class CausalLM(PaperModule):
+class CausalLM(DeferredNetworksModule):
     """Train a causal LM with next-token cross-entropy.
 
     Args:
@@ -32,8 +32,12 @@ class CausalLM(PaperModule):
             :class:`PaperModule`.
 
     Batches are dicts with ``input_ids``, optional ``attention_mask`` and ``labels`` (−100 = ignored);
-    without ``labels`` every non-padding token is a target.
+    without ``labels`` every non-padding token is a target. The network (``self.model``) is built in
+    ``configure_model`` (:class:`~lit_modules.base.DeferredNetworksModule`; sharded under
+    ``ModelParallelStrategy``).
     """
+
+    trainable_networks = ("model",)
 
     def __init__(self, model: ModelSpec | None = None, tokenizer: str | None = None, dtype: str | None = None,
                  export_dir: str | None = None, init_seed: int = 0, lr: float = 3e-4, weight_decay: float = 0.0,
@@ -43,10 +47,8 @@ class CausalLM(PaperModule):
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr=lr, weight_decay=weight_decay,
                          betas=betas, warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio)
         self.save_hyperparameters()
-        model = {} if model is None else model
-        self.tokenizer = load_tokenizer(tokenizer, model)
-        self.model: PreTrainedModel = load_causal_lm(model, vocab_size=len(self.tokenizer), dtype=dtype,
-                                                     seed=init_seed)
+        self.model_spec, self.param_dtype, self.init_seed = ({} if model is None else model), dtype, init_seed
+        self.tokenizer = load_tokenizer(tokenizer, self.model_spec)
         self.export_dir = export_dir
         self.val_loss = torchmetrics.MeanMetric()
         self.val_ppl = torchmetrics.text.Perplexity(ignore_index=-100)
@@ -91,9 +93,9 @@ class CausalLM(PaperModule):
         Sharded: collective (weights gathered once), rank 0 writes and the others return ``None``."""
         return export_pretrained(self, self.model, self.tokenizer, path)
 
-    def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy``: FSDP2-shard the model (:mod:`lit_modules.sharding`); else nothing."""
-        shard_module(self, [self.model])
+    def build_networks(self) -> None:
+        self.model: PreTrainedModel = build_causal_lm(self, lambda: load_causal_lm(
+            self.model_spec, vocab_size=len(self.tokenizer), dtype=self.param_dtype, seed=self.init_seed))
 
     def on_train_end(self) -> None:
         if self.export_dir:  # every rank: sharded weights are gathered collectively, rank 0 writes

@@ -25,10 +25,10 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from lit_modules.base import LRSchedulerCallable, OptimizerCallable, PaperModule
+from lit_modules.base import DeferredNetworksModule, LRSchedulerCallable, OptimizerCallable
 from lit_modules.hf import ModelSpec, load_causal_lm, load_tokenizer
 from lit_modules.preference_losses import PREFERENCE_LOSSES, preference_loss, resolve_preference_loss
-from lit_modules.sharding import export_pretrained, is_model_parallel, shard_module
+from lit_modules.sharding import build_causal_lm, export_pretrained, is_model_parallel
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def module_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-class DPO(PaperModule):
+class DPO(DeferredNetworksModule):
     """Preference optimisation (DPO / DiscoPOP / any :data:`~lit_modules.PREFERENCE_LOSSES` or your own loss).
 
     Args:
@@ -100,7 +100,13 @@ class DPO(PaperModule):
         export_dir: if set, ``save_pretrained`` the policy and tokenizer there when training ends.
         lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio, optimizer, lr_scheduler: see
             :class:`PaperModule`.
+
+    Policy and reference are built in ``configure_model`` (:class:`~lit_modules.base.DeferredNetworksModule`;
+    sharded under ``ModelParallelStrategy``) by :meth:`build_policy` and :meth:`build_reference`.
     """
+
+    trainable_networks = ("policy",)
+    frozen_networks = ("ref_model",)
 
     #: The validation curves :class:`callbacks.MetricFigures` draws (tag -> panel -> logged metrics).
     metric_figures = {"val/rewards": {"val rewards β·(log π − log π_ref)": ["val/reward_chosen", "val/reward_rejected",
@@ -132,20 +138,24 @@ class DPO(PaperModule):
         self.model_spec, self.ref_model_spec = ({} if model is None else model), ref_model
         self.param_dtype, self.init_seed = dtype, init_seed
         self.tokenizer = load_tokenizer(tokenizer, self.model_spec)
-        self.policy: nn.Module = self.build_policy()
-        self.ref_model: nn.Module | None = None if precompute_ref_logps else self._frozen(self.build_reference())
         #: (N, 2) precomputed reference log-probs [chosen, rejected] by pair index (NaN = not computed).
         self.ref_logps_table: Tensor | None = None
         self.val_metrics = torchmetrics.MetricCollection({k: torchmetrics.MeanMetric() for k in METRICS})
 
     # ------------------------------------------------------------------ networks (override points)
+    def build_networks(self) -> None:
+        self.policy: nn.Module = build_causal_lm(self, self.build_policy)
+        self.ref_model: nn.Module | None = (None if self.precompute_ref_logps else
+                                            build_causal_lm(self, self.build_reference, frozen=True))
+
     def build_policy(self) -> nn.Module:
         """The trainable policy (an HF causal LM). Override to wrap it (e.g. fake quantisation)."""
         return load_causal_lm(self.model_spec, vocab_size=len(self.tokenizer), dtype=self.param_dtype,
                               seed=self.init_seed)
 
     def build_reference(self) -> nn.Module:
-        """The reference: ``ref_model`` if given, else a copy of the policy as :meth:`build_policy` left it."""
+        """The reference: ``ref_model`` if given, else a copy of the policy as :meth:`build_policy` left it
+        (whole: :func:`~lit_modules.sharding.build_causal_lm` shards it)."""
         if self.ref_model_spec is None:  # a sharded (FSDP2) policy cannot be deep-copied: build it again
             return self.build_policy() if is_model_parallel(self) else copy.deepcopy(self.policy)
         return load_causal_lm(self.ref_model_spec, vocab_size=len(self.tokenizer), dtype=self.param_dtype,
@@ -324,10 +334,6 @@ class DPO(PaperModule):
     def export(self, path: str | Path) -> Path:
         """``save_pretrained`` the policy and tokenizer into ``path`` (sharded: collective, rank 0 writes)."""
         return export_pretrained(self, self.policy, self.tokenizer, path)
-
-    def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy``: FSDP2-shard policy and reference (:mod:`lit_modules.sharding`)."""
-        shard_module(self, [self.policy], [self.ref_model])
 
     def on_train_end(self) -> None:
         if self.export_dir and (self.trainer.is_global_zero or is_model_parallel(self)):  # sharded: collective

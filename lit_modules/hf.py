@@ -88,6 +88,9 @@ def load_causal_lm(model: ModelSpec, vocab_size: int | None = None, dtype: str |
     if is_local(model) and not (Path(model) / "config.json").exists():
         raise FileNotFoundError(f"model directory {model!r} has no config.json (expected a save_pretrained export)")
     kwargs = {"local_files_only": is_local(model) or offline()}
+    if torch.empty(0).is_meta:  # under `with torch.device("meta")`: the architecture only, no weights read
+        config = AutoConfig.from_pretrained(model, **kwargs)
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype or config.dtype).train()
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     # from_pretrained returns eval mode and Lightning keeps submodules' modes: a model loaded to be trained

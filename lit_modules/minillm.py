@@ -54,11 +54,11 @@ import torch.nn.functional as F
 import torchmetrics
 from transformers import PreTrainedModel
 
-from lit_modules.base import LRSchedulerCallable, OptimizerCallable, PaperModule
+from lit_modules.base import DeferredNetworksModule, LRSchedulerCallable, OptimizerCallable
 from lit_modules.builtin_checkpoints import ensure_built_in
 from lit_modules.hf import ModelSpec, check_same_vocabulary, load_causal_lm, load_tokenizer
 from lit_modules.sampling import Rollout, response_logits, sample_mixed
-from lit_modules.sharding import export_pretrained, is_model_parallel, shard_module, truncate_at_eos
+from lit_modules.sharding import build_causal_lm, export_pretrained, is_model_parallel, truncate_at_eos
 
 OBJECTIVES = ("sft", "kd", "seqkd", "gkd", "minillm")
 PT_SOURCES = ("pretrain", "sft")
@@ -185,7 +185,7 @@ def minillm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tok
 
 
 # ----------------------------------------------------------------------------------------------- module
-class MiniLLM(PaperModule):
+class MiniLLM(DeferredNetworksModule):
     """Distil ``teacher`` into ``student`` with MiniLLM or one of its baselines (see the module docstring).
 
     Args:
@@ -210,7 +210,14 @@ class MiniLLM(PaperModule):
         export_dir: ``save_pretrained`` the student (and tokenizer) there when training ends.
         lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio, optimizer, lr_scheduler: see
             :class:`PaperModule`.
+
+    Student (``self.model``) and teacher are built in ``configure_model``
+    (:class:`~lit_modules.base.DeferredNetworksModule`; sharded under ``ModelParallelStrategy``); the
+    constructor only checks, on meta-device copies, that they share one vocabulary.
     """
+
+    trainable_networks = ("model",)
+    frozen_networks = ("teacher",)
 
     def __init__(self, student: ModelSpec | None = None, teacher: ModelSpec | None = DEFAULT_TEACHER,
                  tokenizer: str | None = None, objective: str = "minillm", teacher_dtype: str | None = None,
@@ -245,14 +252,11 @@ class MiniLLM(PaperModule):
         student_how, teacher_how = ("student", student, "sft.yaml"), ("teacher", teacher, "teacher_sft.yaml")
         owner = student_how if isinstance(student, str) else teacher_how if objective != "sft" else student_how
         self.tokenizer = _clear_load_error(*owner, lambda: load_tokenizer(tokenizer, owner[1]))
-        self.model: PreTrainedModel = _clear_load_error(
-            *student_how, lambda: load_causal_lm(student, vocab_size=len(self.tokenizer), seed=init_seed))
-        self.teacher: PreTrainedModel | None = None
-        if objective != "sft":
-            self.teacher = _clear_load_error(*teacher_how, lambda: load_causal_lm(
-                teacher, vocab_size=len(self.tokenizer), dtype=teacher_dtype, seed=init_seed + 1))
-            check_same_vocabulary(self.model, self.teacher)
-            self.teacher.requires_grad_(False).eval()
+        self._specs = {"student": (student_how, init_seed, None),
+                       "teacher": None if objective == "sft" else (teacher_how, init_seed + 1, teacher_dtype)}
+        if self._specs["teacher"] is not None:  # a clear error now, from the configs alone (meta device: no weights)
+            with torch.device("meta"):
+                check_same_vocabulary(self._load("student"), self._load("teacher"))
         self.export_dir = export_dir
         self.val_loss = torchmetrics.MeanMetric()
         self.val_rouge = torchmetrics.text.ROUGEScore(rouge_keys="rougeL", accumulate="best")
@@ -401,9 +405,17 @@ class MiniLLM(PaperModule):
         self.log("val/rougeL", self.val_rouge.compute()["rougeL_fmeasure"], prog_bar=True, sync_dist=True)
         self.val_rouge.reset()
 
-    def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy``: FSDP2-shard student and teacher (:mod:`lit_modules.sharding`)."""
-        shard_module(self, [self.model], [self.teacher])
+    def _load(self, role: str) -> PreTrainedModel:
+        """The student or the teacher as its spec says (whole; on the meta device inside ``torch.device("meta")``)."""
+        how, seed, dtype = self._specs[role]
+        return _clear_load_error(*how, lambda: load_causal_lm(how[1], vocab_size=len(self.tokenizer), dtype=dtype,
+                                                              seed=seed))
+
+    def build_networks(self) -> None:
+        self.model: PreTrainedModel = build_causal_lm(self, lambda: self._load("student"))
+        self.teacher: PreTrainedModel | None = None
+        if self._specs["teacher"] is not None:
+            self.teacher = build_causal_lm(self, lambda: self._load("teacher"), frozen=True)
 
     def on_train_end(self) -> None:
         if self.export_dir:  # every rank: sharded weights are gathered collectively, rank 0 writes

@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from datamodules.extras import require
@@ -32,7 +33,8 @@ from lit_modules.base import LRSchedulerCallable, OptimizerCallable
 from lit_modules.builtin_checkpoints import ensure_built_in
 from lit_modules.dpo import DPO, module_fingerprint
 from lit_modules.hf import ModelSpec
-from lit_modules.quantization import convert_qat, prepare_qat, quantization_tag, save_quantized
+from lit_modules.quantization import (convert_qat, prepare_qat, quantizable_linears, quantization_tag,
+                                      save_quantized)
 from lit_modules.sampling import generate_answers
 from lit_modules.sharding import is_model_parallel
 
@@ -61,7 +63,13 @@ class QDPO(DPO):
             see :class:`lit_modules.DPO` (reference log-probs are precomputed by default).
         lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio, optimizer, lr_scheduler: see
             :class:`lit_modules.PaperModule`.
+
+    The networks (policy, reference, full-precision model) are built in ``configure_model``, as
+    :class:`~lit_modules.DPO`'s, or when first read (``QDPOPairsDataModule`` reads them before it); the
+    constructor checks ``group_size`` against the layer widths on a meta-device copy (no weights).
     """
+
+    frozen_networks = ("ref_model", "full_precision")
 
     def __init__(self, model: ModelSpec | None = None, tokenizer: str | None = None, bits: int = 4,
                  group_size: int | None = 32, include_lm_head: bool = False, train_quantized_only: bool = True,
@@ -83,6 +91,8 @@ class QDPO(DPO):
                              init_seed=init_seed, export_dir=export_dir, lr=lr, weight_decay=weight_decay,
                              betas=betas, warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio,
                              optimizer=optimizer, lr_scheduler=lr_scheduler)
+            with torch.device("meta"):  # a clear error now on a group_size the layer widths do not take
+                quantizable_linears(DPO.build_policy(self), group_size, include_lm_head)
         except OSError as e:
             raise FileNotFoundError(f"QDPO: cannot load the full-precision model {model!r} ({e}). If it is a local "
                                     f"export, train it first: `{FP_SFT_HINT}`") from e
@@ -107,10 +117,14 @@ class QDPO(DPO):
         return self
 
     def configure_model(self) -> None:
+        """Build the networks (:class:`~lit_modules.base.DeferredNetworksModule`); under
+        ``ModelParallelStrategy`` one clear error instead, raised at start-up: this hook runs when the networks are
+        first read, i.e. before ``QDPOPairsDataModule`` generates any pair (:meth:`pair_models`)."""
         if is_model_parallel(self):
             raise ValueError("QDPO does not support ModelParallelStrategy (FSDP2 sharding): its export and "
                              "quantized_model() re-quantize a deep copy of the whole fake-quantized policy with "
                              "torchao (convert_qat), which needs unsharded weights. Use trainer.strategy: ddp")
+        super().configure_model()
 
     def pair_models(self) -> tuple[nn.Module, nn.Module, Any, dict[str, str]]:
         """(full precision, quantized policy, tokenizer, fingerprint) for :class:`datamodules.QDPOPairsDataModule`.

@@ -24,6 +24,7 @@ A plain ``ModelParallelStrategy`` uses the defaults (fp32, no checkpointing, fro
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -96,7 +97,8 @@ def shard_causal_lm(model: nn.Module, mesh, mixed_precision: str | None = None,
                     activation_checkpointing: bool = False, frozen: bool = False) -> nn.Module:
     """``fully_shard`` every decoder layer of ``model``, then the root, on ``mesh`` (a 1-D device mesh).
     ``frozen``: the root reshards after its forward too (FSDP2 keeps a root unsharded from forward to backward,
-    and a frozen model has no backward). Idempotent: an already sharded model is returned as is."""
+    and a frozen model has no backward). ``model`` may be on the meta device (then see
+    :func:`materialize_from_rank0`). Idempotent: an already sharded model is returned as is."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if isinstance(model, FSDPModule):
@@ -115,38 +117,114 @@ def shard_causal_lm(model: nn.Module, mesh, mixed_precision: str | None = None,
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs, **({"reshard_after_forward": True} if frozen else {}))
-    # FSDP2 allocates each group's unsharded parameters at its first all-gather; done inside the sampler's
-    # torch.inference_mode they would be inference tensors that a later training forward cannot refill. So
-    # all-gather once here, in normal mode, and free again.
-    for group in [*layers, model]:
-        group.unshard()
-        group.reshard()
+    if not any(p.is_meta for p in model.parameters()):
+        gather_once(model)
     return model
 
 
+def gather_once(model: nn.Module) -> None:
+    """All-gather every FSDP group of ``model`` once and free again. FSDP2 allocates a group's unsharded
+    parameters at its first all-gather; done inside the sampler's ``torch.inference_mode`` they would be
+    inference tensors that a later training forward cannot refill, so the first one happens here, in normal
+    mode."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for group in [m for m in model.modules() if isinstance(m, FSDPModule)]:
+        group.unshard()
+        group.reshard()
+
+
+_WRAPPED = "_checkpoint_wrapped_module."  # the name part activation checkpointing inserts
+
+
+@torch.no_grad()
+def materialize_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.device) -> nn.Module:
+    """Allocate the local shards of the sharded meta-device ``model`` on ``device`` and fill them with the
+    weights of ``source``, the same model built whole on rank 0 (``None`` on the other ranks), which is all
+    they ever receive of it: ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`` sends
+    one tensor at a time from rank 0 and every rank keeps its slice. Buffers (rotary frequencies; the
+    non-persistent ones are in no state dict) are never sharded: rank 0's are broadcast whole. Collective."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    state = {} if source is None else source.state_dict()
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    whole = {} if source is None else dict(source.named_buffers())
+    for name, buffer in model.named_buffers():
+        if source is not None:
+            buffer.copy_(whole[name.replace(_WRAPPED, "")])
+        dist.broadcast(buffer, src=0)
+    gather_once(model)
+    return model
+
+
+def build_causal_lm(module, load: Callable[[], nn.Module], frozen: bool = False) -> nn.Module:
+    """Build one causal LM of ``module`` with ``load()`` (the module's loader: a name, directory or config dict),
+    sharded when ``module`` runs under ``ModelParallelStrategy``; ``frozen``: eval mode, no gradients.
+
+    Outside that strategy: ``load()`` as is (single device, DDP: every process builds the whole model).
+    Under it: rank 0 runs ``load()`` (reads the pretrained weights, or draws the seeded random initialisation
+    a single process draws); every rank builds the same architecture on the meta device (no memory), shards
+    it (:func:`shard_causal_lm`), allocates its local shards and receives its slices of rank 0's weights
+    (:func:`materialize_from_rank0`); rank 0 then frees its whole copy. So ranks > 0 only ever hold their
+    shards, rank 0 one whole model at a time. A frozen model with ``shard_frozen=False`` is built whole on
+    every rank and moved to its device."""
+    import torch.distributed as dist
+
+    if not is_model_parallel(module):
+        return _freeze(load()) if frozen else load()
+    strategy = module.trainer.strategy
+    if frozen and not getattr(strategy, "shard_frozen", True):
+        return _freeze(load()).to(strategy.root_device)
+    with torch.device("meta"):
+        model = load()
+    if frozen:
+        _freeze(model)
+    shard_causal_lm(model, data_parallel_mesh(module), frozen=frozen, **_options(strategy, frozen))
+    source = load() if dist.get_rank() == 0 else None
+    materialize_from_rank0(model, source, strategy.root_device)
+    return model
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    return model.eval().requires_grad_(False)
+
+
+def data_parallel_mesh(module):
+    """The ``data_parallel`` mesh of ``module``'s strategy; an error when tensor parallelism is asked for."""
+    mesh = module.device_mesh
+    if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(f"{type(module).__name__}: tensor parallelism is not supported by the LLM modules; set "
+                         "trainer.strategy.init_args.tensor_parallel_size: 1 (all processes data parallel)")
+    return mesh["data_parallel"] if mesh.mesh_dim_names else mesh
+
+
+def _options(strategy, frozen: bool) -> dict[str, Any]:
+    """The strategy's sharding options (defaults for a plain ``ModelParallelStrategy``); frozen models never
+    checkpoint activations (no backward)."""
+    return {"mixed_precision": getattr(strategy, "mixed_precision", None),
+            "activation_checkpointing": not frozen and getattr(strategy, "activation_checkpointing", False)}
+
+
 def shard_module(module, trainable: list[nn.Module | None], frozen: list[nn.Module | None] = ()) -> bool:
-    """Shard ``module``'s causal LMs when it runs under ``ModelParallelStrategy``; return whether it did.
+    """Shard ``module``'s already built (whole) causal LMs in place when it runs under ``ModelParallelStrategy``
+    (networks built before the trainer attached, e.g. read before ``fit``); return whether it did.
 
     ``trainable`` models are always sharded; ``frozen`` ones (teacher, reference; ``None`` entries skipped) too
     unless the strategy says ``shard_frozen=False``, then they stay whole on the rank's device."""
     if not is_model_parallel(module):
         return False
     strategy = module.trainer.strategy
-    mesh = module.device_mesh
-    if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-        raise ValueError(f"{type(module).__name__}: tensor parallelism is not supported by the LLM modules; set "
-                         "trainer.strategy.init_args.tensor_parallel_size: 1 (all processes data parallel)")
-    dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
-    options = {"mixed_precision": getattr(strategy, "mixed_precision", None),
-               "activation_checkpointing": getattr(strategy, "activation_checkpointing", False)}
+    mesh = data_parallel_mesh(module)
     for model in trainable:
         if model is not None:
-            shard_causal_lm(model, dp_mesh, **options)
+            shard_causal_lm(model, mesh, **_options(strategy, False))
     for model in frozen:
         if model is None:
             continue
         if getattr(strategy, "shard_frozen", True):
-            shard_causal_lm(model, dp_mesh, mixed_precision=options["mixed_precision"], frozen=True)
+            shard_causal_lm(model, mesh, frozen=True, **_options(strategy, True))
         else:
             model.to(strategy.root_device)
     return True
