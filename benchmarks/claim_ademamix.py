@@ -12,8 +12,11 @@ learning rate (a cosine schedule ties the loss curve to the run length; with a c
 run gives AdamW's loss at every step count), weight decay 0.1 on matrices, gradient clipping 1.0. AdEMAMix:
 β = (0.9, 0.999, β3) with β3 = 1 − 5/T (its timescale 1/(1 − β3) = T/5, well inside the run), α = 5,
 t_α = t_β3 = T (the run length). AdamW: β = (0.9, 0.999). The learning rate of each is tuned on ``lr_grid``
-(seed 0, T steps, lowest final validation loss) in ``full`` mode; ``quick`` uses the winners stated in
-``MODES["quick"]`` (from the full-mode grid recorded in ``docs/results/claim_ademamix_full.json``).
+(seed 0, lowest validation loss at T) in ``full`` mode, whose seed-0 runs are the grid winners' runs; ``quick``
+uses the winners stated in ``MODES["quick"]`` (from the full-mode grid in ``docs/results/full/results.json``).
+Settings (:data:`MODES`): ``full`` T = 1200 steps of 16 × 64 tokens, 3 seeds, lr grid {5e-4, 1e-3, 2e-3}, AdamW to
+1.5 T, 128 validation blocks (~10 min of one core); ``quick`` T = 500, 2 seeds, 64 validation blocks (~1.5 min).
+``--steps``/``--lr-grid`` (or ``overrides``) make it larger.
 
 Claims (per seed, paired):
 
@@ -44,11 +47,13 @@ from lit_modules import CausalLM
 from optimizers import AdEMAMix
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ademamix" / "quick.yaml"
+# full: T = 1200 (β3 = 0.9958, timescale 240 steps), 3 seeds, a 3-point lr grid: ~15 000 steps in all, ~10 min of
+# one CPU core (2-core machine). Quick: T = 500 (β3 = 0.99), 2 seeds, the full grid's winners.
 MODES = {
-    "quick": dict(steps=600, seeds=1, batch_size=16, block_size=64, warmup=None, eval_every=None, adamw_horizon=1.5,
+    "quick": dict(steps=500, seeds=2, batch_size=16, block_size=64, warmup=None, eval_every=None, adamw_horizon=1.5,
                   lr_grid=None, lr={"adamw": 1e-3, "ademamix": 1e-3}, val_blocks=64),
-    "full": dict(steps=3000, seeds=3, batch_size=16, block_size=64, warmup=None, eval_every=None, adamw_horizon=2.0,
-                 lr_grid=[2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3], lr=None, val_blocks=128),
+    "full": dict(steps=1200, seeds=3, batch_size=16, block_size=64, warmup=None, eval_every=None, adamw_horizon=1.5,
+                 lr_grid=[5e-4, 1e-3, 2e-3], lr=None, val_blocks=128),
 }
 OPTIMIZERS = ("ademamix", "adamw")
 
@@ -205,12 +210,14 @@ def run(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Callable[
     control = heldout[s["val_blocks"] + s["batch_size"]:]
     data = (train, val, probe, control)
 
-    grid = {}
-    if s["lr_grid"]:
+    lengths = {"ademamix": T, "adamw": horizon}
+    grid, grid_runs = {}, {}
+    if s["lr_grid"]:  # seed 0, full length: the winner's run is also seed 0's run (AdamW's loss at T is on its curve)
         for name in OPTIMIZERS:
             for lr in s["lr_grid"]:
                 try:
-                    grid[name, lr] = train_run(name, lr, T, T, 0, *data, s, progress)["final_val"]
+                    grid_runs[name, lr] = train_run(name, lr, lengths[name], T, 0, *data, s, progress)
+                    grid[name, lr] = grid_runs[name, lr]["final_val"]
                 except FloatingPointError:
                     grid[name, lr] = math.inf
         lrs = {name: min(s["lr_grid"], key=lambda lr: grid[name, lr]) for name in OPTIMIZERS}
@@ -220,8 +227,9 @@ def run(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Callable[
 
     runs = {name: [] for name in OPTIMIZERS}
     for seed in range(s["seeds"]):
-        runs["ademamix"].append(train_run("ademamix", lrs["ademamix"], T, T, seed, *data, s, progress))
-        runs["adamw"].append(train_run("adamw", lrs["adamw"], horizon, T, seed, *data, s, progress))
+        for name in OPTIMIZERS:
+            reused = grid_runs.get((name, lrs[name])) if seed == 0 else None
+            runs[name].append(reused or train_run(name, lrs[name], lengths[name], T, seed, *data, s, progress))
 
     final = {name: [r["final_val"] for r in runs[name]] for name in OPTIMIZERS}
     reach = [steps_to_reach(w["curve"], a["final_val"]) for a, w in zip(runs["ademamix"], runs["adamw"])]
@@ -243,7 +251,7 @@ def run(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Callable[
              data="pydoc_data.topics and CPython stdlib sources shuffled together, read once (no repetition); "
                   "held-out documents for validation/probe/control",
              spread="sample std over seeds of the paired difference ours - baseline (None for one seed)",
-             lr_source="grid (seed 0, T steps)" if s["lr_grid"] else "MODES['quick'] (full-mode grid winners)")
+             lr_source="grid (seed 0, loss at T)" if s["lr_grid"] else "MODES['quick'] (full-mode grid winners)")
     measurements = {"lr_grid": {f"{n}/{lr:g}": v for (n, lr), v in grid.items()},
                     "adamw_reached": [ok for _, ok in reach],
                     "runs": {n: [{k: r[k] for k in ("curve", "forgetting")} for r in runs[n]] for n in OPTIMIZERS}}

@@ -47,6 +47,18 @@ def claim(text: str, metric: str, ours: list[float], baseline: list[float], base
             "spread": paired_spread(ours, baseline)}
 
 
+def log_scalars(save_dir: pathlib.Path, name: str, version: str, series: dict[str, float | Sequence[float]]) -> None:
+    """Write ``series`` as the TensorBoard run ``save_dir/name/version`` (what the report links): each key's values
+    at steps 0, 1, 2, ... (a single number at step 0). For experiments whose training loop logs nothing itself."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False)
+    for key, values in series.items():
+        for step, value in enumerate([values] if isinstance(values, (int, float)) else values):
+            logger.log_metrics({key: float(value)}, step=step)
+    logger.finalize("success")
+
+
 def mode_settings(modes: dict[str, dict], mode: str, seeds: int | None, overrides: dict | None) -> dict:
     """The settings of a run: ``modes[mode]`` updated by ``overrides``, with ``seeds`` when given.
 

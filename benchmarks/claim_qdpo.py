@@ -17,7 +17,7 @@ import contextlib
 import statistics
 from pathlib import Path
 
-from benchmarks.reproduce import paired_spread
+from benchmarks.claim_common import log_scalars, paired_spread
 
 # eval prompts are drawn, deduplicated and stripped of training prompts (300 drawn left 98): draw 1000. A seed costs
 # ~20 s CPU on the built-in setup, so quick runs 3 too (the verdicts need the spread over seeds)
@@ -41,6 +41,12 @@ def run(mode: str, seeds: int | None, out_dir: Path, progress) -> dict:
     if "skipped" in table:
         raise RuntimeError(f"qdpo_table skipped: {table['skipped']}")
     runs = table["runs"]
+    for r in runs:  # one TensorBoard run per seed: every model's held-out metrics and the stage timings
+        log_scalars(out_dir / "tb", "qdpo_table", f"seed{r['seed']}",
+                    {f"eval/{name}/{key}": r["results"][name][key] for name in ("fp", "rtn", "qdpo")
+                     for key, _, _ in METRICS} | {"pairs_kept": r["pairs_kept"], "final_train_loss":
+                                                  r["final_train_loss"]}
+                    | {f"time/{k}": v for k, v in r["timings_s"].items()})
     claims = []
     for key, metric, higher in METRICS:
         per_seed = {name: [r["results"][name][key] for r in runs] for name in ("fp", "rtn", "qdpo")}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.claim_common import claim
+from benchmarks.claim_common import claim, log_scalars
 
 SETTINGS = {
     "quick": {"seeds": 1, "envs": ["halfcheetah"], "variants": ["DT", "RADT"], "steps": 800, "warmup_steps": 80},
@@ -59,7 +59,10 @@ def run(mode: str, seeds: int | None, out_dir: Path, progress) -> dict:
     for i, (env, variant, seed) in enumerate(jobs):
         progress(f"{env} / {variant} / seed {seed}: {s['steps']} steps + {RECIPE['episodes']} episodes × 7 targets",
                  i / len(jobs))
-        runs[(env, variant, seed)] = run_one(env, variant, seed, settings, "cpu")
+        r = runs[(env, variant, seed)] = run_one(env, variant, seed, settings, "cpu")
+        log_scalars(out_dir / "tb", f"{env}_{variant}", f"seed{seed}",  # x axis: the target's index
+                    {"alignment/target_return": r["targets"], "alignment/actual_return_mean":
+                     np.mean(r["actual"], axis=1), "alignment/error": r["errors"], "alignment/mean_error": r["mean_error"]})
     claims, figures = [], []
     for env in s["envs"]:
         err = {v: [runs[(env, v, seed)]["mean_error"] for seed in range(n_seeds)] for v in s["variants"]}

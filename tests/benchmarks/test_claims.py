@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import claim_ademamix, claim_oversquashing
-from benchmarks.claim_common import claim, claim_parser, mode_settings, paired_spread, run_and_record
+from benchmarks.claim_common import claim, claim_parser, log_scalars, mode_settings, paired_spread, run_and_record
 from lit_modules.hf import byte_tokenizer
 
 CLAIM_KEYS = {"claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better", "spread"}
@@ -101,6 +101,16 @@ def test_claim_command_line_runs_and_records(tmp_path, capsys):
     assert calls[-1][:2] == ("quick", None)
 
 
+def test_log_scalars_writes_a_tensorboard_run(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_scalars(tmp_path / "tb", "halfcheetah_RADT", "seed1", {"a/curve": [3.0, 1.5, 0.25], "a/single": 7})
+    (events,) = (tmp_path / "tb" / "halfcheetah_RADT" / "seed1").glob("events.out.tfevents*")
+    acc = EventAccumulator(str(events.parent)).Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("a/curve")] == [(0, 3.0), (1, 1.5), (2, 0.25)]
+    assert [(e.step, e.value) for e in acc.Scalars("a/single")] == [(0, 7.0)]
+
+
 def test_mode_settings_apply_overrides_then_seeds():
     modes = {"quick": {"seeds": 1, "steps": 10, "lr": 0.1}, "full": {"seeds": 5, "steps": 100, "lr": 0.1}}
     assert mode_settings(modes, "full", None, None) == {"seeds": 5, "steps": 100, "lr": 0.1}
@@ -128,6 +138,29 @@ def test_ademamix_claim_runs_on_tiny_settings(tmp_path):
     assert [step for step, _ in runs["ademamix"][0]["curve"]] == [4, 8]
     # forgetting probe: seen at T/2 = 4; measured right after, one step later and at T
     assert [row[0] for row in runs["ademamix"][0]["forgetting"]] == [4, 5, 8]
+
+
+def test_ademamix_grid_winners_runs_are_seed_zeros(tmp_path, monkeypatch):
+    """Full mode: every (optimizer, lr) of the grid is trained once on seed 0 (AdamW to its horizon, its loss at T
+    picks the lr); seed 0's comparison reuses the winners' runs, only the other seeds train again."""
+    calls = []
+    real_train_run = claim_ademamix.train_run
+
+    def counting(name, lr, run_steps, schedule_steps, seed, *rest):
+        calls.append((name, lr, run_steps, seed))
+        return real_train_run(name, lr, run_steps, schedule_steps, seed, *rest)
+
+    monkeypatch.setattr(claim_ademamix, "train_run", counting)
+    tiny = dict(steps=6, batch_size=2, block_size=16, warmup=2, eval_every=3, val_blocks=4, adamw_horizon=1.5,
+                lr_grid=[1e-3, 2e-3])
+    result = claim_ademamix.run("full", 2, tmp_path, lambda m: None, tiny)
+    grid = [(n, lr, {"ademamix": 6, "adamw": 9}[n], 0) for n in ("ademamix", "adamw") for lr in (1e-3, 2e-3)]
+    lrs = result["settings"]["lr"]
+    assert calls == grid + [("ademamix", lrs["ademamix"], 6, 1), ("adamw", lrs["adamw"], 9, 1)]
+    grid_loss = result["measurements"]["lr_grid"]
+    for name in ("ademamix", "adamw"):
+        assert grid_loss[f"{name}/{lrs[name]:g}"] == min(grid_loss[f"{name}/{lr:g}"] for lr in (1e-3, 2e-3))
+    check_schema(result, tmp_path, 3, 2)
 
 
 def test_oversquashing_claim_runs_on_tiny_settings(tmp_path):
