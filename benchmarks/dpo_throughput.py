@@ -214,6 +214,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense bf16 TFLOP/s for the MFU (default: looked up from the GPU's name)")
+    p.add_argument("--sides", default=",".join(SIDES), help=f"which of {','.join(SIDES)} to run (comma-separated)")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = p.parse_args()
     size = (128, 2, 10, 2) if args.quick else ((256, 4, 20, 4) if args.device == "cpu" else (512, 6, 50, 4))
@@ -226,11 +227,13 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
+    sides = tuple(args.sides.split(","))
+    if unknown := set(sides) - set(SIDES):
+        p.error(f"--sides: unknown {sorted(unknown)}; choose from {', '.join(SIDES)}")
     try:
         import trl  # noqa: F401
-        sides = SIDES
     except ImportError:
-        sides = tuple(s for s in SIDES if not s.startswith("trl"))
+        sides = tuple(s for s in sides if not s.startswith("trl"))
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                  if k in ("device", "hidden", "layers", "batch", "prompt_bytes", "steps", "warmup", "threads",
                           "precision")]
@@ -261,13 +264,10 @@ def main() -> None:
         return statistics.median(values) if values else None
 
     summary = {s: {k: median(s, k) for k in runs[s][0]} for s in sides}
-    ratios = {}
-    if "trl" in summary:
-        anchor = summary["trl"]["pairs_per_s"]
-        ratios = {f"{s}_vs_trl": summary[s]["pairs_per_s"] / anchor for s in sides}
-        ratios["ours_precompute_vs_trl_precompute"] = (summary["ours_precompute"]["pairs_per_s"]
-                                                      / summary["trl_precompute"]["pairs_per_s"])
-    ratios["ours_precompute_vs_ours"] = summary["ours_precompute"]["pairs_per_s"] / summary["ours"]["pairs_per_s"]
+    rate = {s: summary[s]["pairs_per_s"] for s in sides}
+    ratios = {f"{a}_vs_{b}": rate[a] / rate[b] for a, b in
+              [("ours", "trl"), ("ours_precompute", "trl"), ("trl_precompute", "trl"),
+               ("ours_precompute", "trl_precompute"), ("ours_precompute", "ours")] if a in rate and b in rate}
     import torch
 
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None

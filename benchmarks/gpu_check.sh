@@ -10,7 +10,8 @@
 #      256 new tokens, eos off on both sides); the eager dynamic-cache path alongside;
 #    - dpo_throughput: a DPO training step on a ~113M Llama (768-d, 12 layers, byte vocabulary), bf16-mixed,
 #      64 pairs of ~250 tokens per sequence: tokens/s and MFU (peak looked up from the GPU's name); TRL's
-#      DPOTrainer at the same settings when trl is importable, else skipped (the JSON says so);
+#      DPOTrainer at the same settings when trl is importable (else skipped, the JSON says so), the two sides
+#      interleaved over 3 repeats (one repeat is too noisy to compare: medians);
 #    - optimizer_step: AdEMAMix (fused and the other paths) vs AdamW(fused=True);
 #    - probe_overhead: the over-squashing probes' overhead on a training run.
 # Everything lands in OUT_DIR: one log per step and gpu_check.json (command, date, machine, each step's exit
@@ -58,8 +59,9 @@ step cuda_tests 90 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/c
 if [ "$CUDA" = 1 ] && [ "$DRY" = 0 ]; then
   step minillm_rollout 140 "$PY" -m benchmarks.minillm_rollout --device cuda --size 100m --batch 64 --prompt-len 64 \
     --new-tokens 256 --dtype bf16 --repeats 3 --no-train-step --out "$OUT/minillm_rollout.json"
-  step dpo_throughput 170 "$PY" -m benchmarks.dpo_throughput --device cuda --precision bf16-mixed --hidden 768 \
-    --layers 12 --batch 64 --prompt-bytes 248 --steps 15 --warmup 3 --repeats 1 --out "$OUT/dpo_throughput.json"
+  step dpo_throughput 220 "$PY" -m benchmarks.dpo_throughput --device cuda --precision bf16-mixed --hidden 768 \
+    --layers 12 --batch 64 --prompt-bytes 248 --steps 15 --warmup 3 --repeats 3 --sides ours,trl \
+    --out "$OUT/dpo_throughput.json"
   step optimizer_step 90 "$PY" -m benchmarks.optimizer_step --device cuda
   step probe_overhead 45 "$PY" -m benchmarks.probe_overhead --device cuda --quick
 elif [ "$DRY" = 1 ]; then
