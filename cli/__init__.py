@@ -66,7 +66,8 @@ class LitPapersCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Add the default callbacks a config did not list itself (a config's own ``callbacks`` list extends
-        these rather than silently dropping them): a rich progress bar, per-step LR logging, a checkpoint
+        these rather than silently dropping them): a rich progress bar, per-step LR logging, figures of the curves the
+        module declares (:class:`~callbacks.MetricFigures`, e.g. DPO's rewards), a checkpoint
         every ``DEFAULT_CHECKPOINT_EVERY`` steps plus a ``last.ckpt`` that is kept current at the end, on Ctrl-C and
         on errors (:class:`~callbacks.LastCheckpoint`) with the random states in it
         (:class:`~callbacks.ExactResume`), so a run resumes exactly with
@@ -82,6 +83,8 @@ class LitPapersCLI(LightningCLI):
         if trainer.get("logger") not in (False, None) and not any(c.endswith("LearningRateMonitor") for c in listed):
             defaults.append({"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
                              "init_args": {"logging_interval": "step"}})
+        if trainer.get("logger") not in (False, None) and not any(c.endswith("MetricFigures") for c in listed):
+            defaults.append({"class_path": "callbacks.MetricFigures", "init_args": {}})
         if trainer.get("enable_checkpointing") is not False and not any(c.endswith("ModelCheckpoint") for c in listed):
             defaults.append({"class_path": "callbacks.LastCheckpoint",
                              "init_args": {"every_n_train_steps": DEFAULT_CHECKPOINT_EVERY}})

@@ -107,3 +107,16 @@ def test_history_survives_a_checkpoint():
     again = MetricFigures()
     again.load_state_dict(figures.state_dict())
     assert again.history == [{"step": 1, "val/loss": 0.5}]
+
+
+def test_the_cli_adds_metric_figures_by_default_so_the_dpo_config_draws_its_rewards(root):
+    from cli import build_cli
+
+    cli = build_cli(["fit", "--config", str(root / "configs/dpo/dpo.yaml"), "--trainer.max_steps", "2",
+                     "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
+                     "--data.num_examples", "40", "--trainer.enable_progress_bar", "false",
+                     "--trainer.enable_checkpointing", "false", "--model.export_dir", "null"])
+    assert sum(isinstance(c, MetricFigures) for c in cli.trainer.callbacks) == 1
+    events = EventAccumulator(cli.trainer.logger.log_dir)
+    events.Reload()
+    assert "val/rewards" in events.Tags()["images"]
