@@ -5,7 +5,8 @@
     litpapers validate --config configs/probes/probe_local_model.yaml --model.model /path/to/hf_model
 
 Models and datamodules are chosen in subclass mode (``model.class_path: lit_modules.CausalLM`` or just
-``CausalLM``). Defaults: TensorBoard logger under ``logs/``, a progress bar in steps (``callbacks/progress.py``),
+``CausalLM``). Defaults: TensorBoard logger under ``logs/<run name>/`` (the run name is the last ``--config``
+file's stem unless the config names it), a progress bar in steps (``callbacks/progress.py``),
 ``seed_everything: 0``, and what keeps a run
 from losing work (``callbacks/lifecycle.py``): ``last.ckpt`` every ``DEFAULT_CHECKPOINT_EVERY`` steps, at the end
 and on Ctrl-C, random states in the checkpoint (exact resume), and a stop on a non-finite loss
@@ -42,6 +43,8 @@ import optimizers  # noqa: E402,F401
 from callbacks.lifecycle import LastCheckpoint  # noqa: E402
 
 DEFAULT_CHECKPOINT_EVERY = 200
+#: The logger's run name without a ``--config`` file; with one, the last file's stem (:func:`run_name`).
+DEFAULT_RUN_NAME = "litpapers"
 ROOT = Path(__file__).resolve().parents[1]
 #: Where this package's own code lives: an error raised there is a message for the user, not a bug report.
 PACKAGE_DIRS = tuple(str(ROOT / d) + os.sep for d in ("lit_modules", "datamodules", "callbacks", "optimizers"))
@@ -62,7 +65,7 @@ class LitPapersCLI(LightningCLI):
         parser.add_argument("--stop_on_nonfinite_loss", type=bool, default=True,
                             help="stop fit with an error naming the step when the training loss is NaN/inf")
         parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                                "init_args": {"save_dir": "logs", "name": "litpapers"}}})
+                                                "init_args": {"save_dir": "logs", "name": DEFAULT_RUN_NAME}}})
 
     def before_instantiate_classes(self) -> None:
         """Add the default callbacks a config did not list itself (a config's own ``callbacks`` list extends
@@ -75,6 +78,7 @@ class LitPapersCLI(LightningCLI):
         Each is skipped when the matching switch is off."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         self._move_optimizer_into_model(config)
+        self._name_run_after_config(config)
         trainer = config.trainer
         listed = [str(c.get("class_path", "")) for c in (trainer.get("callbacks") or [])]
         defaults = []
@@ -98,6 +102,15 @@ class LitPapersCLI(LightningCLI):
                 Namespace(class_path=d["class_path"], init_args=Namespace(**d["init_args"])) for d in defaults]
 
     @staticmethod
+    def _name_run_after_config(config: Namespace) -> None:
+        """A logger left at the default run name (:data:`DEFAULT_RUN_NAME`) is named after the last ``--config``
+        file instead: :func:`run_name`. A name a config or the command line gives is kept."""
+        logger = config.trainer.get("logger")
+        args = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if args is not None and args.get("name") == DEFAULT_RUN_NAME and config.get("config"):
+            args["name"] = run_name(config.config)
+
+    @staticmethod
     def _move_optimizer_into_model(config: Namespace) -> None:
         """Hand a top-level ``optimizer``/``lr_scheduler`` to a model that takes one (a
         :class:`~lit_modules.PaperModule`), replacing the model's own, so it is built once, by the model, on its
@@ -106,6 +119,13 @@ class LitPapersCLI(LightningCLI):
         for key in ("optimizer", "lr_scheduler"):
             if config.get(key) is not None and model_args is not None and key in model_args:
                 model_args[key], config[key] = config[key], None
+
+
+def run_name(config_files: list) -> str:
+    """The logger's run name for ``--config A --config B ...``: the last file's stem
+    (``--config configs/minillm/base.yaml --config configs/minillm/kd.yaml`` -> ``kd``), so the logs of each
+    config land in ``logs/<stem>/version_N`` without the name being repeated inside the file."""
+    return Path(str(config_files[-1])).stem
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LitPapersCLI:

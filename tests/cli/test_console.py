@@ -36,4 +36,4 @@ def test_quick_config_console_has_no_warning_and_counts_steps(tmp_path):
     assert "LlamaForCausalLM" in output  # the model summary is still shown
     assert re.search(r"^Step\b.* 3/3 ", output, re.MULTILINE), output[-3000:]  # steps of max_steps
     assert "Epoch" not in output and "v_num" not in output and "train/loss" in output
-    assert "Logs, config and checkpoints: logs/ademamix_quick/version_0" in output  # where the logs went
+    assert "Logs, config and checkpoints: logs/quick/version_0" in output  # where the logs went
