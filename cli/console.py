@@ -8,6 +8,9 @@ Each filter matches one known message, so every other warning still shows:
   torchao only inside the QDPO functions that quantize (``lit_modules/quantization.py``, ``lit_modules/qdpo.py``).
 - Lightning 2.6 calls ``isinstance(treespec, LeafSpec)``, which torch 2.13 deprecates (a ``FutureWarning``).
 - Lightning's "Tip: ... try installing litlogger/litmodels" advertisements.
+- Lightning's "Found N module(s) in eval mode at the start of training" (a ``PossibleUserWarning``): this package's
+  modules keep their frozen networks (DPO's reference, MiniLLM's teacher, QDPO's full-precision yardstick) in eval
+  mode on purpose.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ DROPPED_LOG_MESSAGES = {
     "lightning.pytorch.utilities.rank_zero": r"💡 Tip: ",
 }
 #: warning message patterns ignored (``warnings.filterwarnings``), with their category.
-IGNORED_WARNINGS = ((r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),)
+IGNORED_WARNINGS = ((r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+                    (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning))
 
 
 class _DropMatching(logging.Filter):

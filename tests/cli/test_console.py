@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-NOISE = re.compile(r"warn|deprecat|failed to load|traceback", re.IGNORECASE)
+NOISE = re.compile(r"warn|deprecat|failed to load|traceback|\.so\b", re.IGNORECASE)
 
 
 def _run(code_or_args: list[str], cwd: Path) -> str:
@@ -37,3 +37,13 @@ def test_quick_config_console_has_no_warning_and_counts_steps(tmp_path):
     assert re.search(r"^Step\b.* 3/3 ", output, re.MULTILINE), output[-3000:]  # steps of max_steps
     assert "Epoch" not in output and "v_num" not in output and "train/loss" in output
     assert "Logs, config and checkpoints: logs/quick/version_0" in output  # where the logs went
+
+
+def test_a_module_with_frozen_networks_trains_without_warnings(tmp_path):
+    """DPO keeps its reference in eval mode on purpose: Lightning's "module(s) in eval mode" warning is not shown
+    (a fit with a validation and a checkpoint, the run's whole console)."""
+    output = _run(["-m", "cli", "fit", "--config", str(ROOT / "configs" / "dpo" / "dpo.yaml"), "--trainer.max_steps", "2",
+                   "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--data.num_examples", "40"],
+                  tmp_path)
+    assert _noise(output) == [], output[-3000:]
+    assert "Logs, config and checkpoints: logs/dpo/version_0" in output
