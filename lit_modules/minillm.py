@@ -255,6 +255,8 @@ class MiniLLM(DeferredNetworksModule):
         self._specs = {"student": (student_how, init_seed, None),
                        "teacher": None if objective == "sft" else (teacher_how, init_seed + 1, teacher_dtype)}
         if self._specs["teacher"] is not None:  # a clear error now, from the configs alone (meta device: no weights)
+            for how in (student_how, teacher_how):
+                ensure_built_in(how[1])  # a missing built-in checkpoint is trained now, not on the meta device
             with torch.device("meta"):
                 check_same_vocabulary(self._load("student"), self._load("teacher"))
         self.export_dir = export_dir
