@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import sharding_worker as w  # noqa: E402
 
-SCENARIOS = ["causal_lm", "resume", "dpo", "dpo_precompute", "minillm_kd", "qdpo", "causal_lm_bf16"]
+SCENARIOS = ["causal_lm", "resume", "dpo", "dpo_precompute", "minillm_kd", "qdpo", "qdpo_pairs", "causal_lm_bf16",
+             "start_up_memory"]
 TOL = 1e-5
 
 
@@ -124,6 +125,29 @@ def test_qdpo_refuses_sharding_with_one_clear_message(sharded):
     for r in ranks:
         assert r["qdpo"]["error"].startswith("ValueError: QDPO does not support ModelParallelStrategy")
         assert "trainer.strategy: ddp" in r["qdpo"]["error"]
+
+
+def test_qdpo_refuses_sharding_before_generating_any_pair(sharded):
+    """With its pair datamodule, which reads the models before the trainer's configure_model: the same one error
+    on every rank, and no pair generation has run (the error is at start-up, not after the pairs)."""
+    _, ranks, _ = sharded
+    for r in ranks:
+        assert r["qdpo_pairs"]["error"] == r["qdpo"]["error"]
+        assert r["qdpo_pairs"]["generate_answers_calls"] == 0
+
+
+def test_no_rank_but_0_holds_the_whole_model_at_start_up(sharded):
+    """Peak resident memory a rank adds from just before a 218 MB (fp32) CausalLM is constructed until fit starts.
+    Rank 1 builds on the meta device and only ever allocates its half (109 MB), the all-gather of one decoder
+    layer (14 MB, once) and one tensor of rank 0's weights at a time, plus the trainer's own start-up: under
+    0.85 of the whole model. Built whole on every rank (in __init__), it would add at least the whole model.
+    Rank 0 loads the whole model to send it: it adds at least that much."""
+    _, ranks, _ = sharded
+    rank0, rank1 = (r["start_up_memory"] for r in ranks)
+    whole = rank1["whole_bytes"]
+    assert whole > 200e6
+    assert 0.5 * whole < rank1["peak_growth_bytes"] < 0.85 * whole
+    assert rank0["peak_growth_bytes"] > whole
 
 
 def test_single_device_and_ddp_paths_do_not_shard():
