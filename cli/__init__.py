@@ -107,8 +107,9 @@ class LitPapersCLI(LightningCLI):
         file instead: :func:`run_name`. A name a config or the command line gives is kept."""
         logger = config.trainer.get("logger")
         args = logger.get("init_args") if isinstance(logger, Namespace) else None
-        if args is not None and args.get("name") == DEFAULT_RUN_NAME and config.get("config"):
-            args["name"] = run_name(config.config)
+        files = [f for f in config.get("config") or [] if f is not None]  # None: an inline YAML string
+        if args is not None and args.get("name") == DEFAULT_RUN_NAME and files:
+            args["name"] = run_name(files)
 
     @staticmethod
     def _move_optimizer_into_model(config: Namespace) -> None:

@@ -40,10 +40,14 @@ def test_a_name_given_in_a_config_or_on_the_command_line_wins(root, monkeypatch,
     unnamed = tmp_path / "short_run.yaml"
     unnamed.write_text("trainer: {max_steps: 3}\n")
     assert _parsed_name(monkeypatch, ["--config", quick, "--config", str(unnamed)]) == "short_run"
+    inline = '{"trainer": {"max_steps": 2}}'  # a YAML string, not a file: the last file still names the run
+    assert _parsed_name(monkeypatch, ["--config", quick, "--config", inline]) == "quick"
 
 
 def test_without_a_config_file_the_default_name_stays(monkeypatch):
     assert _parsed_name(monkeypatch, ["--model", "CausalLM", "--data", "TextDataModule"]) == DEFAULT_RUN_NAME
+    assert _parsed_name(monkeypatch, ["--config", '{"seed_everything": 1}', "--model", "CausalLM",
+                                      "--data", "TextDataModule"]) == DEFAULT_RUN_NAME
     assert run_name(["a/b/c.yaml", Path("x/kd.yaml")]) == "kd"
 
 
