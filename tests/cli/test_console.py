@@ -42,8 +42,8 @@ def test_quick_config_console_has_no_warning_and_counts_steps(tmp_path):
 def test_a_module_with_frozen_networks_trains_without_warnings(tmp_path):
     """DPO keeps its reference in eval mode on purpose: Lightning's "module(s) in eval mode" warning is not shown
     (a fit with a validation and a checkpoint, the run's whole console)."""
-    output = _run(["-m", "cli", "fit", "--config", str(ROOT / "configs" / "dpo" / "dpo.yaml"), "--trainer.max_steps", "2",
-                   "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--data.num_examples", "40"],
-                  tmp_path)
+    output = _run(["-m", "cli", "fit", "--config", str(ROOT / "configs" / "dpo" / "dpo.yaml"),
+                   "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                   "--data.num_examples", "40"], tmp_path)
     assert _noise(output) == [], output[-3000:]
     assert "Logs, config and checkpoints: logs/dpo/version_0" in output

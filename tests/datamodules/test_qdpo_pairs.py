@@ -1,6 +1,6 @@
 """QDPO's generated preference pairs: deduplication (counted), disk caching keyed by models/quantization/
 prompts/decoding (a rerun does not generate), generation through the module's one sampler (the same tokens HF
-``generate`` decodes greedily), clear errors. ``generate_answers`` itself: tests/lit_modules/test_generate_answers.py."""
+``generate`` decodes greedily: tests/lit_modules/test_generate_answers.py), clear errors."""
 
 from types import SimpleNamespace
 
