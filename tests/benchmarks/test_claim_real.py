@@ -1,0 +1,121 @@
+"""benchmarks/claim_real.py — the papers' experiments on the real model — with a tiny local Llama in place of
+SmolLM2 (``claim_real.MODEL`` points at it), and the real model itself in a slow test."""
+
+import json
+import math
+
+import pytest
+
+from benchmarks import claim_real
+from callbacks.oversquashing import representational_collapse
+from datamodules.sequence_tasks import encode_prompt
+from lit_modules.hf import byte_tokenizer, load_causal_lm
+
+CLAIM_KEYS = {"claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better", "spread"}
+TINY_PROBES = dict(seeds=2, lengths=[4, 12], sensitivity_lengths=[8], sensitivity_samples=1, projections=4,
+                   task_lengths=[3, 5], task_samples=2)
+
+
+@pytest.fixture
+def tiny_model(tmp_path, monkeypatch):
+    """A 1-layer byte-level Llama saved as a local model directory, used as claim_real.MODEL."""
+    tok = byte_tokenizer()
+    path = tmp_path / "tiny"
+    load_causal_lm({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                    "num_key_value_heads": 2}, vocab_size=len(tok), seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    monkeypatch.setattr(claim_real, "MODEL", str(path))
+    return str(path)
+
+
+def rule(c: dict) -> str:
+    """The report's verdict rule written out: d = signed gap, reproduced if d > 2s, not if d < -2s."""
+    if c["spread"] is None:
+        return "inconclusive"
+    d = (c["ours"] - c["baseline"]) * (1 if c["higher_is_better"] else -1)
+    return "reproduced" if d > 2 * c["spread"] else "not reproduced" if d < -2 * c["spread"] else "inconclusive"
+
+
+def test_probe_claims_are_the_pure_collapse_function_on_each_prompt_prefix(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(claim_real.MODES["probes"], "full", TINY_PROBES)
+    rows = claim_real.claims("oversquashing", "full", tmp_path / "out", seeds=2)
+    assert len(rows) == 6 and all(set(r) == CLAIM_KEYS | {"verdict"} for r in rows)
+    assert all(r["verdict"] == rule(r) and r["spread"] is not None for r in rows)
+    # claim 1: mean over the two prefixes of ‖Δ‖∞ between prefix+"1"*12 and prefix+"1"*13 (fp32, final layer)
+    model, tok = load_causal_lm(tiny_model).eval(), byte_tokenizer()
+    deltas = [representational_collapse(model, encode_prompt(tok, p + "1" * 12), encode_prompt(tok, p + "1" * 13))
+              for p in claim_real.PREFIXES[:2]]
+    assert rows[0]["ours"] == pytest.approx(sum(deltas) / 2, rel=1e-5)
+    assert rows[0]["spread"] > 0  # the prefixes differ, so do the gaps
+    assert all(0.0 <= r["ours"] <= 1.0 for r in rows[4:])  # accuracies
+    with pytest.raises(ValueError, match="seeds: at most 3"):
+        claim_real.claims("oversquashing", "full", tmp_path / "out", seeds=4)
+
+
+def test_task_accuracy_scores_the_leading_integer_after_the_answer_prefix(tiny_model, monkeypatch):
+    """An oracle right up to 4 digits; beyond, the right count not leading its answer, and no digit to copy."""
+    import lit_modules.sampling
+
+    seen = []
+
+    def oracle(model, tokenizer, prompts, **kwargs):
+        seen.extend(prompts)
+        out = []
+        for p in prompts:
+            digits = p.split(" of " if "digit of" in p else " in ")[1].split("?")[0]
+            right = str(len(digits)) if "How many" in p else digits[0] if "first" in p else digits[-1]
+            out.append(f"{right} ones" if len(digits) <= 4 else f"ones: {right}" if "How many" in p else "x")
+        return out
+
+    monkeypatch.setattr(lit_modules.sampling, "generate_answers", oracle)
+    acc = claim_real.task_accuracy(None, byte_tokenizer(), [3, 4, 6], samples=20, seed=0)
+    assert acc == {f"{t}/{n}": float(n <= 4) for t in ("count_ones", "copy_first", "copy_last") for n in (3, 4, 6)}
+    assert len(seen) == 3 + 2 * 3 * 20 and all(p.endswith(claim_real.ANSWER_PREFIX) for p in seen)
+
+
+def test_dpo_and_qdpo_claims_and_the_json_record(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(claim_real.MODES["dpo"], "quick", dict(seeds=2, steps=2, pairs=40, batch_size=4, lr=1e-3,
+                                                               val_fraction=0.25))
+    monkeypatch.setitem(claim_real.MODES["qdpo"], "quick", dict(seeds=2, bits=2, num_prompts=24, eval_prompts=16,
+                                                                batch_size=4, lr=1e-3, max_new_tokens=4))
+    out = claim_real.main(["--only", "dpo,qdpo", "--quick", "--out", str(tmp_path / "results"),
+                           "--work", str(tmp_path / "work")])
+    record = json.loads((tmp_path / "results" / "real_dpo.json").read_text())
+    assert record["command"] == "python -m benchmarks.claim_real --only dpo,qdpo --quick --out " \
+        f"{tmp_path / 'results'} --work {tmp_path / 'work'}"
+    assert {"date", "machine", "settings", "seconds", "claims", "measurements"} <= set(record)
+    acc = record["measurements"]["per_seed_accuracy"]
+    (row,) = record["claims"]
+    assert row["ours"] == pytest.approx(sum(acc["discopop"]) / 2) and row["baseline"] == pytest.approx(
+        sum(acc["sigmoid"]) / 2)
+    assert record["settings"]["held_out_pairs"] == 10 and all(abs(a * 10 - round(a * 10)) < 1e-6 for a in acc["discopop"])
+    qdpo = out["qdpo"]
+    assert [c["metric"] for c in qdpo["claims"]][:2] == ["token-flip rate vs the FP model's answers",
+                                                         "FP model's mean log-likelihood per token of the answers"]
+    assert qdpo["claims"][0]["baseline_name"] == "RTN int2 g32"
+    runs = qdpo["measurements"]["runs"]
+    assert qdpo["claims"][0]["ours"] == pytest.approx(sum(r["results"]["qdpo"]["flip_rate"] for r in runs) / 2)
+    assert all(r["results"]["fp"]["flip_rate"] == 0.0 for r in runs)  # FP never flips against itself
+    assert (tmp_path / "results" / "real_qdpo.json").is_file()
+
+
+def test_papers_without_a_real_model_experiment_get_no_claims(tmp_path):
+    assert claim_real.claims("radt", "full", tmp_path, seeds=1) == []
+    with pytest.raises(ValueError, match="unknown real-model experiment 'x'"):
+        claim_real.run("x", "full", None, tmp_path)
+    with pytest.raises(SystemExit):
+        claim_real.main(["--only", "probes,nope"])
+
+
+@pytest.mark.slow
+def test_real_model_probes_at_small_settings(tmp_path, monkeypatch):
+    """SmolLM2-135M-Instruct (needs `make real`): "1" is one token, " 1" two; the probe claims come out finite."""
+    pytest.importorskip("gguf")
+    from lit_modules.hf import load_tokenizer
+
+    tok = load_tokenizer(None, claim_real.MODEL)
+    assert len(tok("1" * 7, add_special_tokens=False)["input_ids"]) == 7
+    assert len(tok(" 1", add_special_tokens=False)["input_ids"]) == 2
+    monkeypatch.setitem(claim_real.MODES["probes"], "quick", dict(TINY_PROBES, seeds=2, lengths=[8, 32]))
+    rows = claim_real.claims("oversquashing", "quick", tmp_path, seeds=2)
+    assert len(rows) == 6 and all(math.isfinite(r["ours"]) and r["verdict"] == rule(r) for r in rows)
