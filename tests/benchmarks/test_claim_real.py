@@ -119,3 +119,22 @@ def test_real_model_probes_at_small_settings(tmp_path, monkeypatch):
     monkeypatch.setitem(claim_real.MODES["probes"], "quick", dict(TINY_PROBES, seeds=2, lengths=[8, 32]))
     rows = claim_real.claims("oversquashing", "quick", tmp_path, seeds=2)
     assert len(rows) == 6 and all(math.isfinite(r["ours"]) and r["verdict"] == rule(r) for r in rows)
+
+
+def test_doc_table_is_generated_from_the_json_records(tmp_path):
+    row = {"claim": "c", "metric": "m", "ours": 0.9, "baseline": 0.5, "baseline_name": "b", "higher_is_better": True,
+           "spread": 0.1}  # d = 0.4 > 2s = 0.2: reproduced
+    record = {"mode": "full", "seconds": 120.0, "date": "2026-11-27", "machine": {"description": "2 cores"},
+              "claims": [row, dict(row, spread=0.3)]}  # d = 0.4 < 2s = 0.6: inconclusive
+    (tmp_path / "real_dpo.json").write_text(json.dumps(record))
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{claim_real.DOC_BEGIN}\nstale\n{claim_real.DOC_END}\noutro\n")
+    claim_real.main(["--update-doc", str(doc), "--out", str(tmp_path)])
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{claim_real.DOC_END}\noutro\n") and "stale" not in text
+    assert "| dpo | c | m | 0.9 ± 0.1 | 0.5 (b) | reproduced |" in text
+    assert "| dpo | c | m | 0.9 ± 0.3 | 0.5 (b) | inconclusive |" in text
+    assert "full mode, 2.0 min wall-clock" in text
+    doc.write_text("no block")
+    with pytest.raises(ValueError, match="no block between"):
+        claim_real.update_doc(doc, tmp_path)
