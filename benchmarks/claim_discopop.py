@@ -5,8 +5,9 @@ preference losses. Experiment, on the built-in checkable instruction task (as ``
 byte-level Llama is SFT'd once (``benchmarks.dpo_losses.sft``); each loss then trains a copy of it with
 ``lit_modules.DPO`` (β = 0.05, precomputed reference log-probs) on the built-in ``PreferenceDataModule`` pairs
 (seed 1), the same steps/batches/lr for every loss, once per training seed; the metric is the held-out reward
-accuracy (fraction of held-out pairs with r_chosen > r_rejected, r = β·(log π − log π_ref)). Quick: LRML vs DPO;
-full: LRML vs every other loss; 3 training seeds in both (the spread is over seeds).
+accuracy (fraction of held-out pairs with r_chosen > r_rejected, r = β·(log π − log π_ref)). Quick: LRML vs DPO,
+150 SFT steps, 60 steps per loss on 1200 pairs (~70 CPU s); full: LRML vs every other loss, 400 SFT steps, 150 steps
+per loss on 3000 pairs (30 trainings, ~12 min of one core); 3 training seeds in both (the spread is over seeds).
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 ``litpapers reproduce``: representational collapse vs length (fp32, bf16 with its rounding noise floor, commas) and
 the sensitivity profile, on a tiny Llama trained on the built-in sequence tasks.
 
-    python -m benchmarks.claim_oversquashing [--full] [--seeds N] [--out DIR]
+    python -m benchmarks.claim_oversquashing [--full] [--seeds N] [--steps N] [--out DIR]
+
+Settings (:data:`MODES`): quick 3 seeds × 300 training steps (~15 CPU s per seed); full 5 seeds × 1000 steps and a
+third sensitivity length (~5 min of one core).
 
 Model and data: ``configs/probes/tasks_quick.yaml`` (byte-level Llama, hidden 64, 2 layers, copy/count/sum/
 find-odd tasks of 1-16 digits), trained ``steps`` steps per seed (init and data order seeded). Probes: the
@@ -34,9 +37,9 @@ from lit_modules import CausalLM
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "probes" / "tasks_quick.yaml"
 PRECISIONS = ["fp32", "bf16", "bf16_weights"]
 MODES = {
-    "quick": dict(steps=300, seeds=1, lengths=[8, 16, 32, 64, 128, 256, 512, 1024], sensitivity_lengths=[32, 64],
+    "quick": dict(steps=300, seeds=3, lengths=[8, 16, 32, 64, 128, 256, 512, 1024], sensitivity_lengths=[32, 64],
                   sensitivity_samples=2),
-    "full": dict(steps=2000, seeds=3, lengths=[8, 16, 32, 64, 128, 256, 512, 1024],
+    "full": dict(steps=1000, seeds=5, lengths=[8, 16, 32, 64, 128, 256, 512, 1024],
                  sensitivity_lengths=[32, 64, 128], sensitivity_samples=4),
 }
 

@@ -13,7 +13,16 @@ evaluates through the same modules and configs a user runs and returns
   papers still run, and the exit code is 1 at the end;
 - saves each finished paper atomically to ``<out>/papers/<key>.json``; rerunning with the same ``--out`` (and the
   same mode and ``--seeds``) skips those papers, so an interrupted run resumes and loses nothing finished;
-- rewrites ``<out>/results.json`` and ``<out>/report.md`` after every paper (and at the end).
+- rewrites ``<out>/results.json`` and ``<out>/report.md`` after every paper (and at the end);
+- in ``--full`` mode adds each paper's real-model claim rows from ``benchmarks.claim_real.claims(paper_key, mode,
+  out_dir, seeds)`` when that module exists (:func:`real_claims_hook`);
+- runs torch on one thread per process (:func:`single_thread`; ``OMP_NUM_THREADS`` overrides it).
+
+``--quick`` and ``--full`` settings are each claim module's ``SETTINGS``/``MODES`` table (documented in its
+docstring and recorded in the report): ``--quick`` is sized to finish within 15 minutes on 2 CPU cores from a fresh
+clone, built-in checkpoints included; ``--full`` to about 15 minutes per paper on this 2-core machine (one core's
+worth of CPU time), with 3 seeds; ``--seeds N`` (and the ``--steps`` of ``python -m benchmarks.claim_ademamix`` /
+``claim_oversquashing``) make them larger.
 
 ``spread`` is the sample standard deviation over training seeds of the paired difference ``ours − baseline``
 (``benchmarks.claim_common.paired_spread``), ``None`` with one seed. A within-run error (e.g. the
@@ -146,12 +155,13 @@ def _checked_claims(result: dict, key: str, source: str | None = None) -> list[d
     return claims
 
 
-def real_claims_hook() -> Callable[[str, str, Path, int], list[dict]] | None:
+def real_claims_hook() -> Callable[[str, str, Path, int | None], list[dict]] | None:
     """``claims`` of :data:`REAL_CLAIMS_MODULE` when that module exists and defines it, else None.
 
     Signature: ``claims(paper_key, mode, out_dir, seeds) -> list[dict]``, each dict a claim row with the fields of
-    :data:`CLAIM_FIELDS` (the runner adds the verdict); an empty list when it has nothing for that paper. The
-    runner calls it in ``--full`` mode after the paper's own claim module, with ``out_dir = <out>/<key>/real``.
+    :data:`CLAIM_FIELDS` (the runner computes the verdict); an empty list when it has nothing for that paper. The
+    runner calls it in ``--full`` mode after the paper's own claim module, with ``out_dir = <out>/<key>/real`` and
+    ``seeds`` = ``--seeds`` (None: the experiment's own default, as for the claim modules).
     """
     if importlib.util.find_spec(REAL_CLAIMS_MODULE) is None:
         return None
@@ -194,11 +204,10 @@ def run_paper(key: str, mode: str, seeds: int | None, out: Path, progress: Progr
         record["settings"] = result.get("settings", {})
         real = real_claims_hook() if mode == "full" else None
         if real is not None:
-            n_seeds = seeds or record["settings"].get("seeds") or 1
-            progress(f"real-model claims ({REAL_CLAIMS_MODULE}.claims, {n_seeds} seeds)", None)
+            progress(f"real-model claims ({REAL_CLAIMS_MODULE}.claims)", None)
             real_dir = paper_dir / "real"
             real_dir.mkdir(parents=True, exist_ok=True)
-            real_claims = real(key, mode, real_dir, n_seeds)
+            real_claims = real(key, mode, real_dir, seeds)
             if real_claims:
                 record["claims"] += _checked_claims({"claims": real_claims}, key, REAL_CLAIMS_MODULE)
         record["status"] = "ok"

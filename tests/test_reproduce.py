@@ -197,6 +197,8 @@ def test_full_mode_adds_the_real_model_claims(fakes, monkeypatch):
     assert reproduce.main(["--quick", "--only", "radt", "--out", str(quick)]) == 0
     assert len(json.loads((quick / "results.json").read_text())["papers"]["radt"]["claims"]) == 1
     assert not (quick / "radt" / "real").exists()
+    assert reproduce.main(["--full", "--only", "radt", "--out", str(fakes / "full1")]) == 0  # no --seeds: None
+    assert json.loads((fakes / "full1" / "radt" / "real" / "called.json").read_text()) == ["radt", "full", None]
     monkeypatch.setattr(reproduce, "REAL_CLAIMS_MODULE", "no_such_real_module")  # absent: the full run is unchanged
     assert reproduce.main(["--full", "--only", "radt", "--out", str(fakes / "full2")]) == 0
     assert len(json.loads((fakes / "full2" / "results.json").read_text())["papers"]["radt"]["claims"]) == 1
