@@ -27,7 +27,7 @@ test-all: $(STAMP)
 # Every paper's headline claim at small settings (<= 15 min on 2 CPU cores); rerunning resumes.
 demo: $(STAMP)
 	$(VENV)/bin/litpapers reproduce --quick --out reports/quick
-	@echo "Report: reports/quick/report.md  (TensorBoard: $(VENV)/bin/tensorboard --logdir logs)"
+	@echo "Report: reports/quick/report.md  (TensorBoard: $(VENV)/bin/tensorboard --logdir reports/quick)"
 
 # The MiniLLM and QDPO configs start from trained models (trained on first use when missing); the whole chain:
 minillm: $(STAMP)

@@ -48,10 +48,11 @@ from optimizers import AdEMAMix
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ademamix" / "quick.yaml"
 # full: T = 1200 (β3 = 0.9958, timescale 240 steps), 3 seeds, a 3-point lr grid: ~15 000 steps in all, ~10 min of
-# one CPU core (2-core machine). Quick: T = 500 (β3 = 0.99), 2 seeds, the full grid's winners.
+# one CPU core (2-core machine). Quick: T = 500 (β3 = 0.99), 2 seeds, the full grid's winners (full run of
+# 2026-11-27, docs/results/full/results.json: AdEMAMix 1e-3, AdamW 5e-4).
 MODES = {
     "quick": dict(steps=500, seeds=2, batch_size=16, block_size=64, warmup=None, eval_every=None, adamw_horizon=1.5,
-                  lr_grid=None, lr={"adamw": 1e-3, "ademamix": 1e-3}, val_blocks=64),
+                  lr_grid=None, lr={"adamw": 5e-4, "ademamix": 1e-3}, val_blocks=64),
     "full": dict(steps=1200, seeds=3, batch_size=16, block_size=64, warmup=None, eval_every=None, adamw_horizon=1.5,
                  lr_grid=[5e-4, 1e-3, 2e-3], lr=None, val_blocks=128),
 }
