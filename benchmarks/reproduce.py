@@ -12,7 +12,8 @@ evaluates through the same modules and configs a user runs and returns
 - isolates failures: a paper whose module is missing or raises is recorded as ``failed`` with its error, the other
   papers still run, and the exit code is 1 at the end;
 - saves each finished paper atomically to ``<out>/papers/<key>.json``; rerunning with the same ``--out`` (and the
-  same mode and ``--seeds``) skips those papers, so an interrupted run resumes and loses nothing finished;
+  same mode, ``--seeds`` and claim-module source, :func:`module_digest`) skips those papers, so an interrupted run
+  resumes and loses nothing finished, and a changed experiment is run again;
 - rewrites ``<out>/results.json`` and ``<out>/report.md`` after every paper (and at the end);
 - in ``--full`` mode adds each paper's real-model claim rows from ``benchmarks.claim_real.claims(paper_key, mode,
   out_dir, seeds)`` when that module exists (:func:`real_claims_hook`);
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -189,7 +191,7 @@ def run_paper(key: str, mode: str, seeds: int | None, out: Path, progress: Progr
     start, cpu_start = time.perf_counter(), cpu_seconds()
     paper_dir = out / key
     record = {"status": "failed", "seconds": 0.0, "error": None, "claims": [], "figures": [], "settings": {},
-              "tensorboard": [], "mode": mode, "seeds": seeds}
+              "tensorboard": [], "mode": mode, "seeds": seeds, "code": module_digest(key)}
     try:
         try:
             module = importlib.import_module(CLAIM_MODULES[key])
@@ -223,13 +225,27 @@ def run_paper(key: str, mode: str, seeds: int | None, out: Path, progress: Progr
     return record
 
 
+def module_digest(key: str) -> str | None:
+    """sha1 (12 hex digits) of the source of ``key``'s claim module (None when it is missing): a saved result is
+    reused only by the code (and the settings tables in it) that made it."""
+    try:
+        spec = importlib.util.find_spec(CLAIM_MODULES[key])
+    except ModuleNotFoundError:
+        return None
+    if spec is None or spec.origin is None or not Path(spec.origin).is_file():
+        return None
+    return hashlib.sha1(Path(spec.origin).read_bytes()).hexdigest()[:12]
+
+
 def _saved(out: Path, key: str, mode: str, seeds: int | None) -> dict | None:
-    """The finished result of ``key`` saved by an earlier run with the same mode and seeds, else None."""
+    """The finished result of ``key`` saved by an earlier run with the same mode, seeds and claim-module source,
+    else None."""
     path = out / "papers" / f"{key}.json"
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    if record.get("status") == "ok" and record.get("mode") == mode and record.get("seeds") == seeds:
+    if (record.get("status") == "ok" and record.get("mode") == mode and record.get("seeds") == seeds
+            and record.get("code") == module_digest(key)):
         return record
     return None
 

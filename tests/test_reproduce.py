@@ -63,6 +63,8 @@ def write_fakes(folder: Path) -> None:
 def fakes(tmp_path, monkeypatch):
     write_fakes(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.startswith("fake_")]:  # imported from an earlier test's folder
+        monkeypatch.delitem(sys.modules, name)
     return tmp_path
 
 
@@ -245,6 +247,10 @@ def test_other_mode_or_seeds_is_not_reused(fakes, monkeypatch):
     for argv in (["--quick"], ["--quick"], ["--quick", "--seeds", "2"], ["--full", "--seeds", "2"]):
         assert reproduce.main([*argv, "--only", "radt", "--out", str(out)]) == 0
     assert (fakes / "calls.txt").read_text().split() == ["a", "a", "a"]
+    # the experiment's source changed (e.g. its settings table): the saved result is not reused
+    (fakes / "fake_ok_a.py").write_text(FAKE_OK.format(name="a", ours=0.8))
+    assert reproduce.main(["--full", "--seeds", "2", "--only", "radt", "--out", str(out)]) == 0
+    assert (fakes / "calls.txt").read_text().split() == ["a", "a", "a", "a"]
 
 
 # ------------------------------------------------------------------------------------------------ README table
