@@ -155,7 +155,6 @@ def materialize_from_rank0(model: nn.Module, source: nn.Module | None, device: t
         if source is not None:
             buffer.copy_(whole[name.replace(_WRAPPED, "")])
         dist.broadcast(buffer, src=0)
-    gather_once(model)
     return model
 
 
@@ -167,9 +166,9 @@ def build_causal_lm(module, load: Callable[[], nn.Module], frozen: bool = False)
     Under it: rank 0 runs ``load()`` (reads the pretrained weights, or draws the seeded random initialisation
     a single process draws); every rank builds the same architecture on the meta device (no memory), shards
     it (:func:`shard_causal_lm`), allocates its local shards and receives its slices of rank 0's weights
-    (:func:`materialize_from_rank0`); rank 0 then frees its whole copy. So ranks > 0 only ever hold their
-    shards, rank 0 one whole model at a time. A frozen model with ``shard_frozen=False`` is built whole on
-    every rank and moved to its device."""
+    (:func:`materialize_from_rank0`); rank 0 then frees its whole copy. So ranks > 0 never hold more than their
+    shards (and, like any FSDP run, one all-gathered unit at a time), rank 0 one whole model at a time. A frozen
+    model with ``shard_frozen=False`` is built whole on every rank and moved to its device."""
     import torch.distributed as dist
 
     if not is_model_parallel(module):
@@ -182,8 +181,8 @@ def build_causal_lm(module, load: Callable[[], nn.Module], frozen: bool = False)
     if frozen:
         _freeze(model)
     shard_causal_lm(model, data_parallel_mesh(module), frozen=frozen, **_options(strategy, frozen))
-    source = load() if dist.get_rank() == 0 else None
-    materialize_from_rank0(model, source, strategy.root_device)
+    materialize_from_rank0(model, load() if dist.get_rank() == 0 else None, strategy.root_device)
+    gather_once(model)  # rank 0's whole copy is freed by now: the two do not add up
     return model
 
 
