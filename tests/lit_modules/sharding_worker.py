@@ -71,9 +71,20 @@ def pair_loader(batch: int) -> DataLoader:
     return DataLoader(pairs, batch_size=batch, collate_fn=collate)
 
 
-def build(kind: str):
+def write_pretrained(out: Path) -> Path:
+    """A ``save_pretrained`` directory of a tiny Llama with tied input/output embeddings, in ``out``."""
+    from lit_modules.hf import byte_tokenizer, load_causal_lm, save_pretrained_with_tokenizer
+
+    tied = TINY | {"tie_word_embeddings": True}
+    return save_pretrained_with_tokenizer(load_causal_lm(tied, vocab_size=259, seed=3), byte_tokenizer(),
+                                          out / "pretrained")
+
+
+def build(kind: str, out: Path | None = None):
     if kind == "causal_lm":
         return CausalLM(model=TINY, lr=1e-2, lr_decay="constant"), lm_loader
+    if kind == "causal_lm_pretrained":  # the directory write_pretrained(out) wrote
+        return CausalLM(model=str(out / "pretrained"), lr=1e-2, lr_decay="constant"), lm_loader
     if kind == "dpo":
         return DPO(model=TINY, lr=1e-2, lr_decay="constant"), pair_loader
     if kind == "dpo_precompute":
@@ -132,7 +143,7 @@ def trainer(sharded: bool, callback: Record, max_steps: int = STEPS, **kwargs) -
 def fit(kind: str, sharded: bool, out: Path, export: bool = False, **strategy_kwargs) -> dict:
     """Train ``STEPS`` steps; return the losses, the memory and (rank 0) the gathered weights."""
     L.seed_everything(0, verbose=False)
-    module, loader = build(kind)
+    module, loader = build(kind, out)
     if export:
         module.export_dir = str(out / f"{kind}_export")
     rec = Record()

@@ -16,14 +16,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import sharding_worker as w  # noqa: E402
 
-SCENARIOS = ["causal_lm", "resume", "dpo", "dpo_precompute", "minillm_kd", "qdpo", "qdpo_pairs", "causal_lm_bf16",
-             "start_up_memory"]
+SCENARIOS = ["causal_lm", "causal_lm_pretrained", "resume", "dpo", "dpo_precompute", "minillm_kd", "qdpo",
+             "qdpo_pairs", "causal_lm_bf16", "start_up_memory"]
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
+    w.write_pretrained(out)
     ranks = w.launch(out, SCENARIOS, timeout=400)
     return out, ranks, torch.load(out / "weights.pt")
 
@@ -31,7 +32,8 @@ def sharded(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    return {kind: w.fit(kind, False, out) for kind in ("causal_lm", "dpo", "minillm_kd")}
+    w.write_pretrained(out)
+    return {kind: w.fit(kind, False, out) for kind in ("causal_lm", "causal_lm_pretrained", "dpo", "minillm_kd")}
 
 
 def rank_mean_losses(ranks, kind):
@@ -67,6 +69,22 @@ def test_each_rank_holds_half(sharded, single, kind):
                 assert abs(b / total - 0.5) < 0.01, (key, per_rank, total)
     if kind != "causal_lm":
         assert whole["frozen_params"] > 0  # teacher / reference are sharded too
+
+
+def test_sharded_run_from_a_pretrained_directory_with_tied_embeddings_matches_single_process(sharded, single):
+    """Rank 0 reads the directory and sends the shards; the other rank builds the architecture from its config
+    alone (meta device). Losses and weights as in one process; the tie survives (one gathered tensor)."""
+    from transformers import AutoModelForCausalLM
+
+    out, ranks, weights = sharded
+    kind = "causal_lm_pretrained"
+    assert rank_mean_losses(ranks, kind) == pytest.approx(single[kind]["losses"], abs=TOL)
+    for name, value in single[kind]["weights"].items():
+        assert torch.allclose(weights[kind][name], value, atol=TOL, rtol=0), name
+    trained = weights[kind]
+    assert torch.equal(trained["lm_head.weight"], trained["model.embed_tokens.weight"])  # still tied
+    loaded = AutoModelForCausalLM.from_pretrained(out / "pretrained").state_dict()
+    assert max(float((trained[n] - loaded[n]).abs().max()) for n in trained) > 100 * TOL  # it trained
 
 
 def test_dpo_precomputed_reference_under_sharding_matches_single_process(sharded, single):
@@ -158,17 +176,23 @@ def test_single_device_and_ddp_paths_do_not_shard():
     assert not any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-def test_docs_memory_table_is_generated_from_the_committed_json():
+@pytest.mark.parametrize("name", ["sharding_memory", "sharding_memory_glibc_default"])
+def test_docs_memory_tables_are_generated_from_the_committed_json(name):
     import json
 
-    from benchmarks.sharding_memory import BEGIN, END, render_table
+    from benchmarks.sharding_memory import markers, render_table
 
-    report = json.loads((w.ROOT / "docs" / "results" / "sharding_memory.json").read_text())
+    report = json.loads((w.ROOT / "docs" / "results" / f"{name}.json").read_text())
     doc = (w.ROOT / "docs" / "sharding.md").read_text()
-    assert doc.split(BEGIN, 1)[1].split(END, 1)[0].strip() == render_table(report)
-    for kind in ("causal_lm", "dpo"):  # the measured claim: each of 2 ranks holds half of every kind of tensor
-        for key, share in report["results"][kind]["rank0_fraction_of_whole"].items():
-            assert share is None or abs(share - 0.5) < 0.01, (kind, key)
+    begin, end = markers(name)
+    assert doc.split(begin, 1)[1].split(end, 1)[0].strip() == render_table(report)
+    # the measured claim: each of 2 ranks holds half of the single process's bytes of every kind of tensor, and
+    # all of the frozen reference when it is kept whole
+    for run in ("causal_lm/sharded", "dpo/sharded", "dpo/sharded_whole_reference"):
+        for share in report["results"][run]["share_of_single"]:
+            for key, value in share.items():
+                expected = 1.0 if run.endswith("whole_reference") and key == "frozen_params" else 0.5
+                assert value is None or abs(value - expected) < 0.01, (run, key, value)
 
 
 def test_truncate_at_eos_hand_case():
