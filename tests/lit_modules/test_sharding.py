@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -174,6 +175,27 @@ def test_single_device_and_ddp_paths_do_not_shard():
     module = w.build("causal_lm")[0]
     module.configure_model()  # no trainer: nothing to shard
     assert not any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "dpo", "minillm_kd"])
+def test_networks_are_built_by_configure_model_once(kind, tmp_path):
+    """The constructor builds no network; configure_model builds them, and again is a no-op (Lightning calls
+    it at every fit/validate and in load_from_checkpoint); a checkpoint loads into the rebuilt networks."""
+    module = w.build(kind)[0]
+    assert module.__dict__["_modules"].keys() <= {"val_loss", "val_ppl", "val_metrics", "val_rouge", "val_length"}
+    module.configure_model()
+    networks = {n: module.__dict__["_modules"].get(n) for n in module.trainable_networks + module.frozen_networks}
+    assert all(isinstance(net, torch.nn.Module) for net in networks.values())
+    module.configure_model()
+    assert all(module.__dict__["_modules"].get(n) is net for n, net in networks.items())
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, w.Data(w.build(kind)[1](2)))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    restored = type(module).load_from_checkpoint(tmp_path / "m.ckpt")
+    name = module.trainable_networks[0]
+    for key, value in getattr(module, name).state_dict().items():
+        assert torch.equal(getattr(restored, name).state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("name", ["sharding_memory", "sharding_memory_glibc_default"])
