@@ -141,20 +141,29 @@ _WRAPPED = "_checkpoint_wrapped_module."  # the name part activation checkpointi
 def materialize_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.device) -> nn.Module:
     """Allocate the local shards of the sharded meta-device ``model`` on ``device`` and fill them with the
     weights of ``source``, the same model built whole on rank 0 (``None`` on the other ranks), which is all
-    they ever receive of it: ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`` sends
-    one tensor at a time from rank 0 and every rank keeps its slice. Buffers (rotary frequencies; the
-    non-persistent ones are in no state dict) are never sharded: rank 0's are broadcast whole. Collective."""
+    they ever receive of it. One tensor at a time, rank 0 broadcasts the whole tensor and every rank copies its
+    rows into its shard: FSDP2 shards dim 0 as ``torch.chunk(tensor, N)`` does, rank r holding chunk r. Buffers
+    (rotary frequencies) are not sharded: every rank keeps the whole one. No rank holds more than its shards
+    plus one whole tensor (rank 0: plus ``source``). Collective."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
 
     model.to_empty(device=device)
-    state = {} if source is None else source.state_dict()
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    whole = {} if source is None else dict(source.named_buffers())
-    for name, buffer in model.named_buffers():
-        if source is not None:
-            buffer.copy_(whole[name.replace(_WRAPPED, "")])
-        dist.broadcast(buffer, src=0)
+    whole = {} if source is None else dict(source.named_parameters()) | dict(source.named_buffers())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        full = whole[name.replace(_WRAPPED, "")].to(device) if source is not None else (
+            torch.empty(tensor.shape, dtype=tensor.dtype, device=device))
+        dist.broadcast(full, src=0)
+        if isinstance(tensor, DTensor):
+            mesh = tensor.device_mesh
+            chunks = full.chunk(mesh.size(), dim=0)
+            rank = mesh.get_local_rank()
+            full = chunks[rank] if rank < len(chunks) else full[:0]
+        if full.shape != local.shape:
+            raise RuntimeError(f"materialize_from_rank0: {name}'s local shard has shape {tuple(local.shape)}, its "
+                               f"rows of the whole tensor {tuple(full.shape)} (not a dim-0 FSDP2 shard)")
+        local.copy_(full)
     return model
 
 
