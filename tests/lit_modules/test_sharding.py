@@ -198,7 +198,8 @@ def test_networks_are_built_by_configure_model_once(kind, tmp_path):
         assert torch.equal(getattr(restored, name).state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("name", ["sharding_memory", "sharding_memory_glibc_default"])
+@pytest.mark.parametrize("name", ["sharding_memory", "sharding_memory_glibc_default",
+                                  "sharding_memory_before_configure_model"])
 def test_docs_memory_tables_are_generated_from_the_committed_json(name):
     import json
 
