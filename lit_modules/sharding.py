@@ -1,9 +1,11 @@
 """FSDP2 sharding of the LLM modules through Lightning's ``ModelParallelStrategy`` (docs/sharding.md).
 
-Every LLM module (``CausalLM``, ``MiniLLM``, ``DPO``; ``QDPO`` refuses) calls :func:`shard_module` from its
-``configure_model`` hook. Under any strategy other than ``ModelParallelStrategy`` it does nothing, so
-single-device and DDP runs are unchanged. Under it, each Hugging Face causal LM of the module is sharded with
-PyTorch's ``fully_shard`` on the strategy's data-parallel mesh: every decoder layer is its own FSDP unit (its
+Every LLM module (``CausalLM``, ``MiniLLM``, ``DPO``; ``QDPO`` refuses) builds each of its networks with
+:func:`build_causal_lm` in its ``configure_model`` hook (:class:`lit_modules.base.DeferredNetworksModule`).
+Under any strategy other than ``ModelParallelStrategy`` that is the plain load, so single-device and DDP runs
+are unchanged. Under it, each Hugging Face causal LM of the module is built on the meta device, sharded with
+PyTorch's ``fully_shard`` on the strategy's data-parallel mesh and filled from rank 0's whole copy
+(:func:`materialize_from_rank0`): every decoder layer is its own FSDP unit (its
 parameters are all-gathered just before its forward/backward and freed after) and the root holds the rest
 (embeddings, final norm, ``lm_head``). Each rank then keeps 1/N of every parameter, of its gradient and of the
 optimizer state (AdamW's moments are created on the local shards).
