@@ -138,3 +138,17 @@ def test_doc_table_is_generated_from_the_json_records(tmp_path):
     doc.write_text("no block")
     with pytest.raises(ValueError, match="no block between"):
         claim_real.update_doc(doc, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["fit", "--config", "configs/dpo/smollm2.yaml", "--data.init_args.num_examples", "20"],
+                                  ["validate", "--config", "configs/probes/smollm2.yaml"]])
+def test_real_model_configs_run(root, args, monkeypatch):
+    """The shipped SmolLM2 configs run end to end (needs `make real`; a few CPU minutes each)."""
+    pytest.importorskip("gguf")
+    from cli import build_cli
+
+    args = [a if not a.startswith("configs/") else str(root / a) for a in args]
+    extra = ["--trainer.max_steps", "1", "--trainer.val_check_interval", "1"] if args[0] == "fit" else []
+    cli = build_cli([*args, *extra, "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.state.finished
