@@ -182,14 +182,15 @@ class DeferredNetworksModule(PaperModule):
             del self.__dict__["_networks_building"]
         self.__dict__["_networks_built"] = True
 
-    def _build_on_use(self) -> None:
-        if not self.__dict__.get("_networks_built") and not self.__dict__.get("_networks_building"):
-            self.configure_model()
+    def _build_on_use(self) -> bool:
+        """Build the networks unless they are built or being built; return whether it did."""
+        if self.__dict__.get("_networks_built") or self.__dict__.get("_networks_building"):
+            return False
+        self.configure_model()
+        return True
 
     def __getattr__(self, name: str):
-        if name in type(self).trainable_networks + type(self).frozen_networks and not self.__dict__.get(
-                "_networks_built") and not self.__dict__.get("_networks_building"):
-            self.configure_model()
+        if name in type(self).trainable_networks + type(self).frozen_networks and self._build_on_use():
             return getattr(self, name)
         return super().__getattr__(name)
 
