@@ -60,7 +60,7 @@ MODES = {
     },
     "qdpo": {
         "quick": dict(seeds=2, bits=4, num_prompts=32, eval_prompts=48, batch_size=4, lr=5e-5, max_new_tokens=16),
-        "full": dict(seeds=2, bits=4, num_prompts=48, eval_prompts=64, batch_size=4, lr=5e-5, max_new_tokens=16),
+        "full": dict(seeds=2, bits=4, num_prompts=48, eval_prompts=32, batch_size=4, lr=5e-5, max_new_tokens=16),
     },
     "dpo": {
         "quick": dict(seeds=2, steps=8, pairs=120, batch_size=4, lr=2e-5, val_fraction=0.2),
