@@ -281,16 +281,27 @@ def run(name: str, mode: str, seeds: int | None, out_dir: pathlib.Path, progress
 
 def claims(paper_key: str, mode: str, out_dir: pathlib.Path, seeds: int | None) -> list[dict]:
     """The real-model claims of ``paper_key`` (a key of :data:`EXPERIMENTS`; others have none: ``[]``), each with
-    its verdict by :func:`benchmarks.reproduce.verdict`; run in ``out_dir/real_<name>``."""
+    its verdict by :func:`benchmarks.reproduce.verdict`; run in ``out_dir/real_<name>``.
+
+    Like the reproduction it belongs to, a finished experiment is not run again: its record
+    ``out_dir/real_<name>.json`` (the format ``python -m benchmarks.claim_real`` writes) is reused when its mode and
+    seeds match, and each claim names the record it came from (``source``)."""
     from benchmarks.reproduce import verdict
 
     if paper_key not in EXPERIMENTS:
         return []
     name = EXPERIMENTS[paper_key]
-    result = run(name, mode, seeds, pathlib.Path(out_dir) / f"real_{name}", lambda msg: print(msg, file=sys.stderr))
-    return [dict(c, claim=f"[SmolLM2-135M] {c['claim']}",
+    record = pathlib.Path(out_dir) / f"real_{name}.json"
+    saved = json.loads(record.read_text()) if record.is_file() else None
+    if saved is None or saved.get("mode") != mode or seeds not in (None, saved["settings"].get("seeds")):
+        result = dict(run(name, mode, seeds, pathlib.Path(out_dir) / f"real_{name}",
+                          lambda msg: print(msg, file=sys.stderr)), mode=mode)
+        write_record(result, record, "benchmarks.reproduce (real-model hook)", [paper_key, mode])
+        saved = json.loads(record.read_text())
+    source = f"{record.as_posix()} ({saved['date']})"
+    return [dict(c, claim=f"[SmolLM2-135M] {c['claim']}", source=source,
                  verdict=verdict(c["ours"], c["baseline"], c["higher_is_better"], c["spread"]))
-            for c in result["claims"]]
+            for c in saved["claims"]]
 
 
 DOC_BEGIN, DOC_END = "<!-- real-model results: begin (generated) -->", "<!-- real-model results: end -->"

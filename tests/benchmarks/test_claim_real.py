@@ -39,7 +39,7 @@ def rule(c: dict) -> str:
 def test_probe_claims_are_the_pure_collapse_function_on_each_prompt_prefix(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setitem(claim_real.MODES["probes"], "full", TINY_PROBES)
     rows = claim_real.claims("oversquashing", "full", tmp_path / "out", seeds=2)
-    assert len(rows) == 6 and all(set(r) == CLAIM_KEYS | {"verdict"} for r in rows)
+    assert len(rows) == 6 and all(set(r) == CLAIM_KEYS | {"verdict", "source"} for r in rows)
     assert all(r["verdict"] == rule(r) and r["spread"] is not None for r in rows)
     # claim 1: mean over the two prefixes of ‖Δ‖∞ between prefix+"1"*12 and prefix+"1"*13 (fp32, final layer)
     model, tok = load_causal_lm(tiny_model).eval(), byte_tokenizer()
@@ -97,6 +97,24 @@ def test_dpo_and_qdpo_claims_and_the_json_record(tiny_model, tmp_path, monkeypat
     assert qdpo["claims"][0]["ours"] == pytest.approx(sum(r["results"]["qdpo"]["flip_rate"] for r in runs) / 2)
     assert all(r["results"]["fp"]["flip_rate"] == 0.0 for r in runs)  # FP never flips against itself
     assert (tmp_path / "results" / "real_qdpo.json").is_file()
+
+
+def test_a_finished_experiment_is_reused_like_the_reproduction_it_belongs_to(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(claim_real.MODES["probes"], "full", TINY_PROBES)
+    first = claim_real.claims("oversquashing", "full", tmp_path, seeds=2)
+    record = tmp_path / "real_probes.json"
+    assert record.is_file() and all(r["source"].startswith(record.as_posix()) for r in first)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished experiment ran again")
+
+    monkeypatch.setitem(claim_real.RUNNERS, "probes", must_not_run)
+    assert claim_real.claims("oversquashing", "full", tmp_path, seeds=2) == first
+    assert claim_real.claims("oversquashing", "full", tmp_path, seeds=None) == first
+    with pytest.raises(AssertionError, match="ran again"):  # other seeds or mode: a different experiment
+        claim_real.claims("oversquashing", "full", tmp_path, seeds=1)
+    with pytest.raises(AssertionError, match="ran again"):
+        claim_real.claims("oversquashing", "quick", tmp_path, seeds=2)
 
 
 def test_papers_without_a_real_model_experiment_get_no_claims(tmp_path):
