@@ -50,6 +50,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
 PAPERS = ("ademamix", "minillm", "discopop", "qdpo", "radt", "oversquashing")
 # The one place that maps a paper key to its claim module (the only names to change when the package moves).
 CLAIM_MODULES = {key: f"benchmarks.claim_{key}" for key in PAPERS}
@@ -213,8 +215,10 @@ def run_paper(key: str, mode: str, seeds: int | None, out: Path, progress: Progr
             if real_claims:
                 record["claims"] += _checked_claims({"claims": real_claims}, key, REAL_CLAIMS_MODULE)
         record["status"] = "ok"
+    except SIGTERMException:  # the run was stopped (kill, a scheduler's preemption): not a result of this paper
+        raise
     except (Exception, SystemExit) as e:  # noqa: BLE001 - failure isolation: record it, run the other papers
-        # SystemExit too: LightningCLI/argparse exit on a bad config; only Ctrl-C stops the whole run
+        # SystemExit too: LightningCLI/argparse exit on a bad config; only Ctrl-C or SIGTERM stop the whole run
         record["error"] = f"{type(e).__name__}: {e}"
         record["traceback"] = traceback.format_exc()
         progress(f"FAILED: {record['error']}", None)

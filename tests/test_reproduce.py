@@ -37,6 +37,11 @@ FAKE_EXIT = """
 def run(mode, seeds, out_dir, progress):
     raise SystemExit(2)  # what LightningCLI does on a config error
 """
+FAKE_SIGTERM = """
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+def run(mode, seeds, out_dir, progress):
+    raise SIGTERMException(1)  # what Lightning raises inside fit when the process gets SIGTERM
+"""
 FAKE_SLOW = """
 import pathlib, time
 def run(mode, seeds, out_dir, progress):
@@ -57,6 +62,7 @@ def write_fakes(folder: Path) -> None:
     (folder / "fake_raise.py").write_text(FAKE_RAISE)
     (folder / "fake_exit.py").write_text(FAKE_EXIT)
     (folder / "fake_slow.py").write_text(FAKE_SLOW)
+    (folder / "fake_sigterm.py").write_text(FAKE_SIGTERM)
 
 
 @pytest.fixture
@@ -133,6 +139,23 @@ def test_bad_claim_fields_fail_the_paper(fakes, monkeypatch):
     assert reproduce.main(["--only", "radt", "--out", str(fakes / "o")]) == 1
     error = json.loads((fakes / "o" / "results.json").read_text())["papers"]["radt"]["error"]
     assert "lacks fields" in error and "baseline_name" in error
+
+
+def test_sigterm_stops_the_run_and_records_no_result(fakes, monkeypatch):
+    """A stopped run is not a failed paper: nothing is saved for it, the papers after it do not start, and the
+    rerun runs it (a saved 'failed' record would also be rerun, but it would sit in the report meanwhile)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    out = fakes / "o"
+    monkeypatch.setattr(reproduce, "CLAIM_MODULES",
+                        dict(reproduce.CLAIM_MODULES, minillm="fake_sigterm", radt="fake_ok_a"))
+    with pytest.raises(SIGTERMException):
+        reproduce.main(["--only", "minillm,radt", "--out", str(out)])
+    assert not (out / "papers" / "minillm.json").exists() and not (fakes / "calls.txt").exists()
+    monkeypatch.setattr(reproduce, "CLAIM_MODULES", dict(reproduce.CLAIM_MODULES, minillm="fake_ok_b",
+                                                         radt="fake_ok_a"))
+    assert reproduce.main(["--only", "minillm,radt", "--out", str(out)]) == 0
+    assert (fakes / "calls.txt").read_text().split() == ["b", "a"]
 
 
 def test_cli_arguments(fakes, monkeypatch):
