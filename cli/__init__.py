@@ -131,9 +131,17 @@ def run_name(config_files: list) -> str:
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LitPapersCLI:
     """Parse ``args`` (default: the command line) and, with ``run``, execute the subcommand; tests call this
-    in-process and inspect ``.trainer``/``.model``/``.datamodule``."""
-    return LitPapersCLI(model_class=None, datamodule_class=None, subclass_mode_model=True,
-                        subclass_mode_data=True, args=args, run=run)
+    in-process and inspect ``.trainer``/``.model``/``.datamodule``. Given ``args`` are the whole command line:
+    the process's own arguments (e.g. ``litpapers reproduce ...`` running configs) are hidden meanwhile, so
+    LightningCLI does not warn that it got both."""
+    argv = sys.argv
+    if args is not None:
+        sys.argv = sys.argv[:1]
+    try:
+        return LitPapersCLI(model_class=None, datamodule_class=None, subclass_mode_model=True,
+                            subclass_mode_data=True, args=args, run=run)
+    finally:
+        sys.argv = argv
 
 
 def user_error(error: BaseException) -> BaseException | None:

@@ -47,3 +47,15 @@ def test_a_module_with_frozen_networks_trains_without_warnings(tmp_path):
                    "--data.num_examples", "40"], tmp_path)
     assert _noise(output) == [], output[-3000:]
     assert "Logs, config and checkpoints: logs/dpo/version_0" in output
+
+
+def test_build_cli_with_args_ignores_the_process_command_line(monkeypatch, recwarn):
+    """`litpapers reproduce ...` runs configs in-process through build_cli(args): LightningCLI must see only those
+    args (it warns when it also finds sys.argv[1:]), and the process's argv is left as it was."""
+    from cli import build_cli
+
+    argv = ["litpapers", "reproduce", "--full", "--only", "minillm"]
+    monkeypatch.setattr(sys, "argv", list(argv))
+    cli = build_cli(["--config", str(ROOT / "configs" / "ademamix" / "quick.yaml")], run=False)
+    assert cli.model is not None and sys.argv == argv
+    assert not [w for w in recwarn if "args parameter is intended" in str(w.message)]
