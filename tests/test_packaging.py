@@ -116,7 +116,7 @@ def test_missing_extra_at_the_point_of_use_names_the_install(monkeypatch, tmp_pa
         lambda: OfflineRLDataModule(dataset=str(hdf5)).setup("fit"))
     tiny = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
             "intermediate_size": 64}
-    assert "pip install 'litpapers[quant]'" in missing_extra_message(lambda: QDPO(model=tiny))
+    assert "pip install 'litpapers[quant]'" in missing_extra_message(lambda: QDPO(model=tiny).configure_model())
     saved = tmp_path / "saved"
     saved.mkdir()
     (saved / "dataset_info.json").write_text("{}")
@@ -183,7 +183,7 @@ def test_core_install_names_the_missing_extra(core_install, tmp_path):
         rl = OfflineRLDataModule(dataset="litpapers/halfcheetah/scripted-v0")
         print(message(lambda: (rl.prepare_data(), rl.setup("fit"))))
         print(message(lambda: QDPO(model={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                          "num_key_value_heads": 2, "intermediate_size": 64})))
+                                          "num_key_value_heads": 2, "intermediate_size": 64}).configure_model()))
         print(message(lambda: (text.prepare_data(), text.setup("fit"))))
     """, tmp_path)
     lines = out.stdout.strip().splitlines()[-3:]
