@@ -284,19 +284,29 @@ def _claim_rows(key: str | None, claims: list[dict]) -> list[str]:
     return rows
 
 
+def _verdict_counts(claims: list[dict]) -> str:
+    """``'5: 2 reproduced, 1 not reproduced, 2 inconclusive'`` (verdicts in a fixed order, absent ones left out)."""
+    if not claims:
+        return "0"
+    counts = [(v, sum(c["verdict"] == v for c in claims)) for v in ("reproduced", "not reproduced", "inconclusive")]
+    return f"{len(claims)}: " + ", ".join(f"{n} {v}" for v, n in counts if n)
+
+
 def render_results_table(results: dict) -> str:
-    """The README's "results at a glance" table: one row per claim of every paper in ``results`` (results.json)."""
+    """The README's "results at a glance" table: per paper of ``results`` (results.json) its headline claim (the
+    first) and the verdicts of all its claims; every claim is in the report next to it."""
     m = results["machine"]
     lines = [f"From `reproduce --{results['mode']}`, {results['created'][:10]}, {m['cpu']} ({m['cores']} cores)"
              + (f", {m['gpu']}" if m.get("gpu") else "")
              + ". ± = spread of the difference ours − baseline (see the verdict rule).",
              "",
-             "| paper | claim | metric | ours ± spread | baseline | verdict |",
-             "|---|---|---|---|---|---|"]
+             "| paper | headline claim | metric | ours ± spread | baseline | verdict | all claims |",
+             "|---|---|---|---|---|---|---|"]
     for key, paper in results["papers"].items():
         if paper["status"] != "ok":
-            lines.append(f"| {key} | failed: {_cell(paper['error'])} | | | | |")
-        lines += _claim_rows(key, paper["claims"])
+            lines.append(f"| {key} | failed: {_cell(paper['error'])} | | | | | {_verdict_counts(paper['claims'])} |")
+        elif paper["claims"]:
+            lines.append(_claim_rows(key, paper["claims"][:1])[0] + f" {_verdict_counts(paper['claims'])} |")
     return "\n".join(lines) + "\n"
 
 
