@@ -98,6 +98,39 @@ def load_causal_lm(model: ModelSpec, vocab_size: int | None = None, dtype: str |
     return AutoModelForCausalLM.from_pretrained(model, **kwargs).train()
 
 
+def keep_layers(model: PreTrainedModel, layers: list[int], name: str = "layers") -> PreTrainedModel:
+    """Keep only the decoder layers ``layers`` (indices into the model's layer stack, strictly increasing) of
+    ``model``, in place: the usual distillation initialisation of a smaller student from its teacher (DistilBERT,
+    Sanh et al. 2019 §3: "taking one layer out of two"; Gu et al. 2024's students share the teacher's tokenizer).
+
+    The embeddings, final norm and LM head are kept whole; the kept layers are re-indexed 0..k−1 (their
+    attention's ``layer_idx``, which addresses the KV cache) and the config says ``num_hidden_layers = k`` (and
+    keeps the matching ``layer_types`` entries when the architecture has them), so the result generates with a
+    cache and round-trips through ``save_pretrained``. Dropping layer i is the same as making it the identity:
+    a residual block whose output projections are zero. ``name`` labels the argument in errors."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    stack = getattr(decoder, "layers", None)
+    if not isinstance(stack, torch.nn.ModuleList):
+        raise ValueError(f"{name}: {type(model).__name__} has no decoder layer list (model.get_decoder().layers) "
+                         "to take layers from")
+    n = len(stack)
+    layers = [int(i) for i in layers]
+    if not layers or any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 0 or layers[-1] >= n:
+        raise ValueError(f"{name}: expected a non-empty, strictly increasing list of layer indices in [0, {n - 1}] "
+                         f"(the model has {n} layers), got {layers}")
+    kept = torch.nn.ModuleList(stack[i] for i in layers)
+    for new_index, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    decoder.layers = kept
+    config = model.config
+    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == n:
+        config.layer_types = [config.layer_types[i] for i in layers]
+    config.num_hidden_layers = len(layers)
+    return model
+
+
 def save_pretrained_with_tokenizer(model: PreTrainedModel, tokenizer, path: str | Path) -> Path:
     """``save_pretrained`` ``model`` and ``tokenizer`` into ``path`` (loadable again by :func:`load_causal_lm`).
 

@@ -56,7 +56,7 @@ from transformers import PreTrainedModel
 
 from lit_modules.base import DeferredNetworksModule, LRSchedulerCallable, OptimizerCallable
 from lit_modules.builtin_checkpoints import ensure_built_in
-from lit_modules.hf import ModelSpec, check_same_vocabulary, load_causal_lm, load_tokenizer
+from lit_modules.hf import ModelSpec, check_same_vocabulary, keep_layers, load_causal_lm, load_tokenizer
 from lit_modules.sampling import Rollout, response_logits, sample_mixed
 from lit_modules.sharding import build_causal_lm, export_pretrained, is_model_parallel, truncate_at_eos
 
@@ -190,6 +190,9 @@ class MiniLLM(DeferredNetworksModule):
 
     Args:
         student: hub name, ``save_pretrained`` directory or config dict (tiny random model) of the student.
+        student_layers: keep only these decoder layers of ``student`` (e.g. every third layer of the teacher's
+            checkpoint: ``student`` = the teacher, ``[0, 3, ..., 27]``): the usual distillation initialisation of a
+            smaller student sharing the teacher's tokenizer (:func:`lit_modules.hf.keep_layers`). ``None``: all.
         teacher: the same for the frozen teacher; default ``checkpoints/minillm_teacher``, written by
             ``configs/minillm/teacher_sft.yaml``. Not needed for ``objective: sft``.
         tokenizer: tokenizer name/path; default: the student's (or teacher's) directory, else byte-level.
@@ -220,7 +223,8 @@ class MiniLLM(DeferredNetworksModule):
     frozen_networks = ("teacher",)
 
     def __init__(self, student: ModelSpec | None = None, teacher: ModelSpec | None = DEFAULT_TEACHER,
-                 tokenizer: str | None = None, objective: str = "minillm", teacher_dtype: str | None = None,
+                 tokenizer: str | None = None, student_layers: list[int] | None = None, objective: str = "minillm",
+                 teacher_dtype: str | None = None,
                  init_seed: int = 0, teacher_mix_alpha: float = 0.2, single_step: bool = True,
                  length_norm: bool = True, ppo_epochs: int = 4, clip_eps: float = 0.2, gamma: float = 1.0,
                  reward_scaling: float = 0.5, reward_clip: float | None = None, whiten_advantages: bool = True,
@@ -259,6 +263,9 @@ class MiniLLM(DeferredNetworksModule):
                 ensure_built_in(how[1])  # a missing built-in checkpoint is trained now, not on the meta device
             with torch.device("meta"):
                 check_same_vocabulary(self._load("student"), self._load("teacher"))
+        elif student_layers is not None:  # the layer list checked now, on the architecture alone
+            with torch.device("meta"):
+                self._load("student")
         self.export_dir = export_dir
         self.val_loss = torchmetrics.MeanMetric()
         self.val_rouge = torchmetrics.text.ROUGEScore(rouge_keys="rougeL", accumulate="best")
@@ -410,8 +417,10 @@ class MiniLLM(DeferredNetworksModule):
     def _load(self, role: str) -> PreTrainedModel:
         """The student or the teacher as its spec says (whole; on the meta device inside ``torch.device("meta")``)."""
         how, seed, dtype = self._specs[role]
-        return _clear_load_error(*how, lambda: load_causal_lm(how[1], vocab_size=len(self.tokenizer), dtype=dtype,
-                                                              seed=seed))
+        model = _clear_load_error(*how, lambda: load_causal_lm(how[1], vocab_size=len(self.tokenizer), dtype=dtype,
+                                                               seed=seed))
+        layers = self.hparams.student_layers if role == "student" else None
+        return model if layers is None else keep_layers(model, layers, "model.init_args.student_layers")
 
     def build_networks(self) -> None:
         self.model: PreTrainedModel = build_causal_lm(self, lambda: self._load("student"))
