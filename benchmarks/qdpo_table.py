@@ -10,7 +10,8 @@ RTN = FP with every non-``lm_head`` linear weight quantized by symmetric per-gro
 (``--bits``/``--group-size``), no training. QDPO = the same quantizer, trained with sigmoid DPO (β = 0.1,
 AdamW lr 2e-5 with cosine decay to 0.1×, batch 16 pairs, ``--epochs`` 1, only the quantized layers' latent weights)
 through fake quantization on pairs (FP greedy answer ≻ RTN greedy answer, identical pairs dropped) for the
-distinct prompts among ``--num-prompts`` built-in ones, then converted to real low-bit weights. Every prompt is
+distinct prompts among ``--num-prompts`` built-in ones (``--prompts``: the checkable tasks, or the free-form
+instructions of :mod:`datamodules.freeform_prompts`, scored without a checker), then converted to real low-bit weights. Every prompt is
 in FP's own prompt format (the template its export carries, :mod:`datamodules.tokenizers`). All three are
 evaluated by :func:`callbacks.quantization_eval.evaluate_against_full_precision` on the same held-out
 prompts (none used for training), greedy decoding, fp32. ``recovered`` = (QDPO − RTN) / (FP − RTN) per metric:
@@ -52,15 +53,15 @@ def train_full_precision(path: Path, steps: int | None, accelerator: str) -> flo
     return time.perf_counter() - start
 
 
-def eval_records(n: int, exclude: set[str], tokenizer) -> list[dict]:
-    """Held-out built-in prompts (seed 12345) in the model's own prompt format, minus ``exclude``."""
-    from datamodules.instruction import load_instruction_records
+def eval_records(n: int, exclude: set[str], tokenizer, prompts: str = "tasks") -> list[dict]:
+    """Held-out built-in prompts of source ``prompts`` (seed 12345; free-form: the held-out split) in the model's
+    own prompt format, minus ``exclude``."""
+    from datamodules.freeform_prompts import load_prompt_records
     from datamodules.qdpo_pairs import unique_prompt_records
     from datamodules.tokenizers import resolve_prompt_template
 
-    records, _ = unique_prompt_records(load_instruction_records(None, n, seed=12345,
-                                                                template=resolve_prompt_template(tokenizer),
-                                                                require_response=False))
+    records, _ = unique_prompt_records(load_prompt_records(prompts, None, n, 12345, resolve_prompt_template(tokenizer),
+                                                           split="heldout", where="--prompts"))
     return [r for r in records if r["prompt"] not in exclude]
 
 
@@ -76,7 +77,7 @@ def run_seed(args, seed: int, device: torch.device, accelerator: str) -> dict:
     L.seed_everything(seed, verbose=False)
     module = QDPO(model=str(args.model), bits=args.bits, group_size=args.group_size, beta=args.beta, lr=args.lr,
                   warmup_steps=args.warmup_steps, ref_cache_dir=args.cache, train_quantized_only=not args.train_all)
-    dm = QDPOPairsDataModule(num_prompts=args.num_prompts, prompt_seed=1 + seed, max_new_tokens=args.max_new_tokens,
+    dm = QDPOPairsDataModule(prompts=args.prompts, num_prompts=args.num_prompts, prompt_seed=1 + seed, max_new_tokens=args.max_new_tokens,
                              generation_batch_size=args.generation_batch_size, batch_size=args.batch_size,
                              val_fraction=0.0, seed=seed, pairs_cache_dir=args.cache)
     timings = {}
@@ -93,7 +94,7 @@ def run_seed(args, seed: int, device: torch.device, accelerator: str) -> dict:
     timings["train_s"] = time.perf_counter() - start
 
     tok = module.tokenizer
-    records = eval_records(args.eval_prompts, {r["prompt"] for r in rows}, tok)
+    records = eval_records(args.eval_prompts, {r["prompt"] for r in rows}, tok, args.prompts)
     fp = module.full_precision.to(device)
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size)
     start = time.perf_counter()
@@ -149,6 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=1, help="QDPO epochs over the pairs")
     parser.add_argument("--steps", type=int, default=None, help="QDPO steps (overrides --epochs)")
     parser.add_argument("--train-all", action="store_true", help="also train embeddings/norms/lm_head")
+    parser.add_argument("--prompts", default="tasks", choices=["tasks", "freeform"],
+                        help="built-in prompts: the checkable tasks, or free-form instructions (no checker: "
+                             "check_score is null; datamodules/freeform_prompts.py, pairs from its train split, "
+                             "evaluation on its held-out split)")
     parser.add_argument("--num-prompts", type=int, default=1500, help="pair prompts drawn (before dedup)")
     parser.add_argument("--eval-prompts", type=int, default=None, help="eval prompts drawn (default 1000, quick 400)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")

@@ -12,7 +12,8 @@ On a held-out prompt set, against the full-precision model (FP):
 - ``rouge_l``: Rouge-L F1 (``torchmetrics``' ``ROUGEScore``, word tokens) of its answers against FP's;
 - ``same_answer``: fraction of answers identical to FP's;
 - ``check_score``: fraction of answers the built-in task's :func:`~datamodules.instruction_tasks.check_answer`
-  accepts (only for built-in prompts, which carry ``task``/``params``).
+  accepts (only for built-in task prompts, which carry ``task``/``params``; ``None`` on free-form prompts, which
+  have no checker: there flip rate, FP likelihood and Rouge-L / same answer vs FP are the measures).
 
 :func:`evaluate_against_full_precision` is the pure evaluation (the benchmark calls it for RTN, QDPO and FP);
 :class:`QuantizationEval` runs it on a :class:`lit_modules.QDPO`: at train start (= the RTN model), after
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from torchmetrics.text.rouge import ROUGEScore
 
 from datamodules.common import pad_sequences
-from datamodules.instruction import load_instruction_records
+from datamodules.freeform_prompts import check_prompt_source, load_prompt_records
 from datamodules.instruction_tasks import check_answer
 from datamodules.qdpo_pairs import unique_prompt_records
 from datamodules.tokenizers import check_prompt_template, resolve_prompt_template
@@ -133,7 +134,10 @@ class QuantizationEval(L.Callback):
     """Evaluate a :class:`lit_modules.QDPO`'s quantized policy against its full-precision model.
 
     Args:
-        path: prompt records (as :class:`datamodules.InstructionDataModule`); ``None`` = built-in tasks.
+        path: prompt records (as :class:`datamodules.InstructionDataModule`); ``None`` = the built-in ``prompts``.
+        prompts: built-in prompt source (``path=None``): ``"tasks"`` (the checkable instruction tasks) or
+            ``"freeform"`` (the held-out split of :mod:`datamodules.freeform_prompts`, whose topics the pairs'
+            training split never uses).
         num_prompts: prompts drawn (built-in) before deduplication and removing training prompts.
         seed: seed of the built-in prompt generator (different from the pairs' ``prompt_seed``).
         max_new_tokens, batch_size, max_prompt_length: generation settings (greedy).
@@ -142,14 +146,15 @@ class QuantizationEval(L.Callback):
             tokenizer's chat template, :func:`datamodules.tokenizers.resolve_prompt_template`).
     """
 
-    def __init__(self, path: str | None = None, num_prompts: int = 256, seed: int = 12345,
+    def __init__(self, path: str | None = None, prompts: str = "tasks", num_prompts: int = 256, seed: int = 12345,
                  max_new_tokens: int = 32, batch_size: int = 64, max_prompt_length: int = 128,
                  exclude_training_prompts: bool = True, template: str | None = None):
         super().__init__()
         if template is not None:
             check_prompt_template(template, "QuantizationEval.template")
+        check_prompt_source(prompts, path, None, "QuantizationEval.prompts")
         self.template = template
-        self.path, self.num_prompts, self.seed = path, num_prompts, seed
+        self.path, self.prompts, self.num_prompts, self.seed = path, prompts, num_prompts, seed
         self.gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_length=max_prompt_length)
         self.exclude_training_prompts = exclude_training_prompts
         self.records: list[dict] | None = None
@@ -170,8 +175,9 @@ class QuantizationEval(L.Callback):
                 raise TypeError(f"QuantizationEval needs a module with .{attr} (lit_modules.QDPO), "
                                 f"got {type(pl_module).__name__}")
         template = resolve_prompt_template(pl_module.tokenizer, self.template, "QuantizationEval.template")
-        records, _ = unique_prompt_records(load_instruction_records(self.path, self.num_prompts, self.seed, template,
-                                                                    require_response=False))
+        records, _ = unique_prompt_records(load_prompt_records(self.prompts, self.path, self.num_prompts, self.seed,
+                                                               template, split="heldout",
+                                                               where="QuantizationEval.prompts"))
         dm = trainer.datamodule
         if self.exclude_training_prompts and dm is not None and hasattr(dm, "records"):
             train_prompts = {row["prompt"] for row in dm.records() if "prompt" in row}

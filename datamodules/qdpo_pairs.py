@@ -3,7 +3,8 @@ model's answer, rejected = the quantized model's answer, both decoded with the s
 
 A :class:`datamodules.PreferenceDataModule` whose rows come from generation instead of a file: prompts are
 read like :class:`datamodules.InstructionDataModule`'s (``path``: Dolly-style JSONL/JSON/saved HF dataset;
-``None``: the built-in checkable tasks) and filled into the full-precision model's own prompt format (its
+``None``: the built-in source ``prompts``, the checkable tasks or the training split of the free-form
+instructions of :mod:`datamodules.freeform_prompts`) and filled into the full-precision model's own prompt format (its
 tokenizer's chat template, :func:`datamodules.tokenizers.resolve_prompt_template`), the two models come from the
 attached module (``QDPO.pair_models()``) and answer through its ``generate_answers`` (the package's one sampler,
 :func:`lit_modules.sampling.generate_answers`, handed over by the module: this data floor imports nothing from
@@ -32,7 +33,7 @@ from torch import nn
 
 from datamodules.common import cache_dir
 from datamodules.contract import PairModelSource
-from datamodules.instruction import load_instruction_records
+from datamodules.freeform_prompts import check_prompt_source, load_prompt_records
 from datamodules.preference import PreferenceDataModule
 from datamodules.tokenizers import resolve_prompt_template
 
@@ -60,10 +61,13 @@ class QDPOPairsDataModule(PreferenceDataModule):
 
     Args:
         path: prompt records (``instruction`` [+ ``context``] or ``prompt`` per row; JSONL / JSON / saved HF
-            dataset; responses optional); ``None`` = the built-in instruction tasks.
+            dataset; responses optional); ``None`` = the built-in source ``prompts``.
+        prompts: built-in prompt source (``path=None``): ``"tasks"`` (the checkable instruction tasks) or
+            ``"freeform"`` (the training split of :mod:`datamodules.freeform_prompts`: open-ended instructions,
+            no checker; its held-out split is what :class:`callbacks.QuantizationEval` evaluates on).
         num_prompts: prompts drawn from the built-in generator (ignored with ``path``), before deduplication.
         prompt_seed: seed of the built-in prompt generator.
-        tasks: subset of the built-in tasks.
+        tasks: subset of the built-in tasks (``prompts="tasks"`` only).
         template: prompt template; ``None`` (default) = the full-precision model's own prompt format (as
             :class:`datamodules.InstructionDataModule`); one that differs from the model's is used with a warning.
         max_new_tokens: generation length limit.
@@ -78,7 +82,7 @@ class QDPOPairsDataModule(PreferenceDataModule):
     both models in the cache key) and ``generate_answers(model, prompts, **decoding) -> answers``.
     """
 
-    def __init__(self, path: str | None = None, num_prompts: int = 1000, prompt_seed: int = 1,
+    def __init__(self, path: str | None = None, prompts: str = "tasks", num_prompts: int = 1000, prompt_seed: int = 1,
                  tasks: list[str] | None = None, template: str | None = None, max_new_tokens: int = 32,
                  generation_batch_size: int = 64, do_sample: bool = False, temperature: float = 1.0,
                  generation_seed: int = 0, pairs_cache_dir: str | None = None, max_prompt_length: int = 128,
@@ -87,12 +91,13 @@ class QDPOPairsDataModule(PreferenceDataModule):
         super().__init__(path=path, num_examples=num_prompts, tasks=tasks, max_prompt_length=max_prompt_length,
                          max_length=max_length, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
                          tokenizer=tokenizer, template=template, num_workers=num_workers)
+        check_prompt_source(prompts, path, tasks, "QDPOPairsDataModule.prompts")
         if max_new_tokens < 1 or generation_batch_size < 1:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) and generation_batch_size "
                              f"({generation_batch_size}) must be >= 1")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        self.prompt_seed = prompt_seed
+        self.prompt_seed, self.prompts = prompt_seed, prompts
         self.decoding = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
                          "temperature": temperature if do_sample else None, "seed": generation_seed,
                          "max_prompt_length": max_prompt_length}
@@ -106,8 +111,8 @@ class QDPOPairsDataModule(PreferenceDataModule):
         decoding (equal prompts would give equal pairs)."""
         tokenizer = tokenizer if tokenizer is not None else self._source().pair_models()[2]
         template = resolve_prompt_template(tokenizer, self.template, "QDPOPairsDataModule.template")
-        records = load_instruction_records(self.path, self.num_examples, self.prompt_seed, template,
-                                           self.tasks, require_response=False)
+        records = load_prompt_records(self.prompts, self.path, self.num_examples, self.prompt_seed, template,
+                                      self.tasks, split="train", where="QDPOPairsDataModule.prompts")
         if self.decoding["do_sample"]:
             return records  # a repeated prompt is another sample
         records, duplicates = unique_prompt_records(records)
