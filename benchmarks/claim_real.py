@@ -59,8 +59,10 @@ MODES = {
                      projections=32, task_lengths=[4, 8, 16, 32], task_samples=6),
     },
     "qdpo": {
-        "quick": dict(seeds=2, bits=4, num_prompts=32, eval_prompts=48, batch_size=4, lr=5e-5, max_new_tokens=16),
-        "full": dict(seeds=2, bits=4, num_prompts=48, eval_prompts=32, batch_size=4, lr=5e-5, max_new_tokens=16),
+        "quick": dict(seeds=2, prompts=["tasks", "freeform"], bits=4, num_prompts=32, eval_prompts=24, batch_size=4,
+                      lr=1e-5, max_new_tokens=16),
+        "full": dict(seeds=2, prompts=["tasks", "freeform"], bits=4, num_prompts=96, eval_prompts=32, batch_size=4,
+                     lr=1e-5, max_new_tokens=16),
     },
     "dpo": {
         "quick": dict(seeds=2, steps=8, pairs=120, batch_size=4, lr=2e-5, val_fraction=0.2),
@@ -188,7 +190,10 @@ def probes(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progre
 # -------------------------------------------------------------------------------------------------- qdpo
 def qdpo(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress,
          overrides: dict | None = None) -> dict:
-    """:func:`benchmarks.qdpo_table.main` on :data:`MODEL`; claims on :data:`benchmarks.claim_qdpo.METRICS`."""
+    """:func:`benchmarks.qdpo_table.main` on :data:`MODEL` once per prompt kind of ``s["prompts"]`` (the checkable
+    built-in tasks; the free-form instructions of :mod:`datamodules.freeform_prompts`, pairs from their training
+    topics, evaluated on the held-out ones); claims per kind on :data:`benchmarks.claim_qdpo.METRICS` (the checker
+    score exists only for the tasks)."""
     import contextlib
     import io
 
@@ -196,28 +201,32 @@ def qdpo(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress
     from benchmarks.claim_qdpo import METRICS
 
     s = mode_settings(MODES["qdpo"], mode, seeds, overrides)
-    argv = ["--model", MODEL, "--bits", str(s["bits"]), "--num-prompts", str(s["num_prompts"]), "--eval-prompts", str(s["eval_prompts"]),
-            "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]), "--max-new-tokens", str(s["max_new_tokens"]),
-            "--generation-batch-size", "16", "--seeds", *map(str, range(s["seeds"])), "--cache", str(out_dir / "cache")]
-    progress(f"qdpo: benchmarks.qdpo_table {' '.join(argv)}")
-    with contextlib.redirect_stdout(io.StringIO()):
-        table = qdpo_table.main(argv)
-    if "skipped" in table:
-        raise RuntimeError(f"qdpo_table skipped: {table['skipped']}")
-    runs = table["runs"]
-    claims = []
-    for key, metric, higher in METRICS:
-        per = {name: [r["results"][name][key] for r in runs] for name in ("fp", "rtn", "qdpo")}
-        if None in per["qdpo"] or None in per["rtn"]:
-            continue  # e.g. no checkable answer
-        fp_mean = sum(per["fp"]) / len(per["fp"])
-        claims.append(claim(f"QDPO closer to full precision than RTN (FP: {fp_mean:.4g})", metric, per["qdpo"],
-                            per["rtn"], f"RTN int{s['bits']} g32", higher_is_better=higher))
-    s.update(model=MODEL, argv=argv, qdpo_table_settings=table["settings"], prompt_template=table["prompt_template"])
-    measurements = {"median": table["median"], "recovered": table["recovered"],
-                    "timings_s": table["median_timings_s"],
-                    "runs": [{k: r[k] for k in ("seed", "pairs_generated", "pairs_kept", "eval_prompts",
-                                                 "final_train_loss", "timings_s", "results")} for r in runs]}
+    claims, measurements, argvs, tables = [], {}, {}, {}
+    for kind in s["prompts"]:
+        argv = ["--model", MODEL, "--prompts", kind, "--bits", str(s["bits"]), "--num-prompts", str(s["num_prompts"]),
+                "--eval-prompts", str(s["eval_prompts"]), "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
+                "--max-new-tokens", str(s["max_new_tokens"]), "--generation-batch-size", "16",
+                "--seeds", *map(str, range(s["seeds"])), "--cache", str(out_dir / "cache")]
+        progress(f"qdpo: benchmarks.qdpo_table {' '.join(argv)}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            table = qdpo_table.main(argv)
+        if "skipped" in table:
+            raise RuntimeError(f"qdpo_table skipped: {table['skipped']}")
+        runs = table["runs"]
+        label = {"tasks": "built-in tasks", "freeform": "free-form prompts"}[kind]
+        for key, metric, higher in METRICS:
+            per = {name: [r["results"][name][key] for r in runs] for name in ("fp", "rtn", "qdpo")}
+            if None in per["qdpo"] or None in per["rtn"]:
+                continue  # no checker on free-form prompts
+            fp_mean = sum(per["fp"]) / len(per["fp"])
+            claims.append(claim(f"QDPO closer to full precision than RTN, held-out {label} (FP: {fp_mean:.4g})",
+                                metric, per["qdpo"], per["rtn"], f"RTN int{s['bits']} g32", higher_is_better=higher))
+        argvs[kind], tables[kind] = argv, table["settings"]
+        measurements[kind] = {"median": table["median"], "recovered": table["recovered"],
+                              "timings_s": table["median_timings_s"],
+                              "runs": [{k: r[k] for k in ("seed", "pairs_generated", "pairs_kept", "eval_prompts",
+                                                           "final_train_loss", "timings_s", "results")} for r in runs]}
+    s.update(model=MODEL, argv=argvs, qdpo_table_settings=tables, prompt_template=table["prompt_template"])
     return {"claims": claims, "settings": s, "measurements": measurements}
 
 

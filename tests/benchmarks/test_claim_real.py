@@ -76,8 +76,9 @@ def test_task_accuracy_scores_the_leading_integer_after_the_answer_prefix(tiny_m
 def test_dpo_and_qdpo_claims_and_the_json_record(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setitem(claim_real.MODES["dpo"], "quick", dict(seeds=2, steps=2, pairs=40, batch_size=4, lr=1e-3,
                                                                val_fraction=0.25))
-    monkeypatch.setitem(claim_real.MODES["qdpo"], "quick", dict(seeds=2, bits=2, num_prompts=24, eval_prompts=16,
-                                                                batch_size=4, lr=1e-3, max_new_tokens=4))
+    monkeypatch.setitem(claim_real.MODES["qdpo"], "quick", dict(seeds=2, prompts=["tasks", "freeform"], bits=2,
+                                                                num_prompts=24, eval_prompts=16, batch_size=4,
+                                                                lr=1e-3, max_new_tokens=4))
     out = claim_real.main(["--only", "dpo,qdpo", "--quick", "--out", str(tmp_path / "results"),
                            "--work", str(tmp_path / "work")])
     record = json.loads((tmp_path / "results" / "real_dpo.json").read_text())
@@ -90,12 +91,17 @@ def test_dpo_and_qdpo_claims_and_the_json_record(tiny_model, tmp_path, monkeypat
         sum(acc["sigmoid"]) / 2)
     assert record["settings"]["held_out_pairs"] == 10 and all(abs(a * 10 - round(a * 10)) < 1e-6 for a in acc["discopop"])
     qdpo = out["qdpo"]
-    assert [c["metric"] for c in qdpo["claims"]][:2] == ["token-flip rate vs the FP model's answers",
-                                                         "FP model's mean log-likelihood per token of the answers"]
+    flips, loglik = "token-flip rate vs the FP model's answers", "FP model's mean log-likelihood per token of the answers"
+    # per prompt kind: flip rate, FP likelihood (+ the checker score on the tasks only: free-form has no checker)
+    assert [c["metric"] for c in qdpo["claims"]] == [flips, loglik, "valid-answer rate (task checker)", flips, loglik]
+    assert ["held-out built-in tasks" in c["claim"] for c in qdpo["claims"]] == [True] * 3 + [False] * 2
+    assert all("held-out free-form prompts" in c["claim"] for c in qdpo["claims"][3:])
     assert qdpo["claims"][0]["baseline_name"] == "RTN int2 g32"
-    runs = qdpo["measurements"]["runs"]
-    assert qdpo["claims"][0]["ours"] == pytest.approx(sum(r["results"]["qdpo"]["flip_rate"] for r in runs) / 2)
-    assert all(r["results"]["fp"]["flip_rate"] == 0.0 for r in runs)  # FP never flips against itself
+    for kind, row in (("tasks", qdpo["claims"][0]), ("freeform", qdpo["claims"][3])):
+        runs = qdpo["measurements"][kind]["runs"]
+        assert row["ours"] == pytest.approx(sum(r["results"]["qdpo"]["flip_rate"] for r in runs) / 2)
+        assert all(r["results"]["fp"]["flip_rate"] == 0.0 for r in runs)  # FP never flips against itself
+    assert all(r["results"]["qdpo"]["check_score"] is None for r in qdpo["measurements"]["freeform"]["runs"])
     assert (tmp_path / "results" / "real_qdpo.json").is_file()
 
 
