@@ -23,6 +23,11 @@ claims built by :func:`benchmarks.claim_common.claim` (per-seed values, paired).
   pair prompts and train their own QDPO model.
 - ``dpo`` (paper ``discopop``; Lu et al. 2024): DPO vs LRML (τ = 0.05) at β = 0.05 on the built-in preference
   pairs, a few steps from the instruct model itself (no SFT), held-out reward accuracy; seeds = training seeds.
+- ``minillm`` (Gu et al., ICLR 2024): the shipped configs ``configs/minillm/smollm2*.yaml`` through the CLI — the
+  instruct model fine-tuned on the built-in tasks as the teacher, a student of every third of its layers trained by
+  SFT (both once, shared by the seeds), then MiniLLM vs word-level KD vs more SFT from that student for the same
+  steps; valid-answer rate, Rouge-L and ExAccErr against the teacher on the held-out prompts
+  (:func:`benchmarks.minillm_table._evaluate`); seeds = training seeds of the distillation runs.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from benchmarks.claim_common import claim, mode_settings, write_record
 #: The real model (tests point this at a tiny local model).
 MODEL = "smollm2-135m-instruct"
 #: paper key (``benchmarks.reproduce.PAPERS``) -> experiment name (``real_<name>.json``)
-EXPERIMENTS = {"oversquashing": "probes", "qdpo": "qdpo", "discopop": "dpo"}
+EXPERIMENTS = {"oversquashing": "probes", "qdpo": "qdpo", "discopop": "dpo", "minillm": "minillm"}
 #: prompt context of probe "seed" s (text before the digits; the tokenizer's BOS comes first)
 PREFIXES = ("count:", "Digits: ", "Here is a sequence of digits: ")
 #: the instructions of :func:`task_accuracy` (the digits go in ``{digits}``) and the start of the answer
@@ -67,6 +72,11 @@ MODES = {
     "dpo": {
         "quick": dict(seeds=2, steps=8, pairs=120, batch_size=4, lr=2e-5, val_fraction=0.2),
         "full": dict(seeds=2, steps=16, pairs=240, batch_size=4, lr=2e-5, val_fraction=0.2),
+    },
+    # steps of each config (teacher SFT, student SFT, each distillation row); None = the config's own
+    "minillm": {
+        "quick": dict(seeds=2, teacher_steps=30, student_steps=50, steps=10, eval_seeds=1, student_layers=None),
+        "full": dict(seeds=2, teacher_steps=None, student_steps=None, steps=None, eval_seeds=2, student_layers=None),
     },
 }
 Progress = Callable[[str], None]
@@ -271,8 +281,89 @@ def dpo(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress,
     return {"claims": claims, "settings": s, "measurements": {"per_seed_accuracy": acc}}
 
 
+# ----------------------------------------------------------------------------------------------- minillm
+MINILLM_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "minillm"
+#: the distillation rows: extra ``litpapers fit`` arguments after ``smollm2.yaml`` (the MiniLLM row itself)
+MINILLM_ROWS = {"minillm": [],
+                "kd": ["--config", str(MINILLM_CONFIGS / "kd.yaml")],
+                "sft": ["--model.init_args.objective", "sft", "--model.init_args.teacher", "null",
+                        "--data.init_args.pretrain", "false"]}
+
+
+def _fit(configs: list[str], extra: list[str], export: pathlib.Path, steps: int | None, seed: int,
+         log_dir: pathlib.Path, version: str) -> None:
+    """``litpapers fit`` of ``configs`` (+ ``extra``) exporting to ``export``, on one CPU process, no validation
+    or checkpoint during training (the export is the result); skipped when ``export`` is finished already."""
+    from cli import build_cli
+    from lit_modules.builtin_checkpoints import is_finished_export
+
+    if is_finished_export(export):
+        return
+    args = ["fit", *(a for c in configs for a in ("--config", c)), *extra,
+            "--model.init_args.export_dir", str(export), "--seed_everything", str(seed),
+            "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+            "--trainer.logger.init_args.save_dir", str(log_dir), "--trainer.logger.init_args.version", version]
+    build_cli(args + ([] if steps is None else ["--trainer.max_steps", str(steps)]))
+
+
+def minillm(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress,
+            overrides: dict | None = None) -> dict:
+    """MiniLLM vs KD vs SFT with :data:`MODEL` as the teacher (module docstring). The teacher's SFT and the
+    student's are trained once into ``out_dir`` and reused (also by a rerun), as is every finished row export."""
+    import yaml
+
+    from benchmarks.claim_minillm import EXPOSURE_BIAS_LENGTH, METRICS, NAMES
+    from benchmarks.minillm_table import _evaluate
+
+    s = mode_settings(MODES["minillm"], mode, seeds, overrides)
+    cfg = {name: str(MINILLM_CONFIGS / f"{name}.yaml") for name in ("smollm2_teacher_sft", "smollm2_sft", "smollm2")}
+    teacher, student = out_dir / "teacher_sft", out_dir / "student_sft"
+    logs = out_dir / "tb"
+    timings = {}
+    progress(f"minillm: teacher = {MODEL} fine-tuned by {cfg['smollm2_teacher_sft']} (once)")
+    start = time.perf_counter()
+    _fit([cfg["smollm2_teacher_sft"]], ["--model.init_args.model", MODEL], teacher, s["teacher_steps"], 0, logs,
+         "teacher_sft")
+    timings["teacher_sft_s"] = round(time.perf_counter() - start, 1)
+    progress(f"minillm: student = layers of the teacher, SFT by {cfg['smollm2_sft']} (once)")
+    start = time.perf_counter()
+    layers = [] if s["student_layers"] is None else ["--model.init_args.student_layers", json.dumps(s["student_layers"])]
+    _fit([cfg["smollm2_sft"]], ["--model.init_args.student", str(teacher), *layers], student, s["student_steps"], 0,
+         logs, "student_sft")
+    timings["student_sft_s"] = round(time.perf_counter() - start, 1)
+    data = yaml.safe_load(pathlib.Path(cfg["smollm2"]).read_text())["data"]["init_args"]
+    eval_data = {k: data[k] for k in ("num_examples", "max_response_length", "seed", "template")} | {"batch_size": 32}
+    evaluate = lambda path: _evaluate(str(path), "cpu", s["eval_seeds"], data["num_val"],  # noqa: E731
+                                      EXPOSURE_BIAS_LENGTH, teacher=str(teacher), data=eval_data)
+    evals: dict[str, list[dict]] = {row: [] for row in MINILLM_ROWS}
+    student_eval = evaluate(student)
+    for seed in range(s["seeds"]):
+        for row, extra in MINILLM_ROWS.items():
+            progress(f"minillm: seed {seed}: {row} from the SFT student, then evaluation")
+            export = out_dir / "exports" / f"{row}_seed{seed}"
+            start = time.perf_counter()
+            _fit([cfg["smollm2"]], [*extra, "--model.init_args.student", str(student),
+                                    *([] if row == "sft" else ["--model.init_args.teacher", str(teacher)])],
+                 export, s["steps"], seed, logs, f"{row}_seed{seed}")
+            timings[f"{row}_seed{seed}_s"] = round(time.perf_counter() - start, 1)
+            evals[row].append(evaluate(export))
+    claims = [claim(f"MiniLLM beats {NAMES[base]}", metric, [r[key] for r in evals["minillm"]],
+                    [r[key] for r in evals[base]], NAMES[base], higher_is_better=higher)
+              for base in ("kd", "sft") for key, metric, higher in METRICS]
+    s.update(model=MODEL, configs={k: pathlib.Path(v).relative_to(MINILLM_CONFIGS.parents[1]).as_posix()
+                                   for k, v in cfg.items()},
+             rows=MINILLM_ROWS, held_out_prompts=data["num_val"], sampling="temperature 1",
+             exposure_bias_length=EXPOSURE_BIAS_LENGTH)
+    teacher_eval = _evaluate(str(teacher), "cpu", s["eval_seeds"], data["num_val"], data=eval_data)
+    return {"claims": claims, "settings": s,
+            "measurements": {"teacher": teacher_eval, "student_sft": student_eval, "per_seed": evals,
+                             "timings_s": timings}}
+
+
 # ------------------------------------------------------------------------------------------------ runner
-RUNNERS = {"probes": probes, "qdpo": qdpo, "dpo": dpo}
+RUNNERS = {"probes": probes, "qdpo": qdpo, "dpo": dpo, "minillm": minillm}
 
 
 def run(name: str, mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress = print,

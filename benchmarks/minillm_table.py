@@ -74,9 +74,16 @@ def _require_export(config: str, steps: int, extra: list[str], device: str):
     return None, 0.0
 
 
-def _evaluate(student_dir: str, device: str, seeds: int, num_val: int,
-              exposure_bias_length: int | None = None) -> dict[str, float]:
-    """Validate the exported model at ``student_dir`` (as an SFT-objective MiniLLM: no teacher needed)."""
+#: the held-out prompts of the tiny-model table (``InstructionDataModule`` arguments; ``num_val`` comes apart)
+EVAL_DATA = {"num_examples": 6000, "batch_size": 50, "max_response_length": 16, "seed": 0,
+             "template": "Q: {instruction}\nA: "}
+
+
+def _evaluate(student_dir: str, device: str, seeds: int, num_val: int, exposure_bias_length: int | None = None,
+              teacher: str = "checkpoints/minillm_teacher", data: dict | None = None) -> dict[str, float]:
+    """Validate the exported model at ``student_dir`` (as an SFT-objective MiniLLM: no teacher needed) on the
+    held-out prompts of ``InstructionDataModule(**data, num_val=num_val)`` (default :data:`EVAL_DATA`); with
+    ``exposure_bias_length`` also its ExAccErr against ``teacher``."""
     import lightning as L
 
     from callbacks import GenerationEval
@@ -86,20 +93,20 @@ def _evaluate(student_dir: str, device: str, seeds: int, num_val: int,
     runs = []
     for seed in range(seeds):
         module = MiniLLM(student=student_dir, teacher=None, objective="sft", max_new_tokens=16, eval_seed=1000 * seed)
-        data = InstructionDataModule(num_examples=6000, num_val=num_val, batch_size=50, max_response_length=16,
-                                     seed=0, template="Q: {instruction}\nA: ")
         trainer = L.Trainer(accelerator=device, logger=False, enable_progress_bar=False, enable_model_summary=False,
                             callbacks=[GenerationEval(exposure_bias=False)])
-        runs.append(trainer.validate(module, data, verbose=False)[0])
+        runs.append(trainer.validate(module, InstructionDataModule(**(data or EVAL_DATA), num_val=num_val),
+                                     verbose=False)[0])
     keys = ("val/rougeL", "val/valid_rate", "val/response_length", "val/loss")
     out = {k.split("/")[1]: statistics.mean(float(r[k]) for r in runs) for k in keys}
     if exposure_bias_length is None:
         return out
-    return out | _exposure_bias(student_dir, device, seeds, num_val, exposure_bias_length)
+    return out | _exposure_bias(student_dir, device, seeds, num_val, exposure_bias_length, teacher, data)
 
 
-def _exposure_bias(student_dir: str, device: str, seeds: int, num_val: int, length: int) -> dict[str, float]:
-    """ExAccErr (%) at ``length`` of the student at ``student_dir`` against ``checkpoints/minillm_teacher``: for
+def _exposure_bias(student_dir: str, device: str, seeds: int, num_val: int, length: int,
+                   teacher_dir: str = "checkpoints/minillm_teacher", data: dict | None = None) -> dict[str, float]:
+    """ExAccErr (%) at ``length`` of the student at ``student_dir`` against ``teacher_dir``: for
     every eval seed and held-out prompt one temperature-1 sample from each model; per-step errors of all of them
     pooled into one curve (:func:`callbacks.generation_eval.excess_accumulated_error`)."""
     from datamodules import InstructionDataModule
@@ -108,9 +115,8 @@ def _exposure_bias(student_dir: str, device: str, seeds: int, num_val: int, leng
 
     tok = load_tokenizer(None, student_dir)
     student = load_causal_lm(student_dir).to(device).eval()
-    teacher = load_causal_lm("checkpoints/minillm_teacher").to(device).eval()
-    data = InstructionDataModule(num_examples=6000, num_val=num_val, batch_size=50, max_response_length=16,
-                                 seed=0, template="Q: {instruction}\nA: ", tokenizer=student_dir)
+    teacher = load_causal_lm(teacher_dir).to(device).eval()
+    data = InstructionDataModule(**(data or EVAL_DATA), num_val=num_val, tokenizer=student_dir)
     data.setup("validate")
     parts = []
     for seed in range(seeds):

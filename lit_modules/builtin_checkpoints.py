@@ -2,10 +2,12 @@
 
 ``configs/minillm/teacher_sft.yaml`` writes ``checkpoints/minillm_teacher`` (MiniLLM's teacher and QDPO's
 full-precision model) and ``configs/minillm/sft.yaml`` writes ``checkpoints/minillm_student_sft`` (the student
-every MiniLLM row starts from). When a module is given one of these two default paths (relative to the working
-directory, as in the shipped configs) and it does not hold a finished export yet, :func:`ensure_built_in`
-trains it first with its config in a separate ``litpapers fit`` process (a few minutes on a CPU), so that
-``litpapers fit --config configs/minillm/minillm.yaml`` works on a fresh clone, like the RADT datasets that are
+every MiniLLM row starts from); ``configs/minillm/smollm2_teacher_sft.yaml`` and ``smollm2_sft.yaml`` write the
+same two for MiniLLM on SmolLM2-135M-Instruct (``checkpoints/smollm2_teacher_sft``, ``checkpoints/smollm2_student_sft``;
+tens of CPU minutes). When a module is given one of these default paths (relative to the working directory, as in
+the shipped configs) and it does not hold a finished export yet, :func:`ensure_built_in` trains it first with its
+config in a separate ``litpapers fit`` process, so that ``litpapers fit --config configs/minillm/base.yaml`` (or
+``smollm2.yaml``) works on a fresh clone, like the RADT datasets that are
 generated on first use. A file lock makes parallel processes (DDP ranks, several runs) train it once; the
 others wait and then load it. Any other path is loaded as given.
 
@@ -29,7 +31,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT_IN = {"checkpoints/minillm_teacher": "configs/minillm/teacher_sft.yaml",
-            "checkpoints/minillm_student_sft": "configs/minillm/sft.yaml"}
+            "checkpoints/minillm_student_sft": "configs/minillm/sft.yaml",
+            # MiniLLM on SmolLM2-135M-Instruct (`make real`): its SFT teacher and the layer-subset SFT student
+            "checkpoints/smollm2_teacher_sft": "configs/minillm/smollm2_teacher_sft.yaml",
+            "checkpoints/smollm2_student_sft": "configs/minillm/smollm2_sft.yaml"}
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
