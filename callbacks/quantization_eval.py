@@ -137,7 +137,8 @@ class QuantizationEval(L.Callback):
         path: prompt records (as :class:`datamodules.InstructionDataModule`); ``None`` = the built-in ``prompts``.
         prompts: built-in prompt source (``path=None``): ``"tasks"`` (the checkable instruction tasks) or
             ``"freeform"`` (the held-out split of :mod:`datamodules.freeform_prompts`, whose topics the pairs'
-            training split never uses).
+            training split never uses); ``None`` (default) = the datamodule's ``prompts`` (so
+            ``--data.init_args.prompts freeform`` switches both), ``"tasks"`` without one.
         num_prompts: prompts drawn (built-in) before deduplication and removing training prompts.
         seed: seed of the built-in prompt generator (different from the pairs' ``prompt_seed``).
         max_new_tokens, batch_size, max_prompt_length: generation settings (greedy).
@@ -146,13 +147,14 @@ class QuantizationEval(L.Callback):
             tokenizer's chat template, :func:`datamodules.tokenizers.resolve_prompt_template`).
     """
 
-    def __init__(self, path: str | None = None, prompts: str = "tasks", num_prompts: int = 256, seed: int = 12345,
+    def __init__(self, path: str | None = None, prompts: str | None = None, num_prompts: int = 256, seed: int = 12345,
                  max_new_tokens: int = 32, batch_size: int = 64, max_prompt_length: int = 128,
                  exclude_training_prompts: bool = True, template: str | None = None):
         super().__init__()
         if template is not None:
             check_prompt_template(template, "QuantizationEval.template")
-        check_prompt_source(prompts, path, None, "QuantizationEval.prompts")
+        if prompts is not None:
+            check_prompt_source(prompts, path, None, "QuantizationEval.prompts")
         self.template = template
         self.path, self.prompts, self.num_prompts, self.seed = path, prompts, num_prompts, seed
         self.gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_length=max_prompt_length)
@@ -175,10 +177,11 @@ class QuantizationEval(L.Callback):
                 raise TypeError(f"QuantizationEval needs a module with .{attr} (lit_modules.QDPO), "
                                 f"got {type(pl_module).__name__}")
         template = resolve_prompt_template(pl_module.tokenizer, self.template, "QuantizationEval.template")
-        records, _ = unique_prompt_records(load_prompt_records(self.prompts, self.path, self.num_prompts, self.seed,
+        dm = trainer.datamodule
+        prompts = self.prompts or (getattr(dm, "prompts", None) if self.path is None else None) or "tasks"
+        records, _ = unique_prompt_records(load_prompt_records(prompts, self.path, self.num_prompts, self.seed,
                                                                template, split="heldout",
                                                                where="QuantizationEval.prompts"))
-        dm = trainer.datamodule
         if self.exclude_training_prompts and dm is not None and hasattr(dm, "records"):
             train_prompts = {row["prompt"] for row in dm.records() if "prompt" in row}
             kept = [r for r in records if r["prompt"] not in train_prompts]

@@ -76,6 +76,12 @@ def test_pairs_from_free_form_prompts_never_meet_the_held_out_eval_prompts(fake_
     held = {r["prompt"] for r in evaluation.records}
     assert len(held) == 96 and not held & {r["prompt"] for r in dm.records()}
     assert {r["instruction"] for r in evaluation.records} == set(split_pool("heldout"))
+    follows = QuantizationEval(num_prompts=200)  # no prompts of its own: the datamodule's (--data.init_args.prompts)
+    follows._prepare(SimpleNamespace(datamodule=dm), module)
+    assert follows.records == evaluation.records
+    alone = QuantizationEval(num_prompts=20)  # no datamodule to follow: the built-in tasks
+    alone._prepare(SimpleNamespace(datamodule=None), module)
+    assert all("task" in r for r in alone.records)
 
 
 def test_free_form_evaluation_has_no_checker_score():
