@@ -62,3 +62,20 @@ def test_paper_minillm_gets_the_real_model_rows(two_layer_model, tmp_path, monke
     monkeypatch.setitem(claim_real.RUNNERS, "minillm", lambda *a, **k: pytest.fail("ran again"))
     (row,) = claim_real.claims("minillm", "full", tmp_path, seeds=None)
     assert row["claim"] == "[SmolLM2-135M] MiniLLM beats word-level KD" and row["verdict"] == "reproduced"
+
+
+@pytest.mark.slow
+def test_real_model_minillm_configs_run(root):
+    """The three SmolLM2 MiniLLM configs, one step each, chained as on a fresh clone (needs `make real`)."""
+    pytest.importorskip("gguf")
+    from pathlib import Path
+
+    from cli import build_cli
+
+    short = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+             "--data.init_args.num_examples", "120", "--data.init_args.num_val", "8"]
+    for name in ("smollm2_teacher_sft", "smollm2_sft", "smollm2"):
+        cli = build_cli(["fit", "--config", str(root / "configs" / "minillm" / f"{name}.yaml"), *short])
+        assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    student = load_causal_lm("checkpoints/smollm2_minillm")
+    assert student.config.num_hidden_layers == 10 and Path("checkpoints/smollm2_teacher_sft/config.json").is_file()
