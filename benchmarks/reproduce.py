@@ -16,7 +16,8 @@ evaluates through the same modules and configs a user runs and returns
   resumes and loses nothing finished, and a changed experiment is run again;
 - rewrites ``<out>/results.json`` and ``<out>/report.md`` after every paper (and at the end);
 - in ``--full`` mode adds each paper's real-model claim rows from ``benchmarks.claim_real.claims(paper_key, mode,
-  out_dir, seeds)`` when that module exists (:func:`real_claims_hook`);
+  out_dir, seeds)`` when that module exists (:func:`real_claims_hook`), also to a reused paper result (the
+  real-model experiments keep records of their own: :func:`add_real_claims`);
 - runs torch on one thread per process (:func:`single_thread`; ``OMP_NUM_THREADS`` overrides it).
 
 ``--quick`` and ``--full`` settings are each claim module's ``SETTINGS``/``MODES`` table (documented in its
@@ -206,14 +207,7 @@ def run_paper(key: str, mode: str, seeds: int | None, out: Path, progress: Progr
         record["claims"] = _checked_claims(result, key)
         record["figures"] = [f"{key}/{Path(f).as_posix()}" for f in result.get("figures", [])]
         record["settings"] = result.get("settings", {})
-        real = real_claims_hook() if mode == "full" else None
-        if real is not None:
-            progress(f"real-model claims ({REAL_CLAIMS_MODULE}.claims)", None)
-            real_dir = paper_dir / "real"
-            real_dir.mkdir(parents=True, exist_ok=True)
-            real_claims = real(key, mode, real_dir, seeds)
-            if real_claims:
-                record["claims"] += _checked_claims({"claims": real_claims}, key, REAL_CLAIMS_MODULE)
+        add_real_claims(record, key, mode, seeds, paper_dir, progress)
         record["status"] = "ok"
     except SIGTERMException:  # the run was stopped (kill, a scheduler's preemption): not a result of this paper
         raise
@@ -227,6 +221,23 @@ def run_paper(key: str, mode: str, seeds: int | None, out: Path, progress: Progr
     record["tensorboard"] = sorted({p.parent.relative_to(out).as_posix()
                                     for p in paper_dir.rglob("events.out.tfevents*")}) if paper_dir.exists() else []
     return record
+
+
+def add_real_claims(record: dict, key: str, mode: str, seeds: int | None, paper_dir: Path, progress: Progress) -> None:
+    """In ``--full`` mode, (re)place the last ``record["real_claims"]`` claims of ``record`` by the real-model
+    hook's rows for ``key`` (:func:`real_claims_hook`, run in ``paper_dir/real``) and count them there. So a paper
+    result reused from an earlier run gets the real-model rows of the experiments' current records, which the hook
+    reuses when finished and runs when missing. An error from the hook propagates."""
+    real = real_claims_hook() if mode == "full" else None
+    if real is None:
+        return
+    own = record["claims"][:len(record["claims"]) - record.get("real_claims", 0)]
+    progress(f"real-model claims ({REAL_CLAIMS_MODULE}.claims)", None)
+    real_dir = paper_dir / "real"
+    real_dir.mkdir(parents=True, exist_ok=True)
+    rows = real(key, mode, real_dir, seeds)
+    record["claims"] = own + (_checked_claims({"claims": rows}, key, REAL_CLAIMS_MODULE) if rows else [])
+    record["real_claims"] = len(record["claims"]) - len(own)
 
 
 def module_digest(key: str) -> str | None:
@@ -408,7 +419,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved = _saved(out, key, args.mode, args.seeds)
         if saved is not None:
             progress(f"already finished in {out} ({saved['seconds']:.0f} s), skipped", 1.0)
-            papers[key] = saved
+            try:
+                add_real_claims(saved, key, args.mode, args.seeds, out / key, progress)
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - as in run_paper; the saved result stays
+                papers[key] = saved | {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                progress(f"FAILED: {papers[key]['error']}", None)
+            else:
+                atomic_write(out / "papers" / f"{key}.json", json.dumps(saved, indent=1, default=str) + "\n")
+                papers[key] = saved
         else:
             progress("starting", 0.0)
             papers[key] = run_paper(key, args.mode, args.seeds, out, progress)

@@ -229,6 +229,27 @@ def test_full_mode_adds_the_real_model_claims(fakes, monkeypatch):
     assert len(json.loads((fakes / "full2" / "results.json").read_text())["papers"]["radt"]["claims"]) == 1
 
 
+def test_a_reused_paper_result_gets_the_current_real_model_rows(fakes, monkeypatch):
+    """A finished paper is not run again, but its real-model rows are refreshed from the hook (whose experiments
+    keep their own records), replacing the earlier ones instead of piling up."""
+    (fakes / "fake_real.py").write_text(FAKE_REAL)
+    monkeypatch.setattr(reproduce, "REAL_CLAIMS_MODULE", "fake_real")
+    monkeypatch.setattr(reproduce, "CLAIM_MODULES", dict(reproduce.CLAIM_MODULES, radt="fake_ok_a"))
+    out = fakes / "full"
+    assert reproduce.main(["--full", "--only", "radt", "--out", str(out)]) == 0
+    runs = (fakes / "calls.txt").read_text()
+    (fakes / "fake_real.py").write_text(FAKE_REAL.replace('"real " + paper_key', '"new real " + paper_key')
+                                        .replace('"ours": 2.0', '"ours": 0.5'))
+    monkeypatch.delitem(sys.modules, "fake_real")
+    assert reproduce.main(["--full", "--only", "radt", "--out", str(out)]) == 0
+    assert (fakes / "calls.txt").read_text() == runs == "a\n"  # the paper's own experiment did not run again
+    for saved in (json.loads((out / "results.json").read_text())["papers"]["radt"],
+                  json.loads((out / "papers" / "radt.json").read_text())):
+        assert [c["claim"] for c in saved["claims"]] == ["a beats base", "new real radt"]
+        assert saved["claims"][1]["verdict"] == "not reproduced"  # 0.5 − 1 < −2 · 0.1
+    assert json.loads((out / "papers" / "radt.json").read_text())["real_claims"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------- resume
 def test_resume_after_sigkill(tmp_path):
     write_fakes(tmp_path)
