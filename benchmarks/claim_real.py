@@ -429,13 +429,49 @@ def markdown_table(results_dir: pathlib.Path) -> str:
     return "\n".join([*lines, "", *[f"- {r}" for r in runs]])
 
 
+README_BEGIN, README_END = "<!-- real-model: begin (generated) -->", "<!-- real-model: end -->"
+#: the config a user runs for each experiment
+CONFIGS = {"probes": "configs/probes/smollm2.yaml", "qdpo": "configs/qdpo/smollm2.yaml",
+           "dpo": "configs/dpo/smollm2.yaml", "minillm": "configs/minillm/smollm2.yaml"}
+
+
+def readme_table(results_dir: pathlib.Path) -> str:
+    """The README's short form of :func:`markdown_table`: per experiment its config, first claim (metric, ours vs
+    baseline, verdict), the verdicts of all its claims and its wall-clock time."""
+    from benchmarks.reproduce import _verdict_counts, verdict
+
+    lines = ["| experiment | config | first claim: ours vs baseline | all claims | wall-clock (2 cores) |",
+             "|---|---|---|---|---|"]
+    for name in RUNNERS:
+        path = pathlib.Path(results_dir) / f"real_{name}.json"
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        claims = [c | {"verdict": verdict(c["ours"], c["baseline"], c["higher_is_better"], c["spread"])}
+                  for c in record["claims"]]
+        c = claims[0]
+        lines.append(f"| {name} | `{CONFIGS[name]}` | {c['claim']} — {c['metric']}: {c['ours']:.3g} vs "
+                     f"{c['baseline']:.3g} ({c['baseline_name']}): **{c['verdict']}** | {_verdict_counts(claims)} | "
+                     f"{record['seconds'] / 60:.0f} min ({record['mode']} mode, {record['date'][:10]}) |")
+    return "\n".join(lines)
+
+
+def fill_block(doc: pathlib.Path, begin: str, end: str, text: str) -> None:
+    """Replace what lies between the markers ``begin`` and ``end`` in ``doc`` by ``text``."""
+    content = doc.read_text()
+    if begin not in content or end not in content:
+        raise ValueError(f"{doc}: no block between {begin!r} and {end!r} to fill")
+    head, rest = content.split(begin, 1)
+    doc.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+
+
 def update_doc(doc: pathlib.Path, results_dir: pathlib.Path) -> None:
-    """Replace the block between :data:`DOC_BEGIN` and :data:`DOC_END` in ``doc`` by :func:`markdown_table`."""
-    text = doc.read_text()
-    if DOC_BEGIN not in text or DOC_END not in text:
-        raise ValueError(f"{doc}: no block between {DOC_BEGIN!r} and {DOC_END!r} to fill")
-    head, rest = text.split(DOC_BEGIN, 1)
-    doc.write_text(f"{head}{DOC_BEGIN}\n{markdown_table(results_dir)}\n{DOC_END}{rest.split(DOC_END, 1)[1]}")
+    """Fill ``doc``'s block between :data:`DOC_BEGIN` and :data:`DOC_END` with :func:`markdown_table`, or, when
+    ``doc`` has the README's markers (:data:`README_BEGIN`), that block with :func:`readme_table`."""
+    if README_BEGIN in doc.read_text():
+        fill_block(doc, README_BEGIN, README_END, readme_table(results_dir))
+    else:
+        fill_block(doc, DOC_BEGIN, DOC_END, markdown_table(results_dir))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -448,7 +484,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("reports") / "real",
                         help="work files (pairs and reference caches) go to <work>/real_<name>/")
     parser.add_argument("--update-doc", type=pathlib.Path, default=None,
-                        help="only fill this markdown file's results block from <out>/real_*.json (runs nothing)")
+                        help="only fill this markdown file's results block (docs/real_model.md: every claim; README.md: "
+                             "one row per experiment) from <out>/real_*.json (runs nothing)")
     args = parser.parse_args(argv)
     if args.update_doc is not None:
         update_doc(args.update_doc, args.out)
