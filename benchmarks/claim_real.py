@@ -64,9 +64,9 @@ MODES = {
                      projections=32, task_lengths=[4, 8, 16, 32], task_samples=6),
     },
     "qdpo": {
-        "quick": dict(seeds=2, prompts=["tasks", "freeform"], bits=4, num_prompts=32, eval_prompts=24, batch_size=4,
+        "quick": dict(seeds=2, prompts=["tasks", "freeform"], bits=4, num_prompts=24, eval_prompts=12, batch_size=4,
                       lr=1e-5, max_new_tokens=16),
-        "full": dict(seeds=2, prompts=["tasks", "freeform"], bits=4, num_prompts=96, eval_prompts=32, batch_size=4,
+        "full": dict(seeds=2, prompts=["tasks", "freeform"], bits=4, num_prompts=48, eval_prompts=16, batch_size=4,
                      lr=1e-5, max_new_tokens=16),
     },
     "dpo": {

@@ -16,7 +16,8 @@ in FP's own prompt format (the template its export carries, :mod:`datamodules.to
 evaluated by :func:`callbacks.quantization_eval.evaluate_against_full_precision` on the same held-out
 prompts (none used for training), greedy decoding, fp32. ``recovered`` = (QDPO − RTN) / (FP − RTN) per metric:
 1 = back to FP.
-Timings are wall-clock seconds of each stage (one run per seed; medians over seeds).
+Timings are wall-clock seconds of each stage (one run per seed; medians over seeds); FP and RTN are evaluated
+once per distinct held-out prompt set (a later seed with the same set reuses them: its ``eval_s`` is QDPO's alone).
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def eval_records(n: int, exclude: set[str], tokenizer, prompts: str = "tasks") -
     return [r for r in records if r["prompt"] not in exclude]
 
 
-def run_seed(args, seed: int, device: torch.device, accelerator: str) -> dict:
+def run_seed(args, seed: int, device: torch.device, accelerator: str, references: dict) -> dict:
+    """One QDPO model trained and evaluated with FP and RTN; ``references`` memoizes FP's answers and the FP/RTN
+    results per held-out prompt set (the same for every seed when no training prompt had to be removed)."""
     import lightning as L
 
     from callbacks.quantization_eval import evaluate_against_full_precision
@@ -98,11 +101,15 @@ def run_seed(args, seed: int, device: torch.device, accelerator: str) -> dict:
     fp = module.full_precision.to(device)
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size)
     start = time.perf_counter()
-    fp_answers = generate_answers(fp, tok, [r["prompt"] for r in records], **gen)
-    models = {"fp": fp, "rtn": quantize_rtn(fp, args.bits, args.group_size).to(device),
-              "qdpo": module.quantized_model().to(device)}
-    results = {name: evaluate_against_full_precision(fp, m, tok, records, fp_answers, **gen)
-               for name, m in models.items()}
+    key = tuple(r["prompt"] for r in records)
+    if key not in references:  # FP and RTN do not depend on the seed: once per held-out prompt set
+        fp_answers = generate_answers(fp, tok, list(key), **gen)
+        rtn = quantize_rtn(fp, args.bits, args.group_size).to(device)
+        references[key] = fp_answers, {name: evaluate_against_full_precision(fp, m, tok, records, fp_answers, **gen)
+                                       for name, m in (("fp", fp), ("rtn", rtn))}
+    fp_answers, reference = references[key]
+    results = reference | {"qdpo": evaluate_against_full_precision(fp, module.quantized_model().to(device), tok,
+                                                                   records, fp_answers, **gen)}
     timings["eval_s"] = time.perf_counter() - start
     return {"seed": seed, "pairs_generated": len(rows), "pairs_kept": len(dm.pairs),
             "pairs_identical_dropped": dm.num_dropped_identical, "eval_prompts": len(records),
@@ -182,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     sft_s = None
     if str(args.model) not in ALIASES and not (args.model / "config.json").exists():
         sft_s = train_full_precision(args.model, args.sft_steps, accelerator)
-    runs = [run_seed(args, seed, device, accelerator) for seed in seeds]
+    references: dict = {}
+    runs = [run_seed(args, seed, device, accelerator, references) for seed in seeds]
     table = median_table(runs)
     rec = recovered(table)
     print(f"pairs kept per seed: {[r['pairs_kept'] for r in runs]}, eval prompts: {[r['eval_prompts'] for r in runs]}")

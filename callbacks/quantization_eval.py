@@ -102,7 +102,7 @@ def evaluate_against_full_precision(full_precision: nn.Module, model: nn.Module,
     full_precision.eval(), model.eval()
     if fp_answers is None:
         fp_answers = generate_answers(full_precision, tokenizer, prompts, **gen)
-    answers = generate_answers(model, tokenizer, prompts, **gen)
+    answers = fp_answers if model is full_precision else generate_answers(model, tokenizer, prompts, **gen)
     stats: dict[str, list[Tensor]] = {"flipped": [], "fp_margin": [], "quant_margin": []}
     for (fp_logits, q_logits), _ in _teacher_forced([full_precision, model], tokenizer, prompts, fp_answers,
                                                     batch_size, max_prompt_length):

@@ -118,12 +118,14 @@ def test_qdpo_table_on_free_form_prompts_runs_on_a_tiny_model(tmp_path, capsys):
     tok.save_pretrained(tmp_path / "tiny")
     out = qdpo_table.main(["--model", str(tmp_path / "tiny"), "--prompts", "freeform", "--bits", "2",
                            "--group-size", "16", "--num-prompts", "12", "--eval-prompts", "6", "--batch-size", "4",
-                           "--lr", "1e-3", "--max-new-tokens", "4", "--generation-batch-size", "8", "--seeds", "0",
+                           "--lr", "1e-3", "--max-new-tokens", "4", "--generation-batch-size", "8", "--seeds", "0", "1",
                            "--cache", str(tmp_path / "cache")])
-    (run,) = out["runs"]
+    run, other = out["runs"]
     assert out["settings"]["prompts"] == "freeform" and run["eval_prompts"] == 6 and run["pairs_generated"] == 12
     assert all(run["results"][name]["check_score"] is None for name in ("fp", "rtn", "qdpo"))
     assert run["results"]["fp"]["flip_rate"] == 0.0 and run["results"]["fp"]["rouge_l"] == pytest.approx(1.0)
+    # held-out prompts are disjoint from every seed's pairs, so both seeds share FP and RTN (evaluated once)
+    assert other["results"]["rtn"] == run["results"]["rtn"] and other["results"]["fp"] == run["results"]["fp"]
     assert out["median"]["rtn"]["check_score"] is None
     with pytest.raises(SystemExit):
         qdpo_table.main(["--prompts", "chat"])
