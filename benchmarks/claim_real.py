@@ -203,7 +203,7 @@ def qdpo(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress
     """:func:`benchmarks.qdpo_table.main` on :data:`MODEL` once per prompt kind of ``s["prompts"]`` (the checkable
     built-in tasks; the free-form instructions of :mod:`datamodules.freeform_prompts`, pairs from their training
     topics, evaluated on the held-out ones); claims per kind on :data:`benchmarks.claim_qdpo.METRICS` (the checker
-    score exists only for the tasks)."""
+    score exists only for the tasks) and on Rouge-L to the FP answers (agreement beyond the first flipped token)."""
     import contextlib
     import io
 
@@ -211,6 +211,7 @@ def qdpo(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress
     from benchmarks.claim_qdpo import METRICS
 
     s = mode_settings(MODES["qdpo"], mode, seeds, overrides)
+    metrics = (*METRICS, ("rouge_l", "Rouge-L F1 of the answers vs the FP model's answers", True))
     claims, measurements, argvs, tables = [], {}, {}, {}
     for kind in s["prompts"]:
         argv = ["--model", MODEL, "--prompts", kind, "--bits", str(s["bits"]), "--num-prompts", str(s["num_prompts"]),
@@ -224,7 +225,7 @@ def qdpo(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress
             raise RuntimeError(f"qdpo_table skipped: {table['skipped']}")
         runs = table["runs"]
         label = {"tasks": "built-in tasks", "freeform": "free-form prompts"}[kind]
-        for key, metric, higher in METRICS:
+        for key, metric, higher in metrics:
             per = {name: [r["results"][name][key] for r in runs] for name in ("fp", "rtn", "qdpo")}
             if None in per["qdpo"] or None in per["rtn"]:
                 continue  # no checker on free-form prompts

@@ -92,14 +92,17 @@ def test_dpo_and_qdpo_claims_and_the_json_record(tiny_model, tmp_path, monkeypat
     assert record["settings"]["held_out_pairs"] == 10 and all(abs(a * 10 - round(a * 10)) < 1e-6 for a in acc["discopop"])
     qdpo = out["qdpo"]
     flips, loglik = "token-flip rate vs the FP model's answers", "FP model's mean log-likelihood per token of the answers"
-    # per prompt kind: flip rate, FP likelihood (+ the checker score on the tasks only: free-form has no checker)
-    assert [c["metric"] for c in qdpo["claims"]] == [flips, loglik, "valid-answer rate (task checker)", flips, loglik]
-    assert ["held-out built-in tasks" in c["claim"] for c in qdpo["claims"]] == [True] * 3 + [False] * 2
-    assert all("held-out free-form prompts" in c["claim"] for c in qdpo["claims"][3:])
+    rouge = "Rouge-L F1 of the answers vs the FP model's answers"
+    # per prompt kind: flip rate, FP likelihood, Rouge-L (+ the checker score on the tasks only: free-form has none)
+    assert [c["metric"] for c in qdpo["claims"]] == [flips, loglik, "valid-answer rate (task checker)", rouge,
+                                                     flips, loglik, rouge]
+    assert ["held-out built-in tasks" in c["claim"] for c in qdpo["claims"]] == [True] * 4 + [False] * 3
+    assert all("held-out free-form prompts" in c["claim"] for c in qdpo["claims"][4:])
     assert qdpo["claims"][0]["baseline_name"] == "RTN int2 g32"
-    for kind, row in (("tasks", qdpo["claims"][0]), ("freeform", qdpo["claims"][3])):
+    for kind, row, key in (("tasks", qdpo["claims"][0], "flip_rate"), ("freeform", qdpo["claims"][4], "flip_rate"),
+                           ("freeform", qdpo["claims"][6], "rouge_l")):
         runs = qdpo["measurements"][kind]["runs"]
-        assert row["ours"] == pytest.approx(sum(r["results"]["qdpo"]["flip_rate"] for r in runs) / 2)
+        assert row["ours"] == pytest.approx(sum(r["results"]["qdpo"][key] for r in runs) / 2)
         assert all(r["results"]["fp"]["flip_rate"] == 0.0 for r in runs)  # FP never flips against itself
     assert all(r["results"]["qdpo"]["check_score"] is None for r in qdpo["measurements"]["freeform"]["runs"])
     assert (tmp_path / "results" / "real_qdpo.json").is_file()
