@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     timing = parse_time_v(proc.stderr)
     log_dir = new_log_dir(args.log_root, start)
     record = {
-        "command": " ".join(command), "returncode": proc.returncode, "time_v": timing,
+        "command": " ".join(command), "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "LITPAPERS_CACHE")},
+        "returncode": proc.returncode, "time_v": timing,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"description": "2-core CPU shared with other jobs", "platform": platform.platform(),
                     "cpus": os.cpu_count()},
