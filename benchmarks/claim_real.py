@@ -18,9 +18,11 @@ claims built by :func:`benchmarks.claim_common.claim` (per-seed values, paired).
   the instruct model's counting / copying accuracy, prompted in its chat template with an answer prefix
   (:func:`task_accuracy`). No training: "seed" s picks the prompt prefix ``PREFIXES[s]`` (and the random digits),
   so the spread is over prompt contexts.
-- ``qdpo`` (Lee et al. 2024): :func:`benchmarks.qdpo_table.main` on the real model (int4 RTN vs QDPO vs FP on
-  held-out built-in instructions in the model's chat template; a few dozen pairs, one epoch); seeds draw other
-  pair prompts and train their own QDPO model.
+- ``qdpo`` (Lee et al. 2024): :func:`benchmarks.qdpo_table.main` on the real model, int4 RTN vs QDPO vs FP in the
+  model's chat template, once per prompt kind: held-out built-in instructions (``tasks``) and held-out free-form
+  instructions (``freeform``, :mod:`datamodules.freeform_prompts`, scored by agreement with the FP answers and FP
+  likelihood: there is no checker); a few dozen pairs, one epoch; seeds draw other pair prompts and train their
+  own QDPO model.
 - ``dpo`` (paper ``discopop``; Lu et al. 2024): DPO vs LRML (τ = 0.05) at β = 0.05 on the built-in preference
   pairs, a few steps from the instruct model itself (no SFT), held-out reward accuracy; seeds = training seeds.
 - ``minillm`` (Gu et al., ICLR 2024): the shipped configs ``configs/minillm/smollm2*.yaml`` through the CLI — the

@@ -169,6 +169,8 @@ def test_doc_table_is_generated_from_the_json_records(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [["fit", "--config", "configs/dpo/smollm2.yaml", "--data.init_args.num_examples", "20"],
+                                  ["fit", "--config", "configs/qdpo/smollm2.yaml", "--data.init_args.num_prompts", "12",
+                                   "--data.init_args.prompts", "freeform"],
                                   ["validate", "--config", "configs/probes/smollm2.yaml"]])
 def test_real_model_configs_run(root, args, monkeypatch):
     """The shipped SmolLM2 configs run end to end (needs `make real`; a few CPU minutes each)."""
