@@ -17,15 +17,9 @@ TINY_PROBES = dict(seeds=2, lengths=[4, 12], sensitivity_lengths=[8], sensitivit
 
 
 @pytest.fixture
-def tiny_model(tmp_path, monkeypatch):
+def tiny_model(local_tiny_model):
     """A 1-layer byte-level Llama saved as a local model directory, used as claim_real.MODEL."""
-    tok = byte_tokenizer()
-    path = tmp_path / "tiny"
-    load_causal_lm({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                    "num_key_value_heads": 2}, vocab_size=len(tok), seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    monkeypatch.setattr(claim_real, "MODEL", str(path))
-    return str(path)
+    return str(local_tiny_model(1))
 
 
 def rule(c: dict) -> str:

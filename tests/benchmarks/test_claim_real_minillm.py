@@ -7,20 +7,14 @@ import pytest
 import torch
 
 from benchmarks import claim_real
-from lit_modules.hf import byte_tokenizer, load_causal_lm
+from lit_modules.hf import load_causal_lm
 
 TINY_RUN = dict(seeds=2, teacher_steps=2, student_steps=2, steps=2, eval_seeds=1, student_layers=[1])
 
 
 @pytest.fixture
-def two_layer_model(tmp_path, monkeypatch):
-    tok = byte_tokenizer()
-    path = tmp_path / "tiny"
-    load_causal_lm({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                    "num_key_value_heads": 2}, vocab_size=len(tok), seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    monkeypatch.setattr(claim_real, "MODEL", str(path))
-    return path
+def two_layer_model(local_tiny_model):
+    return local_tiny_model(2)
 
 
 def test_minillm_claims_come_from_the_configs_run_through_the_cli(two_layer_model, tmp_path, monkeypatch):
