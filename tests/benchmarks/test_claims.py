@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import claim_ademamix, claim_oversquashing
 from benchmarks.claim_common import claim, claim_parser, log_scalars, mode_settings, paired_spread, run_and_record
@@ -43,14 +44,6 @@ def test_claim_row_means_and_paired_spread():
     assert claim("c", "m", [1.0], [0.5], "b", False)["spread"] is None
     with pytest.raises(ValueError, match="one baseline value per seed"):
         claim("c", "m", [1.0, 2.0], [0.5], "b", False)
-
-
-def test_steps_to_reach_interpolates_and_flags_censoring():
-    curve = [(10, 3.0), (20, 2.0), (30, 1.5)]
-    assert claim_ademamix.steps_to_reach(curve, 2.5) == (15.0, True)  # halfway from 3.0 to 2.0
-    assert claim_ademamix.steps_to_reach(curve, 2.0) == (20.0, True)
-    assert claim_ademamix.steps_to_reach(curve, 3.5) == (10.0, True)
-    assert claim_ademamix.steps_to_reach(curve, 1.0) == (30.0, False)  # never: the horizon, a lower bound
 
 
 def test_beta3_timescale_is_a_fifth_of_the_run():
@@ -125,42 +118,108 @@ def test_bad_mode_is_rejected(tmp_path):
         claim_oversquashing.run("quick", 0, tmp_path, print)
 
 
+TINY = dict(steps=8, batch_size=2, block_size=16, eval_every=4, eval_last=2, val_blocks=4, adamw_horizon=1.5,
+            lr_grid=[1e-3, 2e-3], max_extensions=0, pool_factor=2, tune_seed=100)
+
+
 def test_ademamix_claim_runs_on_tiny_settings(tmp_path):
     lines = []
-    tiny = dict(steps=8, batch_size=2, block_size=16, warmup=2, eval_every=4, val_blocks=4, adamw_horizon=1.5)
-    result = claim_ademamix.run("quick", 2, tmp_path, lines.append, tiny)
+    result = claim_ademamix.run("quick", 2, tmp_path, lines.append, TINY)
     check_schema(result, tmp_path, 3, 2)
     assert any("adamw" in line for line in lines) and any("ademamix" in line for line in lines)
     s = result["settings"]
-    assert s["t_alpha"] == s["t_beta3"] == 8 and s["beta3"] == pytest.approx(1 - 5 / 8)
+    assert s["t_alpha"] == s["t_beta3"] == 8 and s["beta3"] == pytest.approx(1 - 5 / 8) and s["design"]
     runs = result["measurements"]["runs"]
-    assert [step for step, _ in runs["adamw"][0]["curve"]] == [4, 8, 12]  # AdamW continues to 1.5 T
-    assert [step for step, _ in runs["ademamix"][0]["curve"]] == [4, 8]
+    assert [step for step, _ in runs["adamw"][0]["curve"]] == [4, 8]
+    assert [step for step, _ in result["measurements"]["adamw_long_runs"][0]] == [4, 8, 12]  # AdamW to 1.5 T
     # forgetting probe: seen at T/2 = 4; measured right after, one step later and at T
     assert [row[0] for row in runs["ademamix"][0]["forgetting"]] == [4, 5, 8]
+    # the headline metric is the mean of the last eval_last evaluations
+    curve = runs["ademamix"][1]["curve"]
+    assert s["per_seed"]["final_loss"]["ademamix"][1] == pytest.approx((curve[-1][1] + curve[-2][1]) / 2)
 
 
-def test_ademamix_grid_winners_runs_are_seed_zeros(tmp_path, monkeypatch):
-    """Full mode: every (optimizer, lr) of the grid is trained once on seed 0 (AdamW to its horizon, its loss at T
-    picks the lr); seed 0's comparison reuses the winners' runs, only the other seeds train again."""
+def test_ademamix_tuning_seed_must_differ_from_evaluation_seeds(tmp_path):
+    with pytest.raises(ValueError, match="tune_seed"):
+        claim_ademamix.run("quick", 2, tmp_path, print, {**TINY, "tune_seed": 1})
+
+
+def test_batch_order_is_a_fresh_permutation_per_seed():
+    a, b = claim_ademamix.batch_order(1000, 50, 16, seed=0), claim_ademamix.batch_order(1000, 50, 16, seed=1)
+    assert a.shape == (50, 16) and len(set(a.flatten().tolist())) == 800  # no block twice in a run
+    assert torch.equal(a, claim_ademamix.batch_order(1000, 50, 16, seed=0)) and not torch.equal(a, b)
+    # i.i.d. draws: a batch is not a run of neighbouring blocks of the packed stream (the old design's batches were)
+    spans = (a.max(dim=1).values - a.min(dim=1).values).float()
+    assert spans.median() > 500
+    with pytest.raises(ValueError, match="distinct blocks"):
+        claim_ademamix.batch_order(100, 10, 16, seed=0)
+
+
+def test_training_reads_the_seeds_order_and_the_probe_once(monkeypatch):
+    """Spy on the blocks the model is trained on: each seed reads its own random order of the pool, no block
+    twice, and the probe batch replaces the drawn one at T/2."""
+    seen: dict[int, list[list[int]]] = {}
+
+    class Spy(claim_ademamix.CausalLM):
+        def __init__(self, *args, init_seed, **kwargs):
+            super().__init__(*args, init_seed=init_seed, **kwargs)
+            record = seen.setdefault(init_seed, [])
+            self.model.register_forward_pre_hook(
+                lambda mod, args, kwargs: record.append(kwargs["input_ids"][:, 0].tolist()) if mod.training else None,
+                with_kwargs=True)
+
+    monkeypatch.setattr(claim_ademamix, "CausalLM", Spy)
+    pool = torch.arange(100).repeat_interleave(16).view(100, 16) % 250 + 3  # block i starts with token i + 3
+    probe = torch.full((2, 16), 255)
+    data = {"pool": pool, "val": pool[:2], "probe": probe, "control": pool[2:4]}
+    s = {**TINY, "warmup_frac": 0.1, "final_lr_frac": 0.1}
+    for seed in (0, 1):
+        claim_ademamix.train_run("ademamix", 1e-3, 8, seed, data, s, lambda m: None)
+    orders = {seed: [[t - 3 for t in batch] for batch in seen[seed]] for seed in (0, 1)}
+    for seed in (0, 1):
+        assert orders[seed][3] == [252, 252]  # the probe at step T/2 = 4
+        drawn = [i for k, batch in enumerate(orders[seed]) if k != 3 for i in batch]
+        expected = claim_ademamix.batch_order(100, 8, 2, seed)
+        assert drawn == [i for k, batch in enumerate(expected.tolist()) if k != 3 for i in batch]
+        assert len(set(drawn)) == len(drawn)
+    assert orders[0] != orders[1]
+
+
+def test_lr_factor_warmup_then_cosine_by_hand():
+    f = [claim_ademamix.lr_factor(t, steps=5, warmup=1, final_frac=0.2) for t in range(5)]
+    assert f == pytest.approx([1.0, 1.0, 0.2 + 0.8 * 0.75, 0.2 + 0.8 * 0.25, 0.2])
+    assert claim_ademamix.lr_factor(0, steps=10, warmup=4, final_frac=0.1) == pytest.approx(0.25)
+
+
+def test_grid_extension_brackets_the_best_lr():
+    assert claim_ademamix.grid_extension({1e-3: 3.0, 2e-3: 2.0, 4e-3: 2.5}, 2) is None
+    assert claim_ademamix.grid_extension({1e-3: 3.0, 2e-3: 2.5, 4e-3: 2.0}, 2) == pytest.approx(8e-3)
+    assert claim_ademamix.grid_extension({1e-3: 1.0, 2e-3: 2.5, 4e-3: 3.0}, 1) == pytest.approx(5e-4)
+    assert claim_ademamix.grid_extension({1e-3: 3.0, 2e-3: 2.5, 4e-3: 2.0}, 0) is None
+
+
+def test_tune_extends_the_grid_until_bracketed(monkeypatch):
     calls = []
-    real_train_run = claim_ademamix.train_run
 
-    def counting(name, lr, run_steps, schedule_steps, seed, *rest):
-        calls.append((name, lr, run_steps, seed))
-        return real_train_run(name, lr, run_steps, schedule_steps, seed, *rest)
+    def fake_run(name, lr, steps, seed, data, s, progress, probe=True):
+        calls.append((lr, seed, probe))
+        return {"final": (math.log2(lr) - 3) ** 2}  # best lr: 8
 
-    monkeypatch.setattr(claim_ademamix, "train_run", counting)
-    tiny = dict(steps=6, batch_size=2, block_size=16, warmup=2, eval_every=3, val_blocks=4, adamw_horizon=1.5,
-                lr_grid=[1e-3, 2e-3])
-    result = claim_ademamix.run("full", 2, tmp_path, lambda m: None, tiny)
-    grid = [(n, lr, {"ademamix": 6, "adamw": 9}[n], 0) for n in ("ademamix", "adamw") for lr in (1e-3, 2e-3)]
-    lrs = result["settings"]["lr"]
-    assert calls == grid + [("ademamix", lrs["ademamix"], 6, 1), ("adamw", lrs["adamw"], 9, 1)]
-    grid_loss = result["measurements"]["lr_grid"]
-    for name in ("ademamix", "adamw"):
-        assert grid_loss[f"{name}/{lrs[name]:g}"] == min(grid_loss[f"{name}/{lr:g}"] for lr in (1e-3, 2e-3))
-    check_schema(result, tmp_path, 3, 2)
+    monkeypatch.setattr(claim_ademamix, "train_run", fake_run)
+    s = {"lr_grid": [1.0, 2.0, 4.0], "max_extensions": 2, "steps": 10, "tune_seed": 7}
+    best, losses, bracketed = claim_ademamix.tune("adamw", s, {}, print)
+    assert (best, bracketed) == (8.0, True) and sorted(losses) == [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert {seed for _, seed, _ in calls} == {7} and not any(probe for _, _, probe in calls)
+    best, _, bracketed = claim_ademamix.tune("adamw", {**s, "max_extensions": 1}, {}, print)
+    assert (best, bracketed) == (8.0, False)  # still on the edge: reported as not bracketed
+
+
+def test_steps_to_match_log_linear_by_hand():
+    assert claim_ademamix.steps_to_match(1.9, 2.0, 1.8, 2.0) == (pytest.approx(2 ** 0.5), False)
+    assert claim_ademamix.steps_to_match(2.0, 2.0, 1.8, 2.0) == (pytest.approx(1.0), False)
+    assert claim_ademamix.steps_to_match(2.1, 2.0, 1.8, 2.0) == (pytest.approx(2 ** -0.5), False)
+    assert claim_ademamix.steps_to_match(1.7, 2.0, 1.8, 2.0) == (2.0, True)  # beyond AdamW's longer run: a bound
+    assert claim_ademamix.steps_to_match(1.9, 2.0, 2.1, 2.0) == (2.0, True)  # longer AdamW run no better
 
 
 def test_oversquashing_claim_runs_on_tiny_settings(tmp_path):
