@@ -283,15 +283,35 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _claim_rows(key: str | None, claims: list[dict]) -> list[str]:
+def margin(claim: dict) -> float | None:
+    """d / s of a claim (the verdict rule's d and s): how many spreads ours is ahead of the baseline; the verdict
+    changes at ±2. None without a spread (or a zero one)."""
+    s = claim["spread"]
+    if s is None or s == 0 or not all(math.isfinite(x) for x in (claim["ours"], claim["baseline"], s)):
+        return None
+    d = claim["ours"] - claim["baseline"]
+    return (d if claim["higher_is_better"] else -d) / s
+
+
+def _margin_cell(claim: dict) -> str:
+    """d/s with a "close" mark when it lies within one spread of the ±2 thresholds (1 ≤ |d/s| ≤ 3): one more
+    seed could change such a verdict."""
+    m = margin(claim)
+    if m is None:
+        return "–"
+    return f"{m:+.1f}" + (" (close)" if 1 <= abs(m) <= 3 else "")
+
+
+def _claim_rows(key: str | None, claims: list[dict], with_margin: bool = False) -> list[str]:
     rows = []
     for c in claims:
         c = {**c, **{f: _cell(c[f]) for f in ("claim", "metric", "baseline_name")}}
         spread = "" if c["spread"] is None else f" ± {_number(c['spread'])}"
         better = "higher" if c["higher_is_better"] else "lower"
         first = f"{key} | " if key else ""
+        extra = f"{_margin_cell(c)} | " if with_margin else ""
         rows.append(f"| {first}{c['claim']} | {c['metric']} ({better} is better) | {_number(c['ours'])}{spread} | "
-                    f"{_number(c['baseline'])} ({c['baseline_name']}) | {c['verdict']} |")
+                    f"{_number(c['baseline'])} ({c['baseline_name']}) | {extra}{c['verdict']} |")
     return rows
 
 
@@ -321,26 +341,71 @@ def render_results_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SETTING_CELL_LIMIT = 120  # longer settings (per-seed values, grids) go in a folded block under the table
+
+
+def _settings_block(settings: dict) -> list[str]:
+    """A paper's settings as a two-column table (short values) and a folded JSON block (long ones)."""
+    short, long = [], {}
+    for key in sorted(settings):
+        if key in ("design", "notes"):
+            continue
+        text = json.dumps(settings[key], default=str)
+        if len(text) <= SETTING_CELL_LIMIT:
+            short.append(f"| {_cell(key)} | `{_cell(text)}` |")
+        else:
+            long[key] = settings[key]
+    lines = ["", "| setting | value |", "|---|---|", *short] if short else []
+    if long:
+        lines += ["", f"<details><summary>per-seed values and other long settings ({', '.join(sorted(long))})"
+                  "</summary>", "", "```json", json.dumps(long, indent=1, sort_keys=True, default=str), "```", "",
+                  "</details>"]
+    return lines
+
+
+def _summary_table(results: dict) -> list[str]:
+    """One row per paper: its headline (first) claim, the verdict, the margin and the time."""
+    lines = ["| paper | headline claim | ours | baseline | d/s | verdict | time |", "|---|---|---|---|---|---|---|"]
+    for key, paper in results["papers"].items():
+        minutes = f"{paper['seconds'] / 60:.0f} min"
+        if paper["status"] != "ok" or not paper["claims"]:
+            what = f"failed: {_cell(paper['error'])}" if paper["status"] != "ok" else "no claims"
+            lines.append(f"| [{key}](#{key}) | {what} | | | | | {minutes} |")
+            continue
+        c = paper["claims"][0]
+        lines.append(f"| [{key}](#{key}) | {_cell(c['claim'])} | {_number(c['ours'])} | {_number(c['baseline'])} "
+                     f"({_cell(c['baseline_name'])}) | {_margin_cell(c)} | {c['verdict']} | {minutes} |")
+    return lines
+
+
 def render_report(results: dict) -> str:
-    """``report.md``: a table per paper, figures inline, command, config, versions, machine and log links."""
+    """``report.md``: a summary table, then per paper its design, claims (with d/s), settings, figures and logs."""
     m, v = results["machine"], results["versions"]
     lines = [f"# litpapers reproduce --{results['mode']}", "",
              f"Created {results['created']} with `{results['command']}`.", "",
-             f"- config: `{json.dumps(results['config'])}`",
              f"- machine: {m['cpu']}, {m['cores']} cores, {m['os']}" + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
              "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
-             f"- verdict rule: {results['verdict_rule']}", ""]
+             f"- verdict rule: {results['verdict_rule']}",
+             "- columns: ours ± s, where s is the sample standard deviation over training seeds of the paired "
+             "difference ours − baseline; d/s = that difference (signed so that positive favours ours) in units of "
+             "s: the verdict flips at ±2, and (close) marks 1 ≤ |d/s| ≤ 3",
+             f"- config: `{json.dumps(results['config'])}`", "", "## Summary", "", *_summary_table(results), ""]
     for key, paper in results["papers"].items():
+        settings = paper.get("settings") or {}
         lines += [f"## {key}", "", f"Status: **{paper['status']}**, {paper['seconds']:.0f} s wall-clock, "
                   f"{paper.get('cpu_seconds') or 0:.0f} s CPU time (on a shared machine the CPU time is the better "
                   "guide to the time on an idle one)."]
+        if settings.get("design"):
+            lines += ["", f"Design: {settings['design']}."]
+        if settings.get("notes"):
+            lines += ["", f"Note: {settings['notes']}"]
         if paper["error"]:
             lines += ["", f"Error: `{paper['error']}` (traceback in `papers/{key}.json`)"]
         if paper["claims"]:
-            lines += ["", "| claim | metric | ours ± spread | baseline | verdict |", "|---|---|---|---|---|",
-                      *_claim_rows(None, paper["claims"])]
-        if paper.get("settings"):
-            lines += ["", f"Settings: `{json.dumps(paper['settings'], sort_keys=True, default=str)}`"]
+            lines += ["", "| claim | metric | ours ± s | baseline | d/s | verdict |", "|---|---|---|---|---|---|",
+                      *_claim_rows(None, paper["claims"], with_margin=True)]
+        if settings:
+            lines += _settings_block(settings)
         if paper.get("tensorboard"):
             lines += ["", "TensorBoard logs: " + ", ".join(f"[{d}]({d})" for d in paper["tensorboard"])]
         lines += [""] + [f"![{Path(f).stem}]({f})" for f in paper.get("figures") or []] + [""]

@@ -128,7 +128,8 @@ def test_failure_isolation_and_schema(fakes, monkeypatch, capsys):
     assert papers["discopop"]["figures"] == ["discopop/fig.png"] and (out / "discopop" / "fig.png").exists()
     report = (out / "report.md").read_text()
     assert "boom in the experiment" in report and "![fig](discopop/fig.png)" in report
-    assert "| a beats base | acc (higher is better) | 0.9 ± 0.01 | 0.5 (base) | reproduced |" in report
+    assert "| a beats base | acc (higher is better) | 0.9 ± 0.01 | 0.5 (base) | +40.0 | reproduced |" in report
+    assert "| [ademamix](#ademamix) | a beats base | 0.9 | 0.5 (base) | +40.0 | reproduced |" in report
     assert "FAILED: minillm, qdpo, radt" in capsys.readouterr().err
 
 
@@ -357,3 +358,26 @@ def test_discopop_claim_module_runs_tiny(tmp_path, monkeypatch):
     assert claim["spread"] is None
     assert [f for _, f in messages] == [0.0, 0.0, 0.5]
     assert (tmp_path / "tb" / "discopop" / "seed0").is_dir()
+
+
+def test_margin_and_close_calls_by_hand():
+    row = {"ours": 1.9, "baseline": 2.0, "higher_is_better": False, "spread": 0.04}
+    assert reproduce.margin(row) == pytest.approx(2.5)  # lower is better: d = 2.0 - 1.9 = 0.1 = 2.5 s
+    assert reproduce._margin_cell(row) == "+2.5 (close)"
+    assert reproduce._margin_cell({**row, "spread": 0.01}) == "+10.0"
+    assert reproduce._margin_cell({**row, "higher_is_better": True}) == "-2.5 (close)"
+    assert reproduce._margin_cell({**row, "spread": None}) == "–"
+
+
+def test_report_settings_are_a_table_and_long_values_fold():
+    results = {"mode": "quick", "created": "2026-12-07T00:00:00+00:00", "command": "c", "config": {},
+               "verdict_rule": "r", "machine": {"cpu": "c", "cores": 2, "os": "L"}, "versions": {"torch": "x"},
+               "papers": {"qdpo": {"status": "ok", "seconds": 120.0, "cpu_seconds": 100.0, "error": None,
+                                   "claims": [], "figures": [], "tensorboard": [],
+                                   "settings": {"design": "pairs on-policy", "steps": 5,
+                                                "per_seed": {"a": list(range(60))}}}}}
+    report = reproduce.render_report(results)
+    assert "Design: pairs on-policy." in report and "| steps | `5` |" in report
+    assert "<details><summary>per-seed values and other long settings (per_seed)</summary>" in report
+    assert '"per_seed"' not in report.split("<details>")[0]  # the long value is only in the folded block
+    assert "| [qdpo](#qdpo) | failed: None |" not in report and "## Summary" in report
