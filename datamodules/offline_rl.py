@@ -187,6 +187,31 @@ def builtin_dataset_complete(root: Path, dataset_id: str) -> bool:
     return (root / dataset_id / COMPLETE_MARKER).is_file()
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists on this machine (one owned by another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_roots(root: Path) -> list[Path]:
+    """Delete the private temporary roots (``.<root name>.tmp-<pid>``, see :func:`build_builtin_dataset`) left
+    next to ``root`` by builds whose process no longer exists (killed, out of memory, power loss); a folder of a
+    live process is kept (it is still building). Returns the folders removed."""
+    removed = []
+    for folder in root.parent.glob(f".{root.name}.tmp-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            log.info("removing %s, left by a dataset build that did not finish (process %s is gone)", folder, pid)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def build_builtin_dataset(root: Path, dataset_id: str, settings: dict) -> None:
     """Generate the built-in ``dataset_id`` with ``settings`` under a private temporary root next to ``root``, write
     the marker, then rename the finished folder to ``root / dataset_id``. A partial folder there (no marker) is
@@ -296,6 +321,8 @@ class OfflineRLDataModule(L.LightningDataModule):
             if not Path(self.dataset).is_file():
                 raise FileNotFoundError(f"D4RL hdf5 file {self.dataset!r} does not exist")
             return
+        if self.dataset in BUILTIN_DATASETS:
+            remove_stale_temp_roots(self.builtin_root())
         if self.dataset in BUILTIN_DATASETS and not builtin_dataset_complete(self.builtin_root(), self.dataset):
             build_builtin_dataset(self.builtin_root(), self.dataset, self.generate)
 

@@ -199,3 +199,21 @@ def test_non_finite_minari_reward_fails_with_episode_and_step(tmp_path, monkeypa
     with pytest.raises(ValueError, match=r"'test/nan-v0' .* episode 1: 'rewards' has 1 non-finite value\(s\); "
                                          r"the first, nan, at index 1"):
         OfflineRLDataModule(dataset="test/nan-v0", context_len=2).setup("fit")
+
+
+def test_a_killed_builds_temporary_folder_is_removed_on_the_next_run():
+    # a build killed with SIGKILL never reaches its ``finally``: its ``.<root>.tmp-<pid>`` stays next to the cache
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    dm = OfflineRLDataModule(**TINY_BUILTIN)
+    root = dm.builtin_root()
+    stale = root.parent / f".{root.name}.tmp-{dead.pid}"
+    (stale / "data").mkdir(parents=True)
+    (stale / "data" / "main_data.hdf5").write_bytes(b"\x89HDF" * 100)
+    live = root.parent / f".{root.name}.tmp-{os.getppid()}"  # a live process: still building, kept
+    live.mkdir()
+    dm.prepare_data()
+    assert not stale.exists() and live.is_dir()
