@@ -75,6 +75,19 @@ def _check_messages(value: Any, field: str, where: str) -> None:
                          f"{{'role', 'content'}} messages, got {type(value).__name__}")
 
 
+def _check_answer_not_empty(value: Any, field: str, where: str) -> None:
+    """An empty (or blank) ``chosen``/``rejected`` answer is a broken row, not a pair to learn from: raise naming
+    the row and the field. A message list counts as empty when every message's content is blank."""
+    if isinstance(value, str):
+        empty = not value.strip()
+    elif isinstance(value, list):
+        empty = all(isinstance(m, dict) and not str(m.get("content", "")).strip() for m in value)
+    else:
+        return  # wrong types are reported by the checks that follow
+    if empty:
+        raise ValueError(f"{where}: field {field!r} is empty")
+
+
 class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs from a file, from in-memory rows, or built in.
 
@@ -151,6 +164,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if missing:
             raise KeyError(f"{where}: missing field(s) {missing} (fields: {sorted(k for k in row if k != '_line')})")
         prompt, chosen, rejected = (row[f] for f in self.fields)
+        for field, answer in zip(self.fields[1:], (chosen, rejected)):
+            _check_answer_not_empty(answer, field, where)
         if all(isinstance(v, str) for v in (prompt, chosen, rejected)):
             return prompt, chosen, rejected
         for field, value in zip(self.fields, (prompt, chosen, rejected)):
@@ -210,7 +225,10 @@ class PreferenceDataModule(L.LightningDataModule):
             log.warning("PreferenceDataModule: truncated %d pair(s) from %s to max_prompt_length=%d / "
                         "max_length=%d", self.num_truncated, source, self.max_prompt_length, self.max_length)
         if not pairs:
-            raise ValueError(f"{source}: no usable preference pairs")
+            chosen, rejected = self.fields[1:]
+            why = (f"every row's {chosen!r} equals its {rejected!r} (first: {_where(rows[0], 0, source)})"
+                   if rows and self.num_dropped_identical == len(rows) else "no rows")
+            raise ValueError(f"{source}: no usable preference pairs: {why}")
         return pairs
 
     def setup(self, stage: str | None = None) -> None:

@@ -96,12 +96,24 @@ def test_jsonl_file_and_custom_fields(tmp_path):
     ({"prompt": "a", "chosen": "b"}, r"p.jsonl:3: missing field\(s\) \['rejected'\]"),
     ({"prompt": "a", "chosen": 5, "rejected": "c"}, r"p.jsonl:3: field 'chosen' must be a string or"),
     ('{"prompt": "a", ', r"p.jsonl:3: invalid JSON"),
+    ({"prompt": "a", "chosen": "", "rejected": "c"}, r"p.jsonl:3: field 'chosen' is empty"),
+    ({"prompt": "a", "chosen": "b", "rejected": "  "}, r"p.jsonl:3: field 'rejected' is empty"),
+    ({"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "assistant", "content": ""}],
+      "rejected": [{"role": "assistant", "content": "c"}]}, r"p.jsonl:3: field 'chosen' is empty"),
 ])
 def test_malformed_row_names_file_and_line(tmp_path, bad_row, message):
     good = {"prompt": "a", "chosen": "b", "rejected": "c"}
     path = _write_jsonl(tmp_path / "p.jsonl", [good, good, bad_row])
     dm = PreferenceDataModule(path=path)
     with pytest.raises((KeyError, ValueError), match=message):
+        dm.setup("fit")
+
+
+def test_chosen_equal_to_rejected_in_every_row_names_the_fields_and_first_line(tmp_path):
+    same = {"prompt": "a", "chosen": "b", "rejected": "b"}
+    dm = PreferenceDataModule(path=_write_jsonl(tmp_path / "p.jsonl", [same, same]))
+    with pytest.raises(ValueError, match=r"p.jsonl: no usable preference pairs: every row's 'chosen' equals its "
+                                         r"'rejected' \(first: .*p.jsonl:1\)"):
         dm.setup("fit")
 
 
