@@ -292,22 +292,35 @@ class DPO(DeferredNetworksModule):
 
     # ------------------------------------------------------------------ loss and steps
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Mean preference loss of the batch and its detached metrics (``METRICS`` + the loss's extras)."""
+        """Mean preference loss of the batch and its detached metrics (``METRICS`` + the loss's extras).
+
+        The loss gets copies of the log-probs (the policy's still carry their gradient) and the metrics are
+        computed from the originals, so a loss that edits its inputs in place (``x.data.add_(...)``, ``x[i] = ...``)
+        changes neither the rewards nor a precomputed reference table (issue 24.1: DiscoPOP's fitness is a metric).
+        """
         policy_chosen, policy_rejected = self.concatenated_logps(self.policy, batch)
         ref_chosen, ref_rejected = self.reference_logps(batch)
         ref_chosen, ref_rejected = ref_chosen.to(policy_chosen), ref_rejected.to(policy_rejected)
+        rewards = self.reward_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected)  # before the loss runs
         extras: dict[str, Tensor] = {}
-        losses = preference_loss(self.loss_fn, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                 beta=self.beta, stats=extras, **self.loss_kwargs)
+        losses = preference_loss(self.loss_fn, policy_chosen.clone(), policy_rejected.clone(),
+                                 ref_chosen.detach().clone(), ref_rejected.detach().clone(), beta=self.beta,
+                                 stats=extras, **self.loss_kwargs)
         loss = losses.mean()
-        reward_chosen = self.beta * (policy_chosen - ref_chosen).detach()
-        reward_rejected = self.beta * (policy_rejected - ref_rejected).detach()
-        metrics = {"loss": loss.detach(), "reward_accuracy": (reward_chosen > reward_rejected).float().mean(),
-                   "reward_margin": (reward_chosen - reward_rejected).mean(), "reward_chosen": reward_chosen.mean(),
-                   "reward_rejected": reward_rejected.mean(), "logps_chosen": policy_chosen.detach().mean(),
-                   "logps_rejected": policy_rejected.detach().mean()}
-        metrics.update({f"{self.loss_name}_{k}": v for k, v in extras.items()})
+        metrics = {"loss": loss.detach().clone(), **rewards}
+        metrics.update({f"{self.loss_name}_{k}": v.detach().clone() for k, v in extras.items()})
         return loss, metrics
+
+    def reward_metrics(self, policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+                       ref_rejected: Tensor) -> dict[str, Tensor]:
+        """Rewards r = β·(log π − log π_ref) and their summaries (``METRICS`` but the loss), as new tensors that
+        share no memory with the inputs."""
+        reward_chosen = self.beta * (policy_chosen.detach() - ref_chosen.detach())
+        reward_rejected = self.beta * (policy_rejected.detach() - ref_rejected.detach())
+        return {"reward_accuracy": (reward_chosen > reward_rejected).float().mean(),
+                "reward_margin": (reward_chosen - reward_rejected).mean(), "reward_chosen": reward_chosen.mean(),
+                "reward_rejected": reward_rejected.mean(), "logps_chosen": policy_chosen.detach().mean(),
+                "logps_rejected": policy_rejected.detach().mean()}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, metrics = self.compute_loss(batch)

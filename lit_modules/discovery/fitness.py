@@ -10,11 +10,15 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor
+
+from lit_modules.discovery.sandbox import InfrastructureError
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +80,25 @@ class Fitness:
 
 
 def fitness_config(fitness: Fitness) -> dict:
-    """What a worker needs to rebuild ``fitness``: its class path and init arguments."""
+    """What a worker needs to rebuild ``fitness``: its class path and init arguments, every local path made
+    absolute (a worker runs in its own temporary directory, not in the caller's)."""
     cls = type(fitness)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(fitness.init_args)}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": {k: absolute_path(v) for k, v in fitness.init_args.items()}}
+
+
+def absolute_path(value: Any) -> Any:
+    """``value`` resolved against the current working directory when it is a string naming a local path: an
+    existing file or directory, or one spelled as a path as ``datamodules.model_aliases.check_model_source`` reads
+    it (``./x``, ``../x``, ``~/x``, ``a/b/c``, ``a/b`` with a local folder ``a``); anything else (a hub id
+    ``org/name``, a metric name) unchanged."""
+    if not isinstance(value, str) or not value or value == "byte" or "\n" in value:
+        return value
+    parts = Path(value).parts
+    if (os.path.exists(value) or value.startswith(("./", "../", "~")) or len(parts) > 2
+            or (len(parts) > 1 and os.path.isdir(parts[0]))):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
 
 
 def build_fitness(config: dict) -> Fitness:
@@ -127,7 +147,7 @@ class DPOFitness(Fitness):
         args = self.init_args
         if args["sft_steps"] <= 0 or not isinstance(args["model"], dict):
             return
-        sft_dir = Path(run_dir) / "sft"
+        sft_dir = Path(run_dir).absolute() / "sft"  # workers run elsewhere: never a relative path
         if not (sft_dir / "config.json").exists():
             import lightning as L
 
@@ -146,6 +166,13 @@ class DPOFitness(Fitness):
         from datamodules import PreferenceDataModule
 
         args = self.init_args
+        if isinstance(args["model"], str):  # here, before the candidate runs: a missing model is not its fault
+            from datamodules.model_aliases import resolve_model_alias
+
+            try:
+                resolve_model_alias(args["model"])  # raises FileNotFoundError naming a missing model
+            except FileNotFoundError as e:
+                raise InfrastructureError(f"fitness: {e}") from None
         self.datamodule = PreferenceDataModule(num_examples=args["num_pairs"], seed=args["data_seed"],
                                                batch_size=args["batch_size"], val_fraction=args["val_fraction"])
         self.datamodule.setup("fit")
@@ -161,7 +188,8 @@ class DPOFitness(Fitness):
         args = self.init_args
         module = DPO(model=args["model"], loss=loss_fn, beta=args["beta"], lr=args["lr"],
                      warmup_steps=args["warmup_steps"], length_normalize=length_normalize, init_seed=0)
-        _trainer(self.init_args["steps"], limit_val_batches=0).fit(module, datamodule=self.datamodule)
+        _trainer(self.init_args["steps"], limit_val_batches=0, callbacks=[FiniteTrainingLoss()]).fit(
+            module, datamodule=self.datamodule)
         if not all(torch.isfinite(p).all() for p in module.policy.parameters()):
             raise ValueError("training diverged: the policy has non-finite parameters after the DPO run")
         val = _trainer(1).validate(module, datamodule=self.datamodule, verbose=False)[0]
@@ -170,6 +198,17 @@ class DPOFitness(Fitness):
         if self.metric not in metrics or not math.isfinite(metrics[self.metric]):
             raise ValueError(f"fitness metric {self.metric!r} is missing or not finite: {metrics}")
         return metrics
+
+
+class FiniteTrainingLoss(L.Callback):
+    """Stops the fitness run with ``ValueError`` at the first non-finite training loss (a loss that is inf/NaN
+    only during training would otherwise be scored: its gradient can stay finite; issue 24.4)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            raise ValueError(f"the training loss is not finite ({float(loss)}) at step {trainer.global_step}: "
+                             "a loss must be finite on every training batch")
 
 
 def _trainer(steps: int, **kwargs):

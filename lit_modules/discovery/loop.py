@@ -7,6 +7,9 @@ scored (``Fitness``, in the sandbox worker too) and "Fitness: X. Please generate
 Every reply is appended to ``<run_dir>/archive.jsonl`` (one JSON record per line, fsync'ed) with the chat that
 was sent, the raw reply, the parsed candidate, the status, the error fed back and the fitness, so an interrupted
 run resumes where it stopped (the chat is rebuilt from the archive alone) and a run can be audited and replayed.
+A failed scoring is marked ``failure: candidate`` (final) or ``failure: infrastructure`` (not the candidate's fault:
+not fed back, scored again on resume; a run in which every scoring failed so exits non-zero). Paths are resolved
+against the caller's working directory before any worker starts (workers run in their own temporary folders).
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from pathlib import Path
 
 from lit_modules.discovery.fitness import DPOFitness, Fitness, fitness_config
 from lit_modules.discovery.proposers import Proposer, ProposerExhausted, parse_reply
-from lit_modules.discovery.sandbox import SIGNATURE, SandboxLimits, run_in_worker
+from lit_modules.discovery.sandbox import MAX_TEXT_CHARS, SIGNATURE, SandboxLimits, cap_text, run_in_worker
 
 log = logging.getLogger(__name__)
 
+#: Longest proposer reply archived and parsed (a candidate's code is at most 20,000 characters), and name.
+MAX_REPLY_CHARS = 64_000
+MAX_NAME_CHARS = 200
 _ARGS = "(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)"
 _MARGIN = "(policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)"
 #: Baselines as the proposer sees them (docs/papers.md §6 formulas); IPO on per-token mean log-probs, as TRL.
@@ -109,6 +115,37 @@ class Archive:
             os.fsync(f.fileno())
 
 
+def _identity(record: dict) -> tuple | None:
+    """What a scored record is a result of: a baseline by name, a proposal by (generation, attempt)."""
+    if record["kind"] in ("seed", "reference"):
+        return record["kind"], record["name"]
+    if record["kind"] == "proposal":
+        return "proposal", record["generation"], record["attempt"]
+    return None
+
+
+def current_records(records: list[dict]) -> list[dict]:
+    """The archive as it stands now: a record scored again (after an infrastructure failure) takes the place of
+    the earlier one; the file keeps both."""
+    out: list[dict] = []
+    position: dict[tuple, int] = {}
+    for record in records:
+        key = _identity(record)
+        if key is not None and key in position:
+            out[position[key]] = record
+            continue
+        if key is not None:
+            position[key] = len(out)
+        out.append(record)
+    return out
+
+
+def infrastructure_failures(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(scored, failed for an infrastructure reason) among the baselines and proposals of ``records``."""
+    scored = [r for r in records if _identity(r) is not None and (r["status"] == "evaluated" or r.get("failure"))]
+    return scored, [r for r in scored if r.get("failure") == "infrastructure"]
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -149,7 +186,7 @@ class DiscoveryLoop:
             raise ValueError(f"discovery: unknown seeds/references {unknown}; choose from {sorted(BASELINES)}")
         if generations < 0 or max_attempts < 1 or workers < 1 or population < 1:
             raise ValueError("discovery: need generations >= 0, max_attempts >= 1, workers >= 1, population >= 1")
-        self.run_dir, self.proposer = Path(run_dir), proposer
+        self.run_dir, self.proposer = Path(run_dir).absolute(), proposer  # workers run in their own folders
         self.fitness = DPOFitness() if fitness is None else fitness
         self.generations, self.max_attempts, self.seeds, self.references = generations, max_attempts, seeds, references
         self.limits = SandboxLimits() if limits is None else limits
@@ -159,16 +196,24 @@ class DiscoveryLoop:
     # ------------------------------------------------------------------ scoring
     def score(self, code: str, length_normalize: bool = False) -> dict:
         """Sandboxed validation + fitness of ``code``: status ``evaluated`` (with ``fitness``), ``invalid`` or
-        ``failed``, plus ``stage``, ``error``, ``metrics``, ``seconds``."""
-        out = run_in_worker(code, self.limits, fitness_config(self.fitness), length_normalize=length_normalize)
+        ``failed``, plus ``stage``, ``error``, ``failure`` (``candidate`` or ``infrastructure``: whose fault; an
+        infrastructure failure is scored again when the run resumes), ``metrics``, ``seconds``."""
+        t0 = time.monotonic()
+        try:
+            out = run_in_worker(code, self.limits, fitness_config(self.fitness), length_normalize=length_normalize)
+        except Exception as e:  # noqa: BLE001 - e.g. the worker cannot be started: not the candidate's fault
+            out = {"status": "failed", "stage": "startup", "error": cap_text(f"{type(e).__name__}: {e}"),
+                   "failure": "infrastructure", "seconds": time.monotonic() - t0}
         if out["status"] != "ok":
-            return {"status": out["status"], "stage": out["stage"], "error": out["error"], "fitness": None,
-                    "metrics": {}, "seconds": out["seconds"]}
-        return {"status": "evaluated", "stage": "done", "error": None, "fitness": out["metrics"][self.fitness.metric],
-                "metrics": out["metrics"], "seconds": out["seconds"]}
+            return {"status": out["status"], "stage": out["stage"], "error": out["error"],
+                    "failure": out.get("failure", "candidate"), "fitness": None, "metrics": {},
+                    "seconds": out["seconds"]}
+        return {"status": "evaluated", "stage": "done", "error": None, "failure": None,
+                "fitness": out["metrics"][self.fitness.metric], "metrics": out["metrics"], "seconds": out["seconds"]}
 
     def _score_baselines(self, records: list[dict]) -> None:
-        done = {r["name"] for r in records if r["kind"] in ("seed", "reference")}
+        done = {r["name"] for r in records
+                if r["kind"] in ("seed", "reference") and r.get("failure") != "infrastructure"}
         todo = [(kind, name) for kind, names in (("seed", self.seeds), ("reference", self.references))
                 for name in names if name not in done]
         if not todo:
@@ -183,10 +228,40 @@ class DiscoveryLoop:
 
         with ThreadPoolExecutor(self.workers) as pool:
             for record in pool.map(one, todo):
-                self.archive.append(record)
-                records.append(record)
+                self._add(records, record)
                 log.info("discovery: baseline %s: %s %s", record["name"], record["status"],
                          record["fitness"] if record["status"] == "evaluated" else record["error"])
+
+    def _add(self, records: list[dict], record: dict) -> None:
+        """Archive ``record`` and put it into ``records`` (in place of the one it scores again, if any)."""
+        self.archive.append(record)
+        records.append(record)
+        records[:] = current_records(records)
+        if _identity(record) is not None:
+            self._scored_now.append(record)
+
+    def _retry_infrastructure_failures(self, records: list[dict]) -> None:
+        """Score again the proposals whose scoring failed for an infrastructure reason (not their fault)."""
+        todo = [r for r in records if r["kind"] == "proposal" and r.get("failure") == "infrastructure"]
+        if not todo:
+            return
+        log.info("discovery: scoring %d proposals again (their scoring failed for an infrastructure reason)",
+                 len(todo))
+
+        def again(record: dict) -> dict:
+            retry = {k: v for k, v in record.items() if k not in ("status", "stage", "error", "failure", "feedback")}
+            retry |= {"time": _now(), "t0": time.monotonic(), "retry": record.get("retry", 0) + 1}
+            return self._score_reply(retry)
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            for record in pool.map(again, todo):
+                self._add(records, record)
+
+    def _nothing_can_be_scored(self) -> bool:
+        """Whether every scoring of this run so far failed for an infrastructure reason (then asking the
+        proposer for more is pointless)."""
+        scored, infrastructure = infrastructure_failures(self._scored_now)
+        return bool(scored) and len(infrastructure) == len(scored)
 
     # ------------------------------------------------------------------ prompt
     def build_messages(self, records: list[dict]) -> list[dict[str, str]]:
@@ -199,16 +274,21 @@ class DiscoveryLoop:
             lines.append(f"\nname: {r['name']}\ncode:\n{r['code']}Fitness: {r['fitness']:.4f}")
         lines.append("\nPlease generate the next one.")
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
-        exchanges = [r for r in records if r["kind"] == "proposal" and r.get("raw_reply") is not None]
+        exchanges = [r for r in records if r["kind"] == "proposal" and r.get("raw_reply") is not None
+                     and r.get("feedback") is not None]
         for r in exchanges[-self.history:] if self.history else []:
             messages += [{"role": "assistant", "content": r["raw_reply"]}, {"role": "user", "content": r["feedback"]}]
         return messages
 
     # ------------------------------------------------------------------ loop
     def run(self) -> list[dict]:
-        """Run (or resume) the loop; returns every archive record and writes the summary files."""
+        """Run (or resume) the loop; returns the archive's current records (see :func:`current_records`) and
+        writes the summary files. On resume, baselines and proposals whose scoring failed for an infrastructure
+        reason (``failure: infrastructure``) are scored again; candidate failures are final. The loop stops
+        asking the proposer once every scoring of this run has failed for an infrastructure reason."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        records = self.archive.load()
+        records = current_records(self.archive.load())
+        self._scored_now: list[dict] = []
         resumed = bool(records)
         run_record = {"kind": "run", "status": "resumed" if resumed else "started", "time": _now(),
                       "proposer": self.proposer.describe(), "fitness": fitness_config(self.fitness),
@@ -219,10 +299,15 @@ class DiscoveryLoop:
         records.append(run_record)
         self.fitness.prepare(self.run_dir)
         self._score_baselines(records)
+        if not self._nothing_can_be_scored():
+            self._retry_infrastructure_failures(records)
         proposals = [r for r in records if r["kind"] == "proposal"]
         self.proposer.skip(len(proposals))
         exhausted = False
         for generation in range(self.generations):
+            if self._nothing_can_be_scored():
+                log.error("discovery: stopping: every scoring of this run failed for an infrastructure reason")
+                break
             tried = [r for r in proposals if r["generation"] == generation]
             attempt = len(tried)
             if any(r["status"] == "evaluated" for r in tried):
@@ -241,14 +326,13 @@ class DiscoveryLoop:
                 with ThreadPoolExecutor(self.workers) as pool:
                     for record in pool.map(self._score_reply, asked):
                         scored.append(record)
-                        self.archive.append(record)
-                        records.append(record)
+                        self._add(records, record)
                         proposals.append(record)
                         log.info("discovery: generation %d attempt %d %s: %s %s", generation, record["attempt"],
                                  record["name"], record["status"],
                                  record["fitness"] if record["status"] == "evaluated" else record["error"])
                 attempt += len(asked)
-                if any(r["status"] == "evaluated" for r in scored):
+                if any(r["status"] == "evaluated" for r in scored) or self._nothing_can_be_scored():
                     break
             if exhausted:
                 break
@@ -266,11 +350,18 @@ class DiscoveryLoop:
             raise
         except Exception as e:  # noqa: BLE001 - a proposer failure is recorded, the run goes on
             return record | {"status": "proposer_error", "stage": "propose", "error": f"{type(e).__name__}: {e}"}
+        if isinstance(reply, str) and len(reply) > MAX_REPLY_CHARS:
+            record["raw_reply"] = cap_text(reply, MAX_REPLY_CHARS)
+            return record | {"status": "invalid", "stage": "parse", "failure": "candidate",
+                             "error": f"the reply is {len(reply)} characters long; at most {MAX_REPLY_CHARS} "
+                                      "are allowed"}
         record["raw_reply"] = reply
         try:
             record.update(parse_reply(reply))
         except ValueError as e:
-            record.update(status="invalid", stage="parse", error=str(e))
+            record.update(status="invalid", stage="parse", error=cap_text(str(e)), failure="candidate")
+        else:
+            record.update(name=cap_text(record["name"], MAX_NAME_CHARS), thought=cap_text(record["thought"]))
         return record
 
     def _score_reply(self, record: dict) -> dict:
@@ -283,6 +374,8 @@ class DiscoveryLoop:
         record = record | result | {"seconds": time.monotonic() - t0}
         if record["status"] == "evaluated":
             feedback = f"Fitness: {record['fitness']:.4f}. Please generate the next one."
+        elif record.get("failure") == "infrastructure":
+            feedback = None  # not the candidate's fault: not fed back; the reply is scored again on resume
         elif record["status"] == "invalid":
             feedback = f"Code not valid: {record['error']}. Please fix it and answer with the corrected JSON."
         elif record["status"] == "failed":
@@ -297,10 +390,11 @@ def write_summary(records: list[dict], out_dir: Path) -> dict:
     rows = [r for r in records if r["kind"] in ("seed", "reference", "proposal")]
     table = ["| kind | generation | attempt | name | status | fitness | error |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        error = (r.get("error") or "").replace("|", "/").replace("\n", " ")
         fit = f"{r['fitness']:.4f}" if r.get("fitness") is not None else ""
-        table.append(f"| {r['kind']} | {r.get('generation', '')} | {r.get('attempt', '')} | {r.get('name') or ''} "
-                     f"| {r['status']} | {fit} | {error[:120]} |")
+        status = r["status"] + (" (infrastructure)" if r.get("failure") == "infrastructure" else "")
+        table.append(f"| {r['kind']} | {r.get('generation', '')} | {r.get('attempt', '')} "
+                     f"| {markdown_cell(r.get('name') or '', 80)} | {status} | {fit} "
+                     f"| {markdown_cell(r.get('error') or '', 120)} |")
     scored = [r for r in rows if r["status"] == "evaluated"]
     best = max((r for r in scored if r["kind"] == "proposal"), key=lambda r: r["fitness"], default=None)
     counts: dict[str, int] = {}
@@ -308,7 +402,8 @@ def write_summary(records: list[dict], out_dir: Path) -> dict:
         if r["kind"] == "proposal":
             counts[r["status"]] = counts.get(r["status"], 0) + 1
     summary = {"baselines": {r["name"]: r["fitness"] for r in rows if r["kind"] != "proposal"},
-               "proposals": counts, "best": None if best is None else
+               "proposals": counts, "infrastructure_failures": len(infrastructure_failures(rows)[1]),
+               "best": None if best is None else
                {k: best[k] for k in ("generation", "name", "fitness", "code", "thought")},
                "per_generation": [{"generation": r["generation"], "name": r["name"], "fitness": r["fitness"]}
                                   for r in scored if r["kind"] == "proposal"]}
@@ -317,6 +412,13 @@ def write_summary(records: list[dict], out_dir: Path) -> dict:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _plot(summary, out_dir / "fitness.png")
     return summary
+
+
+def markdown_cell(text: str, limit: int) -> str:
+    """``text`` as one cell of a Markdown table: at most ``limit`` characters, line breaks as spaces, ``|`` and
+    ``\\`` escaped (a candidate's name or error must not break the table)."""
+    text = " ".join(str(text).split())[:limit]
+    return text.replace("\\", "\\\\").replace("|", "\\|")
 
 
 def _plot(summary: dict, path: Path) -> None:
@@ -360,15 +462,36 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if cfg.summarize_only:
         run_dir = Path(cfg.run_dir)
-        summary = write_summary(Archive(run_dir / "archive.jsonl").load(), run_dir)
+        records = current_records(Archive(run_dir / "archive.jsonl").load())
+        summary = write_summary(records, run_dir)
     else:
         init = parser.instantiate_classes(cfg)
         loop = DiscoveryLoop(**{k: v for k, v in vars(init).items() if k not in ("config", "summarize_only")})
-        loop.run()
+        records = loop.run()
         run_dir = loop.run_dir
         summary = json.loads((run_dir / "summary.json").read_text())
     summary |= {"command": shlex.join(["litpapers", "discover", *argv]), "date": _now(),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: summary[k] for k in ("baselines", "proposals", "best")}, indent=1))
+    error = infrastructure_error(records)
+    if error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def infrastructure_error(records: list[dict]) -> str | None:
+    """The error line of a run in which every scoring failed for an infrastructure reason (nothing was scored,
+    and not because of the candidates), else ``None``; a partial failure is only logged."""
+    scored, failed = infrastructure_failures(records)
+    if failed and len(failed) < len(scored):
+        log.warning("discovery: %d of %d scorings failed for an infrastructure reason; rerun the same command to "
+                    "score them again", len(failed), len(scored))
+    if not failed or len(failed) < len(scored):
+        return None
+    first = failed[0]
+    what = first["name"] if first["kind"] != "proposal" else f"proposal {first.get('name')!r}"
+    reason = " ".join(str(first["error"]).split())[:300]
+    return (f"discovery: all {len(failed)} scorings failed for an infrastructure reason, not the candidates' "
+            f"(first, {what}: {reason}); fix it and rerun the same command to score them again")

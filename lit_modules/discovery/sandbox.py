@@ -39,6 +39,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 MAX_CODE_CHARS = 20_000
+#: Longest text a candidate can put into a result (error message, repr, worker log, traceback): longer text keeps
+#: its head and tail around a marker naming how much was cut (issue 24.2).
+MAX_TEXT_CHARS = 4_000
 MAX_AST_NODES = 5_000
 #: Modules the candidate may import (and the names it sees without importing).
 ALLOWED_IMPORTS = ("torch", "torch.nn.functional", "math")
@@ -67,7 +70,9 @@ DENIED_ATTRIBUTES = frozenset({
     "export", "profiler", "storage", "untyped_storage", "share_memory_", "set_", "as_strided", "frombuffer",
     "open", "system", "popen", "format", "format_map", "fx", "overrides", "testing", "set_num_threads",
     "set_num_interop_threads", "set_default_device", "pickle", "os", "sys", "subprocess", "ctypes", "importlib",
-    "builtins", "socket", "shutil", "pathlib", "io", "inspect", "signal", "threading", "from_dlpack", "to_dlpack"})
+    "builtins", "socket", "shutil", "pathlib", "io", "inspect", "signal", "threading", "from_dlpack", "to_dlpack",
+    # string -> type resolution imports any module (torch._utils._import_dotted_name); global torch state
+    "set_default_tensor_type", "set_default_dtype"})
 DENIED_NODES = {
     ast.ClassDef: "class definitions", ast.AsyncFunctionDef: "async functions", ast.Global: "'global'",
     ast.Nonlocal: "'nonlocal'", ast.Try: "try/except", ast.With: "'with' blocks", ast.AsyncWith: "'with' blocks",
@@ -81,6 +86,21 @@ SIGNATURE = "(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
 
 class CandidateRejected(ValueError):
     """The candidate's source failed the static check; the message is the reason fed back to the proposer."""
+
+
+class InfrastructureError(RuntimeError):
+    """Scoring failed for a reason that is not the candidate's fault (missing model, worker could not start...):
+    archived as ``failure: infrastructure`` and retried when the run is resumed."""
+
+
+def cap_text(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """``text`` if it has at most ``limit`` characters, else its head and tail around a marker naming the cut."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    keep = max(0, limit - len(f" [... {len(text)} of {len(text)} characters cut ...] "))
+    marker = f" [... {len(text) - keep} of {len(text)} characters cut ...] "
+    return text[: keep - keep // 2] + marker + text[len(text) - keep // 2:]
 
 
 @dataclass
@@ -172,6 +192,34 @@ def _bound_names(tree: ast.AST) -> set[str]:
     return names
 
 
+def _is_torch_attribute(node: ast.AST) -> bool:
+    """``torch.<name>`` (a dtype such as ``torch.float64``): the only argument ``.type(...)`` may take."""
+    return isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch"
+
+
+def _dtype_type_calls(nodes: list[ast.AST]) -> set[int]:
+    """ids of the ``x.type`` attributes that are called with nothing or only ``torch.<dtype>`` arguments; any other
+    ``.type`` (a string, a variable, the method as a value) could resolve a string to a type, importing a module."""
+    allowed = set()
+    for node in nodes:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "type":
+            values = list(node.args) + [k.value for k in node.keywords]
+            if all(_is_torch_attribute(v) for v in values):
+                allowed.add(id(node.func))
+    return allowed
+
+
+def _attribute_error(node: ast.Attribute, dtype_casts: set[int]) -> str | None:
+    """Why the attribute ``node`` is refused, or ``None``."""
+    if not isinstance(node.ctx, ast.Load):
+        return f"assigning or deleting attribute '{node.attr}' is not allowed (no changes to torch, F, math or " \
+               "tensor attributes)"
+    if node.attr == "type" and id(node) not in dtype_casts:
+        return "'.type(...)' with anything but a torch dtype (torch.float64...) is not allowed (a string is " \
+               "resolved to a type by importing a module; use .to(dtype))"
+    return _denied_attribute(node.attr)
+
+
 def check_code(code: str) -> str:
     """Statically check candidate loss code; return the name of its one function or raise
     :class:`CandidateRejected` with the reason (line numbers refer to the candidate's source)."""
@@ -200,6 +248,7 @@ def check_code(code: str) -> str:
     if functions[0].decorator_list:
         raise CandidateRejected(f"line {functions[0].lineno}: decorators are not allowed")
     known = _bound_names(tree) | set(SAFE_BUILTIN_NAMES) | {"torch", "F", "math"}
+    dtype_casts = _dtype_type_calls(nodes)
     # report the first offence in reading order (where it ends: `a.__class__` before `a.__class__.__mro__`)
     nodes.sort(key=lambda n: (getattr(n, "end_lineno", 0) or 0, getattr(n, "end_col_offset", 0) or 0))
     for node in nodes:
@@ -210,7 +259,7 @@ def check_code(code: str) -> str:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             reason = _import_error(node)
         elif isinstance(node, ast.Attribute):
-            reason = _denied_attribute(node.attr)
+            reason = _attribute_error(node, dtype_casts)
         elif isinstance(node, ast.Name):
             if node.id in DENIED_NAMES or node.id.startswith("__"):
                 reason = f"name '{node.id}' is not allowed (sandbox: no eval/exec/compile/open/imports/" \
@@ -350,7 +399,7 @@ def _worker_main(task: dict, conn) -> None:
 
         fitness = build_fitness(task["fitness"]) if task.get("fitness") else None
         if fitness is not None:
-            fitness.setup()
+            fitness.setup()  # before the candidate runs: a failure here is never the candidate's fault
         install_audit_hook(task["workdir"])
         stage = "validate"
         conn.send(("phase", stage))
@@ -367,7 +416,9 @@ def _worker_main(task: dict, conn) -> None:
         conn.send(("result", {"metrics": metrics}))
     except BaseException as e:  # noqa: BLE001 - everything the candidate raises is a reason to report
         try:
-            conn.send(("error", {"stage": stage, "error": describe_exception(e, task["code"])}))
+            infrastructure = stage == "startup" or isinstance(e, InfrastructureError)
+            conn.send(("error", {"stage": stage, "error": cap_text(describe_exception(e, task["code"])),
+                                 "failure": "infrastructure" if infrastructure else "candidate"}))
         except BaseException:  # noqa: BLE001 - e.g. out of memory while reporting: the parent sees the exit
             pass
     finally:
@@ -403,16 +454,19 @@ def run_in_worker(code: str, limits: SandboxLimits, fitness: dict | None = None,
     """Validate (and, with ``fitness`` = a :func:`fitness_config`, train and score) ``code`` in a worker.
 
     Returns ``{"status": "ok", "metrics": {...}}`` or ``{"status": "invalid" | "failed", "stage": ...,
-    "error": reason}`` (``invalid`` = rejected before or during validation, ``failed`` = the fitness run failed),
-    always with ``seconds``. ``static_check=False`` skips :func:`check_code` in the parent and the worker; it
-    exists only to test the runtime layers on their own.
+    "error": reason, "failure": "candidate" | "infrastructure"}`` (``invalid`` = rejected before or during
+    validation, ``failed`` = the worker could not start or the fitness run failed; ``failure`` says whose fault:
+    the worker's startup and :class:`InfrastructureError` are not the candidate's), always with ``seconds``;
+    ``error`` is capped at :data:`MAX_TEXT_CHARS`. ``static_check=False`` skips :func:`check_code` in the parent
+    and the worker; it exists only to test the runtime layers on their own.
     """
     t0 = time.monotonic()
     if static_check:
         try:
             check_code(code)
         except CandidateRejected as e:
-            return {"status": "invalid", "stage": "static", "error": str(e), "seconds": time.monotonic() - t0}
+            return {"status": "invalid", "stage": "static", "error": cap_text(str(e)), "failure": "candidate",
+                    "seconds": time.monotonic() - t0}
     workdir = tempfile.mkdtemp(prefix="discopop_candidate_")
     task = {"code": code, "limits": asdict(limits), "fitness": fitness, "length_normalize": length_normalize,
             "workdir": workdir, "static_check": static_check}
@@ -429,7 +483,8 @@ def run_in_worker(code: str, limits: SandboxLimits, fitness: dict | None = None,
             if not parent_conn.poll(max(0.0, deadline - time.monotonic())):
                 proc.kill()
                 outcome = {"stage": stage, "error": f"time limit exceeded: more than {budgets[stage]:g} s "
-                                                    f"(wall clock) in the {stage} phase; the worker was killed"}
+                                                    f"(wall clock) in the {stage} phase; the worker was killed",
+                           "failure": _failure_kind(stage)}
                 break
             try:
                 kind, payload = parent_conn.recv()
@@ -438,7 +493,7 @@ def run_in_worker(code: str, limits: SandboxLimits, fitness: dict | None = None,
                 code_ = proc.exitcode
                 reason = _SIGNALS.get(-code_, f"exit code {code_}") if code_ is not None else "no exit code"
                 outcome = {"stage": stage, "error": f"the worker died without a result: {reason}"
-                                                    + _log_tail(workdir)}
+                                                    + _log_tail(workdir), "failure": _failure_kind(stage)}
                 break
             if kind == "phase":
                 stage, deadline = payload, time.monotonic() + budgets[payload]
@@ -454,15 +509,25 @@ def run_in_worker(code: str, limits: SandboxLimits, fitness: dict | None = None,
             proc.join(5)
         shutil.rmtree(workdir, ignore_errors=True)
     if "status" not in outcome:
-        outcome["status"] = "failed" if outcome["stage"] == "train" else "invalid"
+        outcome["status"] = "failed" if outcome["stage"] in ("train", "startup") else "invalid"
+        outcome["error"] = cap_text(outcome.get("error", ""))
+        outcome["failure"] = outcome.get("failure") or _failure_kind(outcome["stage"])
     outcome["seconds"] = time.monotonic() - t0
     return outcome
 
 
+def _failure_kind(stage: str) -> str:
+    """Whose fault a failure in ``stage`` is: the worker's startup (before the candidate is loaded) is
+    ``infrastructure``; validation and training are the ``candidate``'s."""
+    return "infrastructure" if stage == "startup" else "candidate"
+
+
 def _log_tail(workdir: str, chars: int = 600) -> str:
+    """The last ``chars`` characters of the worker's stdout/stderr (read from the end: the log may be large)."""
     try:
-        with open(os.path.join(workdir, "worker.log"), errors="replace") as f:
-            tail = f.read()[-chars:].strip()
+        with open(os.path.join(workdir, "worker.log"), "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4 * chars))
+            tail = f.read().decode(errors="replace")[-chars:].strip()
     except OSError:
         return ""
     return f" (worker log tail: {tail})" if tail else ""

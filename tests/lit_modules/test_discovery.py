@@ -7,6 +7,8 @@ import http.server
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import torch
 
 from lit_modules.discovery import (BASELINES, Archive, CandidateRejected, DiscoveryLoop, DPOFitness, HFProposer,
                                    OpenAIProposer, ReplayProposer, SandboxLimits, check_code, main, parse_reply,
-                                   run_in_worker, validate_loss)
+                                   run_in_worker, validate_loss, write_summary)
 from lit_modules.discovery.loop import build_parser
 from lit_modules.discovery.sandbox import scrub_secrets
 
@@ -356,3 +358,212 @@ def test_population_replies_share_the_chat_and_are_scored_in_parallel(tmp_path):
         (0, 0, "cell", "evaluated"), (0, 1, "smooth", "evaluated"), (1, 0, "cell", "evaluated")]
     assert proposals[0]["prompt"] == proposals[1]["prompt"] != proposals[2]["prompt"]
     assert proposals[0]["fitness"] == proposals[2]["fitness"]  # same loss, same seed and data: same fitness
+
+
+# ---------------------------------------------------------------------------------------------- issue 27.1
+def tiny_overrides():
+    """Command-line overrides that shrink the shipped config's fitness (SFT + DPO) to a few seconds."""
+    return ["--generations", "1", "--max_attempts", "1", "--seeds", "[dpo]", "--references", "[]", "--workers", "1",
+            "--fitness.init_args.model", json.dumps(TINY), "--fitness.init_args.sft_steps", "2",
+            "--fitness.init_args.steps", "2", "--fitness.init_args.num_pairs", "32",
+            "--fitness.init_args.batch_size", "8", "--fitness.init_args.val_fraction", "0.25",
+            "--fitness.init_args.warmup_steps", "1", "--limits.memory_mb", "1024"]
+
+
+def test_readme_command_with_relative_paths_scores_from_a_fresh_directory(tmp_path, monkeypatch, capsys):
+    """`litpapers discover --config configs/discopop/discover.yaml` as the README writes it: relative run_dir
+    (and the SFT export inside it) must reach the workers, which run in their own temporary folders."""
+    shutil.copytree(ROOT / "configs" / "discopop", tmp_path / "configs" / "discopop")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", "configs/discopop/discover.yaml", *tiny_overrides()]) == 0
+    records = Archive(tmp_path / "runs" / "discovery" / "archive.jsonl").load()
+    scored = [r for r in records if r["kind"] in ("seed", "proposal")]
+    assert [(r["kind"], r["status"]) for r in scored] == [("seed", "evaluated"), ("proposal", "evaluated")], scored
+    assert json.loads((tmp_path / "runs" / "discovery" / "summary.json").read_text())["best"]["name"] == "padll"
+
+
+def stub_scorer(monkeypatch, outcomes):
+    """Replace the sandbox worker by ``outcomes(code) -> dict``; returns the list of codes scored."""
+    import lit_modules.discovery.loop as loop_module
+
+    seen = []
+
+    def fake(code, limits, fitness=None, length_normalize=False, static_check=True):
+        seen.append(code)
+        return {"seconds": 0.0, **outcomes(code)}
+
+    monkeypatch.setattr(loop_module, "run_in_worker", fake)
+    return seen
+
+
+INFRA = {"status": "failed", "stage": "startup", "failure": "infrastructure",
+         "error": "FileNotFoundError: model path 'runs/discovery/sft' does not exist"}
+CANDIDATE_FAILED = {"status": "failed", "stage": "train", "failure": "candidate", "error": "ValueError: bad loss"}
+OK = {"status": "ok", "metrics": {"val_reward_accuracy": 0.75}}
+
+
+def stub_config(tmp_path, seeds=("dpo", "hinge"), generations=2):
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text("".join(json.dumps(REPLAY[i]) + "\n" for i in (0, 6)))
+    return ["--run_dir", str(tmp_path / "run"), "--generations", str(generations), "--max_attempts", "1",
+            "--seeds", json.dumps(list(seeds)), "--references", "[]",
+            "--proposer", "lit_modules.discovery.ReplayProposer", "--proposer.path", str(replay),
+            "--fitness", "lit_modules.discovery.DPOFitness", "--fitness.model", json.dumps(TINY)]
+
+
+def test_every_scoring_failing_for_infrastructure_exits_nonzero_with_one_error_line(tmp_path, monkeypatch, capsys):
+    seen = stub_scorer(monkeypatch, lambda code: INFRA)
+    assert main(stub_config(tmp_path)) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "infrastructure" in err[-1] and "runs/discovery/sft" in err[-1]
+    assert len(seen) == 2  # both seeds tried; no proposal asked for while nothing can be scored
+    records = Archive(tmp_path / "run" / "archive.jsonl").load()
+    assert {r.get("failure") for r in records if r["kind"] == "seed"} == {"infrastructure"}
+
+
+def test_infrastructure_failures_are_retried_on_resume_candidate_failures_are_not(tmp_path, monkeypatch):
+    dpo, cell, smooth = BASELINES["dpo"]["code"], REPLAY[0]["code"], REPLAY[6]["code"]
+    first = {dpo: INFRA, cell: INFRA, smooth: CANDIDATE_FAILED}
+    stub_scorer(monkeypatch, lambda code: first.get(code, OK))
+    assert main(stub_config(tmp_path)) == 0  # hinge was scored: not every scoring failed
+    seen = stub_scorer(monkeypatch, lambda code: OK)
+    assert main(stub_config(tmp_path)) == 0
+    assert seen == [dpo, cell]  # the seed and the proposal that failed for infrastructure, not `smooth`
+    records = Archive(tmp_path / "run" / "archive.jsonl").load()
+    proposals = [r for r in records if r["kind"] == "proposal"]
+    assert [(p["name"], p["status"], p.get("failure")) for p in proposals] == [
+        ("cell", "failed", "infrastructure"), ("smooth", "failed", "candidate"), ("cell", "evaluated", None)]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["proposals"] == {"evaluated": 1, "failed": 1} and summary["baselines"]["dpo"] == 0.75
+
+
+# ---------------------------------------------------------------------------------------------- issue 24.1
+def in_place_gamer(edit):
+    """A candidate that computes the honest DPO loss, then edits its inputs in place (``edit`` is one line)."""
+    return HEAD.replace("def f", "def gamer") + f"    loss = -F.logsigmoid(beta * ({MARGIN}))\n    {edit}\n" \
+        "    return loss\n"
+
+
+EDITS = [f"{arg}{op}" for arg in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
+                                    "ref_rejected_logps")
+         for op in (".data.add_(1000.0)", ".add_(-1000.0)", ".copy_(torch.full_like(ref_rejected_logps, 9.0))",
+                    "[0] = 1000.0")]
+
+
+def test_in_place_edits_of_the_loss_inputs_do_not_change_the_metrics():
+    from datamodules import PreferenceDataModule
+    from lit_modules import DPO
+    from lit_modules.discovery.sandbox import load_candidate
+    from lit_modules.dpo import METRICS
+
+    dm = PreferenceDataModule(num_examples=16, batch_size=8, val_fraction=0.25, seed=0)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    honest = DPO(model=TINY, loss="sigmoid", beta=0.05, init_seed=0)
+    _, want = honest.compute_loss(batch)
+    for edit in EDITS:
+        for ref_in_batch in (False, True):
+            gamer = DPO(model=TINY, loss=load_candidate(in_place_gamer(edit)), beta=0.05, init_seed=0)
+            b = dict(batch)
+            if ref_in_batch:  # precomputed / supplied reference log-probs: the candidate must not edit them either
+                b["ref_chosen_logps"], b["ref_rejected_logps"] = honest.reference_logps(batch)
+                b = {k: (v.clone() if k.startswith("ref_") else v) for k, v in b.items()}
+                kept = (b["ref_chosen_logps"].clone(), b["ref_rejected_logps"].clone())
+            loss, got = gamer.compute_loss(b)
+            loss.backward()  # the clone the candidate edited still carries the policy's gradient
+            for k in METRICS:
+                assert torch.allclose(got[k], want[k], atol=1e-6), (edit, ref_in_batch, k, got[k], want[k])
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gamer.policy.parameters()), edit
+            if ref_in_batch:
+                assert torch.equal(b["ref_chosen_logps"], kept[0]) and torch.equal(b["ref_rejected_logps"], kept[1])
+
+
+# ---------------------------------------------------------------------------------------------- issue 24.2
+def test_huge_error_messages_are_capped_in_the_archive_and_the_feedback(tmp_path):
+    from lit_modules.discovery.sandbox import MAX_TEXT_CHARS
+
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text(json.dumps({"name": "shout", "code": body("raise ValueError('B' * 50_000_000)")}) + "\n")
+    loop = DiscoveryLoop(run_dir=str(tmp_path / "run"), proposer=ReplayProposer(str(replay)),
+                         fitness=tiny_fitness(), generations=1, max_attempts=1, seeds=[], references=[],
+                         limits=SandboxLimits(validate_timeout_s=60, memory_mb=1024))
+    loop.run()
+    (record,) = [r for r in Archive(tmp_path / "run" / "archive.jsonl").load() if r["kind"] == "proposal"]
+    assert record["status"] == "invalid" and "ValueError: BBBB" in record["error"]
+    assert "characters cut" in record["error"] and record["failure"] == "candidate"
+    assert len(record["error"]) <= MAX_TEXT_CHARS
+    assert len(record["feedback"]) <= MAX_TEXT_CHARS + 200
+    assert (tmp_path / "run" / "archive.jsonl").stat().st_size < 10 * MAX_TEXT_CHARS + 20_000
+
+
+def test_cap_text_keeps_head_and_tail():
+    from lit_modules.discovery.sandbox import cap_text
+
+    assert cap_text("short") == "short"
+    text = cap_text("H" * 10 + "x" * 100_000 + "T" * 10, limit=1000)
+    assert len(text) <= 1000 and text.startswith("H" * 10) and text.endswith("T" * 10) and "100020 characters" in text
+
+
+# ---------------------------------------------------------------------------------------------- issue 24.3
+STRING_TO_TYPE = {
+    "set_default_tensor_type": body("torch.set_default_tensor_type('os.system')", "return policy_chosen_logps"),
+    "storage type(str)": body("torch.FloatStorage(1).type('os.system')", "return policy_chosen_logps"),
+    "tensor type(str)": body("x = policy_chosen_logps.type('torch.DoubleTensor')", "return x"),
+    "type(dtype=str)": body("x = policy_chosen_logps.type(dtype='os.system')", "return x"),
+    "type(variable)": body("s = 'os.' + 'system'", "x = policy_chosen_logps.type(s)", "return x"),
+    "type as a value": body("t = policy_chosen_logps.type", "x = t('os.system')", "return x"),
+    "set_default_dtype(str)": body("torch.set_default_dtype('os.system')", "return policy_chosen_logps"),
+    "assign torch attribute": body("torch.isfinite = torch.ones_like", "return policy_chosen_logps"),
+    "assign F attribute": body("F.logsigmoid = torch.zeros_like", "return policy_chosen_logps"),
+    "augmented assign": body("torch.e += 1", "return policy_chosen_logps"),
+    "delete torch attribute": body("del torch.isfinite", "return policy_chosen_logps"),
+    "top-level assign": "torch.isfinite = torch.ones_like\n" + GOOD,
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRING_TO_TYPE))
+def test_static_check_refuses_string_to_type_and_torch_attribute_assignment(case):
+    with pytest.raises(CandidateRejected, match="not allowed"):
+        check_code(STRING_TO_TYPE[case])
+
+
+def test_type_with_a_torch_dtype_still_passes():
+    assert check_code(body("x = policy_chosen_logps.type(torch.float64)", "return x.float()")) == "f"
+
+
+# ---------------------------------------------------------------------------------------------- issue 24.4
+def test_loss_infinite_only_in_training_is_a_candidate_failure():
+    from lit_modules.discovery.sandbox import load_candidate
+
+    code = body(f"loss = -F.logsigmoid(beta * ({MARGIN}))",
+                "if policy_chosen_logps.requires_grad and policy_chosen_logps.shape[0] != 10:",
+                "    return loss + math.inf", "return loss")
+    fn = load_candidate(code)
+    validate_loss(fn)  # finite on the validity check's inputs
+    with pytest.raises(ValueError, match="training loss is not finite"):
+        tiny_fitness().evaluate(fn)
+
+
+def test_summary_escapes_names_with_pipes_and_newlines(tmp_path):
+    records = [{"kind": "proposal", "generation": 0, "attempt": i, "name": name, "status": "invalid",
+                "fitness": None, "error": "e | f\ng"} for i, name in enumerate(["a|b", "c\nd | e", "ok"])]
+    write_summary(records, tmp_path)
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    assert len(lines) == 2 + len(records)
+    cells = [len(re.split(r"(?<!\\)\|", line)) for line in lines]
+    assert len(set(cells)) == 1, lines
+    assert "a\\|b" in lines[2] and "c d \\| e" in lines[3]
+
+
+def test_fitness_paths_reach_the_worker_absolute(tmp_path, monkeypatch):
+    from lit_modules.discovery.fitness import fitness_config
+
+    (tmp_path / "models" / "sft").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for model, want in (("models/sft", str(tmp_path / "models" / "sft")), ("./gone", str(tmp_path / "gone")),
+                        ("runs/discovery/sft", str(tmp_path / "runs" / "discovery" / "sft")),
+                        ("HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M")):
+        assert fitness_config(DPOFitness(model=model))["init_args"]["model"] == want
+    assert fitness_config(DPOFitness(model=TINY))["init_args"]["metric"] == "val_reward_accuracy"
+    assert DiscoveryLoop(run_dir="runs/x", proposer=ReplayProposer.__new__(ReplayProposer)).run_dir == \
+        tmp_path / "runs" / "x"
