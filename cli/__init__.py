@@ -5,7 +5,8 @@
     litpapers validate --config configs/probes/probe_local_model.yaml --model.model /path/to/hf_model
 
 Models and datamodules are chosen in subclass mode (``model.class_path: lit_modules.CausalLM`` or just
-``CausalLM``). Defaults: TensorBoard logger under ``logs/<run name>/`` (the run name is the last ``--config``
+``CausalLM``). Defaults: TensorBoard logger under ``logs/<run name>/version_N`` (claimed atomically: two runs never
+share one, ``callbacks/loggers.py``) (the run name is the last ``--config``
 file's stem unless the config names it), a progress bar in steps (``callbacks/progress.py``),
 ``seed_everything: 0``, and what keeps a run
 from losing work (``callbacks/lifecycle.py``): ``last.ckpt`` every ``DEFAULT_CHECKPOINT_EVERY`` steps, at the end
@@ -41,6 +42,7 @@ import datamodules  # noqa: E402,F401
 import lit_modules  # noqa: E402,F401
 import optimizers  # noqa: E402,F401
 from callbacks.lifecycle import LastCheckpoint  # noqa: E402
+from callbacks.loggers import VERSIONED_LOGGERS  # noqa: E402
 
 DEFAULT_CHECKPOINT_EVERY = 200
 #: The logger's run name without a ``--config`` file; with one, the last file's stem (:func:`run_name`).
@@ -64,7 +66,7 @@ class LitPapersCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--stop_on_nonfinite_loss", type=bool, default=True,
                             help="stop fit with an error naming the step when the training loss is NaN/inf")
-        parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        parser.set_defaults({"trainer.logger": {"class_path": "callbacks.loggers.VersionedTensorBoardLogger",
                                                 "init_args": {"save_dir": "logs", "name": DEFAULT_RUN_NAME}}})
 
     def before_instantiate_classes(self) -> None:
@@ -79,6 +81,7 @@ class LitPapersCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         self._move_optimizer_into_model(config)
         self._name_run_after_config(config)
+        self._claim_log_versions(config)
         trainer = config.trainer
         listed = [str(c.get("class_path", "")) for c in (trainer.get("callbacks") or [])]
         defaults = []
@@ -110,6 +113,15 @@ class LitPapersCLI(LightningCLI):
         files = [f for f in config.get("config") or [] if f is not None]  # None: an inline YAML string
         if args is not None and args.get("name") == DEFAULT_RUN_NAME and files:
             args["name"] = run_name(files)
+
+    @staticmethod
+    def _claim_log_versions(config: Namespace) -> None:
+        """Swap Lightning's ``TensorBoardLogger``/``CSVLogger`` for the subclasses that claim their ``version_N``
+        folder atomically (:mod:`callbacks.loggers`), so two runs started together never share a folder."""
+        logger = config.trainer.get("logger")
+        for one in logger if isinstance(logger, list) else [logger]:
+            if isinstance(one, Namespace) and str(one.get("class_path")) in VERSIONED_LOGGERS:
+                one["class_path"] = VERSIONED_LOGGERS[str(one["class_path"])]
 
     @staticmethod
     def _move_optimizer_into_model(config: Namespace) -> None:
