@@ -7,7 +7,8 @@
   ``every_n_train_steps``), that turns the first Ctrl-C (SIGINT) into "finish this step, save ``last.ckpt``,
   stop" (a second Ctrl-C aborts at once) and that saves ``last.ckpt`` when an exception ends a single-process
   run while the weights are consistent (not inside an optimizer step). Each such save prints one line saying
-  where the checkpoint went.
+  where the checkpoint went. Every checkpoint is written atomically (:mod:`callbacks.checkpoint_io`): a full disk
+  leaves the previous ``last.ckpt`` intact and ends the run with one error naming the path and the free space.
 - :class:`ExactResume` — saves the torch/numpy/python random states in every checkpoint and, when training
   resumes, restores them and the training loader's position within the epoch, so data order, dropout and
   sampling continue as in an uninterrupted run.
@@ -27,6 +28,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks.checkpoint_io import CheckpointWriteError, use_atomic_checkpoints
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,6 +100,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        use_atomic_checkpoints(trainer.strategy)  # a failed write never leaves a truncated last.ckpt
         if stage == "fit" and self.save_on_interrupt and threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGINT, self._on_sigint)
             self._previous_handler = signal.default_int_handler if previous is None else previous  # None: set in C
@@ -127,7 +131,8 @@ class LastCheckpoint(ModelCheckpoint):
 
     # -- errors ---------------------------------------------------------------------------------------------
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if (not self.save_on_error or isinstance(exception, NonFiniteLossError) or self._in_optimizer_step
+        if (not self.save_on_error or isinstance(exception, (NonFiniteLossError, CheckpointWriteError))
+                or self._in_optimizer_step
                 or trainer.world_size > 1 or not self._can_save(trainer)):
             return
         try:

@@ -41,6 +41,7 @@ import callbacks  # noqa: E402,F401
 import datamodules  # noqa: E402,F401
 import lit_modules  # noqa: E402,F401
 import optimizers  # noqa: E402,F401
+from callbacks.checkpoint_io import check_checkpoint_file  # noqa: E402
 from callbacks.lifecycle import LastCheckpoint  # noqa: E402
 from callbacks.loggers import VERSIONED_LOGGERS  # noqa: E402
 
@@ -103,6 +104,16 @@ class LitPapersCLI(LightningCLI):
         if defaults:
             trainer.callbacks = list(trainer.get("callbacks") or []) + [
                 Namespace(class_path=d["class_path"], init_args=Namespace(**d["init_args"])) for d in defaults]
+
+    def _parse_ckpt_path(self) -> None:
+        """Before LightningCLI reads the hyperparameters of ``--ckpt_path``, check that the file is a readable
+        checkpoint (:func:`~callbacks.checkpoint_io.check_checkpoint_file`): a truncated or foreign file is one
+        clear error, not torch's advice to unpickle it unsafely."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint_file(ckpt_path)
+        super()._parse_ckpt_path()
 
     @staticmethod
     def _name_run_after_config(config: Namespace) -> None:

@@ -1,0 +1,54 @@
+"""Bad input and failing disks end the output with one ``error:`` line naming what is wrong (issue 24 items 6,
+9-12, issue 27 item 8): no traceback, a non-zero exit, nothing lost. The README's reliability table quotes these
+messages; :func:`test_readme_reliability_rows_match_the_tested_messages` keeps it in step."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cli
+from tests.callbacks.test_checkpoint_io import file_size_limit
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = str(ROOT / "configs" / "ademamix" / "quick_adamw.yaml")
+FAST = ["--data.init_args.max_documents", "40", "--data.init_args.block_size", "32", "--data.init_args.batch_size",
+        "4", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false"]
+
+
+def _main(args: list[str], monkeypatch, capsys, subcommand: str = "fit") -> tuple[int, str]:
+    """``litpapers SUBCOMMAND ARGS`` in this process; returns (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["litpapers", subcommand, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def _last_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return stderr.strip().splitlines()[-1]
+
+
+def test_a_full_disk_ends_with_one_error_naming_the_checkpoint_and_free_space(monkeypatch, capsys):
+    with file_size_limit(256 * 1024):  # the checkpoint (~1.7 MB) cannot be written; logs and configs can
+        code, err = _main(["--config", QUICK, "--trainer.max_steps", "2", *FAST], monkeypatch, capsys)
+    assert code == 1
+    line = _last_line(err)
+    assert re.fullmatch(r"error: could not write \S+/checkpoints/last\.ckpt: File too large \(.+ free there\)", line)
+    assert not list(Path("logs").rglob("*.ckpt")) and not list(Path("logs").rglob(".*.tmp-*"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text"])
+def test_a_corrupt_ckpt_path_is_named_without_suggesting_unsafe_loading(damage, monkeypatch, capsys):
+    path = Path("last.ckpt")
+    if damage == "truncated":
+        torch.save({"state_dict": {"w": torch.ones(1000)}, "hyper_parameters": {}}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    else:
+        path.write_text("not a checkpoint\n")
+    code, err = _main(["--config", QUICK, *FAST, "--ckpt_path", str(path)], monkeypatch, capsys)
+    assert code == 1
+    assert _last_line(err).startswith(f"error: checkpoint file {path} is corrupt or not a Lightning checkpoint")
+    assert "weights_only" not in err
