@@ -41,6 +41,13 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, left: bool = Fa
     return out
 
 
+def check_batch_size(batch_size: int, owner: str) -> None:
+    """Raise a ``ValueError`` naming ``owner`` (the datamodule) unless ``batch_size`` is a positive integer: a
+    zero or negative size would otherwise fail deep inside ``torch.utils.data``, after the model is loaded."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{owner}: batch_size must be >= 1, got {batch_size}")
+
+
 def cache_dir(*parts: str) -> Path:
     """Where generated data and caches live: ``$LITPAPERS_CACHE`` or ``~/.cache/litpapers``, plus ``parts``."""
     base = Path(os.environ.get("LITPAPERS_CACHE", Path.home() / ".cache" / "litpapers"))

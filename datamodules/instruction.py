@@ -34,7 +34,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.common import ResumableDataLoader, pad_sequences, resolve_tokenizer
+from datamodules.common import ResumableDataLoader, check_batch_size, pad_sequences, resolve_tokenizer
 from datamodules.instruction_tasks import PROMPT_TEMPLATE, format_prompt, generate_examples
 from datamodules.io import read_records
 from datamodules.text import TextDataModule
@@ -146,6 +146,7 @@ class InstructionDataModule(L.LightningDataModule):
                  tasks: list[str] | None = None, pretrain_path: str | None = None, pretrain: bool = False,
                  pretrain_block_size: int = 128, tokenizer: str | None = None, num_workers: int = 0):
         super().__init__()
+        check_batch_size(batch_size, type(self).__name__)
         if max_prompt_length < 1 or max_response_length < 1:
             raise ValueError(f"max_prompt_length ({max_prompt_length}) and max_response_length "
                              f"({max_response_length}) must be >= 1")

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.common import ResumableDataLoader, cache_dir
+from datamodules.common import ResumableDataLoader, cache_dir, check_batch_size
 from datamodules.extras import require
 from datamodules.offline_rl_generate import BUILTIN_DATASETS, generate_minari_dataset
 
@@ -289,6 +289,7 @@ class OfflineRLDataModule(L.LightningDataModule):
                  max_val_windows: int = 4096, seed: int = 0, generate_episodes: int = 300,
                  generate_max_steps: int = 500, generate_seed: int = 0, generate_num_envs: int = 16):
         super().__init__()
+        check_batch_size(batch_size, type(self).__name__)
         if context_len < 1:
             raise ValueError(f"context_len must be >= 1, got {context_len}")
         if not 0.0 <= val_fraction < 1.0:

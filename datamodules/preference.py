@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.common import ResumableDataLoader, pad_sequences, resolve_tokenizer
+from datamodules.common import ResumableDataLoader, check_batch_size, pad_sequences, resolve_tokenizer
 from datamodules.instruction_tasks import PROMPT_TEMPLATE, TASKS, WORDS, check_answer, format_prompt, generate_examples
 from datamodules.io import read_records
 from datamodules.tokenizers import check_prompt_template, resolve_prompt_template
@@ -118,6 +118,7 @@ class PreferenceDataModule(L.LightningDataModule):
                  val_fraction: float = 0.1, seed: int = 0, tokenizer: str | None = None,
                  chat_template: str | None = None, template: str | None = None, num_workers: int = 0):
         super().__init__()
+        check_batch_size(batch_size, type(self).__name__)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if max_prompt_length < 1 or max_length <= max_prompt_length:

@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.common import ResumableDataLoader, pad_sequences, resolve_tokenizer
+from datamodules.common import ResumableDataLoader, check_batch_size, pad_sequences, resolve_tokenizer
 from datamodules.io import read_records
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ class SequenceTasksDataModule(L.LightningDataModule):
                  separator_every: int = 3, num_train: int = 20000, num_val: int = 500, val_fraction: float = 0.05,
                  batch_size: int = 64, seed: int = 0, tokenizer: str | None = None, num_workers: int = 0):
         super().__init__()
+        check_batch_size(batch_size, type(self).__name__)
         tasks = list(TASKS) if tasks is None else list(tasks)
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.common import ResumableDataLoader, resolve_tokenizer
+from datamodules.common import ResumableDataLoader, check_batch_size, resolve_tokenizer
 from datamodules.io import iter_text_documents
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class TextDataModule(L.LightningDataModule):
                  batch_size: int = 16, val_fraction: float = 0.05, seed: int = 0, max_documents: int | None = None,
                  tokenizer: str | None = None, num_workers: int = 0):
         super().__init__()
+        check_batch_size(batch_size, type(self).__name__)
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2, got {block_size}")
         if not 0.0 < val_fraction < 1.0:

@@ -53,8 +53,46 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}") from None
 
 
+def check_attention_heads(config: dict[str, Any], given: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` naming the fields when a config dict's attention shape cannot work:
+    ``hidden_size`` must be a multiple of ``num_attention_heads``, and ``num_attention_heads`` a multiple of
+    ``num_key_value_heads`` (grouped-query attention). ``given`` is the user's dict: a value it left out is named
+    as the default it came from (:data:`TINY_LLAMA`), e.g. ``num_key_value_heads`` 4 under 2 heads."""
+    def named(key: str) -> str:
+        return f"{key} {config[key]}" + ("" if key in given else " (the default: the dict does not set it)")
+
+    hidden, heads, kv = (config.get(k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    if isinstance(heads, int) and heads < 1:
+        raise ValueError(f"model config: num_attention_heads must be >= 1, got {heads}")
+    if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads:
+        raise ValueError(f"model config: hidden_size {hidden} is not a multiple of {named('num_attention_heads')}")
+    if isinstance(heads, int) and isinstance(kv, int) and (kv < 1 or heads % kv):
+        raise ValueError(f"model config: num_attention_heads {heads} is not a multiple of "
+                         f"{named('num_key_value_heads')}; set num_key_value_heads to a divisor of {heads}")
+
+
+def check_vocabulary_fits(lm: PreTrainedModel, vocab_size: int | None, model: ModelSpec) -> None:
+    """Raise a ``ValueError`` naming both sizes when the tokenizer (``vocab_size`` = ``len(tokenizer)``) has ids
+    beyond the model's input embedding: those ids would fail deep inside the model (``index out of range``)."""
+    embedding = lm.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    if vocab_size is not None and rows is not None and vocab_size > rows:
+        name = model if isinstance(model, str) else "the config dict"
+        raise ValueError(f"the tokenizer has {vocab_size} tokens but the model ({name}) embeds only {rows}: use the "
+                         f"model's own tokenizer, or a model whose vocab_size is at least {vocab_size}")
+
+
 def load_causal_lm(model: ModelSpec, vocab_size: int | None = None, dtype: str | torch.dtype | None = None,
                    seed: int | None = None) -> PreTrainedModel:
+    """Build a causal LM (see :func:`_build_causal_lm`); with ``vocab_size`` (the tokenizer's size) check that the
+    model embeds every token id (:func:`check_vocabulary_fits`)."""
+    lm = _build_causal_lm(model, vocab_size, dtype, seed)
+    check_vocabulary_fits(lm, vocab_size, model)
+    return lm
+
+
+def _build_causal_lm(model: ModelSpec, vocab_size: int | None = None, dtype: str | torch.dtype | None = None,
+                     seed: int | None = None) -> PreTrainedModel:
     """Build a causal LM from a hub name, a local ``save_pretrained`` directory or a config dict.
 
     For a config dict, ``model_type`` picks the architecture (default ``llama``) and missing fields come
@@ -74,6 +112,7 @@ def load_causal_lm(model: ModelSpec, vocab_size: int | None = None, dtype: str |
         merged.setdefault("pad_token_id", 0)
         merged.setdefault("eos_token_id", 1)
         merged.setdefault("bos_token_id", None)
+        check_attention_heads(merged, fields)
         config = AutoConfig.for_model(model_type, **merged)
         if seed is not None:
             with torch.random.fork_rng(devices=[]):

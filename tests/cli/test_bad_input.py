@@ -52,3 +52,27 @@ def test_a_corrupt_ckpt_path_is_named_without_suggesting_unsafe_loading(damage, 
     assert code == 1
     assert _last_line(err).startswith(f"error: checkpoint file {path} is corrupt or not a Lightning checkpoint")
     assert "weights_only" not in err
+
+
+MODEL = "{model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 1"
+CASES = {
+    "batch_size_0": (["--data.init_args.batch_size", "0"],
+                     "error: TextDataModule: batch_size must be >= 1, got 0"),
+    "heads_vs_default_kv_heads": (["--model.init_args.model", MODEL + ", num_attention_heads: 2}"],
+                                  "error: model config: num_attention_heads 2 is not a multiple of num_key_value_heads "
+                                  "4 (the default: the dict does not set it); set num_key_value_heads to a divisor "
+                                  "of 2"),
+    "hidden_vs_heads": (["--model.init_args.model", MODEL + ", num_attention_heads: 6, num_key_value_heads: 6}"],
+                        "error: model config: hidden_size 64 is not a multiple of num_attention_heads 6"),
+    "tokenizer_beyond_embedding": (["--model.init_args.model", MODEL + ", vocab_size: 100}"],
+                                   "error: the tokenizer has 259 tokens but the model (the config dict) embeds only "
+                                   "100: use the model's own tokenizer, or a model whose vocab_size is at least 259"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_model_or_data_argument_is_one_error_naming_the_field(case, monkeypatch, capsys):
+    args, expected = CASES[case]
+    code, err = _main(["--config", QUICK, "--trainer.max_steps", "1", *FAST, *args], monkeypatch, capsys)
+    assert code == 1
+    assert _last_line(err) == expected
