@@ -35,6 +35,7 @@ which dominates on these small runs, and would turn noise into verdicts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import importlib
@@ -128,14 +129,86 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- runner
-def _console_progress(key: str, index: int, total: int, start: float) -> Progress:
-    """A progress callback printing ``[mm:ss] key (i/n) pct%: message`` to stderr."""
+#: Seconds between two progress lines on the console; every line also goes to the paper's ``console.log``.
+PROGRESS_INTERVAL = 30.0
+
+
+class Console:
+    """Where the runner talks to the user while each paper's own output goes to a file.
+
+    ``stream`` is a duplicate of the terminal's stderr taken before any redirection (:func:`paper_output_to`), so
+    progress lines reach the user while everything else the experiment prints — library logs and warnings,
+    progress bars, child processes (built-in checkpoint training), MuJoCo's C-level messages — lands in
+    ``<out>/<key>/console.log``. Without a real stderr (e.g. pytest's capture) nothing is redirected."""
+
+    def __init__(self) -> None:
+        try:
+            self.fd: int | None = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.fd = None
+        self.stream = os.fdopen(os.dup(self.fd), "w", buffering=1) if self.fd is not None else sys.stderr
+
+    def print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+
+@contextlib.contextmanager
+def paper_output_to(path: Path, console: Console):
+    """While the block runs, file descriptors 1 and 2 (and so ``print``, logging, warnings, tqdm bars and child
+    processes) write to ``path`` (appended); restored afterwards. A no-op when ``console`` has no real stderr."""
+    if console.fd is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def eta_seconds(elapsed: float, fraction: float | None) -> float | None:
+    """Measured time left: elapsed·(1 − f)/f for a fraction f of the work done in (0, 1), else None."""
+    if fraction is None or not 0 < fraction < 1:
+        return None
+    return elapsed * (1 - fraction) / fraction
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def _console_progress(key: str, index: int, total: int, start: float, console: Console | None = None,
+                      interval: float = PROGRESS_INTERVAL) -> Progress:
+    """A progress callback: ``[reproduce mm:ss] key (i/n) pct% (ETA mm:ss): message``. Every line goes to stderr
+    (the paper's ``console.log`` while it runs); the console gets the first and last line of a paper, failures, and
+    otherwise at most one line per ``interval`` seconds. The ETA is measured from the paper's own progress."""
+    console = console or Console()
+    paper_start = time.perf_counter()
+    last_shown = [-math.inf]
 
     def progress(message: str, fraction: float | None = None) -> None:
-        elapsed = int(time.perf_counter() - start)
+        now = time.perf_counter()
         pct = "" if fraction is None else f" {100 * fraction:3.0f}%"
-        print(f"[reproduce {elapsed // 60:02d}:{elapsed % 60:02d}] {key} ({index}/{total}){pct}: {message}",
-              file=sys.stderr, flush=True)
+        eta = eta_seconds(now - paper_start, fraction)
+        pct += "" if eta is None else f" (ETA {_clock(eta)})"
+        line = f"[reproduce {_clock(now - start)}] {key} ({index}/{total}){pct}: {message}"
+        if console.stream is not sys.stderr:
+            print(line, file=sys.stderr, flush=True)
+        if fraction in (0.0, 1.0) or message.startswith("FAILED") or now - last_shown[0] >= interval:
+            console.print(line)
+            last_shown[0] = now
 
     return progress
 
@@ -478,29 +551,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join([program_name(sys.argv), *argv])
     config = {"mode": args.mode, "only": args.keys, "seeds": args.seeds, "out": str(out)}
     start = time.perf_counter()
+    console = Console()
     papers: dict[str, dict] = {}
     for i, key in enumerate(args.keys, 1):
-        progress = _console_progress(key, i, len(args.keys), start)
+        progress = _console_progress(key, i, len(args.keys), start, console)
         saved = _saved(out, key, args.mode, args.seeds)
-        if saved is not None:
-            progress(f"already finished in {out} ({saved['seconds']:.0f} s), skipped", 1.0)
-            try:
-                add_real_claims(saved, key, args.mode, args.seeds, out / key, progress)
-            except (Exception, SystemExit) as e:  # noqa: BLE001 - as in run_paper; the saved result stays
-                papers[key] = saved | {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-                progress(f"FAILED: {papers[key]['error']}", None)
+        with paper_output_to(out / key / "console.log", console):
+            if saved is not None:
+                progress(f"already finished in {out} ({saved['seconds']:.0f} s), skipped", 1.0)
+                try:
+                    add_real_claims(saved, key, args.mode, args.seeds, out / key, progress)
+                except (Exception, SystemExit) as e:  # noqa: BLE001 - as in run_paper; the saved result stays
+                    papers[key] = saved | {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                    progress(f"FAILED: {papers[key]['error']}", None)
+                else:
+                    atomic_write(out / "papers" / f"{key}.json", json.dumps(saved, indent=1, default=str) + "\n")
+                    papers[key] = saved
             else:
-                atomic_write(out / "papers" / f"{key}.json", json.dumps(saved, indent=1, default=str) + "\n")
-                papers[key] = saved
-        else:
-            progress("starting", 0.0)
-            papers[key] = run_paper(key, args.mode, args.seeds, out, progress)
-            atomic_write(out / "papers" / f"{key}.json", json.dumps(papers[key], indent=1, default=str) + "\n")
-            progress(f"{papers[key]['status']} in {papers[key]['seconds']:.0f} s", 1.0)
+                progress(f"starting (its output: {out / key / 'console.log'})", 0.0)
+                papers[key] = run_paper(key, args.mode, args.seeds, out, progress)
+                atomic_write(out / "papers" / f"{key}.json", json.dumps(papers[key], indent=1, default=str) + "\n")
+                progress(f"{papers[key]['status']} in {papers[key]['seconds']:.0f} s", 1.0)
         write_outputs(out, args.mode, papers, command, config)
     failed = [k for k, p in papers.items() if p["status"] != "ok"]
-    print(f"report: {out / 'report.md'}; results: {out / 'results.json'}"
-          + (f"; FAILED: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    console.print(f"[reproduce {_clock(time.perf_counter() - start)}] done; report: {out / 'report.md'}; "
+                  f"results: {out / 'results.json'}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 

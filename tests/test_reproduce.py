@@ -342,24 +342,6 @@ def test_render_results_table_by_hand():
         "| qdpo | failed: ValueError: a\\|b c | | | | | 0 |"]  # a pipe or newline must not break the table
 
 
-def test_discopop_claim_module_runs_tiny(tmp_path, monkeypatch):
-    """The DiscoPOP claim end to end through its real modules, at a tiny size (2 SFT steps, 2 steps per loss)."""
-    from benchmarks import claim_discopop
-
-    monkeypatch.setitem(claim_discopop.SETTINGS, "quick",
-                        {"seeds": 1, "sft_steps": 2, "steps": 2, "pairs": 200, "losses": ["sigmoid"]})
-    messages = []
-    result = claim_discopop.run("quick", None, tmp_path, lambda m, f=None: messages.append((m, f)))
-    (claim,) = result["claims"]
-    assert claim["baseline_name"] == "DPO (sigmoid)" and claim["higher_is_better"] is True
-    assert result["settings"]["held_out_pairs"] == 20 and result["settings"]["beta"] == 0.05
-    # reward accuracies are fractions of the 20 held-out pairs; one training seed: no spread
-    assert {round(claim["ours"] * 20, 6) % 1, round(claim["baseline"] * 20, 6) % 1} == {0}
-    assert claim["spread"] is None
-    assert [f for _, f in messages] == [0.0, 0.0, 0.5]
-    assert (tmp_path / "tb" / "discopop" / "seed0").is_dir()
-
-
 def test_margin_and_close_calls_by_hand():
     row = {"ours": 1.9, "baseline": 2.0, "higher_is_better": False, "spread": 0.04}
     assert reproduce.margin(row) == pytest.approx(2.5)  # lower is better: d = 2.0 - 1.9 = 0.1 = 2.5 s
@@ -381,3 +363,50 @@ def test_report_settings_are_a_table_and_long_values_fold():
     assert "<details><summary>per-seed values and other long settings (per_seed)</summary>" in report
     assert '"per_seed"' not in report.split("<details>")[0]  # the long value is only in the folded block
     assert "| [qdpo](#qdpo) | failed: None |" not in report and "## Summary" in report
+
+
+FAKE_NOISY = """
+import logging, os, subprocess, sys, warnings
+def run(mode, seeds, out_dir, progress):
+    for i in range(200):
+        progress(f"step {i}", i / 200)  # many progress calls in a short time
+        print(f"library chatter {i}")
+    os.write(2, b"C-level message on fd 2\\n")
+    subprocess.run([sys.executable, "-c", "print('child process output')"], check=True)
+    logging.getLogger("some.library").warning("a logged warning")
+    warnings.warn("a python warning")
+    return {"claims": [{"claim": "noisy beats base", "metric": "acc", "ours": 0.9, "baseline": 0.5,
+                        "baseline_name": "base", "higher_is_better": True, "spread": 0.01}],
+            "figures": [], "settings": {}}
+"""
+
+
+def test_console_shows_progress_and_the_paper_output_goes_to_its_log(tmp_path):
+    """A paper that prints, logs, warns, writes to fd 2 and starts a child process: the console gets a few progress
+    lines (first, throttled, last) and the final line; everything else is in <out>/<key>/console.log."""
+    (tmp_path / "fake_noisy.py").write_text(FAKE_NOISY)
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(tmp_path)!r}]
+        from benchmarks import reproduce
+        reproduce.CLAIM_MODULES.update(ademamix="fake_noisy", minillm="fake_noisy")
+        sys.exit(reproduce.main(["--quick", "--only", "ademamix,minillm", "--out", {str(out)!r}]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    console = (done.stdout + done.stderr).splitlines()
+    assert len(console) <= 8, console  # per paper: start, one throttled line, end; then the final line
+    assert console[-1].startswith("[reproduce ") and "report: " in console[-1]
+    assert all(line.startswith("[reproduce ") for line in console)
+    log = (out / "ademamix" / "console.log").read_text()
+    for text in ("library chatter 199", "C-level message on fd 2", "child process output", "a logged warning",
+                 "a python warning", "step 199"):
+        assert text in log
+    assert "ETA" in log  # measured from the progress fraction
+
+
+def test_eta_is_measured_from_the_fraction_done():
+    assert reproduce.eta_seconds(30.0, 0.25) == pytest.approx(90.0)
+    assert reproduce.eta_seconds(30.0, None) is None and reproduce.eta_seconds(30.0, 1.0) is None
