@@ -24,7 +24,9 @@ into the model's arguments (replacing the model's own) before it is built.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -34,7 +36,7 @@ from cli.console import quiet_console
 quiet_console()  # before the imports below: transformers imports torchao, which logs at import
 
 from jsonargparse import Namespace  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 # Imported so their classes resolve by short name (``--optimizer AdEMAMix``, ``CausalLM``, callbacks).
 import callbacks  # noqa: E402,F401
@@ -58,11 +60,91 @@ EXIT_INTERRUPTED = 130
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _type_name(text: str) -> str:
+    """``<class 'int'>`` -> ``int``, ``<class 'lightning.pytorch.core.module.LightningModule'>`` ->
+    ``LightningModule``; other type texts unchanged."""
+    return re.sub(r"<class '(?:[\w.]*\.)?(\w+)'>", r"\1", text)
+
+
+def _flag(key: str, given: list[str]) -> str:
+    """The command-line flag a dotted parser key came from (``model.init_args.warmup_steps`` ->
+    ``--model.init_args.warmup_steps`` or ``--model.warmup_steps``), else the key itself (it came from a config
+    file)."""
+    names = [arg.split("=", 1)[0] for arg in given if arg.startswith("--")]
+    last = key.rsplit(".", 1)[-1]
+    return next((n for n in names if n[2:] == key), None) or next(
+        (n for n in names if n[2:].endswith("." + last) and n[2:].split(".", 1)[0] == key.split(".", 1)[0]), key)
+
+
+def one_line_error(message: str, given: list[str], options: list[str]) -> str:
+    """Rewrite a jsonargparse error (several lines, the value last and the reason above it, often nested inside
+    "Does not validate against any of the Union subtypes") as one line naming the key, the expected type and the
+    value: ``--trainer.max_steps expects int, got 'lots'``. ``given`` is the command line (to name the flag of a
+    key), ``options`` the accepted flags (for "did you mean")."""
+    unknown = re.match(r"unrecognized arguments: (.*)", message)
+    if unknown:
+        flags = [a.split("=", 1)[0] for a in unknown.group(1).split() if a.startswith("--")]
+        close = difflib.get_close_matches(flags[0], options, n=1) if flags else []
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"unrecognized argument{'s' if len(flags) > 1 else ''} {unknown.group(1)}{hint}"
+    keys = re.findall(r'Parser key "([^"]+)":', message)
+    if not keys:
+        return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    flag = _flag(".init_args.".join(keys), given)
+    typed = re.findall(r"Expected an? (.+?)\. Got value: (.*)", message)
+    if typed:
+        expected, value = typed[-1]
+        return f"{flag} expects {_type_name(expected)}, got {value.strip()!r}"
+    option = re.search(r"Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message)
+    if option:
+        cls, name = option.group(1).rsplit(".", 1)[-1], option.group(2)
+        return f"{_flag('.init_args.'.join([*keys, name]), given)}: {cls} has no argument {name!r}"
+    value = re.search(r"Given value: (.*)", message)
+    value = value.group(1).strip() if value else None
+    subtypes = re.search(r"Subtypes: \[(.*?)\]", message)
+    if "Expected a dot import path string" in message and subtypes:
+        kinds = [t for t in (_type_name(x.strip()) for x in subtypes.group(1).split(",")) if t != "NoneType"]
+        return f"{flag} expects a {' or '.join(kinds)} class (a name or an import path), got {value!r}: no such class"
+    inner = message.rsplit(f'Parser key "{keys[-1]}":', 1)[-1]
+    first = next((line.strip(" -") for line in inner.splitlines() if line.strip(" -")), "invalid value")
+    return f"{flag}: {first}" + (f" (got {value!r})" if value is not None and value not in first else "")
+
+
+class LitPapersParser(LightningArgumentParser):
+    """The ``litpapers`` parser: no abbreviated options (``--trainer.max_step`` is an error, not ``max_steps``),
+    and a bad argument prints one hint line and one ``error: ...`` line (:func:`one_line_error`) instead of the
+    full usage and a multi-line reason."""
+
+    given_args: list[str] = []
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        options = [o for o in getattr(parser, "_option_string_actions", {}) if o.startswith("--")]
+        command = " ".join(["litpapers", *parser.prog.replace(" [options]", "").split()[1:]])
+        sys.stderr.write(f"(see `{command} --help` for the accepted options)\n")
+        sys.stderr.write(f"error: {one_line_error(message, self.given_args, options)}\n")
+        self.exit(2)
+
+
 class LitPapersCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", LitPapersParser)
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs):
+        """Every parser (the main one and each subcommand's) without abbreviated options."""
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        """Remember the command line, so an error about a nested key names the flag that set it."""
+        given = sys.argv[1:] if args is None else args
+        LitPapersParser.given_args = [] if isinstance(given, dict) else [str(a) for a in given]
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--stop_on_nonfinite_loss", type=bool, default=True,

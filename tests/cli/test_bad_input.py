@@ -76,3 +76,31 @@ def test_a_bad_model_or_data_argument_is_one_error_naming_the_field(case, monkey
     code, err = _main(["--config", QUICK, "--trainer.max_steps", "1", *FAST, *args], monkeypatch, capsys)
     assert code == 1
     assert _last_line(err) == expected
+
+
+DPO = str(ROOT / "configs" / "dpo" / "dpo.yaml")
+PARSE_CASES = {
+    "int_given_a_word": (["--config", QUICK, "--trainer.max_steps", "lots"],
+                         "error: --trainer.max_steps expects int, got 'lots'"),
+    "float_given_a_list": (["--config", DPO, "--model.init_args.beta", "[0.1,0.2]"],
+                           "error: --model.init_args.beta expects float, got '[0.1, 0.2]'"),
+    "unknown_model_class": (["--config", QUICK, "--model", "NoSuchModel"],
+                            "error: --model expects a LightningModule class (a name or an import path), got "
+                            "'NoSuchModel': no such class"),
+    "unknown_model_argument": (["--config", QUICK, "--model.init_args.lrr", "1.0"],
+                               "error: --model.init_args.lrr: CausalLM has no argument 'lrr'"),
+    "abbreviated_flag": (["--config", QUICK, "--trainer.max_step", "2"],
+                         "error: unrecognized argument --trainer.max_step 2 (did you mean --trainer.max_steps?)"),
+    "misspelt_flag": (["--config", QUICK, "--trainer.max_stepz", "2"],
+                      "error: unrecognized argument --trainer.max_stepz 2 (did you mean --trainer.max_steps?)"),
+}
+
+
+@pytest.mark.parametrize("case", PARSE_CASES)
+def test_a_bad_flag_is_one_line_naming_key_type_and_value_after_a_one_line_hint(case, monkeypatch, capsys):
+    args, expected = PARSE_CASES[case]
+    code, err = _main(args, monkeypatch, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[-1] == expected and lines[-2] == "(see `litpapers fit --help` for the accepted options)", err
+    assert "usage:" not in err and len(lines) <= 3, err  # no 52-line usage dump
