@@ -11,11 +11,18 @@ Each filter matches one known message, so every other warning still shows:
 - Lightning's "Found N module(s) in eval mode at the start of training" (a ``PossibleUserWarning``): this package's
   modules keep their frozen networks (DPO's reference, MiniLLM's teacher, QDPO's full-precision yardstick) in eval
   mode on purpose.
+- Lightning's start/stop chatter that says nothing about the run on a CPU/GPU machine: "GPU available: …",
+  "TPU available: …", "Seed set to N" (the config shows the seed), "`Trainer.fit` stopped: `max_steps=N` reached."
+  (the bar shows it), "Loading `train_dataloader` to estimate number of stepping batches." Other messages of the
+  same loggers (e.g. "`Trainer.fit` stopped: No training batches.") still show.
+- transformers' "Loading weights" / "Writing model shards" bars for local files (``HF_HUB_DISABLE_PROGRESS_BARS``,
+  set unless the user set it; nothing is downloaded at run time).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 
@@ -23,7 +30,10 @@ import warnings
 DROPPED_LOG_MESSAGES = {
     "torchao": r"Failed to load .*\.so",
     "torch.utils._pytree": r".* is an Enum subclass and is now natively supported by torch\.compile",
-    "lightning.pytorch.utilities.rank_zero": r"💡 Tip: ",
+    "lightning.pytorch.utilities.rank_zero": (r"💡 Tip: |GPU available: |TPU available: |`Trainer\.fit` stopped: "
+                                              r"`max_(steps|epochs)=\d+` reached\.|Loading `train_dataloader` to "
+                                              r"estimate number of stepping batches"),
+    "lightning.fabric.utilities.seed": r"Seed set to \d+",
 }
 #: warning message patterns ignored (``warnings.filterwarnings``), with their category.
 IGNORED_WARNINGS = ((r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
@@ -41,6 +51,7 @@ class _DropMatching(logging.Filter):
 
 def quiet_console() -> None:
     """Install the filters above (idempotent). Call before importing ``transformers``."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name, pattern in DROPPED_LOG_MESSAGES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMatching) and f.pattern.pattern == pattern for f in logger.filters):

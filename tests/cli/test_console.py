@@ -37,6 +37,10 @@ def test_quick_config_console_has_no_warning_and_counts_steps(tmp_path):
     assert re.search(r"^Step\b.* 3/3 ", output, re.MULTILINE), output[-3000:]  # steps of max_steps
     assert "Epoch" not in output and "v_num" not in output and "train/loss" in output
     assert "Logs, config and checkpoints: logs/quick/version_0" in output  # where the logs went
+    # config summary, bar, metrics and the log path only: none of Lightning's start/stop chatter
+    for chatter in ("GPU available", "TPU available", "Seed set to", "`Trainer.fit` stopped", "Loading weights"):
+        assert chatter not in output, output
+    assert len(output.strip().splitlines()) <= 18, output
 
 
 def test_a_module_with_frozen_networks_trains_without_warnings(tmp_path):
