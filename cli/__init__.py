@@ -14,7 +14,10 @@ and on Ctrl-C, random states in the checkpoint (exact resume), and a stop on a n
 (``--stop_on_nonfinite_loss false`` turns it off).
 
 Errors raised by this package's own checks (a bad argument, a missing file) end the output as one line
-``error: ...``; set ``LITPAPERS_DEBUG=1`` to see the traceback instead.
+``error: ...``; set ``LITPAPERS_DEBUG=1`` to see the traceback instead. A bad flag or value prints one hint line and
+one ``error:`` line naming the flag, the expected type and the value (:class:`LitPapersParser`); flags are never
+abbreviated (``--trainer.max_step`` is an error, not ``--trainer.max_steps``). A ``--ckpt_path`` that is not a
+readable checkpoint is named as such before anything is unpickled.
 The optimizer is the model's own argument (``--model.optimizer AdEMAMix --model.optimizer.alpha 8``, see
 ``lit_modules/base.py``): built once, on the module's parameter groups (no weight decay on biases/norms, frozen
 teachers excluded), with the module's warm-up/decay schedule unless ``--model.lr_scheduler`` is set. The top-level
@@ -143,7 +146,7 @@ class LitPapersCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """Remember the command line, so an error about a nested key names the flag that set it."""
         given = sys.argv[1:] if args is None else args
-        LitPapersParser.given_args = [] if isinstance(given, dict) else [str(a) for a in given]
+        LitPapersParser.given_args = [str(a) for a in given] if isinstance(given, (list, tuple)) else []
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
