@@ -24,9 +24,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
-# Every paper's headline claim at small settings (<= 15 min on 2 CPU cores); rerunning resumes.
+# Every paper's headline claim at small settings, one paper per CPU core at a time; rerunning resumes.
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 demo: $(STAMP)
-	$(VENV)/bin/litpapers reproduce --quick --out reports/quick
+	$(VENV)/bin/litpapers reproduce --quick --jobs $(JOBS) --out reports/quick
 	@echo "Report: reports/quick/report.md  (TensorBoard: $(VENV)/bin/tensorboard --logdir reports/quick)"
 
 # The MiniLLM and QDPO configs start from trained models (trained on first use when missing); the whole chain:

@@ -46,6 +46,7 @@ import math
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 import traceback
@@ -195,11 +196,11 @@ def _console_progress(key: str, index: int, total: int, start: float, console: C
     (the paper's ``console.log`` while it runs); the console gets the first and last line of a paper, failures, and
     otherwise at most one line per ``interval`` seconds. The ETA is measured from the paper's own progress."""
     console = console or Console()
-    paper_start = time.perf_counter()
+    paper_start = time.time()
     last_shown = [-math.inf]
 
     def progress(message: str, fraction: float | None = None) -> None:
-        now = time.perf_counter()
+        now = time.time()
         pct = "" if fraction is None else f" {100 * fraction:3.0f}%"
         eta = eta_seconds(now - paper_start, fraction)
         pct += "" if eta is None else f" (ETA {_clock(eta)})"
@@ -325,14 +326,14 @@ def module_digest(key: str) -> str | None:
     return hashlib.sha1(Path(spec.origin).read_bytes()).hexdigest()[:12]
 
 
-def _saved(out: Path, key: str, mode: str, seeds: int | None) -> dict | None:
+def _saved(out: Path, key: str, mode: str, seeds: int | None, failed_too: bool = False) -> dict | None:
     """The finished result of ``key`` saved by an earlier run with the same mode, seeds and claim-module source,
-    else None."""
+    else None; a failed one only with ``failed_too`` (what a child process just recorded)."""
     path = out / "papers" / f"{key}.json"
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    if (record.get("status") == "ok" and record.get("mode") == mode and record.get("seeds") == seeds
+    if ((failed_too or record.get("status") == "ok") and record.get("mode") == mode and record.get("seeds") == seeds
             and record.get("code") == module_digest(key)):
         return record
     return None
@@ -509,8 +510,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", default=None, help=f"comma-separated paper keys out of {','.join(PAPERS)}")
     ap.add_argument("--seeds", type=int, default=None, help="training seeds per experiment (default: the mode's)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default reports/<mode>-<date>)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="papers run at once, each in its own process (e.g. the CPU cores: `make demo` uses them "
+                         "all); 1 (default) runs them one after another in this process")
     ap.add_argument("--update-readme", type=Path, default=None, metavar="RESULTS_JSON",
                     help="only rewrite README.md's results block from a committed results.json, then exit")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "i/n/start": one paper for a parent run
     args = ap.parse_args(argv)
     args.mode = "full" if args.full else "quick"
     keys = args.only.split(",") if args.only else list(PAPERS)
@@ -520,6 +525,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.keys = [k for k in PAPERS if k in keys]
     if args.seeds is not None and args.seeds < 1:
         ap.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs is not None and args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
     args.out = args.out or Path("reports") / f"{args.mode}-{dt.date.today().isoformat()}"
     return args
 
@@ -537,8 +544,45 @@ def update_readme(readme: Path, results: dict) -> None:
     atomic_write(readme, head + README_BEGIN + render_results_table(results) + README_END + rest.split(README_END, 1)[1])
 
 
+#: What a child process runs: this module's ``main`` with the parent's claim-module table (``sys.argv[1]``, JSON).
+CHILD_SCRIPT = ("import json, sys; from benchmarks import reproduce; "
+                "reproduce.CLAIM_MODULES.update(json.loads(sys.argv[1])); sys.exit(reproduce.main(sys.argv[2:]))")
+
+
+def child_command(key: str, index: int, total: int, start: float, args: argparse.Namespace) -> list[str]:
+    """The command line of the process that runs paper ``key`` for a parent run started at ``start`` (epoch s)."""
+    return [sys.executable, "-c", CHILD_SCRIPT, json.dumps(CLAIM_MODULES), f"--{args.mode}", "--only", key,
+            "--out", str(args.out), "--jobs", "1", "--child", f"{index}/{total}/{start}",
+            *(["--seeds", str(args.seeds)] if args.seeds is not None else [])]
+
+
+def run_children(keys: list[str], args: argparse.Namespace, jobs: int, start: float) -> dict[str, int]:
+    """Run each paper of ``keys`` in its own process (:func:`child_command`), at most ``jobs`` at once; each saves
+    its result to ``<out>/papers/<key>.json`` and prints its own progress lines. Returns each process's exit code."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(  # this checkout first, then what the parent imports from
+        [str(Path(__file__).resolve().parents[1]), *(p for p in sys.path if p and Path(p).is_dir())]))
+    queue = [(args.keys.index(key) + 1, key) for key in keys]
+    running: dict[str, subprocess.Popen] = {}
+    codes: dict[str, int] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                index, key = queue.pop(0)
+                running[key] = subprocess.Popen(child_command(key, index, len(args.keys), start, args), env=env)
+            for key, proc in list(running.items()):
+                if proc.poll() is not None:
+                    codes[key] = proc.returncode
+                    del running[key]
+            time.sleep(0.2)
+    finally:
+        for proc in running.values():  # interrupted: the children got the same signal; wait for them to save
+            proc.wait()
+    return codes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the selected papers (skipping finished ones in ``--out``); 0 if all are ``ok``, else 1."""
+    """Run the selected papers (skipping finished ones in ``--out``), ``--jobs`` of them at once in child
+    processes; 0 if all are ``ok``, else 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.update_readme is not None:
@@ -550,12 +594,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join([program_name(sys.argv), *argv])
     config = {"mode": args.mode, "only": args.keys, "seeds": args.seeds, "out": str(out)}
-    start = time.perf_counter()
+    start, index, total = time.time(), None, len(args.keys)
+    if args.child:  # one paper of a parent run: its place in the parent's list and the parent's clock
+        index, total, start = int(args.child.split("/")[0]), int(args.child.split("/")[1]), float(
+            args.child.split("/")[2])
     console = Console()
+    todo = [k for k in args.keys if _saved(out, k, args.mode, args.seeds) is None]
+    jobs = 1 if args.child else min(args.jobs, max(1, len(todo)))
+    codes = run_children(todo, args, jobs, start) if jobs > 1 and len(todo) > 1 else {}
     papers: dict[str, dict] = {}
     for i, key in enumerate(args.keys, 1):
-        progress = _console_progress(key, i, len(args.keys), start, console)
-        saved = _saved(out, key, args.mode, args.seeds)
+        progress = _console_progress(key, index or i, total, start, console)
+        saved = _saved(out, key, args.mode, args.seeds, failed_too=key in codes)
+        if key in codes:  # ran in a child process, which printed its own progress
+            papers[key] = saved or {
+                "status": "failed", "seconds": 0.0, "cpu_seconds": 0.0, "claims": [], "figures": [], "settings": {},
+                "tensorboard": [], "error": f"its process exited with code {codes[key]} without a result (output: "
+                                            f"{out / key / 'console.log'})"}
+            if saved is None:  # killed before it could record anything
+                progress(f"FAILED: {papers[key]['error']}", None)
+            continue
         with paper_output_to(out / key / "console.log", console):
             if saved is not None:
                 progress(f"already finished in {out} ({saved['seconds']:.0f} s), skipped", 1.0)
@@ -572,10 +630,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 papers[key] = run_paper(key, args.mode, args.seeds, out, progress)
                 atomic_write(out / "papers" / f"{key}.json", json.dumps(papers[key], indent=1, default=str) + "\n")
                 progress(f"{papers[key]['status']} in {papers[key]['seconds']:.0f} s", 1.0)
+        if not args.child:  # a child leaves results.json and report.md to its parent
+            write_outputs(out, args.mode, papers, command, config)
+    if not args.child:
         write_outputs(out, args.mode, papers, command, config)
     failed = [k for k, p in papers.items() if p["status"] != "ok"]
-    console.print(f"[reproduce {_clock(time.perf_counter() - start)}] done; report: {out / 'report.md'}; "
-                  f"results: {out / 'results.json'}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    if not args.child:
+        console.print(f"[reproduce {_clock(time.time() - start)}] done in {_clock(time.time() - start)} "
+                      f"(mm:ss, {jobs} paper(s) at once); report: {out / 'report.md'}; results: {out / 'results.json'}"
+                      + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 

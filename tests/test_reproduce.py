@@ -410,3 +410,35 @@ def test_console_shows_progress_and_the_paper_output_goes_to_its_log(tmp_path):
 def test_eta_is_measured_from_the_fraction_done():
     assert reproduce.eta_seconds(30.0, 0.25) == pytest.approx(90.0)
     assert reproduce.eta_seconds(30.0, None) is None and reproduce.eta_seconds(30.0, 1.0) is None
+
+
+FAKE_WAITS_FOR = """
+import pathlib, time
+def run(mode, seeds, out_dir, progress):
+    root = pathlib.Path(out_dir).parents[1]
+    (root / "{name}_started").touch()
+    deadline = time.time() + 60
+    while not (root / "{other}_started").exists():  # only finishes when the other paper runs at the same time
+        assert time.time() < deadline, "the other paper never started: papers ran one after another"
+        time.sleep(0.05)
+    return {{"claims": [{{"claim": "{name} claim", "metric": "m", "ours": 1.0, "baseline": 0.0,
+                         "baseline_name": "b", "higher_is_better": True, "spread": 0.1}}], "figures": [],
+            "settings": {{}}}}
+"""
+
+
+def test_jobs_run_papers_at_the_same_time_in_child_processes(fakes, monkeypatch, capsys):
+    (fakes / "fake_wait_a.py").write_text(FAKE_WAITS_FOR.format(name="a", other="b"))
+    (fakes / "fake_wait_b.py").write_text(FAKE_WAITS_FOR.format(name="b", other="a"))
+    monkeypatch.setattr(reproduce, "CLAIM_MODULES", dict(reproduce.CLAIM_MODULES, radt="fake_wait_a",
+                                                         oversquashing="fake_wait_b", qdpo="fake_raise"))
+    out = fakes / "out"
+    assert reproduce.main(["--quick", "--only", "radt,oversquashing,qdpo", "--jobs", "2", "--out", str(out)]) == 1
+    res = json.loads((out / "results.json").read_text())
+    assert [(k, p["status"]) for k, p in res["papers"].items()] == [
+        ("qdpo", "failed"), ("radt", "ok"), ("oversquashing", "ok")]
+    assert res["papers"]["qdpo"]["error"] == "RuntimeError: boom in the experiment"
+    assert res["papers"]["radt"]["claims"][0]["verdict"] == "reproduced"
+    assert "FAILED: qdpo" in capsys.readouterr().err
+    # a rerun reuses the saved papers and reruns only the failed one, in this process
+    assert reproduce.main(["--quick", "--only", "radt,oversquashing", "--jobs", "2", "--out", str(out)]) == 0
