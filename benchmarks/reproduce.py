@@ -50,6 +50,7 @@ import subprocess
 import sys
 import time
 import traceback
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -437,6 +438,12 @@ def _settings_block(settings: dict) -> list[str]:
     return lines
 
 
+def _link(path: str) -> str:
+    """A markdown link to a relative ``path`` that renders whatever the folder name holds (spaces, parentheses:
+    the target is percent-encoded)."""
+    return f"[{path}]({urllib.parse.quote(path)})"
+
+
 def _summary_table(results: dict) -> list[str]:
     """One row per paper: its headline (first) claim, the verdict, the margin and the time."""
     lines = ["| paper | headline claim | ours | baseline | d/s | verdict | time |", "|---|---|---|---|---|---|---|"]
@@ -481,7 +488,7 @@ def render_report(results: dict) -> str:
         if settings:
             lines += _settings_block(settings)
         if paper.get("tensorboard"):
-            lines += ["", "TensorBoard logs: " + ", ".join(f"[{d}]({d})" for d in paper["tensorboard"])]
+            lines += ["", "TensorBoard logs: " + ", ".join(_link(d) for d in paper["tensorboard"])]
         lines += [""] + [f"![{Path(f).stem}]({f})" for f in paper.get("figures") or []] + [""]
     return "\n".join(lines)
 

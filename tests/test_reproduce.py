@@ -442,3 +442,8 @@ def test_jobs_run_papers_at_the_same_time_in_child_processes(fakes, monkeypatch,
     assert "FAILED: qdpo" in capsys.readouterr().err
     # a rerun reuses the saved papers and reruns only the failed one, in this process
     assert reproduce.main(["--quick", "--only", "radt,oversquashing", "--jobs", "2", "--out", str(out)]) == 0
+
+
+def test_tensorboard_links_render_with_spaces_and_parentheses():
+    assert reproduce._link("radt/tb/halfcheetah_RADT (SeqRA only)/seed0") == (
+        "[radt/tb/halfcheetah_RADT (SeqRA only)/seed0](radt/tb/halfcheetah_RADT%20%28SeqRA%20only%29/seed0)")
