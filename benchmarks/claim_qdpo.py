@@ -29,6 +29,31 @@ METRICS = (("flip_rate", "token-flip rate vs the FP model's answers", False),
            ("check_score", "valid-answer rate (task checker)", True))
 
 
+DESIGN = ("int4 g32 round-to-nearest vs QDPO (DPO on FP-greedy ≻ RTN-greedy pairs through fake quantization, one "
+          "epoch) from the same RTN start, per seed other pair prompts; both scored against the FP model's own "
+          "answers on held-out prompts")
+
+
+def draw(per_metric: dict[str, dict[str, list[float]]], out_dir: Path) -> str:
+    """Per metric, FP / RTN / QDPO with each seed's three values joined (paired by seed); returns the PNG's name."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.4), dpi=72)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.12, top=0.86, wspace=0.3)
+    for ax, (key, metric, higher) in zip(fig.subplots(1, len(METRICS)), METRICS):
+        values = per_metric[key]
+        for seed in range(len(values["fp"])):
+            ax.plot([0, 1, 2], [values[n][seed] for n in ("fp", "rtn", "qdpo")], color="gray", alpha=0.5, marker="o")
+        ax.plot([0, 1, 2], [statistics.mean(values[n]) for n in ("fp", "rtn", "qdpo")], color="C0", linewidth=2.5,
+                marker="s", label="mean over seeds")
+        ax.set_xticks([0, 1, 2], ["FP", "RTN int4", "QDPO int4"])
+        ax.set_title(f"{metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+    fig.axes[0].legend(fontsize=8)
+    name = "qdpo_vs_rtn.png"
+    fig.savefig(out_dir / name, dpi=90)
+    return name
+
+
 def run(mode: str, seeds: int | None, out_dir: Path, progress) -> dict:
     from benchmarks import qdpo_table
 
@@ -48,16 +73,16 @@ def run(mode: str, seeds: int | None, out_dir: Path, progress) -> dict:
                      for key, _, _ in METRICS} | {"pairs_kept": r["pairs_kept"], "final_train_loss":
                                                   r["final_train_loss"]}
                     | {f"time/{k}": v for k, v in r["timings_s"].items()})
-    claims = []
+    claims, per_metric = [], {}
     for key, metric, higher in METRICS:
-        per_seed = {name: [r["results"][name][key] for r in runs] for name in ("fp", "rtn", "qdpo")}
+        per_seed = per_metric[key] = {name: [r["results"][name][key] for r in runs] for name in ("fp", "rtn", "qdpo")}
         ours, rtn = statistics.mean(per_seed["qdpo"]), statistics.mean(per_seed["rtn"])
         spread = paired_spread(per_seed["qdpo"], per_seed["rtn"])
         claims.append({"claim": f"QDPO closer to full precision than RTN (FP: {statistics.mean(per_seed['fp']):.4g})",
                        "metric": metric, "ours": ours, "baseline": rtn, "baseline_name": "RTN int4 g32",
                        "higher_is_better": higher, "spread": spread})
-    return {"claims": claims, "figures": [],
-            "settings": {**s, "seeds": n_seeds, "argv": argv, "qdpo_table_settings": table["settings"],
+    return {"claims": claims, "figures": [draw(per_metric, out_dir)],
+            "settings": {**s, "design": DESIGN, "seeds": n_seeds, "per_seed": per_metric, "argv": argv, "qdpo_table_settings": table["settings"],
                          "median": table["median"], "recovered": table["recovered"],
                          "pairs_kept": [r["pairs_kept"] for r in runs],
                          "eval_prompts_used": [r["eval_prompts"] for r in runs],

@@ -232,3 +232,11 @@ def test_oversquashing_claim_runs_on_tiny_settings(tmp_path):
                                            + result["measurements"][1]["collapse"]["ones/fp32/8"]["delta"]) / 2)
     assert noise["baseline"] > 0 and sens["baseline"] == 1.0
     assert set(result["figures"]) == {"oversquashing_collapse.png", "oversquashing_sensitivity.png"}
+
+
+def test_qdpo_figure_draws_every_metric(tmp_path):
+    from benchmarks import claim_qdpo
+
+    per_metric = {key: {"fp": [0.0, 0.0], "rtn": [0.3, 0.2], "qdpo": [0.1, 0.15]} for key, _, _ in claim_qdpo.METRICS}
+    name = claim_qdpo.draw(per_metric, tmp_path)
+    assert name.endswith(".png") and (tmp_path / name).stat().st_size > 10_000
