@@ -278,7 +278,7 @@ def error_line(error: BaseException) -> str:
 
 #: Subcommands that are not Lightning's: name -> (module, one-line help). Each module has ``main(argv) -> int``.
 TOOLS = {"reproduce": ("benchmarks.reproduce", "run every paper's claim test and write report.md + results.json"),
-         "discover": ("lit_modules.discovery", "DiscoPOP's discovery loop: LLM-proposed preference losses")}
+         "discover": ("discovery", "DiscoPOP's discovery loop: LLM-proposed preference losses")}
 
 
 def run_tool(name: str, argv: list[str]) -> int:

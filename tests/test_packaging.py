@@ -165,8 +165,8 @@ def test_non_editable_install_imports_every_module(core_install, tmp_path):
     `benchmarks` is not installed; the console script starts."""
     out = run_outside_checkout(core_install, """
         import importlib, importlib.util
-        for name in ["cli", "optimizers", "lit_modules", "datamodules", "callbacks", "datamodules.contract",
-                     "datamodules.extras"]:
+        for name in ["cli", "optimizers", "lit_modules", "datamodules", "callbacks", "discovery",
+                     "datamodules.contract", "datamodules.extras"]:
             module = importlib.import_module(name)
             assert "site-packages" in module.__file__, (name, module.__file__)
         assert importlib.util.find_spec("benchmarks") is None, "benchmarks was installed"

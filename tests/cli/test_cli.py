@@ -13,7 +13,7 @@ from cli import build_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 #: `litpapers fit` configs; configs/discopop/discover*.yaml are `litpapers discover` configs, parsed in
-#: tests/lit_modules/test_discovery.py.
+#: tests/discovery/test_discovery.py.
 CONFIGS = sorted(c for c in (ROOT / "configs").rglob("*.yaml") if not c.name.startswith("discover"))
 QUICK = str(ROOT / "configs" / "ademamix" / "quick_adamw.yaml")
 FAST = ["--data.init_args.max_documents", "40", "--data.init_args.block_size", "32",

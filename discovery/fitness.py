@@ -1,6 +1,6 @@
 """Validation and fitness of a candidate preference loss (docs/papers.md §6 "Discovery loop"; issue 15).
 
-Both run inside the sandbox worker (:mod:`lit_modules.discovery.sandbox`); :meth:`Fitness.prepare` runs once in
+Both run inside the sandbox worker (:mod:`discovery.sandbox`); :meth:`Fitness.prepare` runs once in
 the parent (trusted: e.g. the SFT of the starting policy), :meth:`Fitness.setup` in each worker *before* the
 candidate's code is loaded (building data and models may read files), :meth:`Fitness.evaluate` after it.
 """
@@ -18,9 +18,15 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lit_modules.discovery.sandbox import InfrastructureError
-
 log = logging.getLogger(__name__)
+
+#: The candidate loss's parameters, in order (checked statically by the sandbox and at run time here).
+SIGNATURE = "(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)"
+
+
+class InfrastructureError(RuntimeError):
+    """Scoring failed for a reason that is not the candidate's fault (missing model, worker could not start...):
+    archived as ``failure: infrastructure`` and retried when the run is resumed."""
 
 
 def validate_loss(fn, n: int = 10, beta: float = 0.05, seed: int = 0) -> None:
@@ -34,7 +40,7 @@ def validate_loss(fn, n: int = 10, beta: float = 0.05, seed: int = 0) -> None:
     try:
         out = fn(*inputs, beta=beta)  # as lit_modules.preference_loss calls it during training
     except TypeError as e:
-        raise ValueError(f"calling the loss as fn{_signature()} failed: {e}") from e
+        raise ValueError(f"calling the loss as fn{SIGNATURE} failed: {e}") from e
     if not isinstance(out, Tensor):
         raise ValueError(f"the loss must return a torch.Tensor of shape ({n},), got {type(out).__name__}")
     if out.shape != (n,):
@@ -52,11 +58,6 @@ def validate_loss(fn, n: int = 10, beta: float = 0.05, seed: int = 0) -> None:
     if any(gr is not None and not torch.isfinite(gr).all() for gr in grads):
         raise ValueError("the loss has non-finite gradients (NaN/inf) on random inputs")
 
-
-def _signature() -> str:
-    from lit_modules.discovery.sandbox import SIGNATURE
-
-    return SIGNATURE
 
 
 class Fitness:

@@ -38,6 +38,8 @@ import traceback
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from discovery.fitness import SIGNATURE, InfrastructureError
+
 MAX_CODE_CHARS = 20_000
 #: Longest text a candidate can put into a result (error message, repr, worker log, traceback): longer text keeps
 #: its head and tail around a marker naming how much was cut (issue 24.2).
@@ -81,16 +83,8 @@ DENIED_NODES = {
 if hasattr(ast, "TryStar"):
     DENIED_NODES[ast.TryStar] = "try/except"
 
-SIGNATURE = "(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)"
-
-
 class CandidateRejected(ValueError):
     """The candidate's source failed the static check; the message is the reason fed back to the proposer."""
-
-
-class InfrastructureError(RuntimeError):
-    """Scoring failed for a reason that is not the candidate's fault (missing model, worker could not start...):
-    archived as ``failure: infrastructure`` and retried when the run is resumed."""
 
 
 def cap_text(text: str, limit: int = MAX_TEXT_CHARS) -> str:
@@ -395,7 +389,7 @@ def _worker_main(task: dict, conn) -> None:
         torch.set_num_threads(1)
         scrub_secrets(os.environ)
         _set_limits(task["limits"])
-        from lit_modules.discovery.fitness import build_fitness, validate_loss
+        from discovery.fitness import build_fitness, validate_loss
 
         fitness = build_fitness(task["fitness"]) if task.get("fitness") else None
         if fitness is not None:
@@ -431,7 +425,7 @@ def _worker_main(task: dict, conn) -> None:
 _CTX_LOCK = threading.Lock()
 _CTX = None
 PRELOAD = ["torch", "lightning", "transformers", "lit_modules.dpo", "datamodules",
-           "lit_modules.discovery.fitness", "lit_modules.discovery.sandbox"]
+           "discovery.fitness", "discovery.sandbox"]
 
 
 def _context():

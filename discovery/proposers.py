@@ -2,9 +2,9 @@
 ``{"role": "system" | "user" | "assistant", "content": str}``) to the raw reply text; the loop parses the reply
 with :func:`parse_reply` and keeps the raw text in the archive either way. Chosen in YAML by class path::
 
-    proposer: {class_path: lit_modules.discovery.ReplayProposer, init_args: {path: candidates.jsonl}}
-    proposer: {class_path: lit_modules.discovery.HFProposer, init_args: {model: /path/or/hub-name}}
-    proposer: {class_path: lit_modules.discovery.OpenAIProposer, init_args: {model: gpt-4o, base_url: ...}}
+    proposer: {class_path: discovery.ReplayProposer, init_args: {path: candidates.jsonl}}
+    proposer: {class_path: discovery.HFProposer, init_args: {model: /path/or/hub-name}}
+    proposer: {class_path: discovery.OpenAIProposer, init_args: {model: gpt-4o, base_url: ...}}
 """
 
 from __future__ import annotations

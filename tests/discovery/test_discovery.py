@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_modules.discovery import (BASELINES, Archive, CandidateRejected, DiscoveryLoop, DPOFitness, HFProposer,
+from discovery import (BASELINES, Archive, CandidateRejected, DiscoveryLoop, DPOFitness, HFProposer,
                                    OpenAIProposer, ReplayProposer, SandboxLimits, check_code, main, parse_reply,
                                    run_in_worker, validate_loss, write_summary)
-from lit_modules.discovery.loop import build_parser
-from lit_modules.discovery.sandbox import scrub_secrets
+from discovery.loop import build_parser
+from discovery.sandbox import scrub_secrets
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD = "def f(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):\n"
@@ -194,8 +194,8 @@ def write_config(tmp_path):
     replay.write_text("".join(json.dumps(r) + "\n" for r in REPLAY))
     config = {"run_dir": str(tmp_path / "run"), "generations": 3, "max_attempts": 4, "seeds": ["dpo"],
               "references": [], "workers": 1,
-              "proposer": {"class_path": "lit_modules.discovery.ReplayProposer", "init_args": {"path": str(replay)}},
-              "fitness": {"class_path": "lit_modules.discovery.DPOFitness",
+              "proposer": {"class_path": "discovery.ReplayProposer", "init_args": {"path": str(replay)}},
+              "fitness": {"class_path": "discovery.DPOFitness",
                           "init_args": tiny_fitness().init_args},
               "limits": {"validate_timeout_s": 3, "train_timeout_s": 120, "memory_mb": 512}}
     path = tmp_path / "discover.yaml"
@@ -206,7 +206,7 @@ def write_config(tmp_path):
 def test_replay_run_with_good_broken_hostile_candidates_resumes_after_kill(tmp_path):
     config = write_config(tmp_path)
     archive_path = tmp_path / "run" / "archive.jsonl"
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from lit_modules.discovery import main; "
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from discovery import main; "
                              "sys.exit(main(sys.argv[1:]))", "--config", str(config)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:  # kill the whole run (loop, forkserver, worker) hard once the seed and the first proposal are archived
@@ -302,7 +302,7 @@ def test_openai_compatible_endpoint_against_a_stub_server(tmp_path, monkeypatch)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("STUB_KEY", "secret-token")
-        monkeypatch.setattr("lit_modules.discovery.proposers.time.sleep", lambda s: None)
+        monkeypatch.setattr("discovery.proposers.time.sleep", lambda s: None)
         proposer = OpenAIProposer("stub-model", base_url=f"http://127.0.0.1:{server.server_port}/v1",
                                   api_key_env="STUB_KEY", retries=1)
         loop = DiscoveryLoop(run_dir=str(tmp_path / "run"), proposer=proposer, fitness=tiny_fitness(),
@@ -384,7 +384,7 @@ def test_readme_command_with_relative_paths_scores_from_a_fresh_directory(tmp_pa
 
 def stub_scorer(monkeypatch, outcomes):
     """Replace the sandbox worker by ``outcomes(code) -> dict``; returns the list of codes scored."""
-    import lit_modules.discovery.loop as loop_module
+    import discovery.loop as loop_module
 
     seen = []
 
@@ -407,8 +407,8 @@ def stub_config(tmp_path, seeds=("dpo", "hinge"), generations=2):
     replay.write_text("".join(json.dumps(REPLAY[i]) + "\n" for i in (0, 6)))
     return ["--run_dir", str(tmp_path / "run"), "--generations", str(generations), "--max_attempts", "1",
             "--seeds", json.dumps(list(seeds)), "--references", "[]",
-            "--proposer", "lit_modules.discovery.ReplayProposer", "--proposer.path", str(replay),
-            "--fitness", "lit_modules.discovery.DPOFitness", "--fitness.model", json.dumps(TINY)]
+            "--proposer", "discovery.ReplayProposer", "--proposer.path", str(replay),
+            "--fitness", "discovery.DPOFitness", "--fitness.model", json.dumps(TINY)]
 
 
 def test_every_scoring_failing_for_infrastructure_exits_nonzero_with_one_error_line(tmp_path, monkeypatch, capsys):
@@ -453,7 +453,7 @@ EDITS = [f"{arg}{op}" for arg in ("policy_chosen_logps", "policy_rejected_logps"
 def test_in_place_edits_of_the_loss_inputs_do_not_change_the_metrics():
     from datamodules import PreferenceDataModule
     from lit_modules import DPO
-    from lit_modules.discovery.sandbox import load_candidate
+    from discovery.sandbox import load_candidate
     from lit_modules.dpo import METRICS
 
     dm = PreferenceDataModule(num_examples=16, batch_size=8, val_fraction=0.25, seed=0)
@@ -480,7 +480,7 @@ def test_in_place_edits_of_the_loss_inputs_do_not_change_the_metrics():
 
 # ---------------------------------------------------------------------------------------------- issue 24.2
 def test_huge_error_messages_are_capped_in_the_archive_and_the_feedback(tmp_path):
-    from lit_modules.discovery.sandbox import MAX_TEXT_CHARS
+    from discovery.sandbox import MAX_TEXT_CHARS
 
     replay = tmp_path / "replay.jsonl"
     replay.write_text(json.dumps({"name": "shout", "code": body("raise ValueError('B' * 50_000_000)")}) + "\n")
@@ -497,7 +497,7 @@ def test_huge_error_messages_are_capped_in_the_archive_and_the_feedback(tmp_path
 
 
 def test_cap_text_keeps_head_and_tail():
-    from lit_modules.discovery.sandbox import cap_text
+    from discovery.sandbox import cap_text
 
     assert cap_text("short") == "short"
     text = cap_text("H" * 10 + "x" * 100_000 + "T" * 10, limit=1000)
@@ -533,7 +533,7 @@ def test_type_with_a_torch_dtype_still_passes():
 
 # ---------------------------------------------------------------------------------------------- issue 24.4
 def test_loss_infinite_only_in_training_is_a_candidate_failure():
-    from lit_modules.discovery.sandbox import load_candidate
+    from discovery.sandbox import load_candidate
 
     code = body(f"loss = -F.logsigmoid(beta * ({MARGIN}))",
                 "if policy_chosen_logps.requires_grad and policy_chosen_logps.shape[0] != 10:",
@@ -556,7 +556,7 @@ def test_summary_escapes_names_with_pipes_and_newlines(tmp_path):
 
 
 def test_fitness_paths_reach_the_worker_absolute(tmp_path, monkeypatch):
-    from lit_modules.discovery.fitness import fitness_config
+    from discovery.fitness import fitness_config
 
     (tmp_path / "models" / "sft").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)

@@ -4,11 +4,11 @@ the sandbox validates them, a short DPO run scores them, and the archive feeds t
 Entry point: :func:`main` (``litpapers discover --config configs/discopop/discover.yaml``).
 """
 
-from lit_modules.discovery.fitness import DPOFitness, Fitness, validate_loss
-from lit_modules.discovery.loop import BASELINES, Archive, DiscoveryLoop, main, write_summary
-from lit_modules.discovery.proposers import (HFProposer, OpenAIProposer, Proposer, ProposerExhausted, ReplayProposer,
-                                             parse_reply)
-from lit_modules.discovery.sandbox import CandidateRejected, SandboxLimits, check_code, run_in_worker
+from discovery.fitness import DPOFitness, Fitness, validate_loss
+from discovery.loop import BASELINES, Archive, DiscoveryLoop, main, write_summary
+from discovery.proposers import (HFProposer, OpenAIProposer, Proposer, ProposerExhausted, ReplayProposer,
+                                 parse_reply)
+from discovery.sandbox import CandidateRejected, SandboxLimits, check_code, run_in_worker
 
 __all__ = ["Archive", "BASELINES", "CandidateRejected", "DPOFitness", "DiscoveryLoop", "Fitness", "HFProposer",
            "OpenAIProposer", "Proposer", "ProposerExhausted", "ReplayProposer", "SandboxLimits", "check_code", "main",

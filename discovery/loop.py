@@ -26,9 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from lit_modules.discovery.fitness import DPOFitness, Fitness, fitness_config
-from lit_modules.discovery.proposers import Proposer, ProposerExhausted, parse_reply
-from lit_modules.discovery.sandbox import MAX_TEXT_CHARS, SIGNATURE, SandboxLimits, cap_text, run_in_worker
+from discovery.fitness import SIGNATURE, DPOFitness, Fitness, fitness_config
+from discovery.proposers import Proposer, ProposerExhausted, parse_reply
+from discovery.sandbox import MAX_TEXT_CHARS, SandboxLimits, cap_text, run_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class DiscoveryLoop:
     Args:
         run_dir: holds ``archive.jsonl`` (resumed if present), ``summary.md``, ``summary.json``, ``fitness.png``
             and the fitness's own files (e.g. the SFT export).
-        proposer: who writes candidates (:mod:`lit_modules.discovery.proposers`).
+        proposer: who writes candidates (:mod:`discovery.proposers`).
         fitness: how a valid candidate is scored (default :class:`DPOFitness`: held-out reward accuracy after a
             short DPO run at β = 0.05 on the built-in preference pairs).
         generations: number of generations (each ends with one scored candidate or ``max_attempts`` failures).
