@@ -24,7 +24,10 @@ Callbacks run every ``every_n_steps`` optimizer steps and/or at the end of valid
 check), on global rank 0 only, in eval mode (the previous train/eval mode is restored), under
 ``torch.no_grad`` except for the sensitivity's ``torch.autograd.grad`` w.r.t. the input embeddings (which
 never writes a parameter's ``.grad``). Scalars go to every logger as ``probes/...``; figures go to
-TensorBoard (``add_figure``) and, with ``figure_dir``, to PNG files.
+TensorBoard (``add_figure``) and to PNG files in ``figure_dir`` (default ``{log_dir}/figures``: the logger's
+``version_N`` folder, so a run never overwrites another's; ``None``: no files). Each round prints progress lines
+on stderr (``probe collapse: fp32, 18 sequences``; ``progress=False`` silences them), and
+:func:`probe_summary` renders the last results as a table (``litpapers fit|validate`` prints it at the end).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import contextlib
 import copy
 import random
 import re
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -180,19 +185,42 @@ def token_sensitivity(model: nn.Module, input_ids: IdSequence, layer: int = -1, 
 
 
 # ------------------------------------------------------------------------------------------- callbacks
+#: Default ``figure_dir``: ``{log_dir}`` is the trainer's ``log_dir`` (the logger's ``version_N`` folder).
+LOG_DIR_FIGURES = "{log_dir}/figures"
+
+
 class _Probe(L.Callback):
-    """Scheduling, rank-0 guard, eval mode and logging shared by the probes; subclasses implement ``measure``."""
+    """Scheduling, rank-0 guard, eval mode, progress lines and logging shared by the probes; subclasses implement
+    ``measure``, ``scalars``, ``figure`` and ``summary``."""
 
     name = "probe"
 
-    def __init__(self, every_n_steps: int = 0, on_validation: bool = True, figure_dir: str | None = None,
-                 tokenizer: str | None = None):
+    def __init__(self, every_n_steps: int = 0, on_validation: bool = True,
+                 figure_dir: str | None = LOG_DIR_FIGURES, tokenizer: str | None = None, progress: bool = True):
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0 (0 = off), got {every_n_steps}")
         self.every_n_steps, self.on_validation = every_n_steps, on_validation
-        self.figure_dir, self.tokenizer_name = figure_dir, tokenizer
+        self.figure_dir, self.tokenizer_name, self.progress = figure_dir, tokenizer, progress
         self.results: dict | None = None
         self._last_step: int | None = None
+        self._log_dir: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Read the trainer's ``log_dir`` here, on every rank (under DDP it is a collective call), for
+        :meth:`figure_path`; ``None`` without a logger."""
+        self._log_dir = trainer.log_dir if trainer.loggers else None
+
+    def figure_path(self) -> Path | None:
+        """Where this probe's PNG goes: ``figure_dir/<name>.png`` with ``{log_dir}`` filled in; ``None`` when
+        ``figure_dir`` is ``None`` or names ``{log_dir}`` and the run has no logger."""
+        if self.figure_dir is None or ("{log_dir}" in self.figure_dir and self._log_dir is None):
+            return None
+        return Path(self.figure_dir.replace("{log_dir}", str(self._log_dir))) / f"{self.name}.png"
+
+    def say(self, text: str) -> None:
+        """One progress line on stderr, ``probe <name>: <text>`` (only rank 0 runs the probes)."""
+        if self.progress:
+            print(f"probe {self.name}: {text}", file=sys.stderr, flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
@@ -214,18 +242,22 @@ class _Probe(L.Callback):
             return
         self._last_step = trainer.global_step
         model = find_causal_lm(pl_module)
+        start = time.perf_counter()
+        self.say(f"measuring at step {trainer.global_step} (lengths {self.lengths})")
         with eval_mode(model):
             self.results = self.measure(model, self.tokenizer(pl_module))
         for logger in trainer.loggers:
             logger.log_metrics(self.scalars(self.results), step=trainer.global_step)
         tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if tensorboards or self.figure_dir:
+        path = self.figure_path()
+        if tensorboards or path is not None:
             fig = self.figure(self.results)
             for lg in tensorboards:
                 lg.experiment.add_figure(f"probes/{self.name}", fig, trainer.global_step, close=False)
-            if self.figure_dir:
-                Path(self.figure_dir).mkdir(parents=True, exist_ok=True)
-                fig.savefig(Path(self.figure_dir) / f"{self.name}.png", dpi=90)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fig.savefig(path, dpi=90)
+        self.say(f"done in {time.perf_counter() - start:.1f} s" + (f", figure {path}" if path is not None else ""))
 
     def measure(self, model: nn.Module, tokenizer) -> dict:
         raise NotImplementedError
@@ -235,6 +267,25 @@ class _Probe(L.Callback):
 
     def figure(self, results: dict) -> Figure:
         raise NotImplementedError
+
+    def summary(self, results: dict) -> tuple[str, list[tuple[str, list[float]]]]:
+        """The rows of :func:`probe_summary`: a title and ``(quantity, one value per length in self.lengths)``."""
+        raise NotImplementedError
+
+
+def probe_summary(callbacks: Sequence[L.Callback]) -> str:
+    """A table of the last results of every probe in ``callbacks`` (those that have run): one block per probe,
+    one row per quantity, one column per length. ``""`` when no probe has results."""
+    blocks = []
+    for probe in callbacks:
+        if not isinstance(probe, _Probe) or probe.results is None:
+            continue
+        title, rows = probe.summary(probe.results)
+        width = max(len(name) for name, _ in rows)
+        header = f"  {'length':<{width}}" + "".join(f"{n:>10}" for n in probe.lengths)
+        lines = [f"  {name:<{width}}" + "".join(f"{v:>10.3g}" for v in values) for name, values in rows]
+        blocks.append("\n".join([f"probe {probe.name}: {title}", header, *lines]))
+    return "\n".join(blocks)
 
 
 def _piece_ids(tokenizer, text: str) -> list[int]:
@@ -310,8 +361,8 @@ class RepresentationalCollapseProbe(_Probe):
     def __init__(self, lengths: list[int] = (8, 16, 32, 64, 128, 256), families: list[str] = FAMILIES,
                  precisions: list[str] = ("fp32", "bf16"), prefix: str = "", num_samples: int = 1, layer: int = -1,
                  seed: int = 0, noise_baseline: bool = True, every_n_steps: int = 0, on_validation: bool = True,
-                 figure_dir: str | None = None, tokenizer: str | None = None):
-        super().__init__(every_n_steps, on_validation, figure_dir, tokenizer)
+                 figure_dir: str | None = LOG_DIR_FIGURES, tokenizer: str | None = None, progress: bool = True):
+        super().__init__(every_n_steps, on_validation, figure_dir, tokenizer, progress)
         for fam in families:
             family_sequence(fam, 1, random.Random(0))
         bad = [p for p in precisions if p not in _PRECISIONS]
@@ -340,10 +391,12 @@ class RepresentationalCollapseProbe(_Probe):
         flat = [seq for group in pairs.values() for pair in group for seq in pair]
         exact = None
         if self.noise_baseline:
+            self.say(f"float64 noise baseline, {len(flat)} sequences")
             exact, _ = last_token_states(copy.deepcopy(model).to(torch.float64), flat, dtype=torch.float64)
         results = {}
         for precision in self.precisions:
             autocast_dtype, weights_dtype = _PRECISIONS[precision]
+            self.say(f"{precision}, {len(flat)} sequences")
             run_model = copy.deepcopy(model).to(weights_dtype) if weights_dtype is not None else model
             hidden, logits = last_token_states(run_model, flat, autocast_dtype)
             delta = (hidden[0::2] - hidden[1::2]).abs().amax(-1)  # (pairs, layers)
@@ -371,6 +424,11 @@ class RepresentationalCollapseProbe(_Probe):
                 if "noise" in r:
                     out[f"probes/collapse/{fam}/{p}/noise"] = r["noise"][self.layer]
         return out
+
+    def summary(self, results: dict) -> tuple[str, list[tuple[str, list[float]]]]:
+        rows = [(f"{fam} {p}", [results[fam, p, n]["delta"][self.layer] for n in self.lengths])
+                for fam in self.families for p in self.precisions]
+        return f"‖Δ‖∞ of the last token's hidden state (layer {self.layer}), [x, a] vs [x, a, a]", rows
 
     def figure(self, results: dict) -> Figure:
         fig = Figure(figsize=(11, 3.8), dpi=72)
@@ -418,9 +476,9 @@ class OverSquashingProbe(_Probe):
 
     def __init__(self, lengths: list[int] = (16, 32, 64), family: str = "digits", num_samples: int = 1,
                  prefix: str = "", layer: int = -1, num_projections: int | None = None, num_bins: int = 10,
-                 seed: int = 0, every_n_steps: int = 0, on_validation: bool = True, figure_dir: str | None = None,
-                 tokenizer: str | None = None):
-        super().__init__(every_n_steps, on_validation, figure_dir, tokenizer)
+                 seed: int = 0, every_n_steps: int = 0, on_validation: bool = True,
+                 figure_dir: str | None = LOG_DIR_FIGURES, tokenizer: str | None = None, progress: bool = True):
+        super().__init__(every_n_steps, on_validation, figure_dir, tokenizer, progress)
         family_sequence(family, 1, random.Random(0))
         self.lengths, self.family, self.num_samples, self.prefix = sorted(lengths), family, num_samples, prefix
         self.layer, self.num_projections, self.num_bins, self.seed = layer, num_projections, num_bins, seed
@@ -430,6 +488,7 @@ class OverSquashingProbe(_Probe):
         head = encode_prompt(tokenizer, self.prefix)
         profiles = {}
         for n in self.lengths:
+            self.say(f"length {n}, {self.num_samples} prompt(s)")
             rows = []
             for _ in range(self.num_samples):
                 body = [i for ch in family_sequence(self.family, n, rng) for i in _piece_ids(tokenizer, ch)]
@@ -438,10 +497,13 @@ class OverSquashingProbe(_Probe):
             profiles[n] = torch.stack(rows).mean(0)
         return {"profiles": profiles}
 
-    def scalars(self, results: dict) -> dict[str, float]:
+    @staticmethod
+    def region_ratios(profiles: list[torch.Tensor]) -> dict[str, float]:
+        """Mean sensitivity at the start (relative positions ≤ 0.1), the end (≥ 0.9, last token excluded) and the
+        last token, each over the middle (0.4–0.6), pooled over ``profiles``."""
         def region(lo: float, hi: float, include_last: bool = False) -> float:
             vals = []
-            for p in results["profiles"].values():
+            for p in profiles:
                 x = torch.linspace(0, 1, len(p))
                 keep = (x >= lo) & (x <= hi)
                 keep[-1] = include_last and keep[-1]
@@ -449,9 +511,17 @@ class OverSquashingProbe(_Probe):
             return torch.cat(vals).mean().item()
 
         middle = region(0.4, 0.6)
-        return {"probes/sensitivity/start_over_middle": region(0.0, 0.1) / middle,
-                "probes/sensitivity/end_over_middle": region(0.9, 1.0) / middle,
-                "probes/sensitivity/last_over_middle": region(1.0, 1.0, include_last=True) / middle}
+        return {"start_over_middle": region(0.0, 0.1) / middle, "end_over_middle": region(0.9, 1.0) / middle,
+                "last_over_middle": region(1.0, 1.0, include_last=True) / middle}
+
+    def scalars(self, results: dict) -> dict[str, float]:
+        ratios = self.region_ratios(list(results["profiles"].values()))
+        return {f"probes/sensitivity/{k}": v for k, v in ratios.items()}
+
+    def summary(self, results: dict) -> tuple[str, list[tuple[str, list[float]]]]:
+        per_length = [self.region_ratios([results["profiles"][n]]) for n in self.lengths]
+        rows = [(key, [r[key] for r in per_length]) for key in per_length[0]]
+        return f"‖∂h_last/∂e_i‖_F by relative position i/(n-1), region over middle (layer {self.layer})", rows
 
     def figure(self, results: dict) -> Figure:
         fig = Figure(figsize=(5, 3.6), dpi=72)
@@ -510,9 +580,9 @@ class SequenceTaskProbe(_Probe):
 
     def __init__(self, tasks: list[str] = TASKS, lengths: list[int] = (4, 8, 16, 32, 64), num_samples: int = 16,
                  separator: str = "", separator_every: int = 3, num_bins: int = 5, seed: int = 1234,
-                 every_n_steps: int = 0, on_validation: bool = True, figure_dir: str | None = None,
-                 tokenizer: str | None = None):
-        super().__init__(every_n_steps, on_validation, figure_dir, tokenizer)
+                 every_n_steps: int = 0, on_validation: bool = True, figure_dir: str | None = LOG_DIR_FIGURES,
+                 tokenizer: str | None = None, progress: bool = True):
+        super().__init__(every_n_steps, on_validation, figure_dir, tokenizer, progress)
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"tasks {unknown} not in {list(TASKS)}")
@@ -526,8 +596,15 @@ class SequenceTaskProbe(_Probe):
         examples = [make_example(t, n, rng, self.separator, self.separator_every)
                     for t in self.tasks for n in self.lengths for _ in range(self.num_samples)]
         answers = [_piece_ids(tokenizer, ex["answer"]) for ex in examples]
-        generated = greedy_continuations(model, [encode_prompt(tokenizer, ex["prompt"]) for ex in examples],
-                                         max(len(a) for a in answers) + 1)
+        max_new_tokens = max(len(a) for a in answers) + 1
+        generated: list[list[int] | None] = [None] * len(examples)
+        for n in self.lengths:  # one length at a time, so a long round reports its progress
+            idx = [i for i, ex in enumerate(examples) if ex["length"] == n]
+            self.say(f"length {n}, {len(idx)} prompts")
+            outs = greedy_continuations(model, [encode_prompt(tokenizer, examples[i]["prompt"]) for i in idx],
+                                        max_new_tokens)
+            for i, out in zip(idx, outs):
+                generated[i] = out
         by_length: dict[tuple[str, int], list[float]] = {}
         by_position: dict[tuple[str, float], list[float]] = {}
         eos = tokenizer.eos_token_id
@@ -550,6 +627,11 @@ class SequenceTaskProbe(_Probe):
         out = {f"probes/tasks/{t}/acc": sum(acc[t, n] for n in self.lengths) / len(self.lengths) for t in self.tasks}
         out["probes/tasks/acc"] = sum(acc.values()) / len(acc)
         return out
+
+    def summary(self, results: dict) -> tuple[str, list[tuple[str, list[float]]]]:
+        acc = results["accuracy"]
+        rows = [(t, [acc[t, n] for n in self.lengths]) for t in self.tasks]
+        return f"greedy accuracy ({self.num_samples} prompts per task and length)", rows
 
     def figure(self, results: dict) -> Figure:
         fig = Figure(figsize=(9, 3.6), dpi=72)

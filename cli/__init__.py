@@ -49,6 +49,7 @@ import optimizers  # noqa: E402,F401
 from callbacks.checkpoint_io import check_checkpoint_file  # noqa: E402
 from callbacks.lifecycle import LastCheckpoint  # noqa: E402
 from callbacks.loggers import VERSIONED_LOGGERS  # noqa: E402
+from callbacks.oversquashing import probe_summary  # noqa: E402
 
 DEFAULT_CHECKPOINT_EVERY = 200
 #: The logger's run name without a ``--config`` file; with one, the last file's stem (:func:`run_name`).
@@ -189,6 +190,26 @@ class LitPapersCLI(LightningCLI):
         if defaults:
             trainer.callbacks = list(trainer.get("callbacks") or []) + [
                 Namespace(class_path=d["class_path"], init_args=Namespace(**d["init_args"])) for d in defaults]
+
+    def _print_probe_summary(self) -> None:
+        """Print the table of the probes' last results (:func:`~callbacks.oversquashing.probe_summary`) on rank 0,
+        so a probe run ends with its numbers on the console, not only in the logs."""
+        trainer = getattr(self, "trainer", None)
+        table = probe_summary(trainer.callbacks) if trainer is not None and trainer.is_global_zero else ""
+        if table:
+            print(table, flush=True)
+
+    def after_fit(self) -> None:
+        """LightningCLI's hook after ``fit``: the probe summary."""
+        self._print_probe_summary()
+
+    def after_validate(self) -> None:
+        """LightningCLI's hook after ``validate``: the probe summary."""
+        self._print_probe_summary()
+
+    def after_test(self) -> None:
+        """LightningCLI's hook after ``test``: the probe summary."""
+        self._print_probe_summary()
 
     def _parse_ckpt_path(self) -> None:
         """Before LightningCLI reads the hyperparameters of ``--ckpt_path``, check that the file is a readable

@@ -9,7 +9,10 @@ the shipped configs) and it does not hold a finished export yet, :func:`ensure_b
 config in a separate ``litpapers fit`` process, so that ``litpapers fit --config configs/minillm/base.yaml`` (or
 ``smollm2.yaml``) works on a fresh clone, like the RADT datasets that are
 generated on first use. A file lock makes parallel processes (DDP ranks, several runs) train it once; the
-others wait and then load it. Any other path is loaded as given.
+others wait and then load it. Any other path is loaded as given. The training run's logs (TensorBoard, its
+``config.yaml``) go beside the checkpoints, under ``checkpoints/logs/<config stem>/version_N``
+(:func:`training_log_dir`), not into the working directory's ``logs/``: a run that needed a built-in checkpoint
+writes nothing outside its own output folder and ``checkpoints/``.
 
 The training process dies with the process that started it (Linux: ``prctl(PR_SET_PDEATHSIG)``), and it holds
 the lock itself (the locked file descriptor is passed to it), so a killed run leaves neither an orphan training
@@ -72,6 +75,13 @@ def is_finished_export(path: str | Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
+def training_log_dir(spec: str | Path) -> Path:
+    """Where the training run of the built-in checkpoint ``spec`` logs: ``logs`` beside it
+    (``checkpoints/minillm_teacher`` -> ``checkpoints/logs``). Not inside ``spec`` itself: the export replaces that
+    folder as a whole when it is written."""
+    return Path(spec).parent / "logs"
+
+
 def ensure_built_in(spec: object, *overrides: str) -> None:
     """Train the built-in checkpoint ``spec`` names if it is missing (see the module docstring); else nothing.
 
@@ -86,9 +96,9 @@ def ensure_built_in(spec: object, *overrides: str) -> None:
         if is_finished_export(spec):  # another process made it while this one waited
             return
         command = [sys.executable, "-m", "cli", "fit", "--config", str(ROOT / config), "--trainer.devices", "1",
-                   *overrides]
-        log.warning("%s not found: training it first with `litpapers fit --config %s` (a few minutes on a CPU)",
-                    spec, config)
+                   "--trainer.logger.init_args.save_dir", str(training_log_dir(spec)), *overrides]
+        log.warning("%s not found: training it first with `litpapers fit --config %s` (a few minutes on a CPU; "
+                    "its logs go to %s)", spec, config, training_log_dir(spec))
         done = subprocess.run(command, check=False, preexec_fn=die_with_parent(), pass_fds=(lock_fd,))
         if done.returncode != 0 or not is_finished_export(spec):
             raise RuntimeError(f"training the built-in checkpoint {spec} failed (exit code {done.returncode}); "

@@ -303,6 +303,56 @@ def test_validate_config_runs_probes_on_a_local_model_directory(tmp_path):
     assert cli.model.model.dtype == torch.float32  # the bf16_weights precision used a copy
 
 
+def _quick_probe_args(config: str) -> list[str]:
+    """A probe config cut to seconds: shortest lengths, few samples, one validation batch, no progress bar."""
+    return ["--config", str(ROOT / "configs/probes" / config), "--trainer.enable_progress_bar", "false",
+            "--trainer.limit_val_batches", "1", "--model.init_args.model", str(TINY).replace("'", '"'),
+            "--data.init_args.num_train", "8", "--data.init_args.num_val", "8", "--data.init_args.batch_size", "4"]
+
+
+def _validate_quickly(config: str = "probe_local_model.yaml"):
+    """Build ``litpapers validate --config configs/probes/<config>`` on a tiny model, cut the probes to their two
+    shortest lengths and one sample, and run it as ``litpapers validate`` does (the validation, then the CLI's
+    ``after_validate``). Returns the CLI."""
+    cli = build_cli(_quick_probe_args(config), run=False)
+    for probe in cli.trainer.callbacks:
+        if hasattr(probe, "results"):
+            probe.lengths, probe.num_samples = probe.lengths[:2], 1
+    cli.trainer.validate(cli.model, cli.datamodule)
+    cli.after_validate()
+    return cli
+
+
+def test_validate_probe_config_reports_progress_and_ends_with_a_summary_table(capsys):
+    # issue 27 item 6: a long probe round said nothing for minutes and the run printed no result
+    _validate_quickly()
+    out, err = capsys.readouterr()
+    assert "probe collapse: fp32, " in err and "probe sensitivity: length 16" in err and "probe tasks: length 4" in err
+    assert err.count("done in") == 3
+    table = out[out.index("probe collapse:"):]
+    assert "ones fp32" in table and "start_over_middle" in table and "count_ones" in table
+    header = next(line for line in table.splitlines() if line.strip().startswith("length"))
+    assert header.split()[1:] == ["8", "16"]
+
+
+def test_probe_figures_land_in_each_runs_version_folder():
+    # issue 27 item 7: the figures went to logs/<name>/figures, outside the run's folder, and the next run
+    # overwrote them
+    runs = [Path(_validate_quickly().trainer.log_dir) for _ in range(2)]
+    assert runs[0] != runs[1] and all(r.parent.resolve() == Path("logs/probes_local_model").resolve() for r in runs)
+    for run in runs:
+        assert {p.name for p in (run / "figures").glob("*.png")} == {"collapse.png", "sensitivity.png", "tasks.png"}
+    assert not Path("logs/probes_local_model/figures").exists()
+
+
+def test_fit_on_a_probe_config_writes_no_checkpoint():
+    # issue 27 item 6: `fit --trainer.max_steps 2` on the real-model probe config wrote a 1.6 GB last.ckpt
+    for config in ("smollm2.yaml", "probe_local_model.yaml"):
+        cli = build_cli(_quick_probe_args(config), run=False)
+        assert not [c for c in cli.trainer.callbacks if type(c).__name__ == "LastCheckpoint"], config
+        assert cli.trainer.checkpoint_callback is None, config
+
+
 @pytest.mark.slow
 def test_validate_config_under_two_process_ddp_logs_probes_once(tmp_path):
     import csv
@@ -322,4 +372,5 @@ def test_validate_config_under_two_process_ddp_logs_probes_once(tmp_path):
     rows = [r for f in tmp_path.rglob("metrics.csv") for r in csv.DictReader(f.read_text().splitlines())]
     logged = [r for r in rows if r.get("probes/tasks/acc")]
     assert len(logged) == 1  # rank 0 only, once
-    assert {p.name for p in (tmp_path / "logs").rglob("*.png")} == {"collapse.png", "sensitivity.png", "tasks.png"}
+    assert {p.name for p in tmp_path.rglob("version_0/figures/*.png")} == {"collapse.png", "sensitivity.png",
+                                                                           "tasks.png"}

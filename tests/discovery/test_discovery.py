@@ -376,10 +376,10 @@ def test_readme_command_with_relative_paths_scores_from_a_fresh_directory(tmp_pa
     shutil.copytree(ROOT / "configs" / "discopop", tmp_path / "configs" / "discopop")
     monkeypatch.chdir(tmp_path)
     assert main(["--config", "configs/discopop/discover.yaml", *tiny_overrides()]) == 0
-    records = Archive(tmp_path / "runs" / "discovery" / "archive.jsonl").load()
+    records = Archive(tmp_path / "logs" / "discovery" / "archive.jsonl").load()
     scored = [r for r in records if r["kind"] in ("seed", "proposal")]
     assert [(r["kind"], r["status"]) for r in scored] == [("seed", "evaluated"), ("proposal", "evaluated")], scored
-    assert json.loads((tmp_path / "runs" / "discovery" / "summary.json").read_text())["best"]["name"] == "padll"
+    assert json.loads((tmp_path / "logs" / "discovery" / "summary.json").read_text())["best"]["name"] == "padll"
 
 
 def stub_scorer(monkeypatch, outcomes):

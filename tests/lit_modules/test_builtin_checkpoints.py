@@ -25,6 +25,9 @@ QUICK = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trai
 def test_missing_teacher_is_trained_by_its_config_once_then_loaded(monkeypatch):
     builtin.ensure_built_in("checkpoints/minillm_teacher", *QUICK)  # a real `litpapers fit` in a subprocess
     assert builtin.is_finished_export("checkpoints/minillm_teacher")
+    # the training run's logs stay beside the checkpoints: no `logs/` in the working directory (issue 27 item 7)
+    assert not Path("logs").exists() and not Path("lightning_logs").exists()
+    assert list(Path("checkpoints/logs/teacher_sft").glob("version_*/config.yaml"))
     config = (Path("checkpoints/minillm_teacher") / "config.json").read_text()
     assert '"hidden_size": 128' in config and '"num_hidden_layers": 3' in config  # teacher_sft.yaml's model
 
