@@ -38,16 +38,15 @@ Why so small: the tasks are easy, and wider students kept improving with SFT ste
 hidden 32 × 1 layer 0.80 after 4000 steps, hidden 16 × 1 layer 0.67 after 3000 and still rising, against a
 teacher at 0.80 after a 1200-step run and 0.85 half-way through a 3000-step one), while hidden 8 levelled off
 (0.21 / 0.26 / 0.29 at 2000 / 3000 / 4000 of a 4000-step run). SFT of the student: lr 1e-2, 6000 steps (full) /
-3000 (quick), plateau-evidence run half as long; margin of the check: 0.15. Distillation: 300 steps (full) / 100 (quick),
+3000 (quick), plateau-evidence run half as long; margin of the check: 0.15. Distillation: 400 steps (full) / 100 (quick),
 batch 32, the rest as ``configs/minillm/base.yaml`` (MiniLLM: teacher-mixed sampling α 0.2, PPO clip 0.2 over 4 inner
 epochs, length normalisation, single-step term, L_PT on the pretraining corpus, paper §2.2–2.3).
-Learning-rate grid: {3e-4, 1e-3, 3e-3} (full), {1e-3, 3e-3} (quick): around ``base.yaml``'s 5e-4 and up towards
-the student's SFT lr, fixed before any distillation run.
+Learning-rate grid: {1e-3, 3e-3, 1e-2} (full), {3e-3, 1e-2} (quick): up to the student's own SFT lr (1e-2; the
+quick pilot's KD winner, 3e-3, sat on the edge of the first grid {1e-3, 3e-3}), fixed before the final runs.
 
 Cost (CPU seconds of one core from nothing, teacher and student SFT included; reported in ``settings["cpu_seconds"]``
 of every run): quick about 4.5 min (measured: ``python -m benchmarks.claim_minillm``, 2026-12-07, machine shared with
-three other jobs); full about 15 min, estimated from the quick run's per-step costs (teacher ~0.11 CPU s per step,
-student ~0.012) and the step counts, not yet measured end to end.
+three other jobs); full: see ``cpu_seconds`` in the committed full report (``docs/results/full``).
 """
 
 from __future__ import annotations
@@ -84,10 +83,10 @@ def llama(hidden: int, layers: int, heads: int) -> dict:
 TEACHER = {"model": llama(128, 3, 4), "steps": 3000, "lr": 2e-3, "warmup_steps": 50}
 STUDENT = {"model": llama(8, 1, 2), "steps": 6000, "lr": 1e-2, "warmup_steps": 50}
 SETTINGS = {
-    "quick": {"seeds": 2, "tune_seed": 100, "methods": ["minillm", "kd"], "steps": 100, "lr_grid": [1e-3, 3e-3],
+    "quick": {"seeds": 2, "tune_seed": 100, "methods": ["minillm", "kd"], "steps": 100, "lr_grid": [3e-3, 1e-2],
               "teacher": TEACHER | {"steps": 1200}, "student": STUDENT | {"steps": 3000}, "plateau_factor": 2,
               "margin": 0.15, "num_val": 200, "eval_seeds": 1, "toy_seeds": 3, "toy_steps": 200},
-    "full": {"seeds": 3, "tune_seed": 100, "methods": list(METHODS), "steps": 300, "lr_grid": [3e-4, 1e-3, 3e-3],
+    "full": {"seeds": 3, "tune_seed": 100, "methods": list(METHODS), "steps": 400, "lr_grid": [1e-3, 3e-3, 1e-2],
              "teacher": TEACHER, "student": STUDENT, "plateau_factor": 2, "margin": 0.15,
              "num_val": 200, "eval_seeds": 2, "toy_seeds": 7, "toy_steps": 600},
 }
