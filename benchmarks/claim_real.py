@@ -85,7 +85,8 @@ Progress = Callable[[str], None]
 
 
 def _load(model: str):
-    from lit_modules.hf import load_causal_lm, load_tokenizer
+    from lm.hf import load_causal_lm
+    from lm.tokenizers import load_tokenizer
 
     return load_causal_lm(model, dtype=torch.float32).eval(), load_tokenizer(None, model)
 
@@ -103,8 +104,8 @@ def task_accuracy(model, tokenizer, lengths: list[int], samples: int, seed: int)
     from callbacks.oversquashing import _LEADING_INT
     from datamodules.instruction_tasks import format_prompt
     from datamodules.sequence_tasks import make_example
-    from datamodules.tokenizers import resolve_prompt_template
-    from lit_modules.sampling import generate_answers
+    from lm.sampling import generate_answers
+    from lm.tokenizers import resolve_prompt_template
 
     template = resolve_prompt_template(tokenizer)
     rng = random.Random(seed)

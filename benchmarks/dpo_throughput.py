@@ -60,7 +60,7 @@ def mfu(n_params: int, tokens_per_s: float, peak_flops: float, flops_per_param_t
 def tokens_per_pair(records: list[dict]) -> float:
     """Mean tokens a pair puts through the policy: prompt + chosen + EOS and prompt + rejected + EOS (byte
     tokenizer: one token per byte)."""
-    from lit_modules.hf import byte_tokenizer
+    from lm.tokenizers import byte_tokenizer
 
     tok = byte_tokenizer()
     n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
@@ -152,7 +152,8 @@ def run_trl(args: argparse.Namespace, precompute: bool) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from lit_modules.hf import byte_tokenizer, load_causal_lm
+    from lm.hf import load_causal_lm
+    from lm.tokenizers import byte_tokenizer
 
     class StepTimer(TrainerCallback):
         def __init__(self):

@@ -32,8 +32,8 @@ import warnings
 import torch
 import transformers
 
-from lit_modules.hf import load_causal_lm, resolve_dtype
-from lit_modules.sampling import sample_mixed
+from lm.hf import load_causal_lm, resolve_dtype
+from lm.sampling import sample_mixed
 
 SIZES = {
     # the table's tiny pair (configs/minillm): student 64-d/2 layers, teacher 128-d/3 layers, byte vocabulary
@@ -179,7 +179,7 @@ def train_step_comparison(s_cfg: dict, t_cfg: dict, device: torch.device, batch:
     from datamodules.instruction import collate_instruction
     from datamodules.instruction_tasks import generate_examples
     from lit_modules import MiniLLM
-    from lit_modules.hf import byte_tokenizer
+    from lm.tokenizers import byte_tokenizer
 
     if s_cfg["vocab_size"] != 259:
         return {"skipped": "the training-step comparison uses the byte-level tasks (size tiny)"}

@@ -12,7 +12,7 @@ AdamW lr 2e-5 with cosine decay to 0.1×, batch 16 pairs, ``--epochs`` 1, only t
 through fake quantization on pairs (FP greedy answer ≻ RTN greedy answer, identical pairs dropped) for the
 distinct prompts among ``--num-prompts`` built-in ones (``--prompts``: the checkable tasks, or the free-form
 instructions of :mod:`datamodules.freeform_prompts`, scored without a checker), then converted to real low-bit weights. Every prompt is
-in FP's own prompt format (the template its export carries, :mod:`datamodules.tokenizers`). All three are
+in FP's own prompt format (the template its export carries, :mod:`lm.tokenizers`). All three are
 evaluated by :func:`callbacks.quantization_eval.evaluate_against_full_precision` on the same held-out
 prompts (none used for training), greedy decoding, fp32. ``recovered`` = (QDPO − RTN) / (FP − RTN) per metric:
 1 = back to FP.
@@ -59,7 +59,7 @@ def eval_records(n: int, exclude: set[str], tokenizer, prompts: str = "tasks") -
     own prompt format, minus ``exclude``."""
     from datamodules.freeform_prompts import load_prompt_records
     from datamodules.qdpo_pairs import unique_prompt_records
-    from datamodules.tokenizers import resolve_prompt_template
+    from lm.tokenizers import resolve_prompt_template
 
     records, _ = unique_prompt_records(load_prompt_records(prompts, None, n, 12345, resolve_prompt_template(tokenizer),
                                                            split="heldout", where="--prompts"))
@@ -73,9 +73,9 @@ def run_seed(args, seed: int, device: torch.device, accelerator: str, references
 
     from callbacks.quantization_eval import evaluate_against_full_precision
     from datamodules.qdpo_pairs import QDPOPairsDataModule
-    from lit_modules.sampling import generate_answers
     from lit_modules import QDPO
-    from lit_modules.quantization import quantize_rtn
+    from lm.quantization import quantize_rtn
+    from lm.sampling import generate_answers
 
     L.seed_everything(seed, verbose=False)
     module = QDPO(model=str(args.model), bits=args.bits, group_size=args.group_size, beta=args.beta, lr=args.lr,
@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     device = torch.device(args.device)
 
-    from datamodules.model_aliases import ALIASES
-    from datamodules.tokenizers import load_tokenizer, resolve_prompt_template
+    from lm.model_aliases import ALIASES
+    from lm.tokenizers import load_tokenizer, resolve_prompt_template
 
     sft_s = None
     if str(args.model) not in ALIASES and not (args.model / "config.json").exists():

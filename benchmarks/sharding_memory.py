@@ -1,4 +1,4 @@
-"""Per-rank memory of FSDP2 sharding (lit_modules.sharding) for a ~134M-parameter Llama, sharded over N CPU
+"""Per-rank memory of FSDP2 sharding (lm.sharding) for a ~134M-parameter Llama, sharded over N CPU
 processes (gloo) vs one unsharded process.
 
 Runs, each in fresh processes (so each peak resident memory is that run's own):
@@ -47,8 +47,8 @@ import torch.distributed as dist  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lit_modules import DPO, CausalLM  # noqa: E402
-from lit_modules.hf import load_causal_lm  # noqa: E402
-from lit_modules.sharding import FSDP2Strategy, memory_per_rank  # noqa: E402
+from lm.hf import load_causal_lm  # noqa: E402
+from lm.sharding import FSDP2Strategy, memory_per_rank  # noqa: E402
 
 LLAMA_134M = {"model_type": "llama", "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
               "num_attention_heads": 12, "num_key_value_heads": 12, "vocab_size": 32000,

@@ -8,7 +8,7 @@ exposure bias of a distilled student (MiniLLM paper §3.3, App. B.5; LMOps ``min
   (:func:`measure_exposure_bias`).
 
 :class:`GenerationEval` reads what the module's ``validation_step`` returns, ``{"texts": [...], "rollout": Rollout,
-"temperature": τ, "max_new_tokens": n}`` (the decoded answers, the :class:`~lit_modules.sampling.Rollout` they came
+"temperature": τ, "max_new_tokens": n}`` (the decoded answers, the :class:`~lm.sampling.Rollout` they came
 from, the temperature and length cap it was sampled with), and the module's ``model``, ``teacher`` (``None``: no
 exposure bias) and ``tokenizer``; :class:`lit_modules.MiniLLM` follows that contract. It logs ``val/valid_rate``
 and ``val/ex_acc_err``.
@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from datamodules.instruction_tasks import check_answer
 from lit_modules.minillm import kl_per_token
-from lit_modules.sampling import Rollout, response_logits, sample_mixed
+from lm.sampling import Rollout, response_logits, sample_mixed
 
 
 def per_step_forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,

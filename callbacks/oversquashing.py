@@ -48,8 +48,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from transformers import PreTrainedModel
 
-from lit_modules.hf import load_tokenizer
 from datamodules.sequence_tasks import TASKS, encode_prompt, format_digits, make_example
+from lm.tokenizers import load_tokenizer
 
 IdSequence = Sequence[int] | torch.Tensor
 #: precision name -> (autocast dtype, parameter dtype of a temporary copy of the model or None)

@@ -37,12 +37,12 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchmetrics.text.rouge import ROUGEScore
 
-from datamodules.common import pad_sequences
 from datamodules.freeform_prompts import check_prompt_source, load_prompt_records
 from datamodules.instruction_tasks import check_answer
 from datamodules.qdpo_pairs import unique_prompt_records
-from datamodules.tokenizers import check_prompt_template, resolve_prompt_template
-from lit_modules.sampling import generate_answers
+from lm.sampling import generate_answers
+from lm.tensors import pad_sequences
+from lm.tokenizers import check_prompt_template, resolve_prompt_template
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def evaluate_against_full_precision(full_precision: nn.Module, model: nn.Module,
                                     batch_size: int = 64, max_prompt_length: int = 128) -> dict[str, float | None]:
     """The metrics of the module docstring for ``model`` on ``records`` (rows with ``prompt``; built-in rows
     also ``task``/``params``). ``fp_answers``: FP's greedy answers, generated when not given. Answers are decoded
-    greedily with the package's one sampler (:func:`lit_modules.sampling.generate_answers`)."""
+    greedily with the package's one sampler (:func:`lm.sampling.generate_answers`)."""
     prompts = [r["prompt"] for r in records]
     gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_length=max_prompt_length)
     modes = [full_precision.training, model.training]
@@ -144,7 +144,7 @@ class QuantizationEval(L.Callback):
         max_new_tokens, batch_size, max_prompt_length: generation settings (greedy).
         exclude_training_prompts: drop prompts the datamodule trains on (its ``records()``' ``prompt``).
         template: prompt template; ``None`` (default) = the full-precision model's own prompt format (its
-            tokenizer's chat template, :func:`datamodules.tokenizers.resolve_prompt_template`).
+            tokenizer's chat template, :func:`lm.tokenizers.resolve_prompt_template`).
     """
 
     def __init__(self, path: str | None = None, prompts: str | None = None, num_prompts: int = 256, seed: int = 12345,

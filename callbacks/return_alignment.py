@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torchmetrics
 
-from datamodules.extras import require
+from lm.extras import require
 
 Policy = Callable[..., torch.Tensor]  # (states, actions, returns_to_go, timesteps, mask, cache=dict) -> actions
 

@@ -56,7 +56,7 @@ DEFAULT_CHECKPOINT_EVERY = 200
 DEFAULT_RUN_NAME = "litpapers"
 ROOT = Path(__file__).resolve().parents[1]
 #: Where this package's own code lives: an error raised there is a message for the user, not a bug report.
-PACKAGE_DIRS = tuple(str(ROOT / d) + os.sep for d in ("lit_modules", "datamodules", "callbacks", "optimizers"))
+PACKAGE_DIRS = tuple(str(ROOT / d) + os.sep for d in ("lm", "lit_modules", "datamodules", "callbacks", "optimizers"))
 #: Exception types our own validation raises (an AttributeError and the like stay a traceback: a bug).
 USER_ERROR_TYPES = (ValueError, TypeError, KeyError, OSError, RuntimeError, ImportError)
 EXIT_INTERRUPTED = 130

@@ -5,7 +5,7 @@ Each filter matches one known message, so every other warning still shows:
 - ``transformers`` imports ``torchao`` whenever it is installed (to register its quantizer, also when no model
   is quantized), and torchao then logs ``Failed to load <kernel>.so`` for its optional CUDA/other-ABI kernels and
   torch logs that torchao's ``register_constant`` on Enum classes is deprecated. This package itself imports
-  torchao only inside the QDPO functions that quantize (``lit_modules/quantization.py``, ``lit_modules/qdpo.py``).
+  torchao only inside the QDPO functions that quantize (``lm/quantization.py``, ``lit_modules/qdpo.py``).
 - Lightning 2.6 calls ``isinstance(treespec, LeafSpec)``, which torch 2.13 deprecates (a ``FutureWarning``).
 - Lightning's "Tip: ... try installing litlogger/litmodels" advertisements.
 - Lightning's "Found N module(s) in eval mode at the start of training" (a ``PossibleUserWarning``): this package's

@@ -1,10 +1,10 @@
-"""Small pieces shared by the datamodules: the tokenizer hand-off, padding collation and a training loader
+"""Small pieces shared by the datamodules: the tokenizer hand-off, the batch-size check and a training loader
 that resumes mid-epoch (:class:`ResumableDataLoader`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from datamodules.contract import TokenizerSource
-from datamodules.tokenizers import load_tokenizer
+from lm.tokenizers import load_tokenizer
 
 
 def resolve_tokenizer(datamodule: L.LightningDataModule, tokenizer: str | None):
@@ -26,19 +26,6 @@ def resolve_tokenizer(datamodule: L.LightningDataModule, tokenizer: str | None):
     if module is not None and getattr(module, "tokenizer", None) is not None:
         return module.tokenizer
     return load_tokenizer(None)
-
-
-def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, left: bool = False) -> torch.Tensor:
-    """Stack variable-length id lists into a (B, max_len) LongTensor, padding on the right (or left)."""
-    width = max((len(s) for s in seqs), default=0)
-    out = torch.full((len(seqs), width), pad_value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            if left:
-                out[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
-            else:
-                out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out
 
 
 def check_batch_size(batch_size: int, owner: str) -> None:

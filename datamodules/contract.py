@@ -10,7 +10,7 @@ their own module or datamodule knows what to provide, and code can say what it n
   (``datamodules.common.resolve_tokenizer``).
 - :class:`PairModelSource` (a module): ``QDPOPairsDataModule`` calls ``pair_models()`` for the two models and
   answers with the module's ``generate_answers`` (the package's one sampler, which lives upstairs in
-  ``lit_modules/sampling.py``: handed down through the module, not imported).
+  ``lm/sampling.py``: handed down through the module, not imported).
 - :class:`OfflineRLSource` (a datamodule): ``RADT``/``DecisionTransformer`` read ``state_dim``, ``act_dim``,
   ``discrete``, ``state_mean``, ``state_std`` at ``setup``; ``ReturnAlignmentEval`` reads ``episode_returns``
   and calls ``make_env()``.
@@ -35,7 +35,7 @@ class TokenizerSource(Protocol):
 
     ``tokenizer`` is a Hugging Face tokenizer, or ``None`` to let the datamodule fall back to its own
     (byte-level by default). Every ``lit_modules`` language-model module provides it. Its ``chat_template``
-    is the model's prompt format: read with ``datamodules.tokenizers.resolve_prompt_template`` by every prompt
+    is the model's prompt format: read with ``lm.tokenizers.resolve_prompt_template`` by every prompt
     consumer, written with ``set_prompt_template`` by ``InstructionDataModule`` for the model it trains."""
 
     tokenizer: Any
@@ -58,7 +58,7 @@ class PairModelSource(Protocol):
         """``model``'s answer to each prompt string (decoded up to EOS, the module's tokenizer): greedy unless
         ``do_sample``; batch ``i`` of ``batch_size`` prompts draws from a generator seeded ``seed + i`` (two models
         given the same prompts and seed share their random numbers). ``lit_modules.QDPO`` answers with
-        ``lit_modules.sampling.generate_answers``."""
+        ``lm.sampling.generate_answers``."""
         ...
 
 

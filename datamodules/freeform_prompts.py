@@ -22,7 +22,8 @@ import random
 from typing import Any
 
 from datamodules.instruction import load_instruction_records
-from datamodules.instruction_tasks import PROMPT_TEMPLATE, format_prompt
+from datamodules.instruction_tasks import format_prompt
+from lm.tokenizers import PROMPT_TEMPLATE
 
 #: instruction templates per topic kind ({topic} is filled with a topic of that kind)
 TEMPLATES: dict[str, tuple[str, ...]] = {

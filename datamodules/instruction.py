@@ -3,7 +3,7 @@
 Records users bring (JSONL, a JSON list, or a HF dataset saved with ``save_to_disk``) need either
 ``instruction`` (+ optional ``context``) and ``response`` — Dolly-15k's schema, filled into the prompt
 template — or ``prompt`` and ``response``, where ``prompt`` is used verbatim. The template is the model's own
-prompt format (:func:`datamodules.tokenizers.resolve_prompt_template`) unless one is configured; the module's
+prompt format (:func:`lm.tokenizers.resolve_prompt_template`) unless one is configured; the module's
 tokenizer then records the template it is trained with, so its export carries it. An optional ``references`` list is kept
 for Rouge-L (default: ``[response]``). ``path=None`` is the built-in task generator of
 :mod:`datamodules.instruction_tasks` (several valid answers per prompt, each checkable by
@@ -34,11 +34,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.common import ResumableDataLoader, check_batch_size, pad_sequences, resolve_tokenizer
-from datamodules.instruction_tasks import PROMPT_TEMPLATE, format_prompt, generate_examples
+from datamodules.common import ResumableDataLoader, check_batch_size, resolve_tokenizer
+from datamodules.instruction_tasks import format_prompt, generate_examples
 from datamodules.io import read_records
 from datamodules.text import TextDataModule
-from datamodules.tokenizers import check_prompt_template, resolve_prompt_template, set_prompt_template
+from lm.tensors import pad_sequences
+from lm.tokenizers import PROMPT_TEMPLATE, check_prompt_template, resolve_prompt_template, set_prompt_template
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class InstructionDataModule(L.LightningDataModule):
         template: prompt template (fields of :func:`~datamodules.instruction_tasks.format_prompt`); ``None`` =
             the model's own prompt format (its tokenizer's chat template), else ``### Instruction:…``. A template
             that differs from the model's own is used with a warning. The tokenizer then carries the template
-            used (:func:`~datamodules.tokenizers.set_prompt_template`): the model trained here is exported with it.
+            used (:func:`~lm.tokenizers.set_prompt_template`): the model trained here is exported with it.
         max_prompt_length: prompts longer than this keep their LAST tokens (the template's response header).
         max_response_length: responses are cut to this many tokens, EOS included.
         batch_size: examples per batch (train and val).

@@ -26,6 +26,8 @@ import random
 import re
 from collections.abc import Callable
 
+from lm.tokenizers import PROMPT_TEMPLATE
+
 WORDS: tuple[str, ...] = (
     "apple", "arrow", "acorn", "bread", "brick", "berry", "cloud", "candle", "coral", "daisy", "dune",
     "dragon", "eagle", "ember", "engine", "flame", "frost", "feather", "grape", "glass", "garden", "harbor",
@@ -73,14 +75,6 @@ def _multiple(rng: random.Random) -> dict:
     m = k * rng.randint(3, 6) + rng.randint(1, k - 1)
     valid = [str(v) for v in range(k, m, k)]
     return {"instruction": f"Name a multiple of {k} below {m}.", "references": valid, "params": {"k": k, "m": m}}
-
-
-#: Default prompt template (Dolly/Alpaca style, kept short for byte-level tiny models), for a model that carries
-#: no prompt format of its own (see :mod:`datamodules.tokenizers`). ``{context}`` lines are dropped when the
-#: context is empty. The response follows the template directly and ends with EOS.
-PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n{context_block}### Response:\n"
-#: The fields a prompt template may use (see :func:`format_prompt`).
-PROMPT_FIELDS = ("instruction", "context", "context_block", "user")
 
 
 def format_prompt(instruction: str, context: str = "", template: str = PROMPT_TEMPLATE) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from datamodules.extras import require
+from lm.extras import require
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 RECORD_SUFFIXES = (".jsonl", ".json")

@@ -42,8 +42,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.common import ResumableDataLoader, cache_dir, check_batch_size
-from datamodules.extras import require
 from datamodules.offline_rl_generate import BUILTIN_DATASETS, generate_minari_dataset
+from lm.extras import require
 
 log = logging.getLogger(__name__)
 

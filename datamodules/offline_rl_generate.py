@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from datamodules.extras import require
+from lm.extras import require
 
 if TYPE_CHECKING:  # gymnasium/minari are imported lazily: GPU benchmark machines may not have them.
     import minari

@@ -21,10 +21,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.common import ResumableDataLoader, check_batch_size, pad_sequences, resolve_tokenizer
-from datamodules.instruction_tasks import PROMPT_TEMPLATE, TASKS, WORDS, check_answer, format_prompt, generate_examples
+from datamodules.common import ResumableDataLoader, check_batch_size, resolve_tokenizer
+from datamodules.instruction_tasks import TASKS, WORDS, check_answer, format_prompt, generate_examples
 from datamodules.io import read_records
-from datamodules.tokenizers import check_prompt_template, resolve_prompt_template
+from lm.tensors import pad_sequences
+from lm.tokenizers import PROMPT_TEMPLATE, check_prompt_template, resolve_prompt_template
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class PreferenceDataModule(L.LightningDataModule):
         tokenizer: tokenizer name/path; ``None`` uses the module's tokenizer (byte-level by default).
         chat_template: a Jinja chat template for tokenizers without one (only for message-list rows).
         template: prompt template of the built-in pairs; ``None`` = the model's own prompt format
-            (:func:`datamodules.tokenizers.resolve_prompt_template`; a different one is used with a warning).
+            (:func:`lm.tokenizers.resolve_prompt_template`; a different one is used with a warning).
         num_workers: DataLoader worker processes.
 
     Subclasses (or :meth:`from_records`) can supply rows in memory by overriding :meth:`records`.

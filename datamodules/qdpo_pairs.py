@@ -5,9 +5,9 @@ A :class:`datamodules.PreferenceDataModule` whose rows come from generation inst
 read like :class:`datamodules.InstructionDataModule`'s (``path``: Dolly-style JSONL/JSON/saved HF dataset;
 ``None``: the built-in source ``prompts``, the checkable tasks or the training split of the free-form
 instructions of :mod:`datamodules.freeform_prompts`) and filled into the full-precision model's own prompt format (its
-tokenizer's chat template, :func:`datamodules.tokenizers.resolve_prompt_template`), the two models come from the
+tokenizer's chat template, :func:`lm.tokenizers.resolve_prompt_template`), the two models come from the
 attached module (``QDPO.pair_models()``) and answer through its ``generate_answers`` (the package's one sampler,
-:func:`lit_modules.sampling.generate_answers`, handed over by the module: this data floor imports nothing from
+:func:`lm.sampling.generate_answers`, handed over by the module: this data floor imports nothing from
 ``lit_modules``; see :class:`datamodules.contract.PairModelSource`), and the base class tokenizes, drops identical
 pairs (counted and logged), splits and batches as usual.
 
@@ -35,7 +35,7 @@ from datamodules.common import cache_dir
 from datamodules.contract import PairModelSource
 from datamodules.freeform_prompts import check_prompt_source, load_prompt_records
 from datamodules.preference import PreferenceDataModule
-from datamodules.tokenizers import resolve_prompt_template
+from lm.tokenizers import resolve_prompt_template
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.common import ResumableDataLoader, check_batch_size, pad_sequences, resolve_tokenizer
+from datamodules.common import ResumableDataLoader, check_batch_size, resolve_tokenizer
 from datamodules.io import read_records
+from lm.tensors import pad_sequences
 
 log = logging.getLogger(__name__)
 

@@ -90,7 +90,7 @@ def fitness_config(fitness: Fitness) -> dict:
 
 def absolute_path(value: Any) -> Any:
     """``value`` resolved against the current working directory when it is a string naming a local path: an
-    existing file or directory, or one spelled as a path as ``datamodules.model_aliases.check_model_source`` reads
+    existing file or directory, or one spelled as a path as ``lm.model_aliases.check_model_source`` reads
     it (``./x``, ``../x``, ``~/x``, ``a/b/c``, ``a/b`` with a local folder ``a``); anything else (a hub id
     ``org/name``, a metric name) unchanged."""
     if not isinstance(value, str) or not value or value == "byte" or "\n" in value:
@@ -168,7 +168,7 @@ class DPOFitness(Fitness):
 
         args = self.init_args
         if isinstance(args["model"], str):  # here, before the candidate runs: a missing model is not its fault
-            from datamodules.model_aliases import resolve_model_alias
+            from lm.model_aliases import resolve_model_alias
 
             try:
                 resolve_model_alias(args["model"])  # raises FileNotFoundError naming a missing model

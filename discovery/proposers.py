@@ -115,7 +115,8 @@ class HFProposer(Proposer):
         self.calls = n
 
     def _load(self) -> None:
-        from lit_modules.hf import load_causal_lm, load_tokenizer
+        from lm.hf import load_causal_lm
+        from lm.tokenizers import load_tokenizer
 
         self._tokenizer = load_tokenizer(None, self.model_name)
         if self.chat_template:

@@ -147,7 +147,7 @@ class DeferredNetworksModule(PaperModule):
     """A :class:`PaperModule` whose networks are built in Lightning's ``configure_model`` hook, not in
     ``__init__`` (docs/sharding.md): one construction path for a single device, DDP and
     ``ModelParallelStrategy``, where :meth:`build_networks` builds them sharded from the meta device
-    (:func:`lit_modules.sharding.build_causal_lm`) so no rank but 0 ever holds a whole model.
+    (:func:`lm.sharding.build_causal_lm`) so no rank but 0 ever holds a whole model.
 
     Subclasses name their network attributes in ``trainable_networks``/``frozen_networks`` and set all of them
     in :meth:`build_networks`. :meth:`configure_model` builds them once (Lightning calls it at every
@@ -166,7 +166,7 @@ class DeferredNetworksModule(PaperModule):
     def configure_model(self) -> None:
         """Build the networks the first time; later calls leave them as they are, except that networks built
         whole before a ``ModelParallelStrategy`` trainer attached are then sharded in place."""
-        from lit_modules.sharding import shard_module
+        from lm.sharding import shard_module
 
         if self.__dict__.get("_networks_built"):
             shard_module(self, [getattr(self, n) for n in self.trainable_networks],

@@ -14,8 +14,9 @@ import torchmetrics
 from transformers import PreTrainedModel
 
 from lit_modules.base import DeferredNetworksModule, LRSchedulerCallable, OptimizerCallable
-from lit_modules.hf import ModelSpec, load_causal_lm, load_tokenizer
-from lit_modules.sharding import build_causal_lm, export_pretrained
+from lm.hf import ModelSpec, load_causal_lm
+from lm.sharding import build_causal_lm, export_pretrained
+from lm.tokenizers import load_tokenizer
 
 
 class CausalLM(DeferredNetworksModule):
@@ -23,7 +24,7 @@ class CausalLM(DeferredNetworksModule):
 
     Args:
         model: hub name, local ``save_pretrained`` directory, or a config dict for a tiny random model
-            (missing fields from ``lit_modules.hf.TINY_LLAMA``; ``vocab_size`` from the tokenizer).
+            (missing fields from ``lm.hf.TINY_LLAMA``; ``vocab_size`` from the tokenizer).
         tokenizer: tokenizer name/path; ``None`` uses the model directory's, else byte-level.
         dtype: parameter dtype (``"float32"``, ``"bf16"``...); ``None`` keeps the checkpoint's/fp32.
         export_dir: if set, ``save_pretrained`` model and tokenizer there when training ends.

@@ -26,9 +26,10 @@ import torchmetrics
 from torch import Tensor, nn
 
 from lit_modules.base import DeferredNetworksModule, LRSchedulerCallable, OptimizerCallable
-from lit_modules.hf import ModelSpec, load_causal_lm, load_tokenizer
 from lit_modules.preference_losses import PREFERENCE_LOSSES, preference_loss, resolve_preference_loss
-from lit_modules.sharding import build_causal_lm, export_pretrained, is_model_parallel
+from lm.hf import ModelSpec, load_causal_lm
+from lm.sharding import build_causal_lm, export_pretrained, is_model_parallel
+from lm.tokenizers import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class DPO(DeferredNetworksModule):
 
     def build_reference(self) -> nn.Module:
         """The reference: ``ref_model`` if given, else a copy of the policy as :meth:`build_policy` left it
-        (whole: :func:`~lit_modules.sharding.build_causal_lm` shards it)."""
+        (whole: :func:`~lm.sharding.build_causal_lm` shards it)."""
         if self.ref_model_spec is None:  # a sharded (FSDP2) policy cannot be deep-copied: build it again
             return self.build_policy() if is_model_parallel(self) else copy.deepcopy(self.policy)
         return load_causal_lm(self.ref_model_spec, vocab_size=len(self.tokenizer), dtype=self.param_dtype,

@@ -39,7 +39,7 @@ whitened over the batch; with ``single_step=False`` the long-term term uses R_t 
 estimator stays unbiased. Every training step is one optimizer step (automatic optimization: gradient clipping,
 accumulation and DDP come from the Trainer); a rollout is reused for ``ppo_epochs`` consecutive steps.
 
-Rollouts are drawn by :func:`lit_modules.sampling.sample_mixed`. Validation logs the SFT loss, Rouge-L and the
+Rollouts are drawn by :func:`lm.sampling.sample_mixed`. Validation logs the SFT loss, Rouge-L and the
 response length, and returns its decoded samples for :class:`callbacks.GenerationEval` (valid-answer rate and
 exposure bias, paper §3.3).
 """
@@ -56,9 +56,10 @@ from transformers import PreTrainedModel
 
 from lit_modules.base import DeferredNetworksModule, LRSchedulerCallable, OptimizerCallable
 from lit_modules.builtin_checkpoints import ensure_built_in
-from lit_modules.hf import ModelSpec, check_same_vocabulary, keep_layers, load_causal_lm, load_tokenizer
-from lit_modules.sampling import Rollout, response_logits, sample_mixed
-from lit_modules.sharding import build_causal_lm, export_pretrained, is_model_parallel, truncate_at_eos
+from lm.hf import ModelSpec, check_same_vocabulary, keep_layers, load_causal_lm
+from lm.sampling import Rollout, response_logits, sample_mixed
+from lm.sharding import build_causal_lm, export_pretrained, is_model_parallel, truncate_at_eos
+from lm.tokenizers import load_tokenizer
 
 OBJECTIVES = ("sft", "kd", "seqkd", "gkd", "minillm")
 PT_SOURCES = ("pretrain", "sft")
@@ -192,7 +193,7 @@ class MiniLLM(DeferredNetworksModule):
         student: hub name, ``save_pretrained`` directory or config dict (tiny random model) of the student.
         student_layers: keep only these decoder layers of ``student`` (e.g. every third layer of the teacher's
             checkpoint: ``student`` = the teacher, ``[0, 3, ..., 27]``): the usual distillation initialisation of a
-            smaller student sharing the teacher's tokenizer (:func:`lit_modules.hf.keep_layers`). ``None``: all.
+            smaller student sharing the teacher's tokenizer (:func:`lm.hf.keep_layers`). ``None``: all.
         teacher: the same for the frozen teacher; default ``checkpoints/minillm_teacher``, written by
             ``configs/minillm/teacher_sft.yaml``. Not needed for ``objective: sft``.
         tokenizer: tokenizer name/path; default: the student's (or teacher's) directory, else byte-level.

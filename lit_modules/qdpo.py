@@ -3,16 +3,16 @@ arXiv 2407.03051; docs/papers.md §4).
 
 - Pairs (:class:`datamodules.QDPOPairsDataModule`): for each prompt, chosen = the full-precision model's
   answer, rejected = the quantized model's answer; identical pairs carry no signal and are dropped.
-- Policy = the full-precision model with fake-quantized weights (:func:`lit_modules.quantization.prepare_qat`:
+- Policy = the full-precision model with fake-quantized weights (:func:`lm.quantization.prepare_qat`:
   weight-only symmetric round-to-nearest, ``bits``/``group_size``); gradients reach the latent fp weights
   through the rounding with the straight-through estimator (quantization-aware training).
 - Reference = the initial quantized model (= the RTN model; the paper's reference is marked *unverified*
   in docs/papers.md), by default as reference log-probs precomputed once before training (:class:`DPO`).
 - Loss = :class:`DPO`'s (sigmoid DPO by default, any of ``lit_modules.PREFERENCE_LOSSES``).
 - At the end (``export_dir``) or on demand (:meth:`QDPO.export`, :meth:`QDPO.quantized_model`) the latent
-  weights are re-quantized into real low-bit weights (:func:`~lit_modules.quantization.convert_qat`) and
+  weights are re-quantized into real low-bit weights (:func:`~lm.quantization.convert_qat`) and
   written with ``save_pretrained``: loading needs ``torchao`` installed, then plain
-  ``AutoModelForCausalLM.from_pretrained(dir)`` / ``lit_modules.hf.load_causal_lm(dir)``.
+  ``AutoModelForCausalLM.from_pretrained(dir)`` / ``lm.hf.load_causal_lm(dir)``.
 
 The frozen full-precision model stays in the module (``self.full_precision``): it generates the chosen
 answers and is the yardstick of :class:`callbacks.QuantizationEval`.
@@ -28,15 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from datamodules.extras import require
 from lit_modules.base import LRSchedulerCallable, OptimizerCallable
 from lit_modules.builtin_checkpoints import ensure_built_in
 from lit_modules.dpo import DPO, module_fingerprint
-from lit_modules.hf import ModelSpec
-from lit_modules.quantization import (convert_qat, prepare_qat, quantizable_linears, quantization_tag,
-                                      save_quantized)
-from lit_modules.sampling import generate_answers
-from lit_modules.sharding import is_model_parallel
+from lm.extras import require
+from lm.hf import ModelSpec
+from lm.quantization import convert_qat, prepare_qat, quantizable_linears, quantization_tag, save_quantized
+from lm.sampling import generate_answers
+from lm.sharding import is_model_parallel
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +137,7 @@ class QDPO(DPO):
 
     def generate_answers(self, model: nn.Module, prompts: list[str], **decoding: Any) -> list[str]:
         """``model``'s answers to ``prompts`` with this module's tokenizer through the package's one sampler
-        (:func:`lit_modules.sampling.generate_answers`; ``decoding`` as there): how the pair generator decodes."""
+        (:func:`lm.sampling.generate_answers`; ``decoding`` as there): how the pair generator decodes."""
         return generate_answers(model, self.tokenizer, prompts, **decoding)
 
     def quantized_model(self) -> nn.Module:

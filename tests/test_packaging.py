@@ -14,7 +14,7 @@ if sys.version_info >= (3, 11):
 else:  # the test extra installs tomli on Python 3.10
     import tomli as tomllib
 
-from datamodules.extras import EXTRAS, require
+from lm.extras import EXTRAS, require
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def test_non_editable_install_imports_every_module(core_install, tmp_path):
     out = run_outside_checkout(core_install, """
         import importlib, importlib.util
         for name in ["cli", "optimizers", "lit_modules", "datamodules", "callbacks", "discovery",
-                     "datamodules.contract", "datamodules.extras"]:
+                     "datamodules.contract", "lm.extras"]:
             module = importlib.import_module(name)
             assert "site-packages" in module.__file__, (name, module.__file__)
         assert importlib.util.find_spec("benchmarks") is None, "benchmarks was installed"

@@ -99,7 +99,8 @@ def test_minillm_resumes_exactly(steps):
 
 
 def test_qdpo_resumes_exactly():
-    from lit_modules.hf import byte_tokenizer, load_causal_lm, save_pretrained_with_tokenizer
+    from lm.hf import load_causal_lm, save_pretrained_with_tokenizer
+    from lm.tokenizers import byte_tokenizer
 
     tokenizer = byte_tokenizer()
     save_pretrained_with_tokenizer(load_causal_lm({}, vocab_size=len(tokenizer), seed=0), tokenizer, "fp")

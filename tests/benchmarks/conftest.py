@@ -2,7 +2,8 @@
 
 import pytest
 
-from lit_modules.hf import byte_tokenizer, load_causal_lm
+from lm.hf import load_causal_lm
+from lm.tokenizers import byte_tokenizer
 
 
 @pytest.fixture

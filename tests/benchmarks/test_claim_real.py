@@ -9,7 +9,8 @@ import pytest
 from benchmarks import claim_real
 from callbacks.oversquashing import representational_collapse
 from datamodules.sequence_tasks import encode_prompt
-from lit_modules.hf import byte_tokenizer, load_causal_lm
+from lm.hf import load_causal_lm
+from lm.tokenizers import byte_tokenizer
 
 CLAIM_KEYS = {"claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better", "spread"}
 TINY_PROBES = dict(seeds=2, lengths=[4, 12], sensitivity_lengths=[8], sensitivity_samples=1, projections=4,
@@ -48,7 +49,7 @@ def test_probe_claims_are_the_pure_collapse_function_on_each_prompt_prefix(tiny_
 
 def test_task_accuracy_scores_the_leading_integer_after_the_answer_prefix(tiny_model, monkeypatch):
     """An oracle right up to 4 digits; beyond, the right count not leading its answer, and no digit to copy."""
-    import lit_modules.sampling
+    import lm.sampling
 
     seen = []
 
@@ -61,7 +62,7 @@ def test_task_accuracy_scores_the_leading_integer_after_the_answer_prefix(tiny_m
             out.append(f"{right} ones" if len(digits) <= 4 else f"ones: {right}" if "How many" in p else "x")
         return out
 
-    monkeypatch.setattr(lit_modules.sampling, "generate_answers", oracle)
+    monkeypatch.setattr(lm.sampling, "generate_answers", oracle)
     acc = claim_real.task_accuracy(None, byte_tokenizer(), [3, 4, 6], samples=20, seed=0)
     assert acc == {f"{t}/{n}": float(n <= 4) for t in ("count_ones", "copy_first", "copy_last") for n in (3, 4, 6)}
     assert len(seen) == 3 + 2 * 3 * 20 and all(p.endswith(claim_real.ANSWER_PREFIX) for p in seen)
@@ -132,7 +133,7 @@ def test_papers_without_a_real_model_experiment_get_no_claims(tmp_path):
 def test_real_model_probes_at_small_settings(tmp_path, monkeypatch):
     """SmolLM2-135M-Instruct (needs `make real`): "1" is one token, " 1" two; the probe claims come out finite."""
     pytest.importorskip("gguf")
-    from lit_modules.hf import load_tokenizer
+    from lm.tokenizers import load_tokenizer
 
     tok = load_tokenizer(None, claim_real.MODEL)
     assert len(tok("1" * 7, add_special_tokens=False)["input_ids"]) == 7

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import claim_real
-from lit_modules.hf import load_causal_lm
+from lm.hf import load_causal_lm
 
 TINY_RUN = dict(seeds=2, teacher_steps=2, student_steps=2, steps=2, eval_seeds=1, student_layers=[1])
 

@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import claim_ademamix, claim_oversquashing
 from benchmarks.claim_common import claim, claim_parser, log_scalars, mode_settings, paired_spread, run_and_record
-from lit_modules.hf import byte_tokenizer
+from lm.tokenizers import byte_tokenizer
 
 CLAIM_KEYS = {"claim", "metric", "ours", "baseline", "baseline_name", "higher_is_better", "spread"}
 

@@ -12,7 +12,7 @@ from callbacks import (OverSquashingProbe, RepresentationalCollapseProbe, Sequen
 from callbacks.oversquashing import find_causal_lm
 from cli import build_cli
 from lit_modules import CausalLM
-from lit_modules.hf import byte_tokenizer
+from lm.tokenizers import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE_CONFIGS = sorted((ROOT / "configs" / "probes").glob("*.yaml"))

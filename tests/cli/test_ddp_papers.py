@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lit_modules.hf import byte_tokenizer, load_causal_lm, save_pretrained_with_tokenizer
+from lm.hf import load_causal_lm, save_pretrained_with_tokenizer
+from lm.tokenizers import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,

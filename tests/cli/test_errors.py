@@ -85,7 +85,7 @@ def test_missing_path_like_model_fails_at_once_naming_it(monkeypatch, capsys):
 
 
 def test_check_model_source_tells_paths_from_hub_ids(tmp_path, monkeypatch):
-    from datamodules.model_aliases import check_model_source
+    from lm.model_aliases import check_model_source
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "my_models").mkdir()

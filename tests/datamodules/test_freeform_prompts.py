@@ -11,10 +11,10 @@ import callbacks.quantization_eval as quantization_eval
 from callbacks.quantization_eval import QuantizationEval, evaluate_against_full_precision
 from datamodules.freeform_prompts import (TEMPLATES, TOPICS, freeform_instructions, freeform_records,
                                           load_prompt_records, split_pool)
-from datamodules.instruction_tasks import PROMPT_TEMPLATE
 from datamodules.qdpo_pairs import QDPOPairsDataModule
 from lit_modules import QDPO
-from lit_modules.hf import byte_tokenizer, load_causal_lm
+from lm.hf import load_causal_lm
+from lm.tokenizers import PROMPT_TEMPLATE, byte_tokenizer
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}

@@ -5,7 +5,7 @@ import torch
 
 from datamodules.instruction import InstructionDataModule, load_instruction_records
 from datamodules.instruction_tasks import check_answer
-from lit_modules.hf import byte_tokenizer
+from lm.tokenizers import byte_tokenizer
 
 
 def _ids(text: str) -> list[int]:

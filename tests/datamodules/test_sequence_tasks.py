@@ -7,7 +7,7 @@ import pytest
 
 from datamodules import SequenceTasksDataModule
 from datamodules.sequence_tasks import TASKS, encode_example, format_digits, generate_examples, make_example
-from lit_modules.hf import byte_tokenizer
+from lm.tokenizers import byte_tokenizer
 
 
 def _body(ex: dict) -> str:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from datamodules.text import TextDataModule, pack_blocks
-from lit_modules.hf import byte_tokenizer
+from lm.tokenizers import byte_tokenizer
 
 
 def test_pack_blocks_concatenates_with_eos_and_drops_tail():

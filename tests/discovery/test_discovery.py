@@ -254,8 +254,8 @@ def test_replay_run_with_good_broken_hostile_candidates_resumes_after_kill(tmp_p
 
 def test_tiny_random_local_hf_model_as_proposer_runs_offline(tmp_path):
     """Its replies are garbage: every attempt is recorded as invalid with the raw reply, and the run completes."""
-    from datamodules.tokenizers import byte_tokenizer
-    from lit_modules.hf import load_causal_lm
+    from lm.hf import load_causal_lm
+    from lm.tokenizers import byte_tokenizer
 
     tok = byte_tokenizer()
     tok.chat_template = ("{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}\n{% endfor %}"

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lit_modules import DPO, QDPO, CausalLM, MiniLLM  # noqa: E402
-from lit_modules.sharding import FSDP2Strategy, full_state_dict, memory_per_rank  # noqa: E402
+from lm.sharding import FSDP2Strategy, full_state_dict, memory_per_rank  # noqa: E402
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 2}
@@ -73,7 +73,8 @@ def pair_loader(batch: int) -> DataLoader:
 
 def write_pretrained(out: Path) -> Path:
     """A ``save_pretrained`` directory of a tiny Llama with tied input/output embeddings, in ``out``."""
-    from lit_modules.hf import byte_tokenizer, load_causal_lm, save_pretrained_with_tokenizer
+    from lm.hf import load_causal_lm, save_pretrained_with_tokenizer
+    from lm.tokenizers import byte_tokenizer
 
     tied = TINY | {"tie_word_embeddings": True}
     return save_pretrained_with_tokenizer(load_causal_lm(tied, vocab_size=259, seed=3), byte_tokenizer(),

@@ -14,7 +14,8 @@ import torch
 
 from lit_modules import MiniLLM
 from lit_modules import builtin_checkpoints as builtin
-from lit_modules.hf import byte_tokenizer, load_causal_lm, save_pretrained_with_tokenizer
+from lm.hf import load_causal_lm, save_pretrained_with_tokenizer
+from lm.tokenizers import byte_tokenizer
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lit_modules import CausalLM
-from lit_modules.hf import check_same_vocabulary, load_causal_lm
+from lm.hf import check_same_vocabulary, load_causal_lm
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}

@@ -1,4 +1,4 @@
-"""One generation path: ``lit_modules.sampling.generate_answers`` (text in, text out, through the package's sampler)
+"""One generation path: ``lm.sampling.generate_answers`` (text in, text out, through the package's sampler)
 and its consumers, QDPO's pair generation and ``QuantizationEval``, decode greedily the same tokens as Hugging Face
 ``model.generate`` (the path they used before) and so give the same pairs and the same evaluation numbers."""
 
@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from callbacks.quantization_eval import evaluate_against_full_precision
-from datamodules.common import pad_sequences
 from datamodules.qdpo_pairs import QDPOPairsDataModule
 from lit_modules import QDPO
-from lit_modules.hf import byte_tokenizer, load_causal_lm
-from lit_modules.sampling import generate_answers
+from lm.hf import load_causal_lm
+from lm.sampling import generate_answers
+from lm.tensors import pad_sequences
+from lm.tokenizers import byte_tokenizer
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from datamodules import model_aliases
-from datamodules.tokenizers import model_prompt_template
-from lit_modules.hf import load_causal_lm, load_tokenizer
+from lm import model_aliases
+from lm.hf import load_causal_lm
+from lm.tokenizers import load_tokenizer, model_prompt_template
 
 ALIAS = "smollm2-135m-instruct"
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"

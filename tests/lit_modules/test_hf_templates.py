@@ -12,10 +12,9 @@ from transformers import AutoTokenizer
 
 from datamodules import InstructionDataModule
 from datamodules.instruction import load_instruction_records
-from datamodules.tokenizers import (check_prompt_template, chat_template_for, model_prompt_template,
-                                    resolve_prompt_template, set_prompt_template)
 from lit_modules import CausalLM
-from lit_modules.hf import byte_tokenizer, load_tokenizer
+from lm.tokenizers import (byte_tokenizer, check_prompt_template, chat_template_for, load_tokenizer,
+                           model_prompt_template, resolve_prompt_template, set_prompt_template)
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}

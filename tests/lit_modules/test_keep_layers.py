@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from lit_modules import MiniLLM
-from lit_modules.hf import keep_layers, load_causal_lm, load_tokenizer, save_pretrained_with_tokenizer
+from lm.hf import keep_layers, load_causal_lm, save_pretrained_with_tokenizer
+from lm.tokenizers import load_tokenizer
 
 FOUR = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
         "num_key_value_heads": 2}

@@ -12,9 +12,9 @@ import callbacks.generation_eval as generation_eval
 from callbacks.generation_eval import (GenerationEval, excess_accumulated_error, measure_exposure_bias,
                                        per_step_forward_kl)
 from datamodules import InstructionDataModule
-from lit_modules.hf import load_causal_lm
 from lit_modules.minillm import MiniLLM
-from lit_modules.sampling import response_logits, sample_mixed
+from lm.hf import load_causal_lm
+from lm.sampling import response_logits, sample_mixed
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}

@@ -13,7 +13,7 @@ import yaml
 from datamodules import InstructionDataModule
 from lit_modules import MiniLLM
 from lit_modules.minillm import gather_logprobs, minillm_loss, whiten
-from lit_modules.sampling import response_logits
+from lm.sampling import response_logits
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import torch
 
-from lit_modules.hf import load_causal_lm
-from lit_modules.sampling import generate, response_logits, sample_categorical, sample_mixed
+from lm.hf import load_causal_lm
+from lm.sampling import generate, response_logits, sample_categorical, sample_mixed
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}

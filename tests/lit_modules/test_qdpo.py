@@ -11,8 +11,9 @@ from callbacks.quantization_eval import evaluate_against_full_precision, token_f
 from cli import build_cli
 from datamodules.instruction import load_instruction_records
 from lit_modules import QDPO
-from lit_modules.hf import byte_tokenizer, load_causal_lm
-from lit_modules.quantization import quantize_rtn
+from lm.hf import load_causal_lm
+from lm.quantization import quantize_rtn
+from lm.tokenizers import byte_tokenizer
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}
@@ -138,9 +139,9 @@ def test_default_fp_path_is_trained_before_its_tokenizer_and_format_are_read(mon
     training run that writes a tiny export with the teacher config's template), then reads its tokenizer from it."""
     import subprocess
 
-    from datamodules.tokenizers import model_prompt_template, set_prompt_template
     from lit_modules import builtin_checkpoints as builtin
-    from lit_modules.hf import save_pretrained_with_tokenizer
+    from lm.hf import save_pretrained_with_tokenizer
+    from lm.tokenizers import model_prompt_template, set_prompt_template
 
     def fake_fit(command, check, **kwargs):
         tok = byte_tokenizer()

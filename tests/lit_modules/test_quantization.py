@@ -1,19 +1,12 @@
-"""Weight-only quantization helpers (lit_modules/quantization.py): the RTN quantizer's values and error bound,
+"""Weight-only quantization helpers (lm/quantization.py): the RTN quantizer's values and error bound,
 straight-through gradients, conversion to real low-bit weights and save/load, GPT-2 Conv1D, bad input."""
 
 import pytest
 import torch
 from torch import nn
 
-from lit_modules.hf import load_causal_lm
-from lit_modules.quantization import (
-    conv1d_to_linear,
-    convert_qat,
-    prepare_qat,
-    quantization_tag,
-    quantize_rtn,
-    save_quantized,
-)
+from lm.hf import load_causal_lm
+from lm.quantization import conv1d_to_linear, convert_qat, prepare_qat, quantization_tag, quantize_rtn, save_quantized
 
 
 def _linear(weight: torch.Tensor) -> nn.Sequential:

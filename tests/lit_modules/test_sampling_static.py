@@ -5,9 +5,8 @@ random draws. CUDA-only tests (``-k cuda``) are skipped without a GPU."""
 import pytest
 import torch
 
-from lit_modules.hf import load_causal_lm
-from lit_modules.sampling import (Rollout, _static_prefill_mask, _StaticDecoder, _StaticLM, response_logits,
-                                  sample_mixed)
+from lm.hf import load_causal_lm
+from lm.sampling import Rollout, _static_prefill_mask, _StaticDecoder, _StaticLM, response_logits, sample_mixed
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2}

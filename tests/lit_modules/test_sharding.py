@@ -219,8 +219,8 @@ def test_docs_memory_tables_are_generated_from_the_committed_json(name):
 
 
 def test_truncate_at_eos_hand_case():
-    from lit_modules.sampling import Rollout
-    from lit_modules.sharding import truncate_at_eos
+    from lm.sampling import Rollout
+    from lm.sharding import truncate_at_eos
 
     ids = torch.tensor([[5, 1, 7, 1], [5, 6, 1, 8], [1, 2, 3, 4]])
     lp = torch.arange(12.0).reshape(3, 4)
@@ -234,9 +234,9 @@ def test_truncate_at_eos_hand_case():
 def test_fixed_length_sampling_cut_at_eos_equals_early_stopping():
     """What MiniLLM does under sharding (static caches, max_new_tokens steps, then cut) keeps the tokens and
     log-probs the EOS-stopping sampler draws with the same generator."""
-    from lit_modules.hf import load_causal_lm
-    from lit_modules.sampling import sample_mixed
-    from lit_modules.sharding import truncate_at_eos
+    from lm.hf import load_causal_lm
+    from lm.sampling import sample_mixed
+    from lm.sharding import truncate_at_eos
 
     small = {"vocab_size": 6, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
              "num_key_value_heads": 2}

@@ -1,12 +1,12 @@
 """Loading Hugging Face causal LMs and tokenizers from a name, a local directory or a config dict.
 
 Every module in this package builds its language models through :func:`load_causal_lm` and
-:func:`load_tokenizer`, so a YAML config can say any of::
+:func:`lm.tokenizers.load_tokenizer`, so a YAML config can say any of::
 
     model: meta-llama/Llama-3.2-1B          # a hub name (needs the files in the local HF cache)
     model: /path/to/exported/model          # a directory written by ``save_pretrained``
     model: {model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}   # a tiny random model
-    model: smollm2-135m-instruct            # an alias (datamodules/model_aliases.py), converted locally once
+    model: smollm2-135m-instruct            # an alias (lm/model_aliases.py), converted locally once
 
 Without a tokenizer the default is byte-level (``ByT5Tokenizer(extra_ids=0)``): 256 bytes plus
 pad/eos/unk, no files needed.
@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from datamodules.model_aliases import resolve_model_alias
-# tokenizers (and the prompt format they carry) live on the data floor; re-exported here for existing callers
-from datamodules.tokenizers import byte_tokenizer, is_local, load_tokenizer, offline  # noqa: F401
+from lm.model_aliases import resolve_model_alias
+from lm.tokenizers import is_local, offline
 
 ModelSpec = str | dict[str, Any]
 

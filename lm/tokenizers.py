@@ -5,7 +5,7 @@ kept where Hugging Face keeps it, in the tokenizer's ``chat_template`` (``save_p
 ``chat_template.jinja`` and ``from_pretrained`` reads it back), and every consumer of prompts (the instruction
 data, QDPO's pair generator, ``callbacks.QuantizationEval``, the benchmarks) asks :func:`resolve_prompt_template`
 which format to fill. Inside this package a prompt format is a Python format string (``"Q: {instruction}\\nA: "``;
-fields in :func:`datamodules.instruction_tasks.format_prompt`):
+fields in :data:`PROMPT_FIELDS`, filled by :func:`datamodules.instruction_tasks.format_prompt`):
 
 - :func:`set_prompt_template` stores a format string on a tokenizer as an equivalent Jinja chat template (so
   ``tokenizer.apply_chat_template`` works on our exports too) that also records the format string itself;
@@ -16,8 +16,7 @@ fields in :func:`datamodules.instruction_tasks.format_prompt`):
 - :func:`resolve_prompt_template` picks the format: the model's own unless one is configured; a configured one
   that differs from the model's own is used, with one warning.
 
-Tokenizers load from a name, a local directory or the byte-level default (:func:`load_tokenizer`; re-exported as
-``lit_modules.hf.load_tokenizer``).
+Tokenizers load from a name, a local directory or the byte-level default (:func:`load_tokenizer`).
 """
 
 from __future__ import annotations
@@ -30,12 +29,17 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import AutoTokenizer, ByT5Tokenizer
 
-from datamodules.instruction_tasks import PROMPT_FIELDS, PROMPT_TEMPLATE
-
 #: Opening of the Jinja comment in which :func:`chat_template_for` records the format string.
 _MARK = "{#- litpapers prompt template: "
 #: Stands in for the user's message when a foreign chat template is rendered to find the format around it.
 _SENTINEL = "LITPAPERS-USER-MESSAGE-5b1d"
+
+#: Default prompt template (Dolly/Alpaca style, kept short for byte-level tiny models), for a model that carries
+#: no prompt format of its own. ``{context}`` lines are dropped when the context is empty. The response follows
+#: the template directly and ends with EOS.
+PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n{context_block}### Response:\n"
+#: The fields a prompt template may use (see :func:`datamodules.instruction_tasks.format_prompt`).
+PROMPT_FIELDS = ("instruction", "context", "context_block", "user")
 
 
 def byte_tokenizer() -> ByT5Tokenizer:
@@ -46,7 +50,7 @@ def byte_tokenizer() -> ByT5Tokenizer:
 def load_tokenizer(tokenizer: str | None = None, model: object = None):
     """Tokenizer from ``tokenizer`` (name/path), else from ``model`` when it is a path/name with tokenizer
     files, else the byte-level default. A pad token is always set (eos when the tokenizer has none)."""
-    from datamodules.model_aliases import resolve_model_alias
+    from lm.model_aliases import resolve_model_alias
 
     tokenizer = resolve_model_alias(tokenizer) if isinstance(tokenizer, str) else tokenizer
     model = resolve_model_alias(model) if isinstance(model, str) else model
@@ -82,7 +86,7 @@ def offline() -> bool:
 # ----------------------------------------------------------------------------------------------- prompt format
 def check_prompt_template(template: str, where: str = "template") -> str:
     """Raise ``ValueError`` naming ``where`` unless ``template`` is a format string whose fields are all in
-    :data:`~datamodules.instruction_tasks.PROMPT_FIELDS` and that places the instruction (``{instruction}`` or
+    :data:`PROMPT_FIELDS` and that places the instruction (``{instruction}`` or
     ``{user}``); return it."""
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
@@ -154,7 +158,7 @@ def model_prompt_template(tokenizer) -> str | None:
 
 def resolve_prompt_template(tokenizer, template: str | None = None, where: str = "template") -> str:
     """The prompt format to fill: ``template`` when configured, else the model's own
-    (:func:`model_prompt_template` of ``tokenizer``), else :data:`~datamodules.instruction_tasks.PROMPT_TEMPLATE`.
+    (:func:`model_prompt_template` of ``tokenizer``), else :data:`PROMPT_TEMPLATE`.
 
     A configured ``template`` that differs from the model's own gives one warning naming ``where`` (a model
     prompted in a format it was not trained on answers badly), and is used as asked.

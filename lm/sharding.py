@@ -306,7 +306,7 @@ def unsharded_copy(model: nn.Module) -> nn.Module:
 def export_pretrained(module, model: nn.Module, tokenizer, path: str | Path) -> Path | None:
     """``save_pretrained`` ``model`` and ``tokenizer`` into ``path`` from rank 0; from sharded weights they
     are gathered once (every rank must call this). Returns the path on rank 0, ``None`` elsewhere."""
-    from lit_modules.hf import save_pretrained_with_tokenizer
+    from lm.hf import save_pretrained_with_tokenizer
 
     plain = unsharded_copy(model)
     trainer = getattr(module, "_trainer", None)
@@ -326,7 +326,7 @@ def truncate_at_eos(rollout, eos_id: int, pad_id: int):
     Why: under FSDP every forward is a collective, so all ranks must run the same number of decode steps; an
     early exit "all rows of this rank are done" would differ between ranks and deadlock (docs/sharding.md).
     """
-    from lit_modules.sampling import Rollout
+    from lm.sampling import Rollout
 
     ended_before = (rollout.response_ids == eos_id).long().cumsum(1) - (rollout.response_ids == eos_id).long()
     mask = rollout.response_mask * (ended_before == 0).long()

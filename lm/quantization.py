@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from datamodules.extras import require
+from lm.extras import require
 
 SUPPORTED_BITS = tuple(range(2, 9))
 
@@ -186,7 +186,7 @@ def save_quantized(model, path: str | Path, bits: int, group_size: int | None, i
     """``save_pretrained`` a model converted by :func:`convert_qat`/:func:`quantize_rtn` (and ``tokenizer``).
 
     The weights are written as safetensors in torchao's flattened format with a ``TorchAoConfig`` in
-    ``config.json``; ``AutoModelForCausalLM.from_pretrained(path)`` (or ``lit_modules.hf.load_causal_lm``)
+    ``config.json``; ``AutoModelForCausalLM.from_pretrained(path)`` (or ``lm.hf.load_causal_lm``)
     rebuilds the quantized model when ``torchao`` is installed.
     """
     from transformers import TorchAoConfig

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from datamodules.common import pad_sequences
+from lm.tensors import pad_sequences
 
 
 @dataclass
