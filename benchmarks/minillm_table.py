@@ -110,7 +110,8 @@ def _exposure_bias(student_dir: str, device: str, seeds: int, num_val: int, leng
     every eval seed and held-out prompt one temperature-1 sample from each model; per-step errors of all of them
     pooled into one curve (:func:`callbacks.generation_eval.excess_accumulated_error`)."""
     from datamodules import InstructionDataModule
-    from lit_modules.hf import load_causal_lm, load_tokenizer
+    from lm.hf import load_causal_lm
+    from lm.tokenizers import load_tokenizer
     from callbacks.generation_eval import excess_accumulated_error, measure_exposure_bias
 
     tok = load_tokenizer(None, student_dir)
