@@ -133,13 +133,20 @@ def _env() -> dict:
 
 def test_ctrl_c_finishes_the_step_saves_last_ckpt_and_says_where(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "cli", "fit", "--config", QUICK, "--trainer.max_steps",
-                             "100000", "--trainer.val_check_interval", "100000", *FAST], cwd=tmp_path, env=_env(),
+                             "100000", "--trainer.val_check_interval", "100000", "--trainer.log_every_n_steps", "1",
+                             *FAST], cwd=tmp_path, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
+        # wait until training steps are being logged: the event file exists and then grows (TensorBoard flushes
+        # its queue every few logged scalars), rather than sleeping a fixed time
         deadline = time.time() + 120
-        while not list(tmp_path.rglob("events.out.tfevents.*")) and time.time() < deadline:
-            time.sleep(0.2)
-        time.sleep(4)  # into the training loop
+        while not (events := list(tmp_path.rglob("events.out.tfevents.*"))) and time.time() < deadline:
+            time.sleep(0.1)
+        assert events, "the run never created its TensorBoard event file"
+        first_size = events[0].stat().st_size
+        while events[0].stat().st_size == first_size and time.time() < deadline:
+            time.sleep(0.1)
+        assert events[0].stat().st_size > first_size, "no training step was logged"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
