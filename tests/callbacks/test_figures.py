@@ -13,9 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from callbacks.figures import MetricFigures, draw_metric_figure
 from datamodules import PreferenceDataModule
 from lit_modules import DPO
+from tiny_models import TINY
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 
 
 def _imported_modules(path: Path) -> set[str]:

@@ -13,11 +13,10 @@ from callbacks.oversquashing import find_causal_lm
 from cli import build_cli
 from lit_modules import CausalLM
 from lm.tokenizers import byte_tokenizer
+from tiny_models import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE_CONFIGS = sorted((ROOT / "configs" / "probes").glob("*.yaml"))
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 
 
 class WeightedMeanLM(nn.Module):

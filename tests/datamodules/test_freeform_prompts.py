@@ -15,9 +15,8 @@ from datamodules.qdpo_pairs import QDPOPairsDataModule
 from lit_modules import QDPO
 from lm.hf import load_causal_lm
 from lm.tokenizers import PROMPT_TEMPLATE, byte_tokenizer
+from tiny_models import TINY
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 
 
 def _attach(dm, module):

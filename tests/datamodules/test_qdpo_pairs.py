@@ -10,9 +10,8 @@ import torch
 from datamodules.qdpo_pairs import QDPOPairsDataModule, unique_prompt_records
 from lit_modules import QDPO
 from lm.sampling import generate_answers
+from tiny_models import TINY
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 
 
 def _attach(dm, module):

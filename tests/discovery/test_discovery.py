@@ -24,13 +24,12 @@ from discovery import (BASELINES, Archive, CandidateRejected, DiscoveryLoop, DPO
                                    run_in_worker, validate_loss, write_summary)
 from discovery.loop import build_parser
 from discovery.sandbox import scrub_secrets
+from tiny_models import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD = "def f(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):\n"
 MARGIN = "(policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)"
 GOOD = HEAD + f"    return -F.logsigmoid(beta * ({MARGIN}))\n"
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 FAST = SandboxLimits(validate_timeout_s=3, train_timeout_s=120, memory_mb=256)
 
 

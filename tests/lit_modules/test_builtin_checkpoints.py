@@ -16,9 +16,8 @@ from lit_modules import MiniLLM
 from lit_modules import builtin_checkpoints as builtin
 from lm.hf import load_causal_lm, save_pretrained_with_tokenizer
 from lm.tokenizers import byte_tokenizer
+from tiny_models import TINY
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 QUICK = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
          "--data.init_args.num_examples", "64", "--data.init_args.num_val", "4", "--data.init_args.batch_size", "4"]
 

@@ -5,9 +5,8 @@ import torch
 
 from lit_modules import CausalLM
 from lm.hf import check_same_vocabulary, load_causal_lm
+from tiny_models import TINY
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 
 
 def test_loss_is_mean_next_token_nll_over_non_padding_targets():

@@ -12,9 +12,8 @@ from cli import build_cli
 from datamodules import PreferenceDataModule
 from lit_modules import DPO, CausalLM
 from lit_modules.dpo import response_logits_to_keep, sequence_logps
+from tiny_models import TINY
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 # the real-model config needs the SmolLM2 weights (`make real`): its run is the slow test in test_claim_real.py
 CONFIGS = sorted(c for c in (Path(__file__).resolve().parents[2] / "configs" / "dpo").glob("*.yaml")
                  if not c.name.startswith("smollm2"))

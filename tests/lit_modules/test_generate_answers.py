@@ -14,9 +14,8 @@ from lm.hf import load_causal_lm
 from lm.sampling import generate_answers
 from lm.tensors import pad_sequences
 from lm.tokenizers import byte_tokenizer
+from tiny_models import TINY
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 PROMPTS = ["### Instruction:\nName an even number between 4 and 9.\n### Response:\n", "hi", "a longer prompt here",
            "Q: 2+2?\nA: ", "x", "Q: spell cat backwards\nA: "]
 

@@ -15,9 +15,8 @@ from datamodules.instruction import load_instruction_records
 from lit_modules import CausalLM
 from lm.tokenizers import (byte_tokenizer, check_prompt_template, chat_template_for, load_tokenizer,
                            model_prompt_template, resolve_prompt_template, set_prompt_template)
+from tiny_models import TINY
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 Q = "Q: {instruction}\nA: "
 # a hub-style (ChatML) chat template, as instruct models such as SmolLM2 ship
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"

@@ -15,9 +15,8 @@ from datamodules import InstructionDataModule
 from lit_modules.minillm import MiniLLM
 from lm.hf import load_causal_lm
 from lm.sampling import response_logits, sample_mixed
+from tiny_models import TINY
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 
 
 def _exacc_by_loops(kl_s, m_s, kl_t, m_t, alive_mean=True):

@@ -14,9 +14,8 @@ from datamodules import InstructionDataModule
 from lit_modules import MiniLLM
 from lit_modules.minillm import gather_logprobs, minillm_loss, whiten
 from lm.sampling import response_logits
+from tiny_models import TINY
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "minillm"
 
 

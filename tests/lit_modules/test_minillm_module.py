@@ -10,9 +10,8 @@ import yaml
 from cli import build_cli
 from datamodules import InstructionDataModule
 from lit_modules import MiniLLM
+from tiny_models import TINY
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 # the SmolLM2 configs need the real weights (`make real`): their pipeline is run by tests/benchmarks/test_claim_real_minillm.py
 # with a tiny stand-in, and by the slow test there with the real model
 CONFIGS = sorted(c for c in (Path(__file__).resolve().parents[2] / "configs" / "minillm").glob("*.yaml")

@@ -6,9 +6,8 @@ import torch
 
 from lm.hf import load_causal_lm
 from lm.sampling import generate, response_logits, sample_categorical, sample_mixed
+from tiny_models import TINY
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 
 
 class Scripted(torch.nn.Module):

@@ -14,9 +14,8 @@ from lit_modules import QDPO
 from lm.hf import load_causal_lm
 from lm.quantization import quantize_rtn
 from lm.tokenizers import byte_tokenizer
+from tiny_models import TINY
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 
 
 def test_token_flip_stats_hand_computed():
