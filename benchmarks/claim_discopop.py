@@ -10,7 +10,7 @@ checker (``datamodules.instruction_tasks.check_answer``) plays the reward model:
 1. SFT: a tiny byte-level Llama is trained on the built-in instruction task (``benchmarks.dpo_losses.sft``) —
    the starting policy and the reference of every run.
 2. On-policy pairs (paper §5, IMDb recipe): for each training prompt (seed ``prompt_seed``) the SFT policy samples
-   ``samples`` answers (temperature 1, the project's one sampler ``lit_modules.sampling.generate_answers``); the
+   ``samples`` answers (temperature 1, the project's one sampler ``lm.sampling.generate_answers``); the
    checker labels them; chosen = a valid sample, rejected = an invalid one (up to ``pairs_per_prompt`` pairs per
    prompt, no sample used twice; blank samples are never paired); prompts without a valid or without an invalid
    sample are skipped and counted. Each training seed samples its own pairs (sampling seed = training seed),
@@ -22,7 +22,7 @@ checker (``datamodules.instruction_tasks.check_answer``) plays the reward model:
 4. Scores on held-out prompts (seed ``eval_seed``): greedy validity (checker), win rate vs the SFT policy's greedy
    answers judged by the checker (``benchmarks.dpo_losses.win_rate``), and the reward-vs-KL point of the paper's
    IMDb plot: sampled answers' checker reward and the Monte-Carlo KL(π‖π_ref) = E_{y∼π}[log π(y) − log π_ref(y)]
-   from the same samples (``lit_modules.sampling.sample_mixed`` scores each sampled token under both models).
+   from the same samples (``lm.sampling.sample_mixed`` scores each sampled token under both models).
    Held-out reward accuracy and the mean margin z = β·ρ reached are kept as diagnostics.
 
 The comparison means something only if DPO improves on SFT; that is measured and reported (claim row "DPO improves
@@ -107,7 +107,7 @@ def on_policy_pairs(model: torch.nn.Module, tokenizer, examples: list[dict], sam
                     pairs_per_prompt: int = 1) -> tuple[list[dict], dict]:
     """Preference rows from the policy's own samples, labelled by the task checker (paper §5, IMDb recipe).
 
-    Each prompt of ``examples`` gets ``samples`` answers drawn by :func:`lit_modules.sampling.generate_answers`
+    Each prompt of ``examples`` gets ``samples`` answers drawn by :func:`lm.sampling.generate_answers`
     (temperature sampling, seed ``seed``); the checker (``check_answer``) splits them into valid and invalid ones, and
     the i-th valid sample is paired (chosen) with the i-th invalid one (rejected), for i < ``pairs_per_prompt``
     (each sample is used at most once). Blank samples (the policy stopped at once) are invalid but never paired:
@@ -115,7 +115,7 @@ def on_policy_pairs(model: torch.nn.Module, tokenizer, examples: list[dict], sam
     invalid sample are skipped and counted. Returns ``(rows, counts)``; each row has
     ``prompt``, ``chosen``, ``rejected``, ``example`` and all its ``samples`` (for inspection)."""
     from datamodules.instruction_tasks import check_answer, format_prompt
-    from lit_modules.sampling import generate_answers
+    from lm.sampling import generate_answers
 
     if samples < 2:
         raise ValueError(f"on_policy_pairs needs at least 2 samples per prompt, got {samples}")
@@ -149,12 +149,12 @@ def on_policy_pairs(model: torch.nn.Module, tokenizer, examples: list[dict], sam
 def reward_and_kl(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer, examples: list[dict], seed: int,
                   max_new_tokens: int, temperature: float = 1.0, batch_size: int = 64) -> dict:
     """The paper's IMDb axes (paper §5) for one policy: one sample per prompt from π (one sampler,
-    :func:`lit_modules.sampling.sample_mixed` with the reference as the scoring "teacher", α = 0), reward = the
+    :func:`lm.sampling.sample_mixed` with the reference as the scoring "teacher", α = 0), reward = the
     checker's verdict on the sampled answer (1 valid, 0 not), KL(π‖π_ref) estimated by the mean over samples of
     Σ_t log π(y_t|·) − log π_ref(y_t|·) (an unbiased Monte-Carlo estimate of the sequence KL)."""
-    from datamodules.common import pad_sequences
     from datamodules.instruction_tasks import check_answer, format_prompt
-    from lit_modules.sampling import sample_mixed
+    from lm.sampling import sample_mixed
+    from lm.tensors import pad_sequences
 
     was_training = policy.training
     policy.eval()
@@ -185,7 +185,7 @@ def greedy_validity(model: torch.nn.Module, tokenizer, examples: list[dict], max
     """Checker verdicts of ``model``'s greedy answers (the one sampler, temperature 0) to ``examples``."""
     from benchmarks.dpo_losses import validity
     from datamodules.instruction_tasks import format_prompt
-    from lit_modules.sampling import generate_answers
+    from lm.sampling import generate_answers
 
     prompts = [format_prompt(ex["instruction"], ex["context"]) for ex in examples]
     return validity(examples, generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens))
@@ -237,7 +237,8 @@ def score(module, sft_model, tokenizer, examples: list[dict], start_valid: list[
 def run(mode: str, seeds: int | None, out_dir: Path, progress, overrides: dict | None = None) -> dict:
     from benchmarks.dpo_losses import sft
     from datamodules.instruction_tasks import generate_examples
-    from lit_modules.hf import load_causal_lm, load_tokenizer
+    from lm.hf import load_causal_lm
+    from lm.tokenizers import load_tokenizer
 
     s = mode_settings(SETTINGS, mode, seeds, overrides)
     beta0 = COMMON["headline_beta"]

@@ -35,10 +35,10 @@ import lightning as L
 import torch
 
 from datamodules import InstructionDataModule, PreferenceDataModule
-from datamodules.common import pad_sequences
 from datamodules.instruction_tasks import check_answer, format_prompt, generate_examples
 from lit_modules import DPO, CausalLM
 from lit_modules.preference_losses import PREFERENCE_LOSSES
+from lm.tensors import pad_sequences
 
 MODEL = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 4}

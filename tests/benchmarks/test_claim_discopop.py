@@ -6,11 +6,13 @@ import statistics
 
 import pytest
 
-import lit_modules.sampling
+import lm.sampling
 from benchmarks import claim_discopop
 from datamodules.instruction_tasks import check_answer, format_prompt, generate_examples
 from datamodules.preference import corrupt_answer
-from lit_modules.hf import byte_tokenizer, load_causal_lm
+from lm.hf import load_causal_lm
+from lm.tokenizers import byte_tokenizer
+from tiny_models import TINY as TINY_LLAMA
 
 TINY = {"seeds": 2, "sft_steps": 2, "prompts": 12, "samples": 4, "pairs_per_prompt": 1, "steps": 2, "eval_prompts": 6,
         "tune_prompts": 4, "betas": [0.05],
@@ -53,7 +55,7 @@ def distinct(n, seed):
 def test_pairs_are_the_policys_own_samples_labelled_by_the_checker(monkeypatch):
     examples = distinct(10, seed=1)
     calls = []
-    monkeypatch.setattr(lit_modules.sampling, "generate_answers", scripted_sampler(examples, calls))
+    monkeypatch.setattr(lm.sampling, "generate_answers", scripted_sampler(examples, calls))
     rows, counts = claim_discopop.on_policy_pairs("the policy", "tok", examples, samples=4, seed=7, max_new_tokens=9)
     ((prompts, kw),) = calls  # one sampling pass of the policy: every prompt repeated `samples` times
     assert prompts == [format_prompt(ex["instruction"], ex["context"]) for ex in examples for _ in range(4)]
@@ -81,7 +83,7 @@ def sample_again(examples, i):
 
 def test_two_pairs_per_prompt_use_each_sample_once(monkeypatch):
     examples = distinct(6, seed=1)
-    monkeypatch.setattr(lit_modules.sampling, "generate_answers", scripted_sampler(examples, []))
+    monkeypatch.setattr(lm.sampling, "generate_answers", scripted_sampler(examples, []))
     rows, counts = claim_discopop.on_policy_pairs(None, None, examples, samples=4, seed=0, max_new_tokens=9,
                                                   pairs_per_prompt=2)
     assert counts["pairs"] == len(rows) == 2 * 4
@@ -96,10 +98,8 @@ def test_two_pairs_per_prompt_use_each_sample_once(monkeypatch):
 def test_reward_and_kl_is_zero_kl_against_itself_and_counts_valid_samples():
     """KL(π‖π) = 0 exactly (every token scored by the same model); the reward is a fraction of the prompts."""
     tok = byte_tokenizer()
-    model = load_causal_lm({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                            "num_attention_heads": 2, "num_key_value_heads": 2}, vocab_size=len(tok), seed=0).eval()
-    other = load_causal_lm({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                            "num_attention_heads": 2, "num_key_value_heads": 2}, vocab_size=len(tok), seed=1).eval()
+    model = load_causal_lm(TINY_LLAMA, vocab_size=len(tok), seed=0).eval()
+    other = load_causal_lm(TINY_LLAMA, vocab_size=len(tok), seed=1).eval()
     examples = generate_examples(5, seed=2)
     point = claim_discopop.reward_and_kl(model, model, tok, examples, seed=0, max_new_tokens=4)
     assert point["kl"] == pytest.approx(0.0, abs=1e-6) and point["reward"] * 5 == round(point["reward"] * 5)
@@ -110,8 +110,8 @@ def test_claim_run_tiny_reports_the_design_and_the_dpo_vs_sft_check(tmp_path, mo
     """End to end at a tiny size, the pair sampler scripted (a 2-step SFT policy answers nothing validly)."""
     examples = generate_examples(TINY["prompts"], seed=claim_discopop.COMMON["prompt_seed"])
     calls = []
-    scripted, real = scripted_sampler(examples, calls), lit_modules.sampling.generate_answers
-    monkeypatch.setattr(lit_modules.sampling, "generate_answers",
+    scripted, real = scripted_sampler(examples, calls), lm.sampling.generate_answers
+    monkeypatch.setattr(lm.sampling, "generate_answers",
                         lambda *a, **kw: (scripted if kw.get("do_sample") else real)(*a, **kw))
     monkeypatch.setitem(claim_discopop.SETTINGS, "quick", TINY)
     greedy_seen = []
@@ -195,7 +195,7 @@ def test_blank_samples_are_counted_and_never_paired(monkeypatch):
     def sample(model, tokenizer, prompts, **kw):
         return [ex["references"][0] if a == "VALID" else a for ex in examples for a in script[examples.index(ex)]]
 
-    monkeypatch.setattr(lit_modules.sampling, "generate_answers", sample)
+    monkeypatch.setattr(lm.sampling, "generate_answers", sample)
     rows, counts = claim_discopop.on_policy_pairs(None, None, examples, samples=4, seed=0, max_new_tokens=9)
     assert not check_answer(examples[0], "!!")
     assert counts["blank_samples"] == 2 + 4 + 3
@@ -206,8 +206,8 @@ def test_blank_samples_are_counted_and_never_paired(monkeypatch):
 def test_without_a_grid_the_lrs_are_the_recorded_tuning_winners_and_no_tuning_pairs_are_drawn(tmp_path, monkeypatch):
     examples = generate_examples(TINY["prompts"], seed=claim_discopop.COMMON["prompt_seed"])
     calls = []
-    scripted, real = scripted_sampler(examples, calls), lit_modules.sampling.generate_answers
-    monkeypatch.setattr(lit_modules.sampling, "generate_answers",
+    scripted, real = scripted_sampler(examples, calls), lm.sampling.generate_answers
+    monkeypatch.setattr(lm.sampling, "generate_answers",
                         lambda *a, **kw: (scripted if kw.get("do_sample") else real)(*a, **kw))
     monkeypatch.setitem(claim_discopop.SETTINGS, "quick", dict(TINY, lr_grid=None))
     s = claim_discopop.run("quick", None, tmp_path, lambda m, f=None: None)["settings"]
