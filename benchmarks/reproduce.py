@@ -504,7 +504,7 @@ def program_name(process_argv: Sequence[str]) -> str:
     """How the user started this run, from the process's ``sys.argv``: ``litpapers reproduce`` through the
     ``litpapers`` console script (or ``python -m cli reproduce``), else ``python -m benchmarks.reproduce``."""
     head = Path(process_argv[0]) if process_argv else Path()
-    via_cli = head.name == "litpapers" or (head.name == "__main__.py" and head.parent.name == "cli")
+    via_cli = head.name in ("litpapers", "cli.py")
     return "litpapers reproduce" if via_cli and list(process_argv[1:2]) == ["reproduce"] else (
         "python -m benchmarks.reproduce")
 

@@ -1,7 +1,7 @@
 """Imports go down the floors only (DESIGN.md): ``lm/`` (the language-model toolkit's ground floor) imports nothing
-from ``datamodules/``, ``lit_modules/``, ``callbacks/``, ``discovery/``, ``benchmarks/`` or ``cli/``; ``optimizers/``
+from ``datamodules/``, ``lit_modules/``, ``callbacks/``, ``discovery/``, ``benchmarks/`` or ``cli.py``; ``optimizers/``
 and ``datamodules/`` nothing from ``lit_modules/`` and above; ``lit_modules/`` nothing from ``callbacks/`` and above;
-``callbacks/`` nothing from ``discovery/`` or ``cli/``; ``discovery/`` nothing from ``cli/``. Every package may import
+``callbacks/`` nothing from ``discovery/`` or ``cli.py``; ``discovery/`` nothing from ``cli.py``. Every package may import
 ``lm``. Checked on every import statement of every file (those inside functions included), by ast; and no lower floor
 reaches a higher one by a side door either: ``importlib.import_module("<higher>...")`` or a ``python -m <higher>``
 subprocess (a subprocess is an import too)."""

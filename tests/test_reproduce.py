@@ -172,7 +172,7 @@ def test_cli_arguments(fakes, monkeypatch):
 # ------------------------------------------------------------------------------------------- command recorded
 def test_program_name_names_how_the_run_was_started():
     assert reproduce.program_name(["/x/.venv/bin/litpapers", "reproduce", "--quick"]) == "litpapers reproduce"
-    assert reproduce.program_name(["/x/cli/__main__.py", "reproduce"]) == "litpapers reproduce"  # python -m cli
+    assert reproduce.program_name(["/x/cli.py", "reproduce"]) == "litpapers reproduce"  # python -m cli
     for argv in (["/x/benchmarks/reproduce.py", "--quick"], ["/x/bin/pytest", "reproduce"], []):
         assert reproduce.program_name(argv) == "python -m benchmarks.reproduce"
 

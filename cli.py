@@ -1,4 +1,4 @@
-"""``litpapers``: one LightningCLI for every module, datamodule, callback and optimizer in this package.
+"""``litpapers`` (``python -m cli``): one LightningCLI for every module, datamodule, callback and optimizer in this package.
 
     litpapers fit --config configs/ademamix/quick.yaml
     litpapers fit --config configs/ademamix/quick_adamw.yaml --model.optimizer AdEMAMix --model.optimizer.lr 1e-3
@@ -28,13 +28,66 @@ into the model's arguments (replacing the model's own) before it is built.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
-from cli.console import quiet_console
+# ------------------------------------------------------------------------------------------ a quiet console
+# Drop the start-up noise of third-party libraries that is not about the run; each filter matches one known
+# message, so every other warning still shows:
+# - ``transformers`` imports ``torchao`` whenever it is installed (to register its quantizer, also when no model
+#   is quantized), and torchao then logs ``Failed to load <kernel>.so`` for its optional CUDA/other-ABI kernels and
+#   torch logs that torchao's ``register_constant`` on Enum classes is deprecated. This package itself imports
+#   torchao only inside the QDPO functions that quantize (``lm/quantization.py``, ``lit_modules/qdpo.py``).
+# - Lightning 2.6 calls ``isinstance(treespec, LeafSpec)``, which torch 2.13 deprecates (a ``FutureWarning``).
+# - Lightning's "Tip: ... try installing litlogger/litmodels" advertisements.
+# - Lightning's "Found N module(s) in eval mode at the start of training" (a ``PossibleUserWarning``): this package's
+#   modules keep their frozen networks (DPO's reference, MiniLLM's teacher, QDPO's full-precision yardstick) in eval
+#   mode on purpose.
+# - Lightning's start/stop chatter that says nothing about the run on a CPU/GPU machine: "GPU available: …",
+#   "TPU available: …", "Seed set to N" (the config shows the seed), "`Trainer.fit` stopped: `max_steps=N` reached."
+#   (the bar shows it), "Loading `train_dataloader` to estimate number of stepping batches." Other messages of the
+#   same loggers (e.g. "`Trainer.fit` stopped: No training batches.") still show.
+# - transformers' "Loading weights" / "Writing model shards" bars for local files (``HF_HUB_DISABLE_PROGRESS_BARS``,
+#   set unless the user set it; nothing is downloaded at run time).
+
+#: logger name -> pattern of the messages dropped from it.
+DROPPED_LOG_MESSAGES = {
+    "torchao": r"Failed to load .*\.so",
+    "torch.utils._pytree": r".* is an Enum subclass and is now natively supported by torch\.compile",
+    "lightning.pytorch.utilities.rank_zero": (r"💡 Tip: |GPU available: |TPU available: |`Trainer\.fit` stopped: "
+                                              r"`max_(steps|epochs)=\d+` reached\.|Loading `train_dataloader` to "
+                                              r"estimate number of stepping batches"),
+    "lightning.fabric.utilities.seed": r"Seed set to \d+",
+}
+#: warning message patterns ignored (``warnings.filterwarnings``), with their category.
+IGNORED_WARNINGS = ((r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+                    (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning))
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.pattern.match(record.getMessage()) is None
+
+
+def quiet_console() -> None:
+    """Install the filters above (idempotent). Call before importing ``transformers``."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name, pattern in DROPPED_LOG_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMatching) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(_DropMatching(pattern))
+    for message, category in IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
 
 quiet_console()  # before the imports below: transformers imports torchao, which logs at import
 
@@ -54,7 +107,7 @@ from callbacks.oversquashing import probe_summary  # noqa: E402
 DEFAULT_CHECKPOINT_EVERY = 200
 #: The logger's run name without a ``--config`` file; with one, the last file's stem (:func:`run_name`).
 DEFAULT_RUN_NAME = "litpapers"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent
 #: Where this package's own code lives: an error raised there is a message for the user, not a bug report.
 PACKAGE_DIRS = tuple(str(ROOT / d) + os.sep for d in ("lm", "lit_modules", "datamodules", "callbacks", "optimizers"))
 #: Exception types our own validation raises (an AttributeError and the like stay a traceback: a bug).
