@@ -1,4 +1,5 @@
-"""LightningModules, one file per paper, plus the shared HF loading helpers and the base class."""
+"""LightningModules, one file per paper (the math and its orchestration), and their base class; the language-model
+toolkit they build on (loading, sampling, quantization, sharding) is `lm/`."""
 
 from lit_modules.base import PaperModule
 from lit_modules.causal_lm import CausalLM
