@@ -390,8 +390,16 @@ def _claim_rows(key: str | None, claims: list[dict], with_margin: bool = False) 
     return rows
 
 
+def no_signal(claim: dict) -> bool:
+    """A claim whose ours, baseline and spread are all 0 (e.g. an accuracy that is 0 for both at every seed): it
+    carries no evidence either way and is listed apart in the report rather than as a claim."""
+    return claim["ours"] == 0 and claim["baseline"] == 0 and not claim["spread"]
+
+
 def _verdict_counts(claims: list[dict]) -> str:
-    """``'5: 2 reproduced, 1 not reproduced, 2 inconclusive'`` (verdicts in a fixed order, absent ones left out)."""
+    """``'5: 2 reproduced, 1 not reproduced, 2 inconclusive'`` (verdicts in a fixed order, absent ones left out;
+    claims without signal, :func:`no_signal`, not counted)."""
+    claims = [c for c in claims if not no_signal(c)]
     if not claims:
         return "0"
     counts = [(v, sum(c["verdict"] == v for c in claims)) for v in ("reproduced", "not reproduced", "inconclusive")]
@@ -482,9 +490,14 @@ def render_report(results: dict) -> str:
             lines += ["", f"Note: {settings['notes']}"]
         if paper["error"]:
             lines += ["", f"Error: `{paper['error']}` (traceback in `papers/{key}.json`)"]
-        if paper["claims"]:
+        shown = [c for c in paper["claims"] if not no_signal(c)]
+        if shown:
             lines += ["", "| claim | metric | ours ± s | baseline | d/s | verdict |", "|---|---|---|---|---|---|",
-                      *_claim_rows(None, paper["claims"], with_margin=True)]
+                      *_claim_rows(None, shown, with_margin=True)]
+        empty = [c for c in paper["claims"] if no_signal(c)]
+        if empty:
+            lines += ["", "No signal (ours, baseline and spread all 0, so not counted as claims): " + "; ".join(
+                f"{_cell(c['claim'])} — {_cell(c['metric'])}" for c in empty) + "."]
         if settings:
             lines += _settings_block(settings)
         if paper.get("tensorboard"):

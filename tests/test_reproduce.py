@@ -447,3 +447,17 @@ def test_jobs_run_papers_at_the_same_time_in_child_processes(fakes, monkeypatch,
 def test_tensorboard_links_render_with_spaces_and_parentheses():
     assert reproduce._link("radt/tb/halfcheetah_RADT (SeqRA only)/seed0") == (
         "[radt/tb/halfcheetah_RADT (SeqRA only)/seed0](radt/tb/halfcheetah_RADT%20%28SeqRA%20only%29/seed0)")
+
+
+def test_claims_without_signal_are_listed_apart_and_not_counted():
+    zero = {"claim": "counting fails", "metric": "accuracy", "ours": 0.0, "baseline": 0.0, "baseline_name": "n=4",
+            "higher_is_better": False, "spread": 0.0, "verdict": "inconclusive"}
+    real = dict(zero, claim="collapse", ours=0.2, baseline=2.0, spread=0.1, verdict="reproduced")
+    assert reproduce.no_signal(zero) and not reproduce.no_signal(real)
+    assert reproduce._verdict_counts([real, zero]) == "1: 1 reproduced"
+    results = {"mode": "full", "created": "2026-12-07T00:00:00+00:00", "command": "c", "config": {},
+               "verdict_rule": "r", "machine": {"cpu": "c", "cores": 2, "os": "L"}, "versions": {},
+               "papers": {"oversquashing": {"status": "ok", "seconds": 60.0, "cpu_seconds": 60.0, "error": None,
+                                            "claims": [real, zero], "figures": [], "tensorboard": [], "settings": {}}}}
+    report = reproduce.render_report(results)
+    assert "| counting fails |" not in report and "No signal (" in report and "counting fails — accuracy" in report
