@@ -424,6 +424,9 @@ def render_results_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Settings a claim module fills to explain its numbers (a warning about its own design's premise, why a number that
+#: looks like a bug is not one): printed as notes above the paper's claims, not in its settings table.
+NOTE_SETTINGS = ("warning", "margin_warning", "lrml_below_chance", "notes")
 SETTING_CELL_LIMIT = 120  # longer settings (per-seed values, grids) go in a folded block under the table
 
 
@@ -431,7 +434,7 @@ def _settings_block(settings: dict) -> list[str]:
     """A paper's settings as a two-column table (short values) and a folded JSON block (long ones)."""
     short, long = [], {}
     for key in sorted(settings):
-        if key in ("design", "notes"):
+        if key == "design" or key in NOTE_SETTINGS:
             continue
         text = json.dumps(settings[key], default=str)
         if len(text) <= SETTING_CELL_LIMIT:
@@ -486,8 +489,7 @@ def render_report(results: dict) -> str:
                   "guide to the time on an idle one)."]
         if settings.get("design"):
             lines += ["", f"Design: {settings['design']}."]
-        if settings.get("notes"):
-            lines += ["", f"Note: {settings['notes']}"]
+        lines += [line for key in NOTE_SETTINGS if settings.get(key) for line in ("", f"Note: {settings[key]}")]
         if paper["error"]:
             lines += ["", f"Error: `{paper['error']}` (traceback in `papers/{key}.json`)"]
         shown = [c for c in paper["claims"] if not no_signal(c)]

@@ -356,10 +356,11 @@ def test_report_settings_are_a_table_and_long_values_fold():
                "verdict_rule": "r", "machine": {"cpu": "c", "cores": 2, "os": "L"}, "versions": {"torch": "x"},
                "papers": {"qdpo": {"status": "ok", "seconds": 120.0, "cpu_seconds": 100.0, "error": None,
                                    "claims": [], "figures": [], "tensorboard": [],
-                                   "settings": {"design": "pairs on-policy", "steps": 5,
+                                   "settings": {"design": "pairs on-policy", "steps": 5, "warning": "DPO gain small",
                                                 "per_seed": {"a": list(range(60))}}}}}
     report = reproduce.render_report(results)
     assert "Design: pairs on-policy." in report and "| steps | `5` |" in report
+    assert "Note: DPO gain small" in report and "| warning |" not in report
     assert "<details><summary>per-seed values and other long settings (per_seed)</summary>" in report
     assert '"per_seed"' not in report.split("<details>")[0]  # the long value is only in the folded block
     assert "| [qdpo](#qdpo) | failed: None |" not in report and "## Summary" in report
