@@ -360,20 +360,25 @@ def _cell(text: str) -> str:
 
 def margin(claim: dict) -> float | None:
     """d / s of a claim (the verdict rule's d and s): how many spreads ours is ahead of the baseline; the verdict
-    changes at ±2. None without a spread (or a zero one)."""
+    changes at ±2. ±inf when s = 0 and d ≠ 0 (identical differences at every seed); None without a spread."""
     s = claim["spread"]
-    if s is None or s == 0 or not all(math.isfinite(x) for x in (claim["ours"], claim["baseline"], s)):
+    if s is None or not all(math.isfinite(x) for x in (claim["ours"], claim["baseline"], s)):
         return None
     d = claim["ours"] - claim["baseline"]
-    return (d if claim["higher_is_better"] else -d) / s
+    d = d if claim["higher_is_better"] else -d
+    if s == 0:
+        return None if d == 0 else math.copysign(math.inf, d)
+    return d / s
 
 
 def _margin_cell(claim: dict) -> str:
     """d/s with a "close" mark when it lies within one spread of the ±2 thresholds (1 ≤ |d/s| ≤ 3): one more
-    seed could change such a verdict."""
+    seed could change such a verdict; "s = 0" when every seed gave the same difference."""
     m = margin(claim)
     if m is None:
         return "–"
+    if math.isinf(m):
+        return f"{'+' if m > 0 else '-'}∞ (s = 0)"
     return f"{m:+.1f}" + (" (close)" if 1 <= abs(m) <= 3 else "")
 
 

@@ -349,6 +349,8 @@ def test_margin_and_close_calls_by_hand():
     assert reproduce._margin_cell({**row, "spread": 0.01}) == "+10.0"
     assert reproduce._margin_cell({**row, "higher_is_better": True}) == "-2.5 (close)"
     assert reproduce._margin_cell({**row, "spread": None}) == "–"
+    assert reproduce._margin_cell({**row, "spread": 0.0}) == "+∞ (s = 0)"  # the same difference at every seed
+    assert reproduce._margin_cell({**row, "ours": 2.0, "spread": 0.0}) == "–"
 
 
 def test_report_settings_are_a_table_and_long_values_fold():
