@@ -14,6 +14,11 @@ others wait and then load it. Any other path is loaded as given. The training ru
 (:func:`training_log_dir`), not into the working directory's ``logs/``: a run that needed a built-in checkpoint
 writes nothing outside its own output folder and ``checkpoints/``.
 
+An interrupted training run resumes: the run keeps a ``last.ckpt`` in its log folder while it trains (checkpointing
+is switched on for it), the next :func:`ensure_built_in` continues from the newest one (:func:`resume_checkpoint`,
+exact resume as for any ``litpapers fit``), and once the export is complete the training checkpoints are deleted
+(they exist only to resume).
+
 The training process dies with the process that started it (Linux: ``prctl(PR_SET_PDEATHSIG)``), and it holds
 the lock itself (the locked file descriptor is passed to it), so a killed run leaves neither an orphan training
 into the folder nor a free lock while something still writes there.
@@ -26,6 +31,7 @@ import ctypes
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,6 +88,19 @@ def training_log_dir(spec: str | Path) -> Path:
     return Path(spec).parent / "logs"
 
 
+def resume_checkpoint(spec: str | Path, config: str | Path) -> Path | None:
+    """The newest ``last.ckpt`` that an interrupted training run of ``spec`` (with ``config``, whose stem names the
+    run) left under :func:`training_log_dir`, or None."""
+    found = (training_log_dir(spec) / Path(config).stem).glob("version_*/checkpoints/last.ckpt")
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def remove_training_checkpoints(spec: str | Path, config: str | Path) -> None:
+    """Delete the ``checkpoints/`` folders of ``spec``'s training runs (their logs stay): the export is complete."""
+    for folder in (training_log_dir(spec) / Path(config).stem).glob("version_*/checkpoints"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def ensure_built_in(spec: object, *overrides: str) -> None:
     """Train the built-in checkpoint ``spec`` names if it is missing (see the module docstring); else nothing.
 
@@ -96,10 +115,16 @@ def ensure_built_in(spec: object, *overrides: str) -> None:
         if is_finished_export(spec):  # another process made it while this one waited
             return
         command = [sys.executable, "-m", "cli", "fit", "--config", str(ROOT / config), "--trainer.devices", "1",
-                   "--trainer.logger.init_args.save_dir", str(training_log_dir(spec)), *overrides]
+                   "--trainer.logger.init_args.save_dir", str(training_log_dir(spec)),
+                   "--trainer.enable_checkpointing", "true", *overrides]
+        resume = resume_checkpoint(spec, config)
+        if resume is not None:
+            command += ["--ckpt_path", str(resume)]
+            log.warning("%s: resuming its interrupted training from %s", spec, resume)
         log.warning("%s not found: training it first with `litpapers fit --config %s` (a few minutes on a CPU; "
                     "its logs go to %s)", spec, config, training_log_dir(spec))
         done = subprocess.run(command, check=False, preexec_fn=die_with_parent(), pass_fds=(lock_fd,))
         if done.returncode != 0 or not is_finished_export(spec):
             raise RuntimeError(f"training the built-in checkpoint {spec} failed (exit code {done.returncode}); "
                                f"run it by hand to see why: litpapers fit --config {config}")
+        remove_training_checkpoints(spec, config)

@@ -140,3 +140,24 @@ def test_training_child_holds_the_lock_and_dies_with_its_killed_parent(root):
         parent.kill()
         if child is not None and _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_an_interrupted_built_in_training_resumes_from_its_last_checkpoint(monkeypatch):
+    """A killed run left ``last.ckpt`` in its log folder: the next start continues from it (``--ckpt_path``), and
+    once the export is complete the training checkpoints are removed (the logs stay)."""
+    spec, config = "checkpoints/minillm_teacher", builtin.BUILT_IN["checkpoints/minillm_teacher"]
+    runs = builtin.training_log_dir(spec) / Path(config).stem
+    older, newer = (runs / f"version_{i}" / "checkpoints" / "last.ckpt" for i in (0, 1))
+    for i, path in enumerate((older, newer)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))
+    commands: list[list[str]] = []
+    monkeypatch.setattr(builtin.subprocess, "run", _fake_fit(commands))
+    builtin.ensure_built_in(spec)
+    (command,) = commands
+    assert command[command.index("--ckpt_path") + 1] == str(newer)
+    assert command[command.index("--trainer.enable_checkpointing") + 1] == "true"
+    assert not older.exists() and not newer.exists() and runs.is_dir()
+    builtin.ensure_built_in(spec)  # finished: nothing to resume, nothing trained
+    assert len(commands) == 1
