@@ -171,7 +171,7 @@ class DiscoveryLoop:
         top_k: best scored candidates listed in the prompt (plus the seeds).
     """
 
-    def __init__(self, run_dir: str = "runs/discovery", proposer: Proposer | None = None,
+    def __init__(self, run_dir: str = "logs/discovery", proposer: Proposer | None = None,
                  fitness: Fitness | None = None, generations: int = 10, max_attempts: int = 3,
                  seeds: list[str] | None = None, references: list[str] | None = None,
                  limits: SandboxLimits | None = None, workers: int = 1, population: int = 1, history: int = 4,

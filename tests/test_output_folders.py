@@ -27,6 +27,12 @@ def test_discover_configs_keep_their_runs_under_logs():
     for config in configs:
         run_dir = yaml.safe_load(config.read_text())["run_dir"]
         assert run_dir.startswith("logs/"), f"{config.name}: run_dir {run_dir!r} is outside logs/"
+    import inspect
+
+    from discovery import DiscoveryLoop
+
+    default = inspect.signature(DiscoveryLoop).parameters["run_dir"].default
+    assert default.startswith("logs/"), f"DiscoveryLoop's default run_dir {default!r} is outside logs/"
 
 
 def test_readme_trainers_name_where_they_log():
