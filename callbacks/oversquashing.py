@@ -431,8 +431,10 @@ class RepresentationalCollapseProbe(_Probe):
         return f"‖Δ‖∞ of the last token's hidden state (layer {self.layer}), [x, a] vs [x, a, a]", rows
 
     def figure(self, results: dict) -> Figure:
-        fig = Figure(figsize=(11, 3.8), dpi=72)
-        fig.subplots_adjust(left=0.06, right=0.8, bottom=0.14, top=0.84, wspace=0.22)
+        rows = len(self.precisions) * (2 if self.noise_baseline else 1)  # legend entries per family
+        fig = Figure(figsize=(11, 3.4 + 0.2 * rows), dpi=72)
+        # the legend goes under both panels, one column per family, so it never covers a curve
+        fig.subplots_adjust(left=0.06, right=0.98, bottom=0.14 + 0.055 * rows, top=0.88, wspace=0.22)
         axes = fig.subplots(1, 2)
         panels = ((axes[0], "delta", "‖Δ‖∞ of last hidden state"), (axes[1], "tv", "TV of next-token dist."))
         for ax, key, title in panels:
@@ -452,7 +454,8 @@ class RepresentationalCollapseProbe(_Probe):
                         noise = [max(results[fam, p, n]["noise"][self.layer], floor) for n in self.lengths]
                         ax.plot(self.lengths, noise, linewidth=0.8, alpha=0.5, label=f"{fam} {p} noise", **style)
             ax.set(xscale="log", yscale="log", xlabel="sequence length n (digits)", title=title)
-        fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(self.families), fontsize=7,
+                   frameon=False)
         fig.suptitle("Representational collapse: [x, a] vs [x, a, a]  (▼ = exactly 0; thin: rounding noise floor)",
                      fontsize=9)
         return fig

@@ -373,3 +373,21 @@ def test_validate_config_under_two_process_ddp_logs_probes_once(tmp_path):
     assert len(logged) == 1  # rank 0 only, once
     assert {p.name for p in tmp_path.rglob("version_0/figures/*.png")} == {"collapse.png", "sensitivity.png",
                                                                            "tasks.png"}
+
+
+def test_collapse_figure_legend_covers_no_panel():
+    """The full report's collapse figure had its 18-entry legend over the right panel: it goes under the panels."""
+    probe = RepresentationalCollapseProbe(lengths=[8, 16], precisions=["fp32", "bf16", "bf16_weights"], progress=False)
+    results = {(fam, p, n): {"delta": {-1: 0.5 / n}, "noise": {-1: 1e-6}, "tv": 0.1 / n}
+               for fam in probe.families for p in probe.precisions for n in probe.lengths}
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = probe.figure(results)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert len(legend.get_texts()) == len(probe.families) * len(probe.precisions) * 2
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_window_extent(renderer)), "the legend covers a panel"
