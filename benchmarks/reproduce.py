@@ -153,6 +153,11 @@ class Console:
     def print(self, line: str) -> None:
         print(line, file=self.stream, flush=True)
 
+    def close(self) -> None:
+        """Close the duplicated terminal stream (not a borrowed ``sys.stderr``)."""
+        if self.stream is not sys.stderr:
+            self.stream.close()
+
 
 @contextlib.contextmanager
 def paper_output_to(path: Path, console: Console):
@@ -663,9 +668,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_outputs(out, args.mode, papers, command, config)
     failed = [k for k, p in papers.items() if p["status"] != "ok"]
     if not args.child:
-        console.print(f"[reproduce {_clock(time.time() - start)}] done in {_clock(time.time() - start)} "
-                      f"(mm:ss, {jobs} paper(s) at once); report: {out / 'report.md'}; results: {out / 'results.json'}"
+        console.print(f"[reproduce {_clock(time.time() - start)}] done ({jobs} paper(s) at once); report: {out / 'report.md'}; results: {out / 'results.json'}"
                       + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    console.close()
     return 1 if failed else 0
 
 
