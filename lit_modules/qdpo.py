@@ -25,16 +25,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from datamodules.contract import PairModels
 from lit_modules.base import LRSchedulerCallable, OptimizerCallable
 from lit_modules.builtin_checkpoints import ensure_built_in
 from lit_modules.dpo import DPO, module_fingerprint
 from lm.extras import require
 from lm.hf import ModelSpec
-from lm.quantization import convert_qat, prepare_qat, quantizable_linears, quantization_tag, save_quantized
-from lm.sampling import generate_answers
+from lm.quantization import convert_qat, prepare_qat, quantization_tag, save_quantized
 from lm.sharding import is_model_parallel
 
 log = logging.getLogger(__name__)
@@ -63,9 +62,10 @@ class QDPO(DPO):
         lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio, optimizer, lr_scheduler: see
             :class:`lit_modules.PaperModule`.
 
-    The networks (policy, reference, full-precision model) are built in ``configure_model``, as
-    :class:`~lit_modules.DPO`'s, or when first read (``QDPOPairsDataModule`` reads them before it); the
-    constructor checks ``group_size`` against the layer widths on a meta-device copy (no weights).
+    The networks (policy, reference, full-precision model) are declared on the meta device at construction (so
+    ``group_size`` is checked against the layer widths before any weight is read) and materialised by
+    ``configure_model``, as :class:`~lit_modules.DPO`'s; :meth:`pair_models` calls it, since
+    ``QDPOPairsDataModule`` generates its pairs before the trainer does.
     """
 
     frozen_networks = ("ref_model", "full_precision")
@@ -89,10 +89,8 @@ class QDPO(DPO):
                              ref_cache_dir=ref_cache_dir, length_normalize=length_normalize, dtype=dtype,
                              init_seed=init_seed, export_dir=export_dir, lr=lr, weight_decay=weight_decay,
                              betas=betas, warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio,
-                             optimizer=optimizer, lr_scheduler=lr_scheduler)
-            with torch.device("meta"):  # a clear error now on a group_size the layer widths do not take
-                quantizable_linears(DPO.build_policy(self), group_size, include_lm_head)
-        except OSError as e:
+                             optimizer=optimizer, lr_scheduler=lr_scheduler)  # declares the networks: a
+        except OSError as e:  # group_size the layer widths do not take is a clear error now, before any weight is read
             raise FileNotFoundError(f"QDPO: cannot load the full-precision model {model!r} ({e}). If it is a local "
                                     f"export, train it first: `{FP_SFT_HINT}`") from e
         self._fingerprint: dict[str, str] | None = None
@@ -116,29 +114,27 @@ class QDPO(DPO):
         return self
 
     def configure_model(self) -> None:
-        """Build the networks (:class:`~lit_modules.base.DeferredNetworksModule`); under
-        ``ModelParallelStrategy`` one clear error instead, raised at start-up: this hook runs when the networks are
-        first read, i.e. before ``QDPOPairsDataModule`` generates any pair (:meth:`pair_models`)."""
+        """Materialise the networks (:class:`~lit_modules.base.DeferredNetworksModule`); under
+        ``ModelParallelStrategy`` one clear error instead, raised at start-up: :meth:`pair_models` calls this hook
+        before ``QDPOPairsDataModule`` generates any pair."""
         if is_model_parallel(self):
             raise ValueError("QDPO does not support ModelParallelStrategy (FSDP2 sharding): its export and "
                              "quantized_model() re-quantize a deep copy of the whole fake-quantized policy with "
                              "torchao (convert_qat), which needs unsharded weights. Use trainer.strategy: ddp")
         super().configure_model()
 
-    def pair_models(self) -> tuple[nn.Module, nn.Module, Any, dict[str, str]]:
-        """(full precision, quantized policy, tokenizer, fingerprint) for :class:`datamodules.QDPOPairsDataModule`.
+    def pair_models(self) -> PairModels:
+        """The full-precision model, the quantized policy, the tokenizer and their fingerprint, for
+        :class:`datamodules.QDPOPairsDataModule` (:class:`~datamodules.contract.PairModelSource`).
 
-        Pairs are generated before training, when the policy is still the RTN-quantized model; the
-        fingerprint (full-precision weights + quantizer) keys the pair cache."""
+        Pairs are generated before training, when the policy is still the PTQ-quantized model; the fingerprint
+        (full-precision weights + quantizer) keys the pair cache. Materialises the networks first
+        (:meth:`configure_model`; a no-op once done): the datamodule asks before the trainer's own call."""
+        self.configure_model()
         if self._fingerprint is None:
             self._fingerprint = {"full_precision": module_fingerprint(self.full_precision),
                                  "quantization": self.quant_tag}
-        return self.full_precision, self.policy, self.tokenizer, self._fingerprint
-
-    def generate_answers(self, model: nn.Module, prompts: list[str], **decoding: Any) -> list[str]:
-        """``model``'s answers to ``prompts`` with this module's tokenizer through the package's one sampler
-        (:func:`lm.sampling.generate_answers`; ``decoding`` as there): how the pair generator decodes."""
-        return generate_answers(model, self.tokenizer, prompts, **decoding)
+        return PairModels(self.full_precision, self.policy, self.tokenizer, self._fingerprint)
 
     def quantized_model(self) -> nn.Module:
         """A copy of the policy with its latent weights re-quantized into real low-bit weights."""

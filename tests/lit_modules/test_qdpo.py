@@ -32,6 +32,7 @@ def test_token_flip_stats_hand_computed():
 
 def test_policy_starts_as_rtn_and_only_it_trains():
     module = QDPO(model=TINY, bits=4, group_size=16)
+    module.configure_model()
     ids = torch.randint(3, 259, (2, 10))
     with torch.no_grad():
         rtn = quantize_rtn(module.full_precision, bits=4, group_size=16)
@@ -41,6 +42,7 @@ def test_policy_starts_as_rtn_and_only_it_trains():
     quantized = [m.weight for m in module.policy.modules() if type(m).__name__ == "FakeQuantizedLinear"]
     assert len(quantized) == 7 and trainable == {id(p) for p in quantized}  # q,k,v,o,gate,up,down; not lm_head
     everything = QDPO(model=TINY, bits=4, group_size=16, train_quantized_only=False)
+    everything.configure_model()
     assert {id(p) for _, p in everything.trainable_parameters()} == {id(p) for p in everything.policy.parameters()}
     assert module.ref_model is None and module.precompute_ref_logps  # reference = precomputed initial policy
 
@@ -117,6 +119,7 @@ def test_precomputed_reference_logps_are_the_rtn_models_live_logps(tmp_path):
     from datamodules.qdpo_pairs import QDPOPairsDataModule
 
     module = QDPO(model={}, bits=3, group_size=32, ref_cache_dir=str(tmp_path / "ref"))
+    module.configure_model()
     dm = QDPOPairsDataModule(num_prompts=40, max_new_tokens=6, batch_size=4, val_fraction=0.25)
     L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, dm)
@@ -151,4 +154,5 @@ def test_default_fp_path_is_trained_before_its_tokenizer_and_format_are_read(mon
 
     monkeypatch.setattr(builtin.subprocess, "run", fake_fit)
     module = QDPO(model="checkpoints/minillm_teacher", group_size=16)
+    module.configure_model()
     assert model_prompt_template(module.tokenizer) == "Q: {instruction}\nA: "
