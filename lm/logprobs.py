@@ -6,9 +6,10 @@ For N rows of logits z_n ∈ R^V and target ids y_n:
     log p(y_n) = z_n[y_n] − logsumexp_v z_{n,v}
     ∂ log p(y_n) / ∂ z_{n,v} = 1[v = y_n] − exp(z_{n,v} − logsumexp_v z_{n,v})      (one-hot minus softmax)
 
-:func:`token_logps` evaluates both in float32 (float64 logits stay float64), ``chunk_size`` rows at a time: autograd keeps only the logits (in their
-own dtype), the targets and the N log-sum-exps, and the softmax of the backward pass is recomputed one chunk at a time,
-so neither pass holds more than ``chunk_size × V`` float32 values beyond the logits themselves.
+:func:`token_logps` evaluates both in float32 (float64 logits stay float64), ``chunk_size`` rows at a time:
+autograd keeps only the logits (in their own dtype), the targets and the N log-sum-exps, and the softmax of the
+backward pass is recomputed one chunk at a time, so neither pass holds more than ``chunk_size × V`` float32 values
+beyond the logits themselves.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 def token_logps(logits: Tensor, targets: Tensor, chunk_size: int = 4096) -> Tensor:
     """log p(y_n) = z_n[y_n] − logsumexp_v z_{n,v} for logits ``(N, V)`` and ``targets`` ``(N,)``, shape ``(N,)``.
 
-    Computed ``chunk_size`` rows at a time in float32 or wider (half-precision logits are upcast per chunk); the gradient
-    with respect to the logits is (one-hot(y_n) − softmax(z_n)) · ∂L/∂log p(y_n), recomputed per chunk in backward
-    (see the module docstring)."""
+    Computed ``chunk_size`` rows at a time in float32 or wider (half-precision logits are upcast per chunk); the
+    gradient with respect to the logits is (one-hot(y_n) − softmax(z_n)) · ∂L/∂log p(y_n), recomputed per chunk in
+    backward (see the module docstring)."""
     if logits.ndim != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"token_logps wants logits (N, V) and targets (N,), got {tuple(logits.shape)} and "
                          f"{tuple(targets.shape)}")
