@@ -21,9 +21,9 @@ Timing: each side runs in its own subprocess (clean peak-memory numbers); after 
 to the end of the last of ``steps`` more steps is measured (forward + backward + optimizer step + each
 library's own per-step batch collation and metric bookkeeping; tokenization and reference precompute are
 excluded and the precompute time is reported separately). Sides alternate for ``repeats`` rounds (the order
-rotating each round); medians are
-reported, with ratios against TRL measured in the same run. With ``precompute_ref_logps`` (both sides'
-option) the reference forward is done once up front. Peak memory: the process's peak RSS (CPU) or
+rotating each round); medians are reported, with ratios against TRL measured in the same run (the ratio of the
+medians, and the median of the per-round ratios). With ``precompute_ref_logps`` (both sides' option) the
+reference forward is done once up front. Peak memory: the process's peak RSS (CPU) or
 ``torch.cuda.max_memory_allocated`` during training (CUDA). Without ``trl`` installed the TRL sides are skipped.
 
 ``--precision bf16-mixed`` trains both sides under bf16 autocast (fp32 weights; TRL ``bf16=True``, ours
@@ -283,11 +283,16 @@ def main() -> None:
 
     summary = {s: {k: median(s, k) for k in runs[s][0]} for s in sides}
     rate = {s: summary[s]["pairs_per_s"] for s in sides}
-    ratios = {f"{a}_vs_{b}": rate[a] / rate[b] for a, b in
-              [("ours", "trl"), ("ours_precompute", "trl"), ("trl_precompute", "trl"),
-               ("ours_precompute", "trl_precompute"), ("ours_precompute", "ours"), ("ours_eager", "trl"),
-               ("ours_eager_precompute", "trl_precompute"), ("ours", "ours_eager"),
-               ("ours_precompute", "ours_eager_precompute")] if a in rate and b in rate}
+    pairs = [(a, b) for a, b in [("ours", "trl"), ("ours_precompute", "trl"), ("trl_precompute", "trl"),
+                                 ("ours_precompute", "trl_precompute"), ("ours_precompute", "ours"),
+                                 ("ours_eager", "trl"), ("ours_eager_precompute", "trl_precompute"),
+                                 ("ours", "ours_eager"), ("ours_precompute", "ours_eager_precompute")]
+             if a in rate and b in rate]
+    ratios = {f"{a}_vs_{b}": rate[a] / rate[b] for a, b in pairs}
+    # the same ratios within each round (the two runs minutes apart at most), then their median: steadier than the
+    # ratio of medians when the machine's load drifts
+    paired = {f"{a}_vs_{b}": statistics.median(x["pairs_per_s"] / y["pairs_per_s"] for x, y in zip(runs[a], runs[b]))
+              for a, b in pairs}
     import torch
 
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
@@ -321,7 +326,7 @@ def main() -> None:
                          "off: liger-kernel is not installed"),
                      "ours": f"lit_modules.DPO(packed=True) (ours*) / DPO(packed=False) (ours_eager*) + Lightning "
                              f"Trainer(precision={args.precision!r}, logger=False)"},
-        "median": summary, "ratios": ratios, "raw": runs,
+        "median": summary, "ratios": ratios, "median_of_per_round_ratios": paired, "raw": runs,
     }
     print(json.dumps(result))
     if args.out:
