@@ -6,8 +6,9 @@ Every optimizer gets identical fp32 copies of a small Llama-shaped parameter lis
 gate/up/down and two norms, final norm, untied head) and the same fixed random gradients. Each is warmed up
 (which includes ``torch.compile`` for ``fused=True``), then the optimizers are timed in turns, ``steps`` steps per
 turn, ``repeats`` turns; the median time per step is reported with its ratios to ``AdamW(fused=True)`` and to
-``AdamW()`` (torch's default path: on CPU the per-tensor loop) measured in the same run. Hyperparameters: lr 1e-3, weight decay 0.1 for all; AdEMAMix β = (0.9, 0.999, 0.9999),
-α = 5, t_alpha = t_beta3 = 1000 (the schedules are evaluated every step, as in training).
+``AdamW()`` (torch's default path: on CPU the per-tensor loop) measured in the same run. Hyperparameters: lr 1e-3,
+weight decay 0.1 for all; AdEMAMix β = (0.9, 0.999, 0.9999), α = 5, t_alpha = t_beta3 = 1000 (the schedules are
+evaluated every step, as in training). ``--size cpu25m``: ~25M parameters (hidden 512, 4 layers, vocabulary 12288).
 Optional anchor: ``pytorch_optimizer.AdEMAMix`` (skipped when the package is missing).
 """
 
