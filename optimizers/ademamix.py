@@ -47,13 +47,13 @@ default float32 state). The update is computed in float32 exactly as above; only
 An EMA x ← x + (1 − β)·(y − x) stored in bfloat16 (8 significant bits) with round-to-nearest loses every increment
 smaller than half an ulp of x, i.e. 2⁻⁹ to 2⁻⁸ of |x|:
 
-* m1 (β1 = 0.9) moves by a tenth of (g − m1); it stops only within ~2 % of g, below the gradient noise: plain bf16.
-* ν (β2 = 0.999): its largest possible decrement, (1 − β2)·ν = 2⁻¹⁰·ν, is always below half an ulp, so a
+* m1 (β1 = 0.9) moves by a tenth of (g − m1); it stops only within 2–4 % of g, below the gradient noise: plain bf16.
+* ν (β2 = 0.999): its largest possible decrement, (1 − β2)·ν ≈ 2⁻¹⁰·ν, is always below half an ulp, so a
   round-to-nearest bf16 ν never decreases (and with g = 1 from zero it stalls at 0.25). Stochastic rounding — round
-  up with probability (x − ⌊x⌋)/ulp — keeps every increment in expectation: adding a uniform 16-bit integer to x's
+  up (in magnitude) with probability (x − ⌊x⌋)/ulp — keeps every increment in expectation: adding a uniform 16-bit integer to x's
   float32 bit pattern and clearing the low 16 bits (:func:`stochastic_round_bf16_`). The random bits come from a
-  generator seeded with the step count and depend on an element's offset within its block, so a resumed run
-  draws the same bits.
+  generator seeded with the step count and are indexed by an element's offset in its tensor (or CPU cache block),
+  so a resumed run draws the same bits.
 * m2 (β3 ≈ 0.9999): the slow EMA moves by 10⁻⁴·(g − m2) per step and stalls in bf16 at 2⁻⁵ as computed above.
   It is the state AdEMAMix adds and averages over ~1/(1 − β3) steps, so it gets exact, deterministic arithmetic
   rather than dithering; a Kahan-compensated bf16 pair (value + compensation term) would take the same 4 bytes as
