@@ -248,7 +248,7 @@ class FoldedScalars:
                    step_size=s.lr * c2 / c1, decay=1.0 - s.lr * s.weight_decay)
 
 
-CPU_BLOCK_NUMEL = 1 << 16  # elements per cache block of the CPU multi-tensor path (7 arrays · 256 KiB ≈ L2)
+CPU_BLOCK_NUMEL = 1 << 16  # elements per thread of a CPU cache block (7 arrays · 256 KiB ≈ a core's L2)
 
 
 def cache_blocks(*lists: list[torch.Tensor] | None, block: int = CPU_BLOCK_NUMEL):
@@ -285,11 +285,15 @@ def foreach_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: l
     """Multi-tensor path (tensors on one device, parameters of one dtype, each state of one dtype):
     :class:`FoldedScalars`' form in nine ``_foreach_*`` passes, in :func:`compute_dtype`. On CPU the whole update
     runs one :func:`cache_blocks` block at a time, so the nine passes (and any up/down casts) hit the cache instead
-    of memory (measured ~3x faster on a 7M-parameter set than op by op). ``nu_seed``: round a bfloat16 ν
+    of memory (measured ~3x faster on a 7M-parameter set than op by op). A block is :data:`CPU_BLOCK_NUMEL` elements
+    per intra-op thread: each thread's share stays cache-sized, and with more threads there are fewer blocks, hence
+    fewer parallel regions (a thread barrier per op and block, costly when another process holds a core). ``nu_seed``: round a bfloat16 ν
     stochastically with :func:`rounding_noise` of that seed (low-memory state), one draw reused by every block."""
     f = FoldedScalars.of(s)
-    blocks = list(cache_blocks(params, grads, m1s, m2s, nus)) if params[0].device.type == "cpu" else [
-        (params, grads, m1s, m2s, nus)]
+    if params[0].device.type == "cpu":
+        blocks = list(cache_blocks(params, grads, m1s, m2s, nus, block=CPU_BLOCK_NUMEL * torch.get_num_threads()))
+    else:
+        blocks = [(params, grads, m1s, m2s, nus)]
     noise = None
     if nu_seed is not None:
         noise = rounding_noise(max(t.numel() for block in blocks for t in block[4]), nus[0].device, nu_seed)
