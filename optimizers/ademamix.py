@@ -50,10 +50,10 @@ smaller than half an ulp of x, i.e. 2⁻⁹ to 2⁻⁸ of |x|:
 * m1 (β1 = 0.9) moves by a tenth of (g − m1); it stops only within 2–4 % of g, below the gradient noise: plain bf16.
 * ν (β2 = 0.999): its largest possible decrement, (1 − β2)·ν ≈ 2⁻¹⁰·ν, is always below half an ulp, so a
   round-to-nearest bf16 ν never decreases (and with g = 1 from zero it stalls at 0.25). Stochastic rounding — round
-  up (in magnitude) with probability (x − ⌊x⌋)/ulp — keeps every increment in expectation: adding a uniform 16-bit integer to x's
-  float32 bit pattern and clearing the low 16 bits (:func:`stochastic_round_bf16_`). The random bits come from a
-  generator seeded with the step count and are indexed by an element's offset in its tensor (or CPU cache block),
-  so a resumed run draws the same bits.
+  up (in magnitude) with probability (x − ⌊x⌋)/ulp — keeps every increment in expectation: adding a uniform
+  16-bit integer to x's float32 bit pattern and clearing the low 16 bits (:func:`stochastic_round_bf16_`). The
+  random bits come from a generator seeded with the step count and are indexed by an element's offset in its
+  tensor (or CPU cache block), so a resumed run draws the same bits.
 * m2 (β3 ≈ 0.9999): the slow EMA moves by 10⁻⁴·(g − m2) per step and stalls in bf16 at 2⁻⁵ as computed above.
   It is the state AdEMAMix adds and averages over ~1/(1 − β3) steps, so it gets exact, deterministic arithmetic
   rather than dithering; a Kahan-compensated bf16 pair (value + compensation term) would take the same 4 bytes as
@@ -287,8 +287,9 @@ def foreach_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: l
     runs one :func:`cache_blocks` block at a time, so the nine passes (and any up/down casts) hit the cache instead
     of memory (measured ~3x faster on a 7M-parameter set than op by op). A block is :data:`CPU_BLOCK_NUMEL` elements
     per intra-op thread: each thread's share stays cache-sized, and with more threads there are fewer blocks, hence
-    fewer parallel regions (a thread barrier per op and block, costly when another process holds a core). ``nu_seed``: round a bfloat16 ν
-    stochastically with :func:`rounding_noise` of that seed (low-memory state), one draw reused by every block."""
+    fewer parallel regions (a thread barrier per op and block, costly when another process holds a core).
+    ``nu_seed``: round a bfloat16 ν stochastically with :func:`rounding_noise` of that seed (low-memory state), one
+    draw reused by every block."""
     f = FoldedScalars.of(s)
     if params[0].device.type == "cpu":
         blocks = list(cache_blocks(params, grads, m1s, m2s, nus, block=CPU_BLOCK_NUMEL * torch.get_num_threads()))
