@@ -1,13 +1,14 @@
 """Optimizer step time and state memory: AdEMAMix's three paths against ``torch.optim.AdamW`` on one parameter set.
 
-    python -m benchmarks.optimizer_step [--device cpu|cuda] [--quick]
+    python -m benchmarks.optimizer_step [--device cpu|cuda] [--quick] [--size NAME] [--threads N] [--only NAME ...]
 
 Every optimizer gets identical fp32 copies of a small Llama-shaped parameter list (embedding, per layer q/k/v/o,
 gate/up/down and two norms, final norm, untied head) and the same fixed random gradients. Each is warmed up
 (which includes ``torch.compile`` for ``fused=True``), then the optimizers are timed in turns, ``steps`` steps per
-turn, ``repeats`` turns; the median time per step is reported with its ratio to ``AdamW(fused=True)`` measured
-in the same run. Hyperparameters: lr 1e-3, weight decay 0.1 for all; AdEMAMix β = (0.9, 0.999, 0.9999),
-α = 5, t_alpha = t_beta3 = 1000 (the schedules are evaluated every step, as in training).
+turn, ``repeats`` turns; the median time per step is reported with its ratios to ``AdamW(fused=True)`` and to
+``AdamW()`` (torch's default path: on CPU the per-tensor loop) measured in the same run. Hyperparameters: lr 1e-3,
+weight decay 0.1 for all; AdEMAMix β = (0.9, 0.999, 0.9999), α = 5, t_alpha = t_beta3 = 1000 (the schedules are
+evaluated every step, as in training). ``--size cpu25m``: ~25M parameters (hidden 512, 4 layers, vocabulary 12288).
 Optional anchor: ``pytorch_optimizer.AdEMAMix`` (skipped when the package is missing).
 """
 
@@ -26,9 +27,10 @@ import torch
 
 from optimizers import AdEMAMix
 
-SIZES = {  # (hidden, layers, vocab): ~1.6M, ~7.3M and ~36M parameters
+SIZES = {  # (hidden, layers, vocab): ~1.6M, ~7.3M, ~25M and ~36M parameters
     "quick": (128, 2, 4096),
     "cpu": (256, 4, 8192),
+    "cpu25m": (512, 4, 12288),
     "cuda": (512, 6, 16384),
 }
 
@@ -44,6 +46,7 @@ def candidates(weight_decay: float = 0.1, lr: float = 1e-3) -> dict[str, Callabl
     """Name → constructor of every optimizer compared (pytorch_optimizer's only if installed)."""
     ademamix = dict(lr=lr, weight_decay=weight_decay, alpha=5.0, t_alpha=1000, t_beta3=1000)
     out: dict[str, Callable[[list], torch.optim.Optimizer]] = {
+        "AdamW()": lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=weight_decay),  # torch's default path
         "AdamW(fused=True)": lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=weight_decay, fused=True),
         "AdamW(foreach=True)": lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=weight_decay, foreach=True),
         "AdEMAMix(foreach=False)": lambda ps: AdEMAMix(ps, foreach=False, **ademamix),
@@ -51,6 +54,8 @@ def candidates(weight_decay: float = 0.1, lr: float = 1e-3) -> dict[str, Callabl
         "AdEMAMix(fused=True)": lambda ps: AdEMAMix(ps, fused=True, **ademamix),
         "AdEMAMix(foreach=True, beta1=0)": lambda ps: AdEMAMix(ps, foreach=True, betas=(0.0, 0.999, 0.9999),
                                                                **ademamix),
+        "AdEMAMix(foreach=True, state_dtype=low_memory)": lambda ps: AdEMAMix(ps, foreach=True,
+                                                                              state_dtype="low_memory", **ademamix),
     }
     try:
         import pytorch_optimizer
@@ -91,11 +96,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="steps per timed turn")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None,
+                        help="parameter set (default: 'quick' with --quick, else the device's)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                        help="time only these candidates (AdamW(fused=True), the anchor, is always timed)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    hidden, layers, vocab = SIZES["quick" if args.quick else args.device]
+    hidden, layers, vocab = SIZES[args.size or ("quick" if args.quick else args.device)]
     repeats = args.repeats or (5 if args.quick else 9)
     steps = args.steps or (3 if args.quick else 5)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -107,7 +116,13 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(t.numel() for t in init)
 
     runs = {}
-    for name, make in candidates().items():
+    chosen = candidates()
+    if args.only:
+        unknown = set(args.only) - set(chosen)
+        if unknown:
+            parser.error(f"unknown --only names {sorted(unknown)}; choose from {list(chosen)}")
+        chosen = {name: make for name, make in chosen.items() if name in {"AdamW(fused=True)", *args.only}}
+    for name, make in chosen.items():
         params = [torch.nn.Parameter(t.to(device)) for t in init]
         for p, g in zip(params, grads):
             p.grad = g.to(device)
@@ -128,14 +143,17 @@ def main(argv: list[str] | None = None) -> dict:
             run["times"].append((time.perf_counter() - start) / steps)
 
     anchor = statistics.median(runs["AdamW(fused=True)"]["times"])
+    default = statistics.median(runs["AdamW()"]["times"]) if "AdamW()" in runs else None
     results = {name: {"median_step_ms": 1e3 * statistics.median(run["times"]),
                       "step_ms_all": [round(1e3 * t, 4) for t in run["times"]],
                       "ratio_vs_adamw_fused": statistics.median(run["times"]) / anchor,
+                      "ratio_vs_adamw_default": default and statistics.median(run["times"]) / default,
                       "state_bytes_per_param": state_bytes_per_param(run["optimizer"], n_params),
                       "warmup_s_incl_compile": run["warmup_s"]}
                for name, run in runs.items()}
     for name, row in results.items():
-        print(f"{name:45s} {row['median_step_ms']:9.3f} ms  x{row['ratio_vs_adamw_fused']:.2f}  "
+        vs_default = "" if default is None else f" (x{row['ratio_vs_adamw_default']:.2f} AdamW())"
+        print(f"{name:45s} {row['median_step_ms']:9.3f} ms  x{row['ratio_vs_adamw_fused']:.2f}{vs_default}  "
               f"{row['state_bytes_per_param']:.2f} B/param")
     report = {
         "benchmark": "optimizer_step",
@@ -146,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"lr": 1e-3, "weight_decay": 0.1, "ademamix": {"betas": [0.9, 0.999, 0.9999], "alpha": 5.0,
                                                                     "t_alpha": 1000, "t_beta3": 1000},
                      "repeats": repeats, "steps_per_repeat": steps, "statistic": "median over repeats"},
-        "anchor": "AdamW(fused=True)",
+        "anchor": "AdamW(fused=True)", "second_anchor": "AdamW() (torch's default: the for-loop path on CPU)",
         "results": results,
     }
     print(json.dumps(report))

@@ -37,6 +37,30 @@ rounded once). A low-precision state cannot hold the slow EMA: bfloat16 keeps 8 
 with β3 = 0.9999 and g = 1, m2 stalls at 2⁻⁵ ≈ 0.031 instead of approaching 1 − β3^t (docs/papers.md §5, "Precision"). ``state_dtype="param"`` (or an explicit dtype) keeps the
 state in a lower precision where the user asks.
 
+Low-memory state (``state_dtype="low_memory"``): 8 bytes per parameter, as AdamW's two float32 moments (12 with the
+default float32 state). The update is computed in float32 exactly as above; only the stored state is narrowed:
+
+    m1 ← bf16_rn(β1·m1 + (1 − β1)·g)        (bfloat16, round to nearest)
+    ν  ← bf16_sr(β2·ν + (1 − β2)·g²)        (bfloat16, stochastic rounding: E[bf16_sr(x)] = x)
+    m2 ← β3(t)·m2 + (1 − β3(t))·g           (float32)
+
+An EMA x ← x + (1 − β)·(y − x) stored in bfloat16 (8 significant bits) with round-to-nearest loses every increment
+smaller than half an ulp of x, i.e. 2⁻⁹ to 2⁻⁸ of |x|:
+
+* m1 (β1 = 0.9) moves by a tenth of (g − m1); it stops only within 2–4 % of g, below the gradient noise: plain bf16.
+* ν (β2 = 0.999): its largest possible decrement, (1 − β2)·ν ≈ 2⁻¹⁰·ν, is always below half an ulp, so a
+  round-to-nearest bf16 ν never decreases (and with g = 1 from zero it stalls at 0.25). Stochastic rounding — round
+  up (in magnitude) with probability (x − ⌊x⌋)/ulp — keeps every increment in expectation: adding a uniform
+  16-bit integer to x's float32 bit pattern and clearing the low 16 bits (:func:`stochastic_round_bf16_`). The
+  random bits come from a generator seeded with the step count and are indexed by an element's offset in its
+  tensor (or CPU cache block), so a resumed run draws the same bits.
+* m2 (β3 ≈ 0.9999): the slow EMA moves by 10⁻⁴·(g − m2) per step and stalls in bf16 at 2⁻⁵ as computed above.
+  It is the state AdEMAMix adds and averages over ~1/(1 − β3) steps, so it gets exact, deterministic arithmetic
+  rather than dithering; a Kahan-compensated bf16 pair (value + compensation term) would take the same 4 bytes as
+  float32 and carry ~16 significant bits to float32's 24, so m2 is simply kept in float32.
+
+Not available with ``fused=True`` (its single pass has no random bits for the stochastic rounding).
+
 The step count is a Python ``int`` per parameter (``state["step"]``), saved and restored by ``state_dict``, so a
 resumed run continues the α/β3 schedules where it stopped.
 """
@@ -56,25 +80,31 @@ from optimizers.schedules import alpha_schedule, beta3_schedule
 
 STATE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 STATE_KEYS = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")  # m1, m2, ν
+LOW_MEMORY = "low_memory"  # state_dtype: m1 and ν bfloat16 (ν stochastically rounded), m2 float32
+LOW_MEMORY_DTYPES = {"exp_avg_fast": torch.bfloat16, "exp_avg_slow": torch.float32, "exp_avg_sq": torch.bfloat16}
 
 
 def parse_state_dtype(value: torch.dtype | str | None) -> torch.dtype | str | None:
-    """``state_dtype`` as ``None``, ``"param"`` or a floating ``torch.dtype`` (names such as ``"float32"`` or
-    ``"torch.bfloat16"`` are accepted, for YAML); anything else is a ``ValueError`` naming the argument."""
-    if value is None or value == "param":
+    """``state_dtype`` as ``None``, ``"param"``, ``"low_memory"`` or a floating ``torch.dtype`` (names such as
+    ``"float32"`` or ``"torch.bfloat16"`` are accepted, for YAML); anything else is a ``ValueError`` naming the
+    argument."""
+    if value is None or value in ("param", LOW_MEMORY):
         return value
     dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
     if dtype not in STATE_DTYPES:
-        raise ValueError(f"AdEMAMix: state_dtype must be None, 'param' or one of "
+        raise ValueError(f"AdEMAMix: state_dtype must be None, 'param', '{LOW_MEMORY}' or one of "
                          f"{[str(d).removeprefix('torch.') for d in STATE_DTYPES]}, got {value!r}")
     return dtype
 
 
-def state_dtype_for(param_dtype: torch.dtype, option: torch.dtype | str | None) -> torch.dtype:
-    """The dtype of m1, m2, ν for a parameter: ``None`` → float32 for bfloat16/float16 parameters, else the
-    parameter's dtype; ``"param"`` → the parameter's dtype; a dtype → that dtype."""
+def state_dtype_for(param_dtype: torch.dtype, option: torch.dtype | str | None, key: str) -> torch.dtype:
+    """The dtype of state ``key`` (m1, m2 or ν, :data:`STATE_KEYS`) for a parameter: ``None`` → float32 for
+    bfloat16/float16 parameters, else the parameter's dtype; ``"param"`` → the parameter's dtype; ``"low_memory"``
+    → :data:`LOW_MEMORY_DTYPES`; a dtype → that dtype."""
     if option is None:
         return torch.float32 if param_dtype in (torch.bfloat16, torch.float16) else param_dtype
+    if option == LOW_MEMORY:
+        return LOW_MEMORY_DTYPES[key]
     return param_dtype if option == "param" else option
 
 
@@ -129,9 +159,12 @@ def _cast(tensors: list[torch.Tensor] | None, dtype: torch.dtype) -> list[torch.
 
 
 def in_compute_dtype(update: Callable, params: list[torch.Tensor], grads: list[torch.Tensor],
-                     m1s: list[torch.Tensor] | None, m2s: list[torch.Tensor], nus: list[torch.Tensor], *args) -> None:
+                     m1s: list[torch.Tensor] | None, m2s: list[torch.Tensor], nus: list[torch.Tensor], *args,
+                     nu_noise: torch.Tensor | None = None) -> None:
     """Run the in-place ``update(params, grads, m1s, m2s, nus, *args)`` in :func:`compute_dtype`: lists in
-    another dtype are replaced by upcast copies, which are written back (rounded once) afterwards."""
+    another dtype are replaced by upcast copies, which are written back (rounded once) afterwards — to nearest,
+    except a bfloat16 ν when ``nu_noise`` (:func:`rounding_noise`) is given: stochastically
+    (:func:`stochastic_round_bf16_`)."""
     acc = compute_dtype(params[0].dtype, m2s[0].dtype)
     if all(lst is None or lst[0].dtype == acc for lst in (params, grads, m1s, m2s, nus)):
         update(params, grads, m1s, m2s, nus, *args)
@@ -139,14 +172,41 @@ def in_compute_dtype(update: Callable, params: list[torch.Tensor], grads: list[t
     work = [_cast(lst, acc) for lst in (params, m1s, m2s, nus)]
     update(work[0], _cast(grads, acc), work[1], work[2], work[3], *args)
     for original, updated in zip((params, m1s, m2s, nus), work):
-        if original is not None and original[0].dtype != acc:
+        if original is None or original[0].dtype == acc:
+            continue
+        if original is nus and nu_noise is not None and original[0].dtype == torch.bfloat16:
+            stochastic_round_bf16_(original, updated, nu_noise)
+        else:
             torch._foreach_copy_(original, updated)
 
 
+def rounding_noise(numel: int, device: torch.device, seed: int) -> torch.Tensor:
+    """``numel`` uniform random integers in [0, 2¹⁶) (int32) on ``device``, drawn from a generator seeded with
+    ``seed``: the dither of :func:`stochastic_round_bf16_`."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(0, 1 << 16, (numel,), dtype=torch.int32, device=device, generator=generator)
+
+
+def stochastic_round_bf16_(out: list[torch.Tensor], values: list[torch.Tensor], noise: torch.Tensor) -> None:
+    """Write ``values`` (float32/float64) into the bfloat16 tensors ``out``, rounded stochastically: a float32 x
+    between the neighbouring bfloat16 values a < x < b (|a| < |b|) becomes b with probability (x − a)/(b − a), so
+    E[out] = x. bfloat16 is the top half of float32, so adding a uniform integer u ∈ [0, 2¹⁶) to x's bit pattern
+    carries into the top half exactly when u ≥ 2¹⁶ − (x's low 16 bits); the low half is then cleared and the cast is
+    exact. ``noise`` (:func:`rounding_noise`) holds u for the first ``numel`` elements of every tensor (each
+    element's draws are independent across steps, which is what keeps an EMA unbiased). float64 values are rounded
+    to float32 first; float32 ``values`` are scratch: they are overwritten."""
+    for target, x in zip(out, values):
+        x = x.to(torch.float32)
+        x.view(torch.int32).add_(noise[:x.numel()].view(x.shape)).bitwise_and_(-(1 << 16))
+        target.copy_(x)
+
+
 def loop_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
-                m2s: list[torch.Tensor], nus: list[torch.Tensor], s: StepScalars) -> None:
-    """Reference path: the formula of the module docstring, one parameter at a time (in :func:`compute_dtype`)."""
-    in_compute_dtype(_loop_body, params, grads, m1s, m2s, nus, s)
+                m2s: list[torch.Tensor], nus: list[torch.Tensor], s: StepScalars, nu_seed: int | None = None) -> None:
+    """Reference path: the formula of the module docstring, one parameter at a time (in :func:`compute_dtype`).
+    ``nu_seed``: round a bfloat16 ν stochastically with :func:`rounding_noise` of that seed (low-memory state)."""
+    noise = None if nu_seed is None else rounding_noise(max(t.numel() for t in nus), nus[0].device, nu_seed)
+    in_compute_dtype(_loop_body, params, grads, m1s, m2s, nus, s, nu_noise=noise)
 
 
 def _loop_body(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
@@ -188,7 +248,7 @@ class FoldedScalars:
                    step_size=s.lr * c2 / c1, decay=1.0 - s.lr * s.weight_decay)
 
 
-CPU_BLOCK_NUMEL = 1 << 16  # elements per cache block of the CPU multi-tensor path (7 arrays · 256 KiB ≈ L2)
+CPU_BLOCK_NUMEL = 1 << 16  # elements per thread of a CPU cache block (7 arrays · 256 KiB ≈ a core's L2)
 
 
 def cache_blocks(*lists: list[torch.Tensor] | None, block: int = CPU_BLOCK_NUMEL):
@@ -221,17 +281,25 @@ def cache_blocks(*lists: list[torch.Tensor] | None, block: int = CPU_BLOCK_NUMEL
 
 
 def foreach_update(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
-                   m2s: list[torch.Tensor], nus: list[torch.Tensor], s: StepScalars) -> None:
-    """Multi-tensor path (tensors on one device, parameters of one dtype, states of one dtype):
+                   m2s: list[torch.Tensor], nus: list[torch.Tensor], s: StepScalars, nu_seed: int | None = None) -> None:
+    """Multi-tensor path (tensors on one device, parameters of one dtype, each state of one dtype):
     :class:`FoldedScalars`' form in nine ``_foreach_*`` passes, in :func:`compute_dtype`. On CPU the whole update
     runs one :func:`cache_blocks` block at a time, so the nine passes (and any up/down casts) hit the cache instead
-    of memory (measured ~3x faster on a 7M-parameter set than op by op)."""
+    of memory (measured ~3x faster on a 7M-parameter set than op by op). A block is :data:`CPU_BLOCK_NUMEL` elements
+    per intra-op thread: each thread's share stays cache-sized, and with more threads there are fewer blocks, hence
+    fewer parallel regions (a thread barrier per op and block, costly when another process holds a core).
+    ``nu_seed``: round a bfloat16 ν stochastically with :func:`rounding_noise` of that seed (low-memory state), one
+    draw reused by every block."""
     f = FoldedScalars.of(s)
     if params[0].device.type == "cpu":
-        for block in cache_blocks(params, grads, m1s, m2s, nus):
-            in_compute_dtype(_foreach_folded, *block, f)
+        blocks = list(cache_blocks(params, grads, m1s, m2s, nus, block=CPU_BLOCK_NUMEL * torch.get_num_threads()))
     else:
-        in_compute_dtype(_foreach_folded, params, grads, m1s, m2s, nus, f)
+        blocks = [(params, grads, m1s, m2s, nus)]
+    noise = None
+    if nu_seed is not None:
+        noise = rounding_noise(max(t.numel() for block in blocks for t in block[4]), nus[0].device, nu_seed)
+    for block in blocks:
+        in_compute_dtype(_foreach_folded, *block, f, nu_noise=noise)
 
 
 def _foreach_folded(params: list[torch.Tensor], grads: list[torch.Tensor], m1s: list[torch.Tensor] | None,
@@ -308,11 +376,13 @@ class AdEMAMix(Optimizer):
         weight_decay: decoupled weight decay λ (the update subtracts η·λ·θ).
         foreach: multi-tensor path (``None``/``True``, the default) or the per-parameter loop (``False``).
         fused: ``True`` = the single-pass path (a Triton kernel on CUDA, ``torch.compile`` otherwise); excludes
-            ``foreach=True``.
+            ``foreach=True`` and ``state_dtype="low_memory"``.
         state_dtype: dtype of m1, m2, ν. ``None`` (default): float32 for bfloat16/float16 parameters (a bf16 slow
             EMA stalls, see the module docstring), the parameter's dtype otherwise; ``"param"``: always the
-            parameter's dtype (AdamW-like memory for bf16 models, at the cost of a stalled m2); or a dtype
-            (``torch.bfloat16`` or its name). The arithmetic runs in float32 or wider whatever the state dtype.
+            parameter's dtype (AdamW-like memory for bf16 models, at the cost of a stalled m2); ``"low_memory"``:
+            bfloat16 m1, stochastically rounded bfloat16 ν and float32 m2, 8 bytes per parameter (module docstring,
+            "Low-memory state"); or a dtype (``torch.bfloat16`` or its name). The arithmetic runs in float32 or wider
+            whatever the state dtype.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
@@ -333,6 +403,9 @@ class AdEMAMix(Optimizer):
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])
         group["state_dtype"] = parse_state_dtype(group["state_dtype"])
+        if group["fused"] and group["state_dtype"] == LOW_MEMORY:
+            raise ValueError(f"AdEMAMix: state_dtype='{LOW_MEMORY}' needs the foreach or loop path, not fused=True "
+                             "(the fused pass has no stochastic rounding of ν)")
         validate_hyperparameters(group["lr"], group["betas"], group["alpha"], group["t_alpha"], group["t_beta3"],
                                  group["eps"], group["weight_decay"])
 
@@ -352,12 +425,12 @@ class AdEMAMix(Optimizer):
                 saved = state_dict["state"].get(saved_ids.pop(0), {})
                 for key in STATE_KEYS:
                     if key in saved:
-                        dtype = state_dtype_for(p.dtype, group["state_dtype"])
+                        dtype = state_dtype_for(p.dtype, group["state_dtype"], key)
                         self.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
 
     def _buckets(self, group: dict) -> dict[tuple, tuple[list, list, list | None, list, list]]:
         """Advance the step of every parameter with a gradient (creating its state on first use) and bucket
-        (param, grad, m1, m2, ν) by (device, parameter dtype, state dtype, step), the unit one multi-tensor call
+        (param, grad, m1, m2, ν) by (device, parameter dtype, state dtypes, step), the unit one multi-tensor call
         can update."""
         keep_m1 = group["betas"][0] != 0.0
         buckets: dict[tuple, tuple[list, list, list | None, list, list]] = defaultdict(
@@ -374,11 +447,11 @@ class AdEMAMix(Optimizer):
             state = self.state[p]
             if not state:
                 state["step"] = 0
-                dtype = state_dtype_for(p.dtype, group["state_dtype"])
                 for key in STATE_KEYS if keep_m1 else STATE_KEYS[1:]:
+                    dtype = state_dtype_for(p.dtype, group["state_dtype"], key)
                     state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             state["step"] += 1
-            key = (p.device, p.dtype, state["exp_avg_slow"].dtype, state["step"])
+            key = (p.device, p.dtype, *(state[k].dtype for k in STATE_KEYS if k in state), state["step"])
             params, grads, m1s, m2s, nus = buckets[key]
             params.append(p)
             grads.append(p.grad)
@@ -402,6 +475,11 @@ class AdEMAMix(Optimizer):
                 update = loop_update
             else:
                 update = foreach_update
-            for (_, _, _, t), tensors in self._buckets(group).items():
-                update(*tensors, step_scalars(group, t))
+            low_memory = group["state_dtype"] == LOW_MEMORY
+            for key, tensors in self._buckets(group).items():
+                t = key[-1]
+                if low_memory:  # the step seeds ν's rounding noise: a resumed run draws the same bits
+                    update(*tensors, step_scalars(group, t), nu_seed=t)
+                else:
+                    update(*tensors, step_scalars(group, t))
         return loss

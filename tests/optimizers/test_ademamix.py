@@ -410,3 +410,140 @@ def test_invalid_state_dtype_is_rejected():
         AdEMAMix([torch.nn.Parameter(torch.zeros(1))], state_dtype="int8")
     with pytest.raises(ValueError, match="state_dtype"):
         AdEMAMix([{"params": [torch.nn.Parameter(torch.zeros(1))], "state_dtype": torch.int32}])
+
+
+# ------------------------------------------------------------------------------------- low-memory state
+def bf16_neighbours(x: float) -> tuple[float, float]:
+    """The bfloat16 values a ≤ x ≤ b next to a positive float32 x (a == b when x is one): truncation of the float32
+    bit pattern, and that plus one bfloat16 ulp."""
+    bits = torch.tensor([x], dtype=torch.float32).view(torch.int32).item()
+    down = torch.tensor([bits & ~0xFFFF], dtype=torch.int32).view(torch.float32).item()
+    up = down if bits & 0xFFFF == 0 else torch.tensor([(bits & ~0xFFFF) + 0x10000], dtype=torch.int32).view(
+        torch.float32).item()
+    return down, up
+
+
+def test_stochastic_rounding_is_unbiased_between_the_two_bf16_neighbours():
+    # x = 1 + 2⁻¹⁰ lies between the bf16 values 1 and 1 + 2⁻⁷, an eighth of the way up: P(up) = 1/8, E = x.
+    from optimizers.ademamix import rounding_noise, stochastic_round_bf16_
+    x = 1.0 + 2.0 ** -10
+    n = 40000
+    out = torch.empty(n, dtype=torch.bfloat16)
+    stochastic_round_bf16_([out], [torch.full((n,), x)], rounding_noise(n, torch.device("cpu"), seed=3))
+    assert set(out.float().unique().tolist()) == {1.0, 1.0 + 2.0 ** -7}
+    share_up = (out.float() > 1.0).double().mean().item()
+    assert share_up == pytest.approx(1 / 8, abs=4 * math.sqrt(1 / 8 * 7 / 8 / n))  # 4 binomial σ
+    assert out.double().mean().item() == pytest.approx(x, abs=4 * 2.0 ** -7 * math.sqrt(1 / 8 * 7 / 8 / n))
+    exact = torch.empty(3, dtype=torch.bfloat16)  # bf16-representable values (incl. negative) are kept as they are
+    stochastic_round_bf16_([exact], [torch.tensor([0.75, -1.5, 0.0])], rounding_noise(3, torch.device("cpu"), 0))
+    assert exact.tolist() == [0.75, -1.5, 0.0]
+
+
+@pytest.mark.parametrize("path", PATHS[:2], ids=PATH_IDS[:2])
+def test_low_memory_steps_are_the_fp32_update_of_the_stored_state(path):
+    # Each step is the float32 update computed from the stored (bf16 m1/ν, fp32 m2) state; then m1 is stored rounded
+    # to nearest and ν rounded to one of its two bf16 neighbours. Scalar reference: plain floats, formula of this file.
+    grads = [0.5, -0.3, 1.1, 0.7, -0.9, 0.2]
+    lr, b1, b2, b3, alpha, wd, eps = 0.05, 0.9, 0.99, 0.999, 5.0, 0.1, 1e-8
+    values = [1.3, -0.7, 0.4]
+    p = torch.nn.Parameter(torch.tensor(values))
+    opt = AdEMAMix([p], lr=lr, betas=(b1, b2, b3), alpha=alpha, weight_decay=wd, eps=eps, state_dtype="low_memory",
+                   **path)
+    m1 = m2 = 0.0
+    nus = [0.0] * 3  # ν is rounded stochastically, so each element has its own stored value
+    for t, g in enumerate(grads, start=1):
+        p.grad = torch.full_like(p, g)
+        opt.step()
+        m1, m2 = b1 * m1 + (1 - b1) * g, b3 * m2 + (1 - b3) * g
+        nus = [b2 * nu + (1 - b2) * g * g for nu in nus]
+        values = [v - lr * ((m1 / (1 - b1 ** t) + alpha * m2) / (math.sqrt(nu / (1 - b2 ** t)) + eps) + wd * v)
+                  for v, nu in zip(values, nus)]
+        state = opt.state[p]
+        assert p.tolist() == pytest.approx(values, abs=1e-6)  # float32 arithmetic on θ
+        assert state["exp_avg_fast"].tolist() == [bf16(m1)] * 3
+        assert state["exp_avg_slow"].tolist() == pytest.approx([m2] * 3, rel=1e-6)
+        for nu, stored in zip(nus, state["exp_avg_sq"].tolist()):
+            assert stored in bf16_neighbours(nu)
+        m1 = bf16(m1)  # the reference continues from the stored state
+        nus = state["exp_avg_sq"].tolist()
+    assert {k: v.dtype for k, v in state.items() if k != "step"} == {
+        "exp_avg_fast": torch.bfloat16, "exp_avg_slow": torch.float32, "exp_avg_sq": torch.bfloat16}
+
+
+def state_bytes_after_one_step(make, shapes, dtype):
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+    opt = make(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return sum(v.numel() * v.element_size() for p in params for v in opt.state[p].values() if torch.is_tensor(v))
+
+
+def test_low_memory_state_is_no_larger_than_fused_adamw():
+    shapes = [(64, 32), (32,), (16, 8, 4)]
+    n = 64 * 32 + 32 + 16 * 8 * 4
+    low = state_bytes_after_one_step(lambda ps: AdEMAMix(ps, state_dtype="low_memory"), shapes, torch.float32)
+    default = state_bytes_after_one_step(AdEMAMix, shapes, torch.float32)
+    adamw = state_bytes_after_one_step(lambda ps: torch.optim.AdamW(ps, fused=True), shapes, torch.float32)
+    assert (low, default) == ((2 + 4 + 2) * n, 3 * 4 * n)  # bf16 m1, fp32 m2, bf16 ν against three fp32 states
+    assert adamw == 2 * 4 * n + 4 * len(shapes)  # fp32 exp_avg, exp_avg_sq and a float32 step per tensor
+    assert low <= adamw
+    # bf16 parameters: the same 8 bytes (the default keeps 12: fp32 m1, m2, ν)
+    low_bf16 = state_bytes_after_one_step(lambda ps: AdEMAMix(ps, state_dtype="low_memory"), shapes, torch.bfloat16)
+    assert (low_bf16, state_bytes_after_one_step(AdEMAMix, shapes, torch.bfloat16)) == (8 * n, 12 * n)
+
+
+@pytest.mark.parametrize("path", PATHS[:2], ids=PATH_IDS[:2])
+def test_low_memory_slow_ema_and_second_moment_follow_the_closed_form_where_bf16_stalls(path):
+    # g = 1 for 3000 steps, then g = 0 for 2000, from zero state: m2 = (1 − β3^3000)·β3^2000 = 0.21221 and
+    # ν = (1 − β2^3000)·β2^2000 = 0.12848 (geometric series, then pure decay). A round-to-nearest bf16 m2 stalls at
+    # 2⁻⁵ on the way up and a bf16 ν at 0.25, where (1 − β)·(g − x) is below half an ulp; ν can never come down
+    # either, as its largest decrement (1 − β2)·ν is always below half an ulp. β3 = 0.9999 as the paper.
+    b1, b2, b3 = 0.9, 0.999, 0.9999
+    m2_closed = (1 - b3 ** 3000) * b3 ** 2000
+    nu_closed = (1 - b2 ** 3000) * b2 ** 2000
+    assert (m2_closed, nu_closed) == (pytest.approx(0.212207, abs=1e-6), pytest.approx(0.128479, abs=1e-6))
+    p = torch.nn.Parameter(torch.zeros(1024))
+    opt = AdEMAMix([p], lr=0.0, betas=(b1, b2, b3), state_dtype="low_memory", **path)  # lr = 0: only the state moves
+    for step in range(5000):
+        p.grad = torch.full_like(p, 1.0 if step < 3000 else 0.0)
+        opt.step()
+    state = opt.state[p]
+    assert state["exp_avg_slow"].tolist() == pytest.approx([m2_closed] * 1024, rel=1e-4)  # float32, deterministic
+    nu = state["exp_avg_sq"].double()
+    assert nu.mean().item() == pytest.approx(nu_closed, rel=0.02)  # unbiased: the mean of 1024 dithered copies
+    assert (nu - nu_closed).abs().max().item() < 0.3 * nu_closed  # each copy: a few % of noise, no drift
+
+
+@pytest.mark.parametrize("path", PATHS[:2], ids=PATH_IDS[:2])
+def test_low_memory_state_dict_round_trip_resumes_bit_for_bit(path):
+    # ν's rounding bits are drawn from the step count, so 10 + 10 resumed steps equal 20 straight ones exactly.
+    params, grads = random_problem(torch.float32)
+    straight = make(params, state_dtype="low_memory", **path)
+    train(straight, params, grads[:20])
+    params2, _ = random_problem(torch.float32)
+    first = make(params2, state_dtype="low_memory", **path)
+    train(first, params2, grads[:10])
+    saved = first.state_dict()
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params2]
+    resumed = make(resumed_params, state_dtype="low_memory", **path)
+    resumed.load_state_dict(saved)
+    for p, q in zip(params2, resumed_params):
+        for key, dtype in (("exp_avg_fast", torch.bfloat16), ("exp_avg_slow", torch.float32),
+                           ("exp_avg_sq", torch.bfloat16)):
+            assert resumed.state[q][key].dtype == dtype
+            assert torch.equal(resumed.state[q][key], first.state[p][key])
+    train(resumed, resumed_params, grads[10:20])
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(a, b)
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(straight.state[a]["exp_avg_sq"], resumed.state[b]["exp_avg_sq"])
+
+
+def test_low_memory_state_is_named_in_yaml_and_refused_by_the_fused_path():
+    p = torch.nn.Parameter(torch.zeros(1))
+    assert AdEMAMix([p], state_dtype="low_memory").defaults["state_dtype"] == "low_memory"
+    with pytest.raises(ValueError, match="low_memory.*fused"):
+        AdEMAMix([p], state_dtype="low_memory", fused=True)
+    with pytest.raises(ValueError, match="low_memory.*fused"):
+        AdEMAMix([{"params": [p], "fused": True}], state_dtype="low_memory")
