@@ -3,14 +3,16 @@ arXiv 2407.03051; docs/papers.md §4).
 
 - Pairs (:class:`datamodules.QDPOPairsDataModule`): for each prompt, chosen = the full-precision model's
   answer, rejected = the quantized model's answer; identical pairs carry no signal and are dropped.
-- Policy = the full-precision model with fake-quantized weights (:func:`lm.quantization.prepare_qat`:
-  weight-only symmetric round-to-nearest, ``bits``/``group_size``); gradients reach the latent fp weights
-  through the rounding with the straight-through estimator (quantization-aware training).
-- Reference = the initial quantized model (= the RTN model; the paper's reference is marked *unverified*
+- Policy = the full-precision model with fake-quantized weights (:func:`lm.quantization.prepare_qat`): the
+  post-training quantizer ``quantizer`` (``rtn``, ``hqq``, ``gptq``, ``awq``; ``bits``/``group_size``) chooses each
+  layer's grid once, and training keeps that grid fixed while gradients reach the latent fp weights through
+  the rounding with the straight-through estimator (quantization-aware training). GPTQ and AWQ calibrate on
+  built-in training-side prompts (:meth:`QDPO.calibration_prompts`), never on the held-out evaluation ones.
+- Reference = the initial quantized model (= the PTQ model; the paper's reference is marked *unverified*
   in docs/papers.md), by default as reference log-probs precomputed once before training (:class:`DPO`).
 - Loss = :class:`DPO`'s (sigmoid DPO by default, any of ``lit_modules.PREFERENCE_LOSSES``).
 - At the end (``export_dir``) or on demand (:meth:`QDPO.export`, :meth:`QDPO.quantized_model`) the latent
-  weights are re-quantized into real low-bit weights (:func:`~lm.quantization.convert_qat`) and
+  weights are rounded onto the same grids into real low-bit weights (:func:`~lm.quantization.convert_qat`) and
   written with ``save_pretrained``: loading needs ``torchao`` installed, then plain
   ``AutoModelForCausalLM.from_pretrained(dir)`` / ``lm.hf.load_causal_lm(dir)``.
 
@@ -31,10 +33,12 @@ from torch import nn
 from lit_modules.base import LRSchedulerCallable, OptimizerCallable
 from lit_modules.builtin_checkpoints import ensure_built_in
 from lit_modules.dpo import DPO, module_fingerprint
-from lm.extras import require
 from lm.hf import ModelSpec
-from lm.quantization import convert_qat, prepare_qat, quantizable_linears, quantization_tag, save_quantized
+from datamodules.freeform_prompts import load_prompt_records
+from lm.quantization import (FixedGridFakeQuantLinear, QuantizerConfig, convert_qat, prepare_qat,
+                             quantizable_linears, save_quantized)
 from lm.sampling import generate_answers
+from lm.tokenizers import resolve_prompt_template
 from lm.sharding import is_model_parallel
 
 log = logging.getLogger(__name__)
@@ -50,10 +54,14 @@ class QDPO(DPO):
         model: the full-precision model — a ``save_pretrained`` directory (e.g. the export of
             ``configs/minillm/teacher_sft.yaml``), a hub name in the local cache, or a config dict (tests).
         tokenizer: tokenizer name/path; ``None`` = the model directory's, else byte-level.
+        quantizer: the post-training quantizer whose grid QDPO trains on and exports: ``"rtn"`` (round to
+            nearest), ``"hqq"``, ``"gptq"`` or ``"awq"`` (:mod:`lm.quantization`).
         bits: weight bit-width, 2..8.
         group_size: input columns sharing one scale (must divide every quantized layer's input width);
             ``None`` = one scale per output row.
         include_lm_head: quantize the output projection too (default: kept in full precision).
+        quantizer_options: further :class:`lm.quantization.QuantizerConfig` fields, e.g. ``{calibration: freeform,
+            calibration_size: 128}`` (GPTQ/AWQ calibration prompts), ``percdamp``, ``awq_grid``.
         train_quantized_only: train only the latent weights of the quantized layers; embeddings, norms and the
             (unquantized) ``lm_head`` stay frozen at their full-precision values, as they are in the exported
             model. Measured on the built-in setup, training them too moved the model away from FP much faster.
@@ -70,8 +78,9 @@ class QDPO(DPO):
 
     frozen_networks = ("ref_model", "full_precision")
 
-    def __init__(self, model: ModelSpec | None = None, tokenizer: str | None = None, bits: int = 4,
-                 group_size: int | None = 32, include_lm_head: bool = False, train_quantized_only: bool = True,
+    def __init__(self, model: ModelSpec | None = None, tokenizer: str | None = None, quantizer: str = "rtn",
+                 bits: int = 4, group_size: int | None = 32, include_lm_head: bool = False,
+                 quantizer_options: dict[str, Any] | None = None, train_quantized_only: bool = True,
                  export_dir: str | None = None,
                  loss: str = "sigmoid", beta: float = 0.1, loss_kwargs: dict[str, Any] | None = None,
                  precompute_ref_logps: bool = True, ref_cache_dir: str | None = None,
@@ -79,8 +88,7 @@ class QDPO(DPO):
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
                  lr_decay: str = "cosine", min_lr_ratio: float = 0.1, optimizer: OptimizerCallable | None = None,
                  lr_scheduler: LRSchedulerCallable | None = None):
-        self.quant_tag = quantization_tag(bits, group_size, include_lm_head)  # validates bits/group_size
-        self.bits, self.group_size, self.include_lm_head = bits, group_size, include_lm_head
+        self.quantizer = quantizer_config(quantizer, bits, group_size, include_lm_head, quantizer_options)
         self.train_quantized_only = train_quantized_only
         ensure_built_in(model)  # before the tokenizer is read from it
         try:
@@ -91,7 +99,7 @@ class QDPO(DPO):
                              betas=betas, warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio,
                              optimizer=optimizer, lr_scheduler=lr_scheduler)
             with torch.device("meta"):  # a clear error now on a group_size the layer widths do not take
-                quantizable_linears(DPO.build_policy(self), group_size, include_lm_head)
+                quantizable_linears(DPO.build_policy(self), self.quantizer.group_size, include_lm_head)
         except OSError as e:
             raise FileNotFoundError(f"QDPO: cannot load the full-precision model {model!r} ({e}). If it is a local "
                                     f"export, train it first: `{FP_SFT_HINT}`") from e
@@ -99,16 +107,33 @@ class QDPO(DPO):
 
     # ------------------------------------------------------------------ networks
     def build_policy(self) -> nn.Module:
-        """Keep the loaded model as the frozen full-precision yardstick; return a fake-quantized copy."""
-        FakeQuantizedLinear = require("torchao.quantization.qat", "quant").FakeQuantizedLinear
+        """Keep the loaded model as the frozen full-precision yardstick; return a fake-quantized copy on the
+        quantizer's grids (GPTQ/AWQ calibrated on :meth:`calibration_prompts`)."""
         full_precision = super().build_policy()
-        policy = prepare_qat(copy.deepcopy(full_precision), self.bits, self.group_size, self.include_lm_head)
+        policy = prepare_qat(copy.deepcopy(full_precision), self.quantizer, self.calibration_ids(full_precision))
         if self.train_quantized_only:
-            quantized = {id(m.weight) for m in policy.modules() if isinstance(m, FakeQuantizedLinear)}
+            quantized = {id(m.weight) for m in policy.modules() if isinstance(m, FixedGridFakeQuantLinear)}
             for p in policy.parameters():
                 p.requires_grad_(id(p) in quantized)
         self.full_precision = self._frozen(full_precision)
         return policy
+
+    def calibration_prompts(self) -> list[str]:
+        """GPTQ/AWQ's calibration prompts: ``quantizer.calibration_size`` built-in prompts of source
+        ``quantizer.calibration`` (``"tasks"`` or ``"freeform"``, its training split) in the model's prompt format;
+        empty for quantizers without calibration. :class:`callbacks.QuantizationEval` never evaluates on them."""
+        q = self.quantizer
+        if not q.calibrated:
+            return []
+        template = resolve_prompt_template(self.tokenizer, None, "QDPO calibration")
+        return [r["prompt"] for r in load_prompt_records(q.calibration, None, q.calibration_size, q.calibration_seed,
+                                                          template, split="train", where="quantizer calibration")]
+
+    def calibration_ids(self, model: nn.Module) -> list[torch.Tensor]:
+        """:meth:`calibration_prompts` as token-id sequences on ``model``'s device."""
+        device = next(model.parameters()).device
+        return [torch.tensor(self.tokenizer(p, add_special_tokens=False)["input_ids"], device=device)
+                for p in self.calibration_prompts()]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -128,11 +153,11 @@ class QDPO(DPO):
     def pair_models(self) -> tuple[nn.Module, nn.Module, Any, dict[str, str]]:
         """(full precision, quantized policy, tokenizer, fingerprint) for :class:`datamodules.QDPOPairsDataModule`.
 
-        Pairs are generated before training, when the policy is still the RTN-quantized model; the
-        fingerprint (full-precision weights + quantizer) keys the pair cache."""
+        Pairs are generated before training, when the policy is still the PTQ model; the fingerprint
+        (full-precision weights + every quantizer field that changes the quantized model) keys the pair cache."""
         if self._fingerprint is None:
             self._fingerprint = {"full_precision": module_fingerprint(self.full_precision),
-                                 "quantization": self.quant_tag}
+                                 "quantization": self.quantizer.key()}
         return self.full_precision, self.policy, self.tokenizer, self._fingerprint
 
     def generate_answers(self, model: nn.Module, prompts: list[str], **decoding: Any) -> list[str]:
@@ -141,8 +166,9 @@ class QDPO(DPO):
         return generate_answers(model, self.tokenizer, prompts, **decoding)
 
     def quantized_model(self) -> nn.Module:
-        """A copy of the policy with its latent weights re-quantized into real low-bit weights."""
-        return convert_qat(copy.deepcopy(self.policy), self.bits, self.group_size)
+        """A copy of the policy with its latent weights rounded onto its fixed grids as real low-bit weights
+        (the same forward as the fake-quantized policy)."""
+        return convert_qat(copy.deepcopy(self.policy))
 
     # ------------------------------------------------------------------ logging and export
     def on_train_start(self) -> None:
@@ -153,7 +179,19 @@ class QDPO(DPO):
 
     def export(self, path: str | Path) -> Path:
         """Convert to real low-bit weights and ``save_pretrained`` model + tokenizer into ``path``."""
-        path = save_quantized(self.quantized_model().cpu(), path, self.bits, self.group_size,
-                              self.include_lm_head, tokenizer=self.tokenizer)
-        log.info("QDPO: saved the %s model to %s (load with torchao installed)", self.quant_tag, path)
+        path = save_quantized(self.quantized_model().cpu(), path, self.quantizer, tokenizer=self.tokenizer)
+        log.info("QDPO: saved the %s model to %s (load with torchao installed)", self.quantizer.tag, path)
         return path
+
+
+def quantizer_config(quantizer: str = "rtn", bits: int = 4, group_size: int | None = 32, include_lm_head: bool = False,
+                     quantizer_options: dict[str, Any] | None = None) -> QuantizerConfig:
+    """QDPO's quantizer arguments as one validated :class:`lm.quantization.QuantizerConfig` (no model needed):
+    one ``ValueError`` naming the option for an unknown quantizer, unsupported bits, a bad group size or an
+    unknown ``quantizer_options`` key."""
+    options = dict(quantizer_options or {})
+    known = set(QuantizerConfig.__dataclass_fields__) - {"name", "bits", "group_size", "include_lm_head"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"quantizer_options has unknown key(s) {unknown}: choose from {sorted(known)}")
+    return QuantizerConfig(quantizer, bits, group_size, include_lm_head, **options)

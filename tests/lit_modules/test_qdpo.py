@@ -12,7 +12,7 @@ from cli import build_cli
 from datamodules.instruction import load_instruction_records
 from lit_modules import QDPO
 from lm.hf import load_causal_lm
-from lm.quantization import quantize_rtn
+from lm.quantization import QuantizerConfig, quantize, quantize_rtn
 from lm.tokenizers import byte_tokenizer
 from tiny_models import TINY
 
@@ -38,7 +38,7 @@ def test_policy_starts_as_rtn_and_only_it_trains():
         assert torch.equal(module.policy.eval()(ids).logits, rtn(ids).logits)
     assert not any(p.requires_grad for p in module.full_precision.parameters())
     trainable = {id(p) for _, p in module.trainable_parameters()}
-    quantized = [m.weight for m in module.policy.modules() if type(m).__name__ == "FakeQuantizedLinear"]
+    quantized = [m.weight for m in module.policy.modules() if type(m).__name__ == "FixedGridFakeQuantLinear"]
     assert len(quantized) == 7 and trainable == {id(p) for p in quantized}  # q,k,v,o,gate,up,down; not lm_head
     everything = QDPO(model=TINY, bits=4, group_size=16, train_quantized_only=False)
     assert {id(p) for _, p in everything.trainable_parameters()} == {id(p) for p in everything.policy.parameters()}
@@ -62,6 +62,31 @@ def test_bad_arguments_are_clear(tmp_path):
         QDPO(model=TINY, bits=12)
     with pytest.raises(FileNotFoundError, match="configs/minillm/teacher_sft.yaml"):
         QDPO(model=str(tmp_path / "missing_export"))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"quantizer": "gguf"}, "quantizer name 'gguf' is unknown"),
+    ({"quantizer": "hqq", "bits": 1}, "quantizer bits=1 is not supported by 'hqq'"),
+    ({"group_size": 0}, "quantizer group_size must be an integer >= 2"),
+    ({"quantizer": "gptq", "quantizer_options": {"calibration_prompts": 8}}, "quantizer_options has unknown key"),
+])
+def test_bad_quantizer_options_fail_before_any_model_is_loaded(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):  # not the FileNotFoundError of the missing model
+        QDPO(model=str(tmp_path / "missing_export"), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["hqq", "gptq", "awq"])
+def test_policy_starts_as_the_quantizers_ptq_model_and_exports_it(name, tmp_path):
+    module = QDPO(model=TINY, quantizer=name, bits=3, group_size=16, quantizer_options={"calibration_size": 4})
+    config = QuantizerConfig(name, 3, 16, calibration_size=4)
+    assert module.quantizer == config and len(module.calibration_prompts()) == (4 if config.calibrated else 0)
+    ids = torch.randint(3, 259, (2, 10))
+    ptq = quantize(module.full_precision, config, module.calibration_ids(module.full_precision))
+    with torch.no_grad():
+        policy = module.policy.eval()(ids).logits
+        assert torch.equal(policy, ptq(ids).logits)
+        assert torch.equal(module.quantized_model()(ids).logits, policy)
+        assert torch.equal(load_causal_lm(str(module.export(tmp_path / name)))(ids).logits, policy)
 
 
 def _tiny_fp_export(path: Path) -> str:

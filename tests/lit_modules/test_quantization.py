@@ -14,7 +14,7 @@ from lm.hf import load_causal_lm
 from lm.quantization import (QUANTIZERS, FixedGridFakeQuantLinear, QuantizerConfig, awq_fold_scales,
                              conv1d_to_linear, convert_qat, gptq_quantize_weight, prepare_qat, ptq_grids,
                              quantize, quantize_rtn, save_quantized)
-from tests.tiny_models import TINY
+from tiny_models import TINY
 
 FIXTURES = Path(__file__).with_name("fixtures")
 
