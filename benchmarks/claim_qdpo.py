@@ -10,6 +10,13 @@ the FP model's per-token log-likelihood of the quantized model's answers, and th
 and reference cache lives in this report's folder (a new report never reuses pairs built by older code). Each seed
 draws other pair prompts and trains its own QDPO model: 3 seeds in quick (~35 CPU s once the FP model exists), 5 in
 full. The evaluation results of every seed are also written as TensorBoard runs (``tb/qdpo_table/seed<i>``).
+
+Quantizer grid (issue 25): does QDPO still help once a stronger post-training quantizer has closed part of the gap,
+and more where RTN collapses (low bits)? For each quantizer × bits cell of :data:`GRID` (group 32), the same
+experiment with that quantizer's PTQ model as the baseline and as QDPO's fixed grid (``lm/quantization.py``;
+GPTQ/AWQ calibrated on built-in training-side prompts, never the evaluated ones): one token-flip claim per cell,
+QDPO vs that PTQ model alone, paired by seed, and the cell's FP / PTQ / QDPO means in ``settings.quantizer_grid``.
+The RTN int4 cell is the main experiment's first seeds.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ METRICS = (("flip_rate", "token-flip rate vs the FP model's answers", False),
            ("fp_loglik", "FP model's mean log-likelihood per token of the answers", True),
            ("check_score", "valid-answer rate (task checker)", True))
 
+
+#: quantizer × bits cells (PTQ alone vs PTQ + QDPO vs FP), seeds per cell
+GRID = {"quick": {"quantizers": ("rtn", "gptq"), "bits": (4, 3), "seeds": 2},
+        "full": {"quantizers": ("rtn", "hqq", "gptq", "awq"), "bits": (2, 3, 4, 8), "seeds": 3}}
 
 DESIGN = ("int4 g32 round-to-nearest vs QDPO (DPO on FP-greedy ≻ RTN-greedy pairs through fake quantization, one "
           "epoch) from the same RTN start, per seed other pair prompts; both scored against the FP model's own "
@@ -81,9 +92,42 @@ def run(mode: str, seeds: int | None, out_dir: Path, progress) -> dict:
         claims.append({"claim": f"QDPO closer to full precision than RTN (FP: {statistics.mean(per_seed['fp']):.4g})",
                        "metric": metric, "ours": ours, "baseline": rtn, "baseline_name": "RTN int4 g32",
                        "higher_is_better": higher, "spread": spread})
+    grid = quantizer_grid(mode, runs, s, out_dir, progress)
+    for cell, g in grid.items():
+        if cell != "rtn-int4":  # that cell's claim is the main one above
+            claims.append({"claim": f"QDPO closer to full precision than {cell} g32 PTQ alone "
+                                    f"(FP: {statistics.mean(g['fp']['flip_rate']):.4g})",
+                           "metric": METRICS[0][1], "ours": statistics.mean(g["qdpo"]["flip_rate"]),
+                           "baseline": statistics.mean(g["ptq"]["flip_rate"]), "baseline_name": f"{cell} g32 PTQ",
+                           "higher_is_better": False, "spread": paired_spread(g["qdpo"]["flip_rate"],
+                                                                               g["ptq"]["flip_rate"])})
     return {"claims": claims, "figures": [draw(per_metric, out_dir)],
             "settings": {**s, "design": DESIGN, "seeds": n_seeds, "per_seed": per_metric, "argv": argv, "qdpo_table_settings": table["settings"],
                          "median": table["median"], "recovered": table["recovered"],
                          "pairs_kept": [r["pairs_kept"] for r in runs],
                          "eval_prompts_used": [r["eval_prompts"] for r in runs],
-                         "timings_s": table["median_timings_s"], "fp_sft_s": table["fp_sft_s"]}}
+                         "timings_s": table["median_timings_s"], "fp_sft_s": table["fp_sft_s"],
+                         "quantizer_grid": {"cells": GRID[mode], "per_seed": grid}}}
+
+
+def quantizer_grid(mode: str, main_runs: list[dict], s: dict, out_dir: Path, progress) -> dict[str, dict]:
+    """Per cell ``"<quantizer>-int<bits>"``: {"fp"|"ptq"|"qdpo": {metric: per-seed values}} (module docstring)."""
+    from benchmarks import qdpo_table
+
+    g = GRID[mode]
+    cells = {}
+    for quantizer in g["quantizers"]:
+        for bits in g["bits"]:
+            cell = f"{quantizer}-int{bits}"
+            if (quantizer, bits) == ("rtn", 4) and len(main_runs) >= g["seeds"]:
+                runs = main_runs[:g["seeds"]]
+            else:
+                argv = ["--quantizer", quantizer, "--bits", str(bits), "--num-prompts", str(s["num_prompts"]),
+                        "--eval-prompts", str(s["eval_prompts"]), "--seeds", *map(str, range(g["seeds"])),
+                        "--cache", str(out_dir / "cache")]
+                progress(f"benchmarks.qdpo_table {' '.join(argv)}", None)
+                with open(out_dir / f"qdpo_table_{cell}.log", "w") as log, contextlib.redirect_stdout(log):
+                    runs = qdpo_table.main(argv)["runs"]
+            cells[cell] = {name: {key: [r["results"][src][key] for r in runs] for key, _, _ in METRICS}
+                           for name, src in (("fp", "fp"), ("ptq", "rtn"), ("qdpo", "qdpo"))}
+    return cells

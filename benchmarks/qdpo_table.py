@@ -82,7 +82,7 @@ def run_seed(args, seed: int, device: torch.device, accelerator: str, references
 
     L.seed_everything(seed, verbose=False)
     module = QDPO(model=str(args.model), quantizer=args.quantizer, bits=args.bits, group_size=args.group_size,
-                  beta=args.beta, lr=args.lr,
+                  train_scales=args.train_scales, beta=args.beta, lr=args.lr,
                   warmup_steps=args.warmup_steps, ref_cache_dir=args.cache, train_quantized_only=not args.train_all)
     dm = QDPOPairsDataModule(prompts=args.prompts, num_prompts=args.num_prompts, prompt_seed=1 + seed, max_new_tokens=args.max_new_tokens,
                              generation_batch_size=args.generation_batch_size, batch_size=args.batch_size,
@@ -141,12 +141,12 @@ def recovered(table: dict) -> dict[str, float | None]:
     return out
 
 
-def markdown(table: dict, rec: dict) -> str:
+def markdown(table: dict, rec: dict, quantizer: str = "rtn") -> str:
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    for name, label in (("fp", "full precision (ceiling)"), ("rtn", "RTN (PTQ baseline)"), ("qdpo", "QDPO")):
+    for name, label in (("fp", "full precision (ceiling)"), ("rtn", f"{quantizer} (PTQ baseline)"), ("qdpo", "QDPO")):
         lines.append(f"| {label} | " + " | ".join(fmt(table[name][k]) for k in METRICS) + " |")
-    lines.append("| recovered (QDPO−RTN)/(FP−RTN) | " + " | ".join(fmt(rec[k]) for k in METRICS) + " |")
+    lines.append("| recovered (QDPO−PTQ)/(FP−PTQ) | " + " | ".join(fmt(rec[k]) for k in METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="FP training steps when --model is missing (default: the config's)")
     parser.add_argument("--quantizer", default="rtn", choices=["rtn", "hqq", "gptq", "awq"],
                         help="post-training quantizer of the baseline and of QDPO's grid (lm/quantization.py)")
+    parser.add_argument("--train-scales", action="store_true",
+                        help="QDPO also trains the PTQ grid's scales (LSQ gradient); default: fixed grid")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=1, help="QDPO epochs over the pairs")
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = median_table(runs)
     rec = recovered(table)
     print(f"pairs kept per seed: {[r['pairs_kept'] for r in runs]}, eval prompts: {[r['eval_prompts'] for r in runs]}")
-    print(markdown(table, rec))
+    print(markdown(table, rec, args.quantizer))
     out = {
         "benchmark": "qdpo_table",
         "command": "python -m benchmarks.qdpo_table " + " ".join(sys.argv[1:] if argv is None else argv),

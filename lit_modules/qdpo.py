@@ -62,6 +62,8 @@ class QDPO(DPO):
         include_lm_head: quantize the output projection too (default: kept in full precision).
         quantizer_options: further :class:`lm.quantization.QuantizerConfig` fields, e.g. ``{calibration: freeform,
             calibration_size: 128}`` (GPTQ/AWQ calibration prompts), ``percdamp``, ``awq_grid``.
+        train_scales: also train the per-group scales the PTQ method chose (LSQ gradient); default: the grid
+            stays fixed and only the latent weights move. Either way the export holds the trained grid.
         train_quantized_only: train only the latent weights of the quantized layers; embeddings, norms and the
             (unquantized) ``lm_head`` stay frozen at their full-precision values, as they are in the exported
             model. Measured on the built-in setup, training them too moved the model away from FP much faster.
@@ -80,7 +82,8 @@ class QDPO(DPO):
 
     def __init__(self, model: ModelSpec | None = None, tokenizer: str | None = None, quantizer: str = "rtn",
                  bits: int = 4, group_size: int | None = 32, include_lm_head: bool = False,
-                 quantizer_options: dict[str, Any] | None = None, train_quantized_only: bool = True,
+                 quantizer_options: dict[str, Any] | None = None, train_scales: bool = False,
+                 train_quantized_only: bool = True,
                  export_dir: str | None = None,
                  loss: str = "sigmoid", beta: float = 0.1, loss_kwargs: dict[str, Any] | None = None,
                  precompute_ref_logps: bool = True, ref_cache_dir: str | None = None,
@@ -89,7 +92,7 @@ class QDPO(DPO):
                  lr_decay: str = "cosine", min_lr_ratio: float = 0.1, optimizer: OptimizerCallable | None = None,
                  lr_scheduler: LRSchedulerCallable | None = None):
         self.quantizer = quantizer_config(quantizer, bits, group_size, include_lm_head, quantizer_options)
-        self.train_quantized_only = train_quantized_only
+        self.train_quantized_only, self.train_scales = train_quantized_only, train_scales
         ensure_built_in(model)  # before the tokenizer is read from it
         try:
             super().__init__(model=model, ref_model=None, tokenizer=tokenizer, loss=loss, beta=beta,
@@ -111,8 +114,12 @@ class QDPO(DPO):
         quantizer's grids (GPTQ/AWQ calibrated on :meth:`calibration_prompts`)."""
         full_precision = super().build_policy()
         policy = prepare_qat(copy.deepcopy(full_precision), self.quantizer, self.calibration_ids(full_precision))
+        fakes = [m for m in policy.modules() if isinstance(m, FixedGridFakeQuantLinear)]
+        if self.train_scales:
+            for m in fakes:
+                m.learn_scale()
         if self.train_quantized_only:
-            quantized = {id(m.weight) for m in policy.modules() if isinstance(m, FixedGridFakeQuantLinear)}
+            quantized = {id(p) for m in fakes for p in (m.weight, m.scale) if isinstance(p, nn.Parameter)}
             for p in policy.parameters():
                 p.requires_grad_(id(p) in quantized)
         self.full_precision = self._frozen(full_precision)

@@ -212,27 +212,36 @@ def gptq_quantize_weight(weight: Tensor, hessian: Tensor, bits: int, group_size:
     return latent.to(weight.dtype), torch.cat(scales, dim=1).to(weight.dtype)
 
 
-class _FixedGridSTE(torch.autograd.Function):
-    """Q(w) on a fixed grid forward; the clipped straight-through gradient backward (module docstring)."""
+class _GridSTE(torch.autograd.Function):
+    """Q(w) on the grid ``scale`` forward; backward the clipped straight-through gradient to w (module docstring)
+    and, when ``scale`` is trained, LSQ's gradient (Esser et al., ICLR 2020, arXiv 1902.08153) to each group's scale:
+    ∂Q_i/∂s = round(w_i/s) − w_i/s inside the integer range, the clamped code q_min or q_max outside it."""
 
     @staticmethod
     def forward(ctx, weight, scale, bits, block_size):
         codes = quantize_codes(weight, scale, bits, block_size)
         qmin, qmax = _qrange(bits)
-        scale_full = scale.repeat_interleave(block_size[1], dim=1)
-        ratio = torch.round(weight * (1.0 / scale_full))  # the unclamped code
-        ctx.save_for_backward((ratio >= qmin) & (ratio <= qmax))
+        ratio = weight * (1.0 / scale.repeat_interleave(block_size[1], dim=1))
+        ctx.save_for_backward(ratio, codes)
+        ctx.qrange, ctx.group = (qmin, qmax), block_size[1]
         return dequantize_codes(codes, scale, bits, block_size, weight.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None
+        ratio, codes = ctx.saved_tensors
+        unclamped = torch.round(ratio)
+        inside = (unclamped >= ctx.qrange[0]) & (unclamped <= ctx.qrange[1])
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            d_scale = torch.where(inside, unclamped - ratio, codes.to(ratio.dtype))
+            grad_scale = (grad * d_scale).view(grad.shape[0], -1, ctx.group).sum(-1)
+        return grad * inside, grad_scale, None, None
 
 
 class FixedGridFakeQuantLinear(nn.Linear):
     """``nn.Linear`` whose forward multiplies by Q(weight) on a fixed per-group ``scale`` buffer (QAT; module
-    docstring); ``weight`` holds the trainable latent full-precision weights."""
+    docstring); ``weight`` holds the trainable latent full-precision weights. :meth:`learn_scale` makes the scales
+    trainable too (LSQ gradient, see ``_GridSTE``); the export then holds the trained scales."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int | None,
                  device=None, dtype=None):
@@ -254,8 +263,14 @@ class FixedGridFakeQuantLinear(nn.Linear):
         new.weight.requires_grad_(linear.weight.requires_grad)
         return new
 
+    def learn_scale(self) -> None:
+        """Turn the ``scale`` buffer into a trainable parameter (same name in the state dict)."""
+        scale = self.scale.detach().clone()
+        del self._buffers["scale"]
+        self.scale = nn.Parameter(scale)
+
     def quantized_weight(self) -> Tensor:
-        return _FixedGridSTE.apply(self.weight, self.scale, self.bits, self.block_size)
+        return _GridSTE.apply(self.weight, self.scale, self.bits, self.block_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
@@ -265,7 +280,7 @@ class FixedGridFakeQuantLinear(nn.Linear):
         Intx = require("torchao.quantization", "quant").IntxUnpackedToInt8Tensor
         with torch.no_grad():
             codes = quantize_codes(self.weight, self.scale, self.bits, self.block_size)
-            qweight = Intx(codes, self.scale.clone(), torch.zeros_like(self.scale, dtype=torch.int8),
+            qweight = Intx(codes, self.scale.detach().clone(), torch.zeros_like(self.scale, dtype=torch.int8),
                            getattr(torch, f"int{self.bits}"), self.block_size, self.weight.dtype, None)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=self.weight.dtype)

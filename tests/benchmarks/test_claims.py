@@ -240,3 +240,28 @@ def test_qdpo_figure_draws_every_metric(tmp_path):
     per_metric = {key: {"fp": [0.0, 0.0], "rtn": [0.3, 0.2], "qdpo": [0.1, 0.15]} for key, _, _ in claim_qdpo.METRICS}
     name = claim_qdpo.draw(per_metric, tmp_path)
     assert name.endswith(".png") and (tmp_path / name).stat().st_size > 10_000
+
+
+def test_qdpo_quantizer_grid_runs_every_cell_once_and_reuses_the_main_rtn_int4_seeds(tmp_path, monkeypatch):
+    from benchmarks import claim_qdpo, qdpo_table
+
+    calls = []
+
+    def fake_table(argv):  # flip rates encode (bits, seed, model) so every value's origin is checkable
+        bits = int(argv[argv.index("--bits") + 1])
+        calls.append((argv[argv.index("--quantizer") + 1], bits, argv[argv.index("--seeds") + 1:][:3]))
+        return {"runs": [{"results": {n: {k: bits + seed / 10 + off for k, _, _ in claim_qdpo.METRICS}
+                                      for n, off in (("fp", 0.0), ("rtn", 0.5), ("qdpo", 0.25))}}
+                         for seed in range(2)]}
+
+    monkeypatch.setattr(qdpo_table, "main", fake_table)
+    main_runs = [{"results": {n: {k: 100 + seed for k, _, _ in claim_qdpo.METRICS} for n in ("fp", "rtn", "qdpo")}}
+                 for seed in range(3)]
+    grid = claim_qdpo.quantizer_grid("quick", main_runs, {"num_prompts": 8, "eval_prompts": 8}, tmp_path,
+                                     lambda *a: None)
+    assert [c[:2] for c in calls] == [("rtn", 3), ("gptq", 4), ("gptq", 3)]
+    assert all(c[2] == ["0", "1", "--cache"] for c in calls)  # seeds 0 1 per cell
+    assert grid["rtn-int4"]["ptq"]["flip_rate"] == [100, 101]  # the main run's first two seeds
+    assert grid["gptq-int3"] == {"fp": {k: [3.0, 3.1] for k, _, _ in claim_qdpo.METRICS},
+                                 "ptq": {k: [3.5, 3.6] for k, _, _ in claim_qdpo.METRICS},
+                                 "qdpo": {k: [3.25, 3.35] for k, _, _ in claim_qdpo.METRICS}}

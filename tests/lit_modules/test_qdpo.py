@@ -180,3 +180,18 @@ def test_default_fp_path_is_trained_before_its_tokenizer_and_format_are_read(mon
     monkeypatch.setattr(builtin.subprocess, "run", fake_fit)
     module = QDPO(model="checkpoints/minillm_teacher", group_size=16)
     assert model_prompt_template(module.tokenizer) == "Q: {instruction}\nA: "
+
+
+def test_trained_scales_are_trainable_and_exported(tmp_path):
+    module = QDPO(model=TINY, bits=3, group_size=16, train_scales=True)
+    trainable = dict(module.trainable_parameters())
+    assert sum(n.endswith(".scale") for n in trainable) == 7 and len(trainable) == 14
+    ids = torch.randint(3, 259, (2, 10))
+    opt = torch.optim.SGD(trainable.values(), lr=0.05)
+    module.policy(ids, labels=ids).loss.backward()
+    opt.step()
+    start = quantize_rtn(module.full_precision, bits=3, group_size=16)
+    with torch.no_grad():
+        policy = module.policy.eval()(ids).logits
+        assert not torch.equal(policy, start(ids).logits)
+        assert torch.equal(load_causal_lm(str(module.export(tmp_path / "q")))(ids).logits, policy)

@@ -89,6 +89,24 @@ def test_grid_stays_fixed_and_straight_through_gradient_is_clipped_to_it():
     assert torch.equal(layer.scale, torch.tensor([[0.25]]))
 
 
+def test_learned_scale_gets_the_lsq_gradient_and_is_exported():
+    w = torch.tensor([[1.875, -0.3, 0.6, 0.1]])  # scale 0.25: w/s = [7.5, -1.2, 2.4, 0.4], codes [7 (8), -1, 2, 0]
+    model = prepare_qat(_linear(w), QuantizerConfig("rtn", 4, 4))
+    model[0].learn_scale()
+    assert isinstance(model[0].scale, nn.Parameter) and "0.scale" in model.state_dict()
+    x, c = torch.randn(5, 4), torch.randn(5, 1)
+    (model(x) * c).sum().backward()
+    # ∂Q/∂s = round(w/s) − w/s inside the range, the clamped code outside: [7, 0.2, −0.4, −0.4]
+    g = (c.t() @ x)[0]
+    expected = (g * torch.tensor([7.0, 0.2, -0.4, -0.4])).sum()
+    assert torch.allclose(model[0].scale.grad, expected.view(1, 1), atol=1e-5)
+    with torch.no_grad():
+        model[0].scale.fill_(0.2)  # a trained scale: codes clamp(round(w/0.2)) = [7 (9), -2 (-1.5), 3, 0 (0.5)]
+    fake = _effective_weight(model, 4)
+    assert torch.allclose(fake, torch.tensor([[1.4, -0.4, 0.6, 0.0]]))
+    assert torch.equal(_effective_weight(convert_qat(model), 4), fake)
+
+
 def test_gptq_matches_the_reference_implementation():
     """Against outputs of IST-DASLab/gptq's GPTQ.fasterquant (fixtures/make_gptq_reference.py): same Hessian
     (torchao's observer vs the reference's add_batch), same error propagation, same group grids."""
