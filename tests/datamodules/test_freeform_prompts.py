@@ -133,7 +133,8 @@ def test_qdpo_table_on_free_form_prompts_runs_on_a_tiny_model(tmp_path, capsys):
 
 @pytest.mark.parametrize("source", ["tasks", "freeform"])
 def test_quantizer_calibration_prompts_never_meet_the_held_out_eval_prompts(source, monkeypatch):
-    # calibration drawn with the evaluation's own seed: only the split (freeform) or the exclusion (tasks) separates them
+    # calibration drawn with the evaluation's own seed: only the split (freeform) or the exclusion (tasks) keeps
+    # them apart
     module = QDPO(model=TINY, quantizer="gptq", group_size=16,
                   quantizer_options={"calibration": source, "calibration_size": 100, "calibration_seed": 12345})
     calibration = set(module.calibration_prompts())

@@ -143,7 +143,8 @@ def _calibration_inputs(in_features: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gptq_output_error_and_hqq_weight_error_are_below_rtn(bits):
-    """Each method's own objective on a layer with calibration data: GPTQ ‖XWᵀ − XQᵀ‖², HQQ ‖W − Q‖² ≤ RTN's."""
+    """Each method's own objective on a layer with calibration data: GPTQ ‖XWᵀ − XQᵀ‖², HQQ ‖W − Q‖² below
+    RTN's."""
     torch.manual_seed(0)
     w, x = torch.randn(32, 64), _calibration_inputs(64)
     rtn = _effective_weight(prepare_qat(_linear(w), QuantizerConfig("rtn", bits, 16)), 64)
@@ -195,8 +196,9 @@ def test_awq_folding_keeps_the_function_and_lowers_the_group_output_error():
     assert not torch.allclose(s, torch.ones_like(s))
     down = awq.model.layers[0].mlp.down_proj
     assert torch.allclose(down.weight, layer.mlp.down_proj.weight * s)
-    rtn = _effective_weight(prepare_qat(_linear(layer.mlp.down_proj.weight.detach()), QuantizerConfig("rtn", 3, 16)), 64)
-    q_awq = _effective_weight(prepare_qat(_linear(down.weight.detach()), QuantizerConfig("rtn", 3, 16)), 64)
+    rtn3 = QuantizerConfig("rtn", 3, 16)
+    rtn = _effective_weight(prepare_qat(_linear(layer.mlp.down_proj.weight.detach()), rtn3), 64)
+    q_awq = _effective_weight(prepare_qat(_linear(down.weight.detach()), rtn3), 64)
     with torch.no_grad():
         target = x @ layer.mlp.down_proj.weight.t()
         assert (((x / s) @ q_awq.t() - target) ** 2).sum() < ((x @ rtn.t() - target) ** 2).sum()
