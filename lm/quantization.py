@@ -23,8 +23,8 @@ start QAT from::
   (upper, λ = ``percdamp``·mean diag H), for each input column j in order: when j starts a group, the group's
   scale is RTN's on that group's columns (as updated up to the current lazy block); then q_j = Q(w_j),
   e = (w_j − q_j)/U_jj and w_{j:} −= e·U_{j,j:}. The latent weight of column j is w_j just before it was rounded,
-  so Q(latent) = GPTQ's weights. torchao's ``gptq_quantize`` itself is CUDA-only and int4/int8-only, hence this implementation; the tests
-  compare it with the reference implementation's outputs (IST-DASLab/gptq ``GPTQ.fasterquant``).
+  so Q(latent) = GPTQ's weights. torchao's ``gptq_quantize`` itself is CUDA-only and int4/int8-only, hence this
+  implementation; the tests compare it with the reference implementation's outputs (IST-DASLab/gptq ``GPTQ.fasterquant``).
 - ``awq``: Activation-aware Weight Quantization (Lin et al., MLSys 2024, arXiv 2306.00978): for each group of
   linear layers reading the same input x (q/k/v; gate/up; o reading v's output; down reading up's output),
   torchao's ``prototype.awq.AWQObserver`` searches s = mean|x|^α (α ∈ {0, 1/n, …}, normalised) minimising
@@ -39,8 +39,9 @@ QAT (:func:`prepare_qat`) swaps each quantized linear for a :class:`FixedGridFak
 estimator ∂L/∂w := ∂L/∂Q(w) · 1[q_min ≤ round(w/scale) ≤ q_max]. :func:`convert_qat` turns it into an
 ``nn.Linear`` holding torchao's ``IntxUnpackedToInt8Tensor`` (int codes round(w/scale), one per int8, plus the
 scales; it dequantizes in the matmul on CPU and GPU) built from the same codes and scales, so the exported model
-computes exactly the fake-quantized forward (with ``QDPO(train_scales=True)`` the scales train too: LSQ). :func:`save_quantized` writes it with ``save_pretrained`` (safetensors and a
-``TorchAoConfig``); ``AutoModelForCausalLM.from_pretrained(dir)`` reloads it with torchao installed.
+computes exactly the fake-quantized forward (with ``QDPO(train_scales=True)`` the scales train too: LSQ).
+:func:`save_quantized` writes it with ``save_pretrained`` (safetensors and a ``TorchAoConfig``);
+``AutoModelForCausalLM.from_pretrained(dir)`` reloads it with torchao installed.
 
 Supported layers: ``torch.nn.Linear`` and GPT-2's ``transformers.pytorch_utils.Conv1D`` (converted to an
 equivalent ``nn.Linear`` first). Embeddings and norms stay in full precision, as does ``lm_head`` unless
@@ -513,7 +514,8 @@ def save_quantized(model, path: str | Path, config: QuantizerConfig, tokenizer=N
 
     The weights are written as safetensors in torchao's flattened format (codes, scales) with a ``TorchAoConfig``
     (``IntxWeightOnlyConfig`` of the same bits/groups) in ``config.json``;
-    ``AutoModelForCausalLM.from_pretrained(path)`` (or ``lm.hf.load_causal_lm``) rebuilds the quantized model, scales as saved, when ``torchao`` is installed.
+    ``AutoModelForCausalLM.from_pretrained(path)`` (or ``lm.hf.load_causal_lm``) rebuilds the quantized model,
+    scales as saved, when ``torchao`` is installed.
     """
     from transformers import TorchAoConfig
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
