@@ -24,7 +24,8 @@ start QAT from::
   scale is RTN's on that group's columns (as updated up to the current lazy block); then q_j = Q(w_j),
   e = (w_j − q_j)/U_jj and w_{j:} −= e·U_{j,j:}. The latent weight of column j is w_j just before it was rounded,
   so Q(latent) = GPTQ's weights. torchao's ``gptq_quantize`` itself is CUDA-only and int4/int8-only, hence this
-  implementation; the tests compare it with the reference implementation's outputs (IST-DASLab/gptq ``GPTQ.fasterquant``).
+  implementation; the tests compare it with the reference implementation's outputs (IST-DASLab/gptq
+  ``GPTQ.fasterquant``).
 - ``awq``: Activation-aware Weight Quantization (Lin et al., MLSys 2024, arXiv 2306.00978): for each group of
   linear layers reading the same input x (q/k/v; gate/up; o reading v's output; down reading up's output),
   torchao's ``prototype.awq.AWQObserver`` searches s = mean|x|^α (α ∈ {0, 1/n, …}, normalised) minimising
