@@ -8,11 +8,10 @@ their own module or datamodule knows what to provide, and code can say what it n
 - :class:`TokenizerSource` (a module): ``TextDataModule``, ``InstructionDataModule``, ``PreferenceDataModule``
   and ``SequenceTasksDataModule`` read the attached module's ``tokenizer`` when they were given none
   (``datamodules.common.resolve_tokenizer``).
-- :class:`PairModelSource` (a module): ``QDPOPairsDataModule`` calls ``pair_models()`` for the two models and
-  answers with the module's ``generate_answers`` (the package's one sampler, which lives upstairs in
-  ``lm/sampling.py``: handed down through the module, not imported).
-- :class:`OfflineRLSource` (a datamodule): ``RADT``/``DecisionTransformer`` read ``state_dim``, ``act_dim``,
-  ``discrete``, ``state_mean``, ``state_std`` at ``setup``; ``ReturnAlignmentEval`` reads ``episode_returns``
+- :class:`PairModelSource` (a module): ``QDPOPairsDataModule`` calls ``pair_models()`` once for the two models,
+  their tokenizer and fingerprint (:class:`PairModels`) and decodes with ``lm.sampling.generate_answers``.
+- :class:`OfflineRLSource` (a datamodule): ``RADT``/``DecisionTransformer`` read its ``spec`` (:class:`OfflineRLSpec`:
+  sizes and state statistics) at ``setup``, nothing else; ``ReturnAlignmentEval`` reads ``episode_returns``
   and calls ``make_env()``.
 - :class:`PairsSource` (a datamodule): ``QDPO`` reads ``pairs`` and ``num_dropped_identical``;
   ``QuantizationEval`` calls ``records()``.
@@ -24,7 +23,8 @@ data floor, and the upper floors import it.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -41,33 +41,39 @@ class TokenizerSource(Protocol):
     tokenizer: Any
 
 
+class PairModels(NamedTuple):
+    """What QDPO's pair generator needs from the module, in one object (:meth:`PairModelSource.pair_models`)."""
+
+    full_precision: nn.Module
+    """The model whose answers are *chosen*."""
+    quantized: nn.Module
+    """The model whose answers are *rejected*: the quantized policy before training."""
+    tokenizer: Any
+    """The tokenizer both share (prompt format and decoding)."""
+    fingerprint: dict[str, str]
+    """A JSON-able identity of the two models (weights, quantizer) that keys the on-disk pair cache, so that
+    changing either regenerates the pairs."""
+
+
 @runtime_checkable
 class PairModelSource(Protocol):
-    """A module that can generate QDPO preference pairs (``datamodules.QDPOPairsDataModule`` calls it in
-    ``prepare_data``/``setup``, before training starts)."""
+    """A module that can hand its models to QDPO's pair generator (``datamodules.QDPOPairsDataModule`` calls it
+    once, in ``prepare_data``/``setup``, before training starts, and decodes with ``lm.sampling.generate_answers``
+    itself)."""
 
-    def pair_models(self) -> tuple[nn.Module, nn.Module, Any, dict[str, str]]:
-        """``(full_precision, quantized, tokenizer, fingerprint)``: the model whose answers are *chosen*, the
-        model whose answers are *rejected* (the round-to-nearest quantized policy before training), the
-        tokenizer both share, and a JSON-able fingerprint of the two (weights, quantizer) that keys the
-        on-disk pair cache, so changing either regenerates the pairs."""
-        ...
-
-    def generate_answers(self, model: nn.Module, prompts: list[str], *, max_new_tokens: int, batch_size: int,
-                         max_prompt_length: int, do_sample: bool, temperature: float, seed: int) -> list[str]:
-        """``model``'s answer to each prompt string (decoded up to EOS, the module's tokenizer): greedy unless
-        ``do_sample``; batch ``i`` of ``batch_size`` prompts draws from a generator seeded ``seed + i`` (two models
-        given the same prompts and seed share their random numbers). ``lit_modules.QDPO`` answers with
-        ``lm.sampling.generate_answers``."""
+    def pair_models(self) -> PairModels:
+        """The two models, their tokenizer and their fingerprint (:class:`PairModels`), with weights
+        (materialised first if they were only declared)."""
         ...
 
 
-@runtime_checkable
-class OfflineRLSource(Protocol):
-    """An offline-RL datamodule as ``lit_modules.RADT``/``DecisionTransformer`` (at ``setup``, to size their
-    networks and set their state-normalisation buffers) and ``callbacks.ReturnAlignmentEval`` (to pick
-    targets and roll the policy out) read it. All attributes exist after the datamodule's ``setup``."""
+@dataclass(frozen=True)
+class OfflineRLSpec:
+    """What a return-conditioned policy needs from its offline-RL data, in one object: the sizes to build its
+    networks and the training states' statistics to normalise them (``OfflineRLSource.spec``)."""
 
+    dataset: str
+    """The dataset's name (error messages)."""
     state_dim: int
     """Observation size (flat)."""
     act_dim: int
@@ -78,6 +84,18 @@ class OfflineRLSource(Protocol):
     """(state_dim,) float array: the training states' mean; the model stores it as a buffer."""
     state_std: Any
     """(state_dim,) float array: the training states' standard deviation (strictly positive)."""
+    max_episode_len: int
+    """The longest episode's length (the model's timestep table must cover it)."""
+
+
+@runtime_checkable
+class OfflineRLSource(Protocol):
+    """An offline-RL datamodule as ``lit_modules.RADT``/``DecisionTransformer`` (at ``setup``: ``spec`` only, to
+    size their networks and set their state-normalisation buffers) and ``callbacks.ReturnAlignmentEval`` (to pick
+    targets and roll the policy out) read it. All attributes exist after the datamodule's ``setup``."""
+
+    spec: OfflineRLSpec
+    """Sizes and state statistics (:class:`OfflineRLSpec`)."""
     episode_returns: Any
     """1-D array of the dataset's episode returns (the evaluation targets are percentiles of it)."""
 

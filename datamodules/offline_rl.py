@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.contract import OfflineRLSpec
 from datamodules.common import ResumableDataLoader, cache_dir, check_batch_size
 from datamodules.offline_rl_generate import BUILTIN_DATASETS, generate_minari_dataset
 from lm.extras import require
@@ -361,6 +362,8 @@ class OfflineRLDataModule(L.LightningDataModule):
         obs = np.concatenate([ep.observations for ep in train_eps]).astype(np.float64)
         self.state_mean = obs.mean(0).astype(np.float32)
         self.state_std = (obs.std(0) + 1e-6).astype(np.float32)
+        self.spec = OfflineRLSpec(self.dataset, self.state_dim, self.act_dim, self.discrete, self.state_mean,
+                                  self.state_std, self.max_episode_len)
         self.train_set = WindowDataset(train_eps, self.context_len, self.discrete)
         self.val_set = WindowDataset(val_eps, self.context_len, self.discrete) if val_eps else None
         if self.val_set is not None and len(self.val_set) > self.max_val_windows:

@@ -5,11 +5,11 @@ A :class:`datamodules.PreferenceDataModule` whose rows come from generation inst
 read like :class:`datamodules.InstructionDataModule`'s (``path``: Dolly-style JSONL/JSON/saved HF dataset;
 ``None``: the built-in source ``prompts``, the checkable tasks or the training split of the free-form
 instructions of :mod:`datamodules.freeform_prompts`) and filled into the full-precision model's own prompt format (its
-tokenizer's chat template, :func:`lm.tokenizers.resolve_prompt_template`), the two models come from the
-attached module (``QDPO.pair_models()``) and answer through its ``generate_answers`` (the package's one sampler,
-:func:`lm.sampling.generate_answers`, handed over by the module: this data floor imports nothing from
-``lit_modules``; see :class:`datamodules.contract.PairModelSource`), and the base class tokenizes, drops identical
-pairs (counted and logged), splits and batches as usual.
+tokenizer's chat template, :func:`lm.tokenizers.resolve_prompt_template`), the two models, their tokenizer and
+fingerprint come from the attached module in one object (``QDPO.pair_models()``, a
+:class:`datamodules.contract.PairModels`; the one hand-off, :class:`~datamodules.contract.PairModelSource`), both
+answer through the package's one sampler (:func:`lm.sampling.generate_answers`), and the base class tokenizes,
+drops identical pairs (counted and logged), splits and batches as usual.
 
 Decoding is greedy by default: the pair then differs exactly when quantization flips an argmax somewhere
 along the answer — the paper's "token flipping" — and the pairs are deterministic. ``do_sample=True`` samples
@@ -29,12 +29,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from datamodules.common import cache_dir
-from datamodules.contract import PairModelSource
+from datamodules.contract import PairModels, PairModelSource
 from datamodules.freeform_prompts import check_prompt_source, load_prompt_records
 from datamodules.preference import PreferenceDataModule
+from lm.sampling import generate_answers
 from lm.tokenizers import resolve_prompt_template
 
 log = logging.getLogger(__name__)
@@ -78,8 +77,7 @@ class QDPOPairsDataModule(PreferenceDataModule):
             :class:`datamodules.PreferenceDataModule`.
 
     The attached module must be a :class:`~datamodules.contract.PairModelSource` (:class:`lit_modules.QDPO` is):
-    ``pair_models() -> (full_precision, quantized, tokenizer, fingerprint)`` (``fingerprint``, a dict, identifies
-    both models in the cache key) and ``generate_answers(model, prompts, **decoding) -> answers``.
+    ``pair_models() -> PairModels(full_precision, quantized, tokenizer, fingerprint)``, asked once.
     """
 
     def __init__(self, path: str | None = None, prompts: str = "tasks", num_prompts: int = 1000, prompt_seed: int = 1,
@@ -104,12 +102,13 @@ class QDPOPairsDataModule(PreferenceDataModule):
         self.generation_batch_size, self.pairs_cache_dir = generation_batch_size, pairs_cache_dir
         self.cache_file: Path | None = None
         self.num_generated = 0  # generated (not cached) pairs in this process
+        self._models: PairModels | None = None
 
     def prompt_records(self, tokenizer=None) -> list[dict]:
         """Prompt records (``prompt`` filled from the template, resolved against ``tokenizer``'s prompt format —
         default: the attached module's; built-in ones keep ``task``/``params``), deduplicated under greedy
         decoding (equal prompts would give equal pairs)."""
-        tokenizer = tokenizer if tokenizer is not None else self._source().pair_models()[2]
+        tokenizer = tokenizer if tokenizer is not None else self.pair_models().tokenizer
         template = resolve_prompt_template(tokenizer, self.template, "QDPOPairsDataModule.template")
         records = load_prompt_records(self.prompts, self.path, self.num_examples, self.prompt_seed, template,
                                       self.tasks, split="train", where="QDPOPairsDataModule.prompts")
@@ -120,24 +119,25 @@ class QDPOPairsDataModule(PreferenceDataModule):
             log.info("QDPOPairsDataModule: %d duplicate prompt(s) removed, %d distinct", duplicates, len(records))
         return records
 
-    def _source(self) -> PairModelSource:
-        """The attached module, which provides the models (``pair_models()``) and the decoding
-        (``generate_answers``) of the pairs."""
-        trainer = getattr(self, "trainer", None)
-        module = trainer.lightning_module if trainer is not None else None
-        if not isinstance(module, PairModelSource):
-            raise RuntimeError("QDPOPairsDataModule generates pairs with the attached module's pair_models() and "
-                               "generate_answers() (use it with lit_modules.QDPO), got "
-                               f"{type(module).__name__ if module is not None else 'no module'}")
-        return module
+    def pair_models(self) -> PairModels:
+        """The attached module's :class:`~datamodules.contract.PairModels` (asked once, then kept)."""
+        if self._models is None:
+            trainer = getattr(self, "trainer", None)
+            module = trainer.lightning_module if trainer is not None else None
+            if not isinstance(module, PairModelSource):
+                raise RuntimeError("QDPOPairsDataModule generates pairs with the attached module's pair_models() (use "
+                                   "it with lit_modules.QDPO), got "
+                                   f"{type(module).__name__ if module is not None else 'no module'}")
+            self._models = module.pair_models()
+        return self._models
 
     def records(self) -> list[dict]:
         """Rows ``{"prompt", "chosen", "rejected", "example"}``: read from the cache, else generated and cached."""
         if self._records is not None:
             return self._records
-        full_precision, quantized, tokenizer, fingerprint = self._source().pair_models()
-        prompts = self.prompt_records(tokenizer)
-        key = cache_key({"models": fingerprint, "decoding": self.decoding,
+        models = self.pair_models()
+        prompts = self.prompt_records(models.tokenizer)
+        key = cache_key({"models": models.fingerprint, "decoding": self.decoding,
                          "prompts": [r["prompt"] for r in prompts]})
         folder = Path(self.pairs_cache_dir) if self.pairs_cache_dir else cache_dir("qdpo_pairs")
         folder.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ class QDPOPairsDataModule(PreferenceDataModule):
             rows = [json.loads(line) for line in self.cache_file.read_text().splitlines() if line.strip()]
             log.info("QDPOPairsDataModule: read %d cached pairs from %s", len(rows), self.cache_file)
         else:
-            rows = self.generate(full_precision, quantized, prompts)
+            rows = self.generate(models, prompts)
             tmp = self.cache_file.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             tmp.replace(self.cache_file)
@@ -161,22 +161,22 @@ class QDPOPairsDataModule(PreferenceDataModule):
     def source_name(self) -> str:
         return f"QDPO pairs ({self.cache_file})" if self.cache_file else "QDPO pairs"
 
-    def generate(self, full_precision: nn.Module, quantized: nn.Module, prompts: list[dict]) -> list[dict]:
-        """Generate chosen (full precision) and rejected (quantized) answers with identical decoding, through the
-        attached module's ``generate_answers``."""
+    def generate(self, models: PairModels, prompts: list[dict]) -> list[dict]:
+        """Generate chosen (full precision) and rejected (quantized) answers with identical decoding
+        (:func:`lm.sampling.generate_answers`)."""
         device = self.trainer.strategy.root_device if getattr(self, "trainer", None) is not None else None
-        source = self._source()
         texts = [r["prompt"] for r in prompts]
         answers = []
-        for model in (full_precision, quantized):
+        for model in (models.full_precision, models.quantized):
             if device is not None:
                 model.to(device)
-            answers.append(source.generate_answers(model, texts, max_new_tokens=self.decoding["max_new_tokens"],
-                                                   batch_size=self.generation_batch_size,
-                                                   max_prompt_length=self.decoding["max_prompt_length"],
-                                                   do_sample=self.decoding["do_sample"],
-                                                   temperature=self.decoding["temperature"] or 1.0,
-                                                   seed=self.decoding["seed"]))
+            answers.append(generate_answers(model, models.tokenizer, texts,
+                                            max_new_tokens=self.decoding["max_new_tokens"],
+                                            batch_size=self.generation_batch_size,
+                                            max_prompt_length=self.decoding["max_prompt_length"],
+                                            do_sample=self.decoding["do_sample"],
+                                            temperature=self.decoding["temperature"] or 1.0,
+                                            seed=self.decoding["seed"]))
         self.num_generated = len(texts)
         return [{"prompt": r["prompt"], "chosen": c, "rejected": q, "example": r}
                 for r, c, q in zip(prompts, *answers)]

@@ -144,73 +144,67 @@ def _same(a, b) -> bool:
 
 
 class DeferredNetworksModule(PaperModule):
-    """A :class:`PaperModule` whose networks are built in Lightning's ``configure_model`` hook, not in
-    ``__init__`` (docs/sharding.md): one construction path for a single device, DDP and
-    ``ModelParallelStrategy``, where :meth:`build_networks` builds them sharded from the meta device
-    (:func:`lm.sharding.build_causal_lm`) so no rank but 0 ever holds a whole model.
+    """A :class:`PaperModule` whose networks are declared at construction and materialised in Lightning's
+    ``configure_model`` hook (docs/sharding.md), the pattern Lightning documents for large models: one
+    construction path for a single device, DDP and ``ModelParallelStrategy``.
 
-    Subclasses name their network attributes in ``trainable_networks``/``frozen_networks`` and set all of them
-    in :meth:`build_networks`. :meth:`configure_model` builds them once (Lightning calls it at every
-    ``fit``/``validate``/``test`` and in ``load_from_checkpoint``). Outside a trainer, using the networks before
-    that (reading a network attribute, ``parameters()``, ``state_dict()``, ``load_state_dict()``, ``.to()``)
-    builds them then, on the same path (whole, on the CPU).
+    - **Construction** ends with :meth:`declare_networks`: :meth:`build_networks` runs on the meta device, so
+      every network attribute exists with its architecture (shapes, dtypes, the checks that come with building it:
+      vocabulary, layer lists, group sizes) but no memory and no weights.
+    - **``configure_model``** (Lightning calls it at every ``fit``/``validate``/``test`` and in
+      ``load_from_checkpoint``) runs :meth:`build_networks` again for real: weights loaded or initialised on the
+      CPU in float32, or, under ``ModelParallelStrategy``, sharded from the meta device
+      (:func:`lm.sharding.build_causal_lm`) so that no rank but 0 ever holds a whole model. Later calls leave them
+      as they are.
+    - **Outside a trainer**, ``module.configure_model()`` is the one call that materialises them (before a forward,
+      ``state_dict()``, ``.to()``...); until then they are meta tensors and :attr:`networks_materialized` is False.
+
+    Subclasses name their network attributes in ``trainable_networks``/``frozen_networks``, set all of them in
+    :meth:`build_networks`, and call :meth:`declare_networks` as the last step of their ``__init__``.
     """
 
     trainable_networks: tuple[str, ...] = ()
     frozen_networks: tuple[str, ...] = ()
 
     def build_networks(self) -> None:
-        """Set every attribute of ``trainable_networks`` and ``frozen_networks`` (a network may be ``None``)."""
+        """Set every attribute of ``trainable_networks`` and ``frozen_networks`` (a network may be ``None``),
+        allocating on the current default device (the meta device when declaring)."""
         raise NotImplementedError
 
+    @property
+    def networks_materialized(self) -> bool:
+        """Whether :meth:`configure_model` has built the networks with real weights."""
+        return self.__dict__.get("_networks_materialized", False)
+
+    def declare_networks(self) -> None:
+        """Build the networks' architecture on the meta device (no memory); the end of every ``__init__``."""
+        with torch.device("meta"), _default_dtype(torch.float32):
+            self.build_networks()
+        self.__dict__["_networks_materialized"] = False
+        for name in self.trainable_networks + self.frozen_networks:
+            if getattr(self, name) is not None:  # materialising replaces the network, and this hook with it
+                getattr(self, name).register_forward_pre_hook(functools.partial(_not_materialized, self, name))
+
     def configure_model(self) -> None:
-        """Build the networks the first time; later calls leave them as they are, except that networks built
-        whole before a ``ModelParallelStrategy`` trainer attached are then sharded in place."""
+        """Materialise the networks the first time; later calls leave them as they are, except that networks
+        materialised whole before a ``ModelParallelStrategy`` trainer attached are then sharded in place."""
         from lm.sharding import shard_module
 
-        if self.__dict__.get("_networks_built"):
+        if self.networks_materialized:
             shard_module(self, [getattr(self, n) for n in self.trainable_networks],
                          [getattr(self, n) for n in self.frozen_networks])
             return
-        self.__dict__["_networks_building"] = True
-        try:
-            # on the CPU in float32 whatever the trainer's device/precision contexts, as a module built in
-            # __init__ was (the same random initialisation everywhere); Lightning moves and casts it afterwards
-            with torch.device("cpu"), _default_dtype(torch.float32):
-                self.build_networks()
-        finally:
-            del self.__dict__["_networks_building"]
-        self.__dict__["_networks_built"] = True
+        # on the CPU in float32 whatever the trainer's device/precision contexts (the same random initialisation
+        # everywhere); Lightning moves and casts the module afterwards
+        with torch.device("cpu"), _default_dtype(torch.float32):
+            self.build_networks()
+        self.__dict__["_networks_materialized"] = True
 
-    def _build_on_use(self) -> bool:
-        """Build the networks unless they are built or being built; return whether it did."""
-        if self.__dict__.get("_networks_built") or self.__dict__.get("_networks_building"):
-            return False
-        self.configure_model()
-        return True
 
-    def __getattr__(self, name: str):
-        if name in type(self).trainable_networks + type(self).frozen_networks and self._build_on_use():
-            return getattr(self, name)
-        return super().__getattr__(name)
-
-    # the nn.Module entry points that reach every parameter (parameters(), modules(), ... go through
-    # named_modules): build the networks first
-    def named_modules(self, *args, **kwargs):
-        self._build_on_use()
-        return super().named_modules(*args, **kwargs)
-
-    def state_dict(self, *args, **kwargs):
-        self._build_on_use()
-        return super().state_dict(*args, **kwargs)
-
-    def load_state_dict(self, *args, **kwargs):
-        self._build_on_use()
-        return super().load_state_dict(*args, **kwargs)
-
-    def _apply(self, *args, **kwargs):
-        self._build_on_use()
-        return super()._apply(*args, **kwargs)
+def _not_materialized(module: DeferredNetworksModule, name: str, *_) -> None:
+    """Forward pre-hook of a declared (meta-device) network: one clear error instead of a meta-tensor one."""
+    raise RuntimeError(f"{type(module).__name__}.{name} is declared but has no weights yet: call "
+                       f"module.configure_model() first (a Trainer calls it at fit/validate/test)")
 
 
 @contextlib.contextmanager

@@ -33,9 +33,9 @@ class CausalLM(DeferredNetworksModule):
             :class:`PaperModule`.
 
     Batches are dicts with ``input_ids``, optional ``attention_mask`` and ``labels`` (−100 = ignored);
-    without ``labels`` every non-padding token is a target. The network (``self.model``) is built in
-    ``configure_model`` (:class:`~lit_modules.base.DeferredNetworksModule`; sharded under
-    ``ModelParallelStrategy``).
+    without ``labels`` every non-padding token is a target. The network (``self.model``) is declared on the meta
+    device at construction and materialised by ``configure_model`` (:class:`~lit_modules.base.DeferredNetworksModule`;
+    sharded under ``ModelParallelStrategy``; outside a trainer call ``module.configure_model()`` first).
     """
 
     trainable_networks = ("model",)
@@ -53,6 +53,7 @@ class CausalLM(DeferredNetworksModule):
         self.export_dir = export_dir
         self.val_loss = torchmetrics.MeanMetric()
         self.val_ppl = torchmetrics.text.Perplexity(ignore_index=-100)
+        self.declare_networks()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

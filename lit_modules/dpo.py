@@ -102,8 +102,9 @@ class DPO(DeferredNetworksModule):
         lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio, optimizer, lr_scheduler: see
             :class:`PaperModule`.
 
-    Policy and reference are built in ``configure_model`` (:class:`~lit_modules.base.DeferredNetworksModule`;
-    sharded under ``ModelParallelStrategy``) by :meth:`build_policy` and :meth:`build_reference`.
+    Policy and reference (:meth:`build_policy`, :meth:`build_reference`) are declared on the meta device at
+    construction and materialised by ``configure_model`` (:class:`~lit_modules.base.DeferredNetworksModule`;
+    sharded under ``ModelParallelStrategy``; outside a trainer call ``module.configure_model()`` first).
     """
 
     trainable_networks = ("policy",)
@@ -142,6 +143,7 @@ class DPO(DeferredNetworksModule):
         #: (N, 2) precomputed reference log-probs [chosen, rejected] by pair index (NaN = not computed).
         self.ref_logps_table: Tensor | None = None
         self.val_metrics = torchmetrics.MetricCollection({k: torchmetrics.MeanMetric() for k in METRICS})
+        self.declare_networks()
 
     # ------------------------------------------------------------------ networks (override points)
     def build_networks(self) -> None:

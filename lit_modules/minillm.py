@@ -215,9 +215,10 @@ class MiniLLM(DeferredNetworksModule):
         lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio, optimizer, lr_scheduler: see
             :class:`PaperModule`.
 
-    Student (``self.model``) and teacher are built in ``configure_model``
-    (:class:`~lit_modules.base.DeferredNetworksModule`; sharded under ``ModelParallelStrategy``); the
-    constructor only checks, on meta-device copies, that they share one vocabulary.
+    Student (``self.model``) and teacher are declared on the meta device at construction (so the layer list and the
+    shared vocabulary are checked before any weight is read) and materialised by ``configure_model``
+    (:class:`~lit_modules.base.DeferredNetworksModule`; sharded under ``ModelParallelStrategy``; outside a trainer
+    call ``module.configure_model()`` first).
     """
 
     trainable_networks = ("model",)
@@ -259,14 +260,6 @@ class MiniLLM(DeferredNetworksModule):
         self.tokenizer = _clear_load_error(*owner, lambda: load_tokenizer(tokenizer, owner[1]))
         self._specs = {"student": (student_how, init_seed, None),
                        "teacher": None if objective == "sft" else (teacher_how, init_seed + 1, teacher_dtype)}
-        if self._specs["teacher"] is not None:  # a clear error now, from the configs alone (meta device: no weights)
-            for how in (student_how, teacher_how):
-                ensure_built_in(how[1])  # a missing built-in checkpoint is trained now, not on the meta device
-            with torch.device("meta"):
-                check_same_vocabulary(self._load("student"), self._load("teacher"))
-        elif student_layers is not None:  # the layer list checked now, on the architecture alone
-            with torch.device("meta"):
-                self._load("student")
         self.export_dir = export_dir
         self.val_loss = torchmetrics.MeanMetric()
         self.val_rouge = torchmetrics.text.ROUGEScore(rouge_keys="rougeL", accumulate="best")
@@ -274,6 +267,9 @@ class MiniLLM(DeferredNetworksModule):
         self._rollout: Rollout | None = None  # the rollout batch being reused for PPO's inner epochs
         self._teacher_logits: torch.Tensor | None = None
         self._rollout_uses = 0
+        self.declare_networks()  # a clear error now, from the architectures alone (meta device: no weights)
+        if self.teacher is not None:
+            check_same_vocabulary(self.model, self.teacher)
 
     # -- bookkeeping: frozen teacher stays in eval mode, out of the optimizer and of the checkpoint
     def train(self, mode: bool = True):

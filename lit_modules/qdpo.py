@@ -3,16 +3,19 @@ arXiv 2407.03051; docs/papers.md §4).
 
 - Pairs (:class:`datamodules.QDPOPairsDataModule`): for each prompt, chosen = the full-precision model's
   answer, rejected = the quantized model's answer; identical pairs carry no signal and are dropped.
-- Policy = the full-precision model with fake-quantized weights (:func:`lm.quantization.prepare_qat`): the
-  post-training quantizer ``quantizer`` (``rtn``, ``hqq``, ``gptq``, ``awq``; ``bits``/``group_size``) chooses each
-  layer's grid once, and training keeps that grid fixed while gradients reach the latent fp weights through
-  the rounding with the straight-through estimator (quantization-aware training). GPTQ and AWQ calibrate on
-  built-in training-side prompts (:meth:`QDPO.calibration_prompts`), never on the held-out evaluation ones.
+- Policy = the full-precision model with fake-quantized weights (:func:`lm.quantization.prepare_qat`) of the
+  post-training quantizer ``quantizer`` (``rtn``, ``hqq``, ``gptq``, ``awq``; ``bits``/``group_size``); gradients
+  reach the latent fp weights through the rounding with the straight-through estimator (quantization-aware
+  training). The grid follows :mod:`lm.quantization`'s rule: ``rtn``'s scales are a function of the weights, so they
+  are recomputed from the latent weights at every step and the export re-applies RTN (the paper's "re-quantized at
+  the end", docs/papers.md §4); ``hqq``/``gptq``/``awq`` grids come from an optimiser or calibration data, so the
+  grid the PTQ method chose stays fixed. GPTQ and AWQ calibrate on built-in training-side prompts
+  (:meth:`QDPO.calibration_prompts`), never on the held-out evaluation ones.
 - Reference = the initial quantized model (= the PTQ model; the paper's reference is marked *unverified*
   in docs/papers.md), by default as reference log-probs precomputed once before training (:class:`DPO`).
 - Loss = :class:`DPO`'s (sigmoid DPO by default, any of ``lit_modules.PREFERENCE_LOSSES``).
 - At the end (``export_dir``) or on demand (:meth:`QDPO.export`, :meth:`QDPO.quantized_model`) the latent
-  weights are rounded onto the same grids into real low-bit weights (:func:`~lm.quantization.convert_qat`) and
+  weights are quantized by the same rule (RTN re-applied; the fixed grids) into real low-bit weights (:func:`~lm.quantization.convert_qat`) and
   written with ``save_pretrained``: loading needs ``torchao`` installed, then plain
   ``AutoModelForCausalLM.from_pretrained(dir)`` / ``lm.hf.load_causal_lm(dir)``.
 
@@ -30,16 +33,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from datamodules.contract import PairModels
+from datamodules.freeform_prompts import load_prompt_records
 from lit_modules.base import LRSchedulerCallable, OptimizerCallable
 from lit_modules.builtin_checkpoints import ensure_built_in
 from lit_modules.dpo import DPO, module_fingerprint
 from lm.hf import ModelSpec
-from datamodules.freeform_prompts import load_prompt_records
-from lm.quantization import (FixedGridFakeQuantLinear, QuantizerConfig, convert_qat, prepare_qat,
-                             quantizable_linears, save_quantized)
-from lm.sampling import generate_answers
-from lm.tokenizers import resolve_prompt_template
+from lm.quantization import QuantizerConfig, convert_qat, fake_quantized_layers, prepare_qat, save_quantized
 from lm.sharding import is_model_parallel
+from lm.tokenizers import resolve_prompt_template
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,9 @@ class QDPO(DPO):
         include_lm_head: quantize the output projection too (default: kept in full precision).
         quantizer_options: further :class:`lm.quantization.QuantizerConfig` fields, e.g. ``{calibration: freeform,
             calibration_size: 128}`` (GPTQ/AWQ calibration prompts), ``percdamp``, ``awq_grid``.
-        train_scales: also train the per-group scales the PTQ method chose (LSQ gradient); default: the grid
-            stays fixed and only the latent weights move. Either way the export holds the trained grid.
+        train_scales: hqq/gptq/awq only: also train the per-group scales the PTQ method chose (LSQ gradient);
+            default: the grid stays fixed and only the latent weights move. Either way the export holds the trained
+            grid. (``rtn``'s scales are recomputed from the weights, never trained: an error.)
         train_quantized_only: train only the latent weights of the quantized layers; embeddings, norms and the
             (unquantized) ``lm_head`` stay frozen at their full-precision values, as they are in the exported
             model. Measured on the built-in setup, training them too moved the model away from FP much faster.
@@ -73,9 +76,10 @@ class QDPO(DPO):
         lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio, optimizer, lr_scheduler: see
             :class:`lit_modules.PaperModule`.
 
-    The networks (policy, reference, full-precision model) are built in ``configure_model``, as
-    :class:`~lit_modules.DPO`'s, or when first read (``QDPOPairsDataModule`` reads them before it); the
-    constructor checks ``group_size`` against the layer widths on a meta-device copy (no weights).
+    The networks (policy, reference, full-precision model) are declared on the meta device at construction (so
+    ``group_size`` is checked against the layer widths before any weight is read) and materialised by
+    ``configure_model``, as :class:`~lit_modules.DPO`'s; :meth:`pair_models` calls it, since
+    ``QDPOPairsDataModule`` generates its pairs before the trainer does.
     """
 
     frozen_networks = ("ref_model", "full_precision")
@@ -92,6 +96,9 @@ class QDPO(DPO):
                  lr_decay: str = "cosine", min_lr_ratio: float = 0.1, optimizer: OptimizerCallable | None = None,
                  lr_scheduler: LRSchedulerCallable | None = None):
         self.quantizer = quantizer_config(quantizer, bits, group_size, include_lm_head, quantizer_options)
+        if train_scales and self.quantizer.name == "rtn":
+            raise ValueError("train_scales=True needs a fixed-grid quantizer (hqq, gptq, awq): quantizer 'rtn' "
+                             "recomputes its scales from the latent weights at every step (lm/quantization.py)")
         self.train_quantized_only, self.train_scales = train_quantized_only, train_scales
         ensure_built_in(model)  # before the tokenizer is read from it
         try:
@@ -100,26 +107,28 @@ class QDPO(DPO):
                              ref_cache_dir=ref_cache_dir, length_normalize=length_normalize, dtype=dtype,
                              init_seed=init_seed, export_dir=export_dir, lr=lr, weight_decay=weight_decay,
                              betas=betas, warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio,
-                             optimizer=optimizer, lr_scheduler=lr_scheduler)
-            with torch.device("meta"):  # a clear error now on a group_size the layer widths do not take
-                quantizable_linears(DPO.build_policy(self), self.quantizer.group_size, include_lm_head)
-        except OSError as e:
+                             optimizer=optimizer, lr_scheduler=lr_scheduler)  # declares the networks: a
+        except OSError as e:  # group_size the layer widths do not take is a clear error now, before any weight is read
             raise FileNotFoundError(f"QDPO: cannot load the full-precision model {model!r} ({e}). If it is a local "
                                     f"export, train it first: `{FP_SFT_HINT}`") from e
         self._fingerprint: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ networks
     def build_policy(self) -> nn.Module:
-        """Keep the loaded model as the frozen full-precision yardstick; return a fake-quantized copy on the
-        quantizer's grids (GPTQ/AWQ calibrated on :meth:`calibration_prompts`)."""
+        """Keep the loaded model as the frozen full-precision yardstick; return a fake-quantized copy
+        (:func:`lm.quantization.prepare_qat`; GPTQ/AWQ calibrated on :meth:`calibration_prompts`, on real weights:
+        declared on the meta device, only the layers are swapped)."""
         full_precision = super().build_policy()
-        policy = prepare_qat(copy.deepcopy(full_precision), self.quantizer, self.calibration_ids(full_precision))
-        fakes = [m for m in policy.modules() if isinstance(m, FixedGridFakeQuantLinear)]
+        declared = any(p.is_meta for p in full_precision.parameters())
+        policy = prepare_qat(copy.deepcopy(full_precision), self.quantizer,
+                             None if declared else self.calibration_ids(full_precision))
+        fakes = fake_quantized_layers(policy)
         if self.train_scales:
             for m in fakes:
                 m.learn_scale()
         if self.train_quantized_only:
-            quantized = {id(p) for m in fakes for p in (m.weight, m.scale) if isinstance(p, nn.Parameter)}
+            quantized = {id(p) for m in fakes for p in (m.weight, getattr(m, "scale", None))
+                         if isinstance(p, nn.Parameter)}
             for p in policy.parameters():
                 p.requires_grad_(id(p) in quantized)
         self.full_precision = self._frozen(full_precision)
@@ -148,33 +157,31 @@ class QDPO(DPO):
         return self
 
     def configure_model(self) -> None:
-        """Build the networks (:class:`~lit_modules.base.DeferredNetworksModule`); under
-        ``ModelParallelStrategy`` one clear error instead, raised at start-up: this hook runs when the networks are
-        first read, i.e. before ``QDPOPairsDataModule`` generates any pair (:meth:`pair_models`)."""
+        """Materialise the networks (:class:`~lit_modules.base.DeferredNetworksModule`); under
+        ``ModelParallelStrategy`` one clear error instead, raised at start-up: :meth:`pair_models` calls this hook
+        before ``QDPOPairsDataModule`` generates any pair."""
         if is_model_parallel(self):
             raise ValueError("QDPO does not support ModelParallelStrategy (FSDP2 sharding): its export and "
                              "quantized_model() re-quantize a deep copy of the whole fake-quantized policy with "
                              "torchao (convert_qat), which needs unsharded weights. Use trainer.strategy: ddp")
         super().configure_model()
 
-    def pair_models(self) -> tuple[nn.Module, nn.Module, Any, dict[str, str]]:
-        """(full precision, quantized policy, tokenizer, fingerprint) for :class:`datamodules.QDPOPairsDataModule`.
+    def pair_models(self) -> PairModels:
+        """The full-precision model, the quantized policy, the tokenizer and their fingerprint, for
+        :class:`datamodules.QDPOPairsDataModule` (:class:`~datamodules.contract.PairModelSource`).
 
-        Pairs are generated before training, when the policy is still the PTQ model; the fingerprint
-        (full-precision weights + every quantizer field that changes the quantized model) keys the pair cache."""
+        Pairs are generated before training, when the policy is still the PTQ-quantized model; the fingerprint
+        (full-precision weights + quantizer) keys the pair cache. Materialises the networks first
+        (:meth:`configure_model`; a no-op once done): the datamodule asks before the trainer's own call."""
+        self.configure_model()
         if self._fingerprint is None:
             self._fingerprint = {"full_precision": module_fingerprint(self.full_precision),
                                  "quantization": self.quantizer.key()}
-        return self.full_precision, self.policy, self.tokenizer, self._fingerprint
-
-    def generate_answers(self, model: nn.Module, prompts: list[str], **decoding: Any) -> list[str]:
-        """``model``'s answers to ``prompts`` with this module's tokenizer through the package's one sampler
-        (:func:`lm.sampling.generate_answers`; ``decoding`` as there): how the pair generator decodes."""
-        return generate_answers(model, self.tokenizer, prompts, **decoding)
+        return PairModels(self.full_precision, self.policy, self.tokenizer, self._fingerprint)
 
     def quantized_model(self) -> nn.Module:
-        """A copy of the policy with its latent weights rounded onto its fixed grids as real low-bit weights
-        (the same forward as the fake-quantized policy)."""
+        """A copy of the policy with its latent weights quantized into real low-bit weights (RTN re-applied to the
+        trained weights for ``rtn``, the fixed grids otherwise): the same forward as the fake-quantized policy."""
         return convert_qat(copy.deepcopy(self.policy))
 
     # ------------------------------------------------------------------ logging and export

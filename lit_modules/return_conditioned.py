@@ -27,7 +27,7 @@ import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from datamodules.contract import OfflineRLSource
+from datamodules.contract import OfflineRLSpec
 from lit_modules.base import PaperModule
 
 
@@ -197,28 +197,29 @@ class ReturnConditionedPolicy(PaperModule):
         """Hook for initialisations that must survive the generic one (RADT's zero-init gate and adaLN)."""
 
     def setup(self, stage: str) -> None:
-        """Take sizes and state statistics from an attached ``OfflineRLDataModule``
-        (:class:`~datamodules.contract.OfflineRLSource`)."""
-        dm: OfflineRLSource | None = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "state_dim"):
+        """Take sizes and state statistics from an attached ``OfflineRLDataModule``: its ``spec`` alone
+        (:class:`~datamodules.contract.OfflineRLSpec`, the one hand-off of :class:`~datamodules.contract.OfflineRLSource`)."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        spec: OfflineRLSpec | None = getattr(dm, "spec", None)
+        if spec is None:
             if not self.built:
                 raise ValueError(f"{type(self).__name__}: state_dim/act_dim not given and no OfflineRLDataModule "
                                  "attached to read them from")
             return
         if not self.built:
-            self.state_dim, self.act_dim, self.discrete = dm.state_dim, dm.act_dim, dm.discrete
-            self.hparams.update(state_dim=dm.state_dim, act_dim=dm.act_dim, discrete=dm.discrete)
+            self.state_dim, self.act_dim, self.discrete = spec.state_dim, spec.act_dim, spec.discrete
+            self.hparams.update(state_dim=spec.state_dim, act_dim=spec.act_dim, discrete=spec.discrete)
             self._build()
-        elif (self.state_dim, self.act_dim, self.discrete) != (dm.state_dim, dm.act_dim, dm.discrete):
+        elif (self.state_dim, self.act_dim, self.discrete) != (spec.state_dim, spec.act_dim, spec.discrete):
             raise ValueError(f"{type(self).__name__} was built for state_dim={self.state_dim}, act_dim="
-                             f"{self.act_dim}, discrete={self.discrete} but the data has {dm.state_dim}, "
-                             f"{dm.act_dim}, {dm.discrete}")
-        if dm.max_episode_len > self.max_timestep:
-            raise ValueError(f"episodes of {dm.dataset} reach {dm.max_episode_len} steps > max_timestep="
+                             f"{self.act_dim}, discrete={self.discrete} but the data has {spec.state_dim}, "
+                             f"{spec.act_dim}, {spec.discrete}")
+        if spec.max_episode_len > self.max_timestep:
+            raise ValueError(f"episodes of {spec.dataset} reach {spec.max_episode_len} steps > max_timestep="
                              f"{self.max_timestep}; raise --model.max_timestep")
         if stage == "fit":
-            self.state_mean.copy_(torch.as_tensor(dm.state_mean))
-            self.state_std.copy_(torch.as_tensor(dm.state_std))
+            self.state_mean.copy_(torch.as_tensor(spec.state_mean))
+            self.state_std.copy_(torch.as_tensor(spec.state_std))
 
     # -- inputs and outputs ----------------------------------------------------------------------------------
     def prepare_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:

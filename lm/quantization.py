@@ -35,12 +35,22 @@ start QAT from::
   ``AWQConfig`` convert needs a weight tensor with activation pre-scaling, which its CPU ``intx`` format lacks.)
   Llama-style decoder layers only; o_proj is left unscaled when v_proj's width differs (grouped-query attention).
 
-QAT (:func:`prepare_qat`) swaps each quantized linear for a :class:`FixedGridFakeQuantLinear`: its forward is
-``F.linear(x, Q(w))`` on the fixed grid the PTQ method chose; its backward is the clipped straight-through
-estimator ∂L/∂w := ∂L/∂Q(w) · 1[q_min ≤ round(w/scale) ≤ q_max]. :func:`convert_qat` turns it into an
-``nn.Linear`` holding torchao's ``IntxUnpackedToInt8Tensor`` (int codes round(w/scale), one per int8, plus the
-scales; it dequantizes in the matmul on CPU and GPU) built from the same codes and scales, so the exported model
-computes exactly the fake-quantized forward (with ``QDPO(train_scales=True)`` the scales train too: LSQ).
+QAT (:func:`prepare_qat`) trains the latent full-precision weights w through Q with the clipped straight-through
+estimator ∂L/∂w := ∂L/∂Q(w) · 1[q_min ≤ round(w/scale) ≤ q_max]; :func:`convert_qat` exports the trained model as
+``nn.Linear`` layers holding torchao's ``IntxUnpackedToInt8Tensor`` (int codes round(w/scale), one per int8, plus
+the scales; it dequantizes in the matmul on CPU and GPU), computing exactly the fake-quantized forward. Which grid
+QAT trains on follows from what each quantizer's grid is a function of:
+
+- ``rtn``: the grid is a function of the weights alone (scale_g = max_{i∈g}|w_i| / ((2^b − 1)/2)), and the QDPO
+  paper trains latent weights that are *re-quantized at the end* with RTN as its main setting (docs/papers.md §4).
+  So QAT recomputes each group's RTN scale from the current latent weights at every forward (torchao's
+  ``FakeQuantizedLinear`` with ``IntxFakeQuantizeConfig``, symmetric) and the export re-applies RTN to the
+  trained weights (torchao ``QATConfig(IntxWeightOnlyConfig, step="convert")``): moving a group's largest weight
+  rescales the whole group, in training and in the export alike.
+- ``hqq``, ``gptq``, ``awq``: the grid comes from an optimiser or from calibration data and cannot be recomputed
+  from the weights alone, so the grid the PTQ method chose stays fixed during QAT (:class:`FixedGridFakeQuantLinear`,
+  latent weights initialised so that the fake-quantized model equals the PTQ model) and the export rounds the
+  trained weights onto it; with ``QDPO(train_scales=True)`` the fixed grid's scales train too (LSQ gradient).
 :func:`save_quantized` writes it with ``save_pretrained`` (safetensors and a ``TorchAoConfig``);
 ``AutoModelForCausalLM.from_pretrained(dir)`` reloads it with torchao installed.
 
@@ -148,6 +158,26 @@ def _qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+def _granularity(group_size: int | None):
+    granularity = require("torchao.quantization.granularity", "quant")
+    return granularity.PerGroup(group_size) if group_size else granularity.PerAxis(0)
+
+
+def weight_only_config(bits: int, group_size: int | None):
+    """torchao's real-quantization config of the export format (``IntxWeightOnlyConfig``, symmetric): applied to
+    float weights it is RTN; it also describes every converted model in ``config.json``."""
+    symmetric = _quant_primitives().MappingType.SYMMETRIC
+    return require("torchao.quantization", "quant").IntxWeightOnlyConfig(
+        weight_dtype=getattr(torch, f"int{bits}"), granularity=_granularity(group_size), mapping_type=symmetric)
+
+
+def fake_quantize_config(bits: int, group_size: int | None):
+    """torchao's fake-quantization config of RTN (``IntxFakeQuantizeConfig``, symmetric, scales recomputed from the
+    weights at every forward)."""
+    return require("torchao.quantization.qat", "quant").IntxFakeQuantizeConfig(
+        getattr(torch, f"int{bits}"), granularity=_granularity(group_size), is_symmetric=True)
+
+
 def quantize_codes(weight: Tensor, scale: Tensor, bits: int, block_size: tuple[int, int]) -> Tensor:
     """int8 codes clamp(round(w/scale), q_min, q_max) (torchao ``quantize_affine``, zero point 0)."""
     qmin, qmax = _qrange(bits)
@@ -241,8 +271,8 @@ class _GridSTE(torch.autograd.Function):
 
 
 class FixedGridFakeQuantLinear(nn.Linear):
-    """``nn.Linear`` whose forward multiplies by Q(weight) on a fixed per-group ``scale`` buffer (QAT; module
-    docstring); ``weight`` holds the trainable latent full-precision weights. :meth:`learn_scale` makes the scales
+    """``nn.Linear`` whose forward multiplies by Q(weight) on a fixed per-group ``scale`` buffer (QAT of the
+    hqq/gptq/awq grids; module docstring); ``weight`` holds the trainable latent full-precision weights. :meth:`learn_scale` makes the scales
     trainable too (LSQ gradient, see ``_GridSTE``); the export then holds the trained scales."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int | None,
@@ -408,8 +438,6 @@ def awq_fold_scales(model: nn.Module, config: QuantizerConfig, calibration: list
     operation's output channels ← ·1/s), which leaves the full-precision function unchanged. Returns
     ``{group's first layer: s}``."""
     AWQObserver = require("torchao.prototype.awq.core", "quant").AWQObserver
-    qa = require("torchao.quantization", "quant")
-    granularity = require("torchao.quantization.granularity", "quant")
     layers = _decoder_layers(model)
     inputs: dict[str, list[Tensor]] = {}
     hooks = []
@@ -424,9 +452,7 @@ def awq_fold_scales(model: nn.Module, config: QuantizerConfig, calibration: list
     finally:
         for h in hooks:
             h.remove()
-    base = qa.IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{config.bits}"),
-                                   granularity=granularity.PerGroup(config.group_size) if config.group_size
-                                   else granularity.PerAxis(0))
+    base = weight_only_config(config.bits, config.group_size)
     scales = {}
     with torch.no_grad():
         for prefix, layer in layers:
@@ -466,33 +492,80 @@ def ptq_grids(model: nn.Module, config: QuantizerConfig,
             grids[name] = gptq_quantize_weight(w, hessians[name], config.bits, config.group_size, config.percdamp)
         elif config.name == "hqq":
             grids[name] = (w, hqq_scale(w, config.bits, block))
-        else:  # rtn, and awq on its rescaled weights
+        else:  # rtn (its grid at these weights; QAT recomputes it, prepare_qat), and awq on its rescaled weights
             grids[name] = (w, rtn_scale(w, config.bits, block))
     return grids
 
 
 def prepare_qat(model: nn.Module, config: QuantizerConfig, calibration: list[Tensor] | None = None) -> nn.Module:
-    """Quantize ``model`` in place for QAT: the PTQ method chooses each layer's grid (:func:`ptq_grids`), and the
-    layer becomes a :class:`FixedGridFakeQuantLinear` on that grid, its latent weights initialised so that the
-    fake-quantized model equals the PTQ model. Returns ``model``."""
-    for name, (latent, scale) in ptq_grids(model, config, calibration).items():
+    """Fake-quantize ``model``'s linear layers in place for QAT (GPT-2 ``Conv1D`` converted first), on the grid
+    rule of the module docstring; at the start the fake-quantized model equals the PTQ model. Returns ``model``.
+
+    - ``rtn``: each layer becomes torchao's ``FakeQuantizedLinear`` (``quantize_(model, QATConfig(weight_config=
+      IntxFakeQuantizeConfig(...), step="prepare"))``), RTN's scales recomputed from the latent weights at every
+      forward.
+    - ``hqq``/``gptq``/``awq``: the PTQ method chooses each layer's grid (:func:`ptq_grids`; ``calibration`` token-id
+      sequences for GPTQ/AWQ) and the layer becomes a :class:`FixedGridFakeQuantLinear` on it. On a model declared
+      on the meta device (no weights) only the layers are swapped and checked: no grid can be computed there.
+    """
+    if config.name == "rtn":
+        quantize_ = require("torchao.quantization", "quant").quantize_
+        QATConfig = require("torchao.quantization.qat", "quant").QATConfig
+        conv1d_to_linear(model)
+        targets = set(quantizable_linears(model, config.group_size, config.include_lm_head))
+        quantize_(model, QATConfig(weight_config=fake_quantize_config(config.bits, config.group_size), step="prepare"),
+                  filter_fn=lambda module, fqn: fqn in targets and isinstance(module, nn.Linear))
+        return model
+    if any(p.is_meta for p in model.parameters()):
+        conv1d_to_linear(model)
+        if config.name == "awq":
+            _decoder_layers(model)
+        grids = {}
+        for name in quantizable_linears(model, config.group_size, config.include_lm_head):
+            w = model.get_submodule(name).weight
+            grids[name] = (w, torch.empty(w.shape[0], w.shape[1] // config.block_size(w.shape[1])[1], device="meta"))
+    else:
+        grids = ptq_grids(model, config, calibration)
+    for name, (latent, scale) in grids.items():
         _set_module(model, name, FixedGridFakeQuantLinear.from_linear(model.get_submodule(name), latent, scale,
                                                                       config.bits, config.group_size))
     return model
 
 
+def fake_quantized_layers(model: nn.Module) -> list[nn.Linear]:
+    """The layers :func:`prepare_qat` made: torchao ``FakeQuantizedLinear`` (rtn) or :class:`FixedGridFakeQuantLinear`."""
+    FakeQuantizedLinear = require("torchao.quantization.qat", "quant").FakeQuantizedLinear
+    return [m for m in model.modules() if isinstance(m, (FakeQuantizedLinear, FixedGridFakeQuantLinear))]
+
+
 def is_fake_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, FixedGridFakeQuantLinear) for m in model.modules())
+    return bool(fake_quantized_layers(model))
+
+
+def _rtn_spec(layer) -> tuple[int, int | None]:
+    """(bits, group_size) of a torchao ``FakeQuantizedLinear`` made by :func:`prepare_qat`."""
+    config = layer.weight_fake_quantizer.config
+    bits = next(b for b in range(2, 9) if getattr(torch, f"int{b}") == config.dtype)
+    return bits, getattr(config.granularity, "group_size", None)
 
 
 def convert_qat(model: nn.Module) -> nn.Module:
-    """Turn every :class:`FixedGridFakeQuantLinear` of ``model`` (in place) into an ``nn.Linear`` holding real
-    quantized weights on the same grid (same forward). Returns ``model``."""
-    fakes = [name for name, m in model.named_modules() if isinstance(m, FixedGridFakeQuantLinear)]
-    if not fakes:
+    """Turn every fake-quantized layer of ``model`` (in place) into an ``nn.Linear`` holding real quantized weights
+    (torchao ``IntxUnpackedToInt8Tensor``), the same forward as the fake-quantized one: RTN re-applied to the trained
+    weights for torchao's ``FakeQuantizedLinear`` (``QATConfig(IntxWeightOnlyConfig(...), step="convert")``), the
+    fixed grid for :class:`FixedGridFakeQuantLinear`. Returns ``model``."""
+    quantize_ = require("torchao.quantization", "quant").quantize_
+    qat = require("torchao.quantization.qat", "quant")
+    FakeQuantizedLinear, QATConfig = qat.FakeQuantizedLinear, qat.QATConfig
+    if not is_fake_quantized(model):
         raise ValueError("convert_qat: the model has no fake-quantized layer (run prepare_qat first)")
-    for name in fakes:
+    for name in [n for n, m in model.named_modules() if isinstance(m, FixedGridFakeQuantLinear)]:
         _set_module(model, name, model.get_submodule(name).to_quantized())
+    specs = {_rtn_spec(m) for m in model.modules() if isinstance(m, FakeQuantizedLinear)}
+    for bits, group_size in specs:
+        quantize_(model, QATConfig(weight_only_config(bits, group_size), step="convert"),
+                  filter_fn=lambda module, fqn: isinstance(module, FakeQuantizedLinear)
+                  and _rtn_spec(module) == (bits, group_size))
     return model
 
 
@@ -523,12 +596,7 @@ def save_quantized(model, path: str | Path, config: QuantizerConfig, tokenizer=N
 
     if is_fake_quantized(model):
         raise ValueError("save_quantized: the model is still fake-quantized; call convert_qat first")
-    qa = require("torchao.quantization", "quant")
-    granularity = require("torchao.quantization.granularity", "quant")
-    weight_config = qa.IntxWeightOnlyConfig(
-        weight_dtype=getattr(torch, f"int{config.bits}"),
-        granularity=granularity.PerGroup(config.group_size) if config.group_size else granularity.PerAxis(0),
-        mapping_type=_quant_primitives().MappingType.SYMMETRIC)
+    weight_config = weight_only_config(config.bits, config.group_size)
     skip = [] if config.include_lm_head else [n for n, m in model.named_modules()
                                               if m is model.get_output_embeddings()]
     hf_config = TorchAoConfig(quant_type=weight_config, modules_to_not_convert=skip)

@@ -13,7 +13,7 @@ from callbacks.oversquashing import find_causal_lm
 from cli import build_cli
 from lit_modules import CausalLM
 from lm.tokenizers import byte_tokenizer
-from tiny_models import TINY
+from tiny_models import TINY, materialized
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE_CONFIGS = sorted((ROOT / "configs" / "probes").glob("*.yaml"))
@@ -76,7 +76,7 @@ def test_sensitivity_of_weighted_mean_is_w_i_times_frobenius_norm_of_V():
 
 
 def test_sensitivity_matches_full_jacobian_on_tiny_llama():
-    lm = CausalLM(model=TINY).model
+    lm = materialized(CausalLM(model=TINY)).model
     ids = torch.tensor([5, 9, 40, 40, 7, 3])
     embeds = lm.get_input_embeddings()(ids[None]).detach()
 
@@ -90,7 +90,7 @@ def test_sensitivity_matches_full_jacobian_on_tiny_llama():
 
 
 def test_collapse_on_tiny_llama_identical_pairs_zero_and_bf16_runs():
-    lm = CausalLM(model=TINY).model
+    lm = materialized(CausalLM(model=TINY)).model
     ids = [10] * 12
     assert representational_collapse(lm, ids, ids) == 0.0
     assert representational_collapse(lm, ids, ids + [10]) > 0.0
@@ -220,6 +220,7 @@ def test_task_probe_accuracy_by_length_and_position_on_an_oracle():
 
 def test_probes_leave_training_state_grads_and_requires_grad_untouched(tmp_path):
     module = CausalLM(model=TINY)
+    module.configure_model()
     lm = module.model
     lm.train()
     batch = torch.randint(3, 50, (2, 8))
@@ -249,6 +250,7 @@ def test_probes_leave_training_state_grads_and_requires_grad_untouched(tmp_path)
 
 def test_probe_frequency_and_rank_zero_guard():
     module = CausalLM(model=TINY)
+    module.configure_model()
     probe = OverSquashingProbe(lengths=[4], num_samples=1, every_n_steps=2, on_validation=False)
     calls = []
     probe.measure = lambda model, tok: calls.append(1) or {"profiles": {4: torch.ones(4)}}
@@ -266,6 +268,7 @@ def test_probe_frequency_and_rank_zero_guard():
 
 def test_find_causal_lm_lookup():
     module = CausalLM(model=TINY)
+    module.configure_model()
     assert find_causal_lm(module) is module.model
     assert find_causal_lm(module.model) is module.model
     with pytest.raises(TypeError, match="no causal LM"):
@@ -292,7 +295,7 @@ def test_quick_config_trains_two_steps_with_probes_logging_to_tensorboard():
 
 
 def test_validate_config_runs_probes_on_a_local_model_directory(tmp_path):
-    exported = CausalLM(model=TINY).export(tmp_path / "hf_model")
+    exported = materialized(CausalLM(model=TINY)).export(tmp_path / "hf_model")
     cli = build_cli(["validate", "--config", str(ROOT / "configs/probes/probe_local_model.yaml"),
                      "--model.init_args.model", str(exported), "--trainer.enable_progress_bar", "false",
                      "--trainer.limit_val_batches", "1"])

@@ -3,6 +3,7 @@ reads, and the tokenizer hand-off goes through the protocol's attribute."""
 
 import h5py
 import numpy as np
+import pytest
 
 from datamodules import OfflineRLDataModule, PreferenceDataModule, TextDataModule
 from datamodules.common import resolve_tokenizer
@@ -51,3 +52,27 @@ def test_offline_rl_datamodule_is_an_offline_rl_source(tmp_path):
     dm.setup("fit")
     assert isinstance(dm, OfflineRLSource)
     assert (dm.state_dim, dm.act_dim) == (2, 1) and dm.state_mean.shape == dm.state_std.shape == (2,)
+    # the one object the policies read: observations 0..7 as 4 rows of 2 -> means (0+2+4+6)/4, (1+3+5+7)/4
+    assert (dm.spec.state_dim, dm.spec.act_dim, dm.spec.discrete, dm.spec.max_episode_len) == (2, 1, False, 2)
+    assert np.allclose(dm.spec.state_mean, [3.0, 4.0]) and np.allclose(dm.spec.state_std, [5 ** 0.5] * 2)
+
+
+def test_return_conditioned_policies_read_the_data_spec_and_nothing_else():
+    """RADT/DT size themselves and set their normalisation from ``datamodule.spec`` alone: a datamodule that
+    has nothing but a spec is enough."""
+    from types import SimpleNamespace
+
+    from datamodules.contract import OfflineRLSpec
+    from lit_modules import RADT
+
+    spec = OfflineRLSpec("toy", state_dim=3, act_dim=2, discrete=False, state_mean=np.array([1.0, 2.0, 3.0]),
+                         state_std=np.array([0.5, 1.0, 2.0]), max_episode_len=7)
+    module = RADT(embed_dim=16, n_layers=1, n_heads=1, max_timestep=8)
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(spec=spec))
+    module.setup("fit")
+    assert (module.state_dim, module.act_dim, module.discrete) == (3, 2, False)
+    assert module.state_mean.tolist() == [1.0, 2.0, 3.0] and module.state_std.tolist() == [0.5, 1.0, 2.0]
+    too_long = OfflineRLSpec("toy", 3, 2, False, spec.state_mean, spec.state_std, max_episode_len=9)
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(spec=too_long))
+    with pytest.raises(ValueError, match="episodes of toy reach 9 steps > max_timestep=8"):
+        module.setup("fit")

@@ -11,6 +11,7 @@ import callbacks.quantization_eval as quantization_eval
 from callbacks.quantization_eval import QuantizationEval, evaluate_against_full_precision
 from datamodules.freeform_prompts import (TEMPLATES, TOPICS, freeform_instructions, freeform_records,
                                           load_prompt_records, split_pool)
+import datamodules.qdpo_pairs as qdpo_pairs
 from datamodules.qdpo_pairs import QDPOPairsDataModule
 from lit_modules import QDPO
 from lm.hf import load_causal_lm
@@ -54,7 +55,7 @@ def test_draws_are_seeded_and_distinct_until_the_pool_runs_out():
 def fake_generation(monkeypatch):
     """FP answers "a<i>"; the quantized model agrees on every third prompt."""
     module = QDPO(model=TINY, group_size=16)
-    monkeypatch.setattr(module, "generate_answers", lambda model, prompts, **decoding: [
+    monkeypatch.setattr(qdpo_pairs, "generate_answers", lambda model, tok, prompts, **decoding: [
         f"a{i}" if model is module.full_precision or i % 3 == 0 else f"q{i}" for i in range(len(prompts))])
     return module
 

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import datamodules.qdpo_pairs as qdpo_pairs
 from datamodules.qdpo_pairs import QDPOPairsDataModule, unique_prompt_records
 from lit_modules import QDPO
 from lm.quantization import QuantizerConfig
@@ -25,13 +26,14 @@ def fake_generation(monkeypatch):
     """Replace generation: FP answers "a0", "a1", ...; the quantized model agrees on every third prompt."""
     calls = []
 
-    def fake(model, prompts, **decoding):
+    def fake(model, tokenizer, prompts, **decoding):
         calls.append(model)
         fp = model is module.full_precision
         return [f"a{i}" if fp or i % 3 == 0 else f"q{i}" for i in range(len(prompts))]
 
     module = QDPO(model=TINY, group_size=16)
-    monkeypatch.setattr(module, "generate_answers", fake)
+    module.configure_model()
+    monkeypatch.setattr(qdpo_pairs, "generate_answers", fake)
     return module, calls
 
 
@@ -95,7 +97,8 @@ def test_prompt_file_errors_name_the_line(tmp_path, fake_generation):
 
 def test_all_identical_answers_raise_a_clear_error(monkeypatch):
     module = QDPO(model=TINY, group_size=16)
-    monkeypatch.setattr(module, "generate_answers", lambda model, prompts, **decoding: ["same"] * len(prompts))
+    module.configure_model()
+    monkeypatch.setattr(qdpo_pairs, "generate_answers", lambda model, tok, prompts, **decoding: ["same"] * len(prompts))
     with pytest.raises(ValueError, match="identical answers to all .* no preference pair"):
         _attach(QDPOPairsDataModule(num_prompts=10), module).prepare_data()
 
@@ -112,6 +115,7 @@ def test_pairs_and_eval_prompt_the_full_precision_model_in_its_own_format(tmp_pa
     from lit_modules import CausalLM
 
     sft = CausalLM(model=TINY)
+    sft.configure_model()
     data = InstructionDataModule(template="Q: {instruction}\nA: ", num_examples=8, num_val=2)
     data.trainer = SimpleNamespace(lightning_module=sft)
     data.setup("fit")  # what `litpapers fit --config configs/minillm/teacher_sft.yaml` does before training
@@ -128,7 +132,8 @@ def test_pairs_and_eval_prompt_the_full_precision_model_in_its_own_format(tmp_pa
         return answers
 
     module = QDPO(model=str(tmp_path / "teacher"), group_size=16)
-    monkeypatch.setattr(module, "generate_answers", lambda model, prompts, **decoding: oracle(model, None, prompts))
+    module.configure_model()
+    monkeypatch.setattr(qdpo_pairs, "generate_answers", oracle)
     monkeypatch.setattr(quantization_eval, "generate_answers", oracle)
     dm = _attach(QDPOPairsDataModule(num_prompts=60, prompt_seed=1, val_fraction=0.0), module)
     dm.setup("fit")
@@ -156,6 +161,7 @@ def test_builtin_teacher_pairs_pass_the_checker_at_its_own_eval_rate(root):
         teacher = "checkpoints/minillm_teacher"
         ensure_built_in(teacher)
     module = QDPO(model=str(teacher))
+    module.configure_model()
     dm = _attach(QDPOPairsDataModule(num_prompts=300, prompt_seed=12345, max_new_tokens=16, val_fraction=0.0), module)
     rows = dm.records()
     examples = [r["example"] for r in rows]

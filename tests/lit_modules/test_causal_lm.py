@@ -5,12 +5,13 @@ import torch
 
 from lit_modules import CausalLM
 from lm.hf import check_same_vocabulary, load_causal_lm
-from tiny_models import TINY
+from tiny_models import TINY, materialized
 
 
 
 def test_loss_is_mean_next_token_nll_over_non_padding_targets():
     module = CausalLM(model=TINY)
+    module.configure_model()
     ids = torch.tensor([[10, 11, 12, 13], [20, 21, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     loss, logits, _ = module._loss_and_logits({"input_ids": ids, "attention_mask": mask})
@@ -23,8 +24,10 @@ def test_loss_is_mean_next_token_nll_over_non_padding_targets():
 
 def test_export_round_trip_gives_identical_logits(tmp_path):
     module = CausalLM(model=TINY, init_seed=7)
+    module.configure_model()
     module.export(tmp_path / "m")
     again = CausalLM(model=str(tmp_path / "m"))
+    again.configure_model()
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.allclose(module(ids).logits, again(ids).logits, atol=1e-6)
@@ -32,7 +35,7 @@ def test_export_round_trip_gives_identical_logits(tmp_path):
 
 
 def test_init_seed_makes_random_init_reproducible():
-    a, b, c = CausalLM(model=TINY, init_seed=1), CausalLM(model=TINY, init_seed=1), CausalLM(model=TINY, init_seed=2)
+    a, b, c = (materialized(CausalLM(model=TINY, init_seed=seed)) for seed in (1, 1, 2))
     wa, wb, wc = (m.model.lm_head.weight for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
 
@@ -52,6 +55,7 @@ def test_bad_model_specs_raise_clear_errors(tmp_path):
 
 def test_weight_decay_groups_exclude_vectors():
     module = CausalLM(model=TINY, weight_decay=0.1)
+    module.configure_model()
     decayed, plain = module.parameter_groups()
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])

@@ -66,6 +66,7 @@ def make_batch(pairs=PAIRS):
 
 def test_module_logps_match_unpadded_per_sequence_computation():
     module = DPO(model=TINY, init_seed=3)
+    module.configure_model()
     _, batch = make_batch()
     chosen, rejected = module.concatenated_logps(module.policy, batch)
     tok = lambda s: [b + 3 for b in s.encode()]  # noqa: E731
@@ -81,6 +82,7 @@ def test_module_logps_match_unpadded_per_sequence_computation():
 
 def test_reference_is_frozen_copy_loss_starts_at_log2_and_only_policy_trains():
     module = DPO(model=TINY, loss="sigmoid", beta=0.1)
+    module.configure_model()
     _, batch = make_batch()
     loss, metrics = module.compute_loss(batch)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
@@ -101,6 +103,7 @@ def test_reference_is_frozen_copy_loss_starts_at_log2_and_only_policy_trains():
 def test_toy_training_raises_chosen_lowers_rejected(loss):
     torch.manual_seed(0)
     module = DPO(model=TINY, loss=loss, beta=0.1, init_seed=1)
+    module.configure_model()
     _, batch = make_batch()
     opt = torch.optim.Adam([p for _, p in module.trainable_parameters()], lr=3e-3)
     for _ in range(5):
@@ -121,8 +124,10 @@ def test_bad_loss_or_kwargs_fail_at_construction():
 
 def test_reference_from_path(tmp_path):
     sft = CausalLM(model=TINY, init_seed=5)
+    sft.configure_model()
     sft.export(tmp_path / "sft")
     module = DPO(model=str(tmp_path / "sft"), ref_model=str(tmp_path / "sft"))
+    module.configure_model()
     _, batch = make_batch()
     assert module.compute_loss(batch)[0].item() == pytest.approx(math.log(2), abs=1e-6)
 
@@ -137,8 +142,10 @@ def fit(module, dm, steps=2):
 def test_precomputed_reference_matches_live_reference_and_is_cached(tmp_path, monkeypatch):
     dm = PreferenceDataModule(num_examples=24, batch_size=4, val_fraction=0.25)
     module = DPO(model=TINY, init_seed=2, precompute_ref_logps=True, ref_cache_dir=str(tmp_path / "c"))
+    module.configure_model()
     assert module.ref_model is None
     live = DPO(model=TINY, init_seed=2)  # same initial policy, reference kept in memory
+    live.configure_model()
     fit(module, dm)
     assert module.ref_model is None
     table = module.ref_logps_table
@@ -149,16 +156,19 @@ def test_precomputed_reference_matches_live_reference_and_is_cached(tmp_path, mo
     assert len(list((tmp_path / "c").glob("*.pt"))) == 1
 
     again = DPO(model=TINY, init_seed=2, precompute_ref_logps=True, ref_cache_dir=str(tmp_path / "c"))
+    again.configure_model()
     monkeypatch.setattr(DPO, "compute_ref_logps_table", lambda *a: pytest.fail("cache not used"))
     fit(again, PreferenceDataModule(num_examples=24, batch_size=4, val_fraction=0.25), steps=1)
     assert torch.equal(again.ref_logps_table, table)
     other = DPO(model=TINY, init_seed=9, precompute_ref_logps=True, ref_cache_dir=str(tmp_path / "c"))
+    other.configure_model()
     with pytest.raises(pytest.fail.Exception, match="cache not used"):  # other weights -> other key
         fit(other, PreferenceDataModule(num_examples=24, batch_size=4, val_fraction=0.25), steps=1)
 
 
 def test_reference_logps_supplied_by_the_batch():
     module = DPO(model=TINY)
+    module.configure_model()
     _, batch = make_batch()
     batch["ref_chosen_logps"] = torch.tensor([-1.0, -2.0])
     batch["ref_rejected_logps"] = torch.tensor([-3.0, -4.0])
@@ -187,6 +197,7 @@ def test_custom_loss_by_module_path_with_kwargs(tmp_path, monkeypatch):
         "    return -F.logsigmoid(beta * ((pc - pr) - (rc - rr)) - gamma)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     module = DPO(model=TINY, loss="my_dpo_losses:shifted", loss_kwargs={"gamma": 0.3})
+    module.configure_model()
     _, batch = make_batch()
     loss, _ = module.compute_loss(batch)  # policy = reference: z = 0, loss = −log σ(−0.3)
     assert loss.item() == pytest.approx(math.log1p(math.exp(0.3)), abs=1e-6)
@@ -194,6 +205,7 @@ def test_custom_loss_by_module_path_with_kwargs(tmp_path, monkeypatch):
 
 def test_validate_alone_precomputes_reference(tmp_path):
     module = DPO(model=TINY, precompute_ref_logps=True, ref_cache_dir=str(tmp_path))
+    module.configure_model()
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = trainer.validate(module, datamodule=PreferenceDataModule(num_examples=20, val_fraction=0.5),
                                verbose=False)[0]
@@ -205,6 +217,7 @@ def test_left_padded_batches_keep_their_mask_and_give_the_same_logps():
     from lit_modules.dpo import is_right_padded
 
     module = DPO(model=TINY, init_seed=4)
+    module.configure_model()
     _, batch = make_batch()
     assert is_right_padded(batch["attention_mask"])
     right = torch.cat(module.concatenated_logps(module.policy, batch))
@@ -230,6 +243,7 @@ def test_ipo_uses_per_token_mean_logps_by_default_summed_as_option():
     expected = {None: (math.log(2) - 1) ** 2, True: (math.log(2) - 1) ** 2, False: (math.log(4) - 1) ** 2}
     for length_normalize, want in expected.items():
         module = DPO(model=TINY, loss="ipo", beta=0.5, length_normalize=length_normalize)
+        module.configure_model()
         module.forward_logits = lambda model, batch: logits
         assert module.compute_loss(batch)[0].item() == pytest.approx(want, rel=1e-12)
     assert DPO(model=TINY, loss="sigmoid").length_normalize is False  # other losses keep summed log-probs

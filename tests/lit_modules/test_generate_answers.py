@@ -90,6 +90,7 @@ def _forbid_hf_generate(monkeypatch, model):
 
 def test_qdpo_pairs_are_the_hf_generate_greedy_answers_of_both_models(monkeypatch):
     module = QDPO(model=TINY, group_size=16, bits=2)
+    module.configure_model()
     dm = QDPOPairsDataModule(num_prompts=24, max_new_tokens=8, generation_batch_size=5, val_fraction=0.0)
     dm.trainer = SimpleNamespace(lightning_module=module, strategy=SimpleNamespace(root_device=torch.device("cpu")))
     _forbid_hf_generate(monkeypatch, module.full_precision)
@@ -106,6 +107,7 @@ def test_quantization_eval_numbers_are_those_of_hf_generate_answers(monkeypatch)
     from datamodules.instruction_tasks import generate_examples
 
     module = QDPO(model=TINY, group_size=16, bits=2)
+    module.configure_model()
     records = [{"prompt": f"Q: {ex['instruction']}\nA: ", **ex} for ex in generate_examples(12, seed=3)]
     _forbid_hf_generate(monkeypatch, module.full_precision)
     ours = evaluate_against_full_precision(module.full_precision, module.policy, module.tokenizer, records,

@@ -14,13 +14,13 @@ from datamodules import InstructionDataModule
 from lit_modules import MiniLLM
 from lit_modules.minillm import gather_logprobs, minillm_loss, whiten
 from lm.sampling import response_logits
-from tiny_models import TINY
+from tiny_models import TINY, materialized
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "minillm"
 
 
 def _module(**kw) -> MiniLLM:
-    return MiniLLM(student=TINY, teacher=TINY | {"hidden_size": 48}, **({"max_new_tokens": 4} | kw))
+    return materialized(MiniLLM(student=TINY, teacher=TINY | {"hidden_size": 48}, **({"max_new_tokens": 4} | kw)))
 
 
 def _batch(pretrain: bool) -> dict:

@@ -46,6 +46,7 @@ def test_vocabulary_mismatch_and_bad_arguments_are_clear_errors():
 def test_teacher_is_frozen_out_of_optimizer_and_checkpoint(tmp_path):
     module = MiniLLM(student=TINY, teacher=TINY | {"hidden_size": 48}, objective="minillm", ppo_epochs=3,
                      max_new_tokens=4, lm_coef=0.5)
+    module.configure_model()
     teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     data = InstructionDataModule(num_examples=24, num_val=4, batch_size=4, max_response_length=4, pretrain=True,
                                  pretrain_block_size=16)
@@ -70,9 +71,11 @@ def test_teacher_is_frozen_out_of_optimizer_and_checkpoint(tmp_path):
 
 def test_export_dir_round_trips_as_a_student(tmp_path):
     module = MiniLLM(student=TINY, teacher=None, objective="sft", export_dir=str(tmp_path / "student"))
+    module.configure_model()
     _trainer(max_steps=1, limit_val_batches=0).fit(module, InstructionDataModule(num_examples=12, num_val=2,
                                                                                    batch_size=4))
     again = MiniLLM(student=str(tmp_path / "student"), teacher=str(tmp_path / "student"), objective="kd")
+    again.configure_model()
     assert again.model.training and not again.teacher.training
     for k, v in module.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[k], v)

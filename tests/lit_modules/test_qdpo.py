@@ -14,7 +14,7 @@ from lit_modules import QDPO
 from lm.hf import load_causal_lm
 from lm.quantization import QuantizerConfig, quantize, quantize_rtn
 from lm.tokenizers import byte_tokenizer
-from tiny_models import TINY
+from tiny_models import TINY, materialized
 
 
 
@@ -32,15 +32,17 @@ def test_token_flip_stats_hand_computed():
 
 def test_policy_starts_as_rtn_and_only_it_trains():
     module = QDPO(model=TINY, bits=4, group_size=16)
+    module.configure_model()
     ids = torch.randint(3, 259, (2, 10))
     with torch.no_grad():
         rtn = quantize_rtn(module.full_precision, bits=4, group_size=16)
         assert torch.equal(module.policy.eval()(ids).logits, rtn(ids).logits)
     assert not any(p.requires_grad for p in module.full_precision.parameters())
     trainable = {id(p) for _, p in module.trainable_parameters()}
-    quantized = [m.weight for m in module.policy.modules() if type(m).__name__ == "FixedGridFakeQuantLinear"]
+    quantized = [m.weight for m in module.policy.modules() if type(m).__name__ == "FakeQuantizedLinear"]
     assert len(quantized) == 7 and trainable == {id(p) for p in quantized}  # q,k,v,o,gate,up,down; not lm_head
     everything = QDPO(model=TINY, bits=4, group_size=16, train_quantized_only=False)
+    everything.configure_model()
     assert {id(p) for _, p in everything.trainable_parameters()} == {id(p) for p in everything.policy.parameters()}
     assert module.ref_model is None and module.precompute_ref_logps  # reference = precomputed initial policy
 
@@ -69,6 +71,7 @@ def test_bad_arguments_are_clear(tmp_path):
     ({"quantizer": "hqq", "bits": 1}, "quantizer bits=1 is not supported by 'hqq'"),
     ({"group_size": 0}, "quantizer group_size must be an integer >= 2"),
     ({"quantizer": "gptq", "quantizer_options": {"calibration_prompts": 8}}, "quantizer_options has unknown key"),
+    ({"train_scales": True}, "train_scales=True needs a fixed-grid quantizer .* 'rtn' recomputes its scales"),
 ])
 def test_bad_quantizer_options_fail_before_any_model_is_loaded(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):  # not the FileNotFoundError of the missing model
@@ -77,7 +80,8 @@ def test_bad_quantizer_options_fail_before_any_model_is_loaded(kwargs, message, 
 
 @pytest.mark.parametrize("name", ["hqq", "gptq", "awq"])
 def test_policy_starts_as_the_quantizers_ptq_model_and_exports_it(name, tmp_path):
-    module = QDPO(model=TINY, quantizer=name, bits=3, group_size=16, quantizer_options={"calibration_size": 4})
+    module = materialized(QDPO(model=TINY, quantizer=name, bits=3, group_size=16,
+                               quantizer_options={"calibration_size": 4}))
     config = QuantizerConfig(name, 3, 16, calibration_size=4)
     assert module.quantizer == config and len(module.calibration_prompts()) == (4 if config.calibrated else 0)
     ids = torch.randint(3, 259, (2, 10))
@@ -145,6 +149,7 @@ def test_precomputed_reference_logps_are_the_rtn_models_live_logps(tmp_path):
     from datamodules.qdpo_pairs import QDPOPairsDataModule
 
     module = QDPO(model={}, bits=3, group_size=32, ref_cache_dir=str(tmp_path / "ref"))
+    module.configure_model()
     dm = QDPOPairsDataModule(num_prompts=40, max_new_tokens=6, batch_size=4, val_fraction=0.25)
     L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, dm)
@@ -179,18 +184,19 @@ def test_default_fp_path_is_trained_before_its_tokenizer_and_format_are_read(mon
 
     monkeypatch.setattr(builtin.subprocess, "run", fake_fit)
     module = QDPO(model="checkpoints/minillm_teacher", group_size=16)
+    module.configure_model()
     assert model_prompt_template(module.tokenizer) == "Q: {instruction}\nA: "
 
 
 def test_trained_scales_are_trainable_and_exported(tmp_path):
-    module = QDPO(model=TINY, bits=3, group_size=16, train_scales=True)
+    module = materialized(QDPO(model=TINY, quantizer="hqq", bits=3, group_size=16, train_scales=True))
     trainable = dict(module.trainable_parameters())
     assert sum(n.endswith(".scale") for n in trainable) == 7 and len(trainable) == 14
     ids = torch.randint(3, 259, (2, 10))
     opt = torch.optim.SGD(trainable.values(), lr=0.05)
     module.policy(ids, labels=ids).loss.backward()
     opt.step()
-    start = quantize_rtn(module.full_precision, bits=3, group_size=16)
+    start = quantize(module.full_precision, QuantizerConfig("hqq", 3, 16))
     with torch.no_grad():
         policy = module.policy.eval()(ids).logits
         assert not torch.equal(policy, start(ids).logits)

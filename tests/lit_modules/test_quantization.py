@@ -1,6 +1,6 @@
-"""Weight-only quantizers (lm/quantization.py): the fixed grids of RTN/HQQ/GPTQ/AWQ against independent math and
-GPTQ's reference implementation, straight-through gradients on a fixed grid, QAT → export → reload equality for
-every quantizer, GPT-2 Conv1D, bad input."""
+"""Weight-only quantizers (lm/quantization.py): the grids of RTN/HQQ/GPTQ/AWQ against independent math and GPTQ's
+reference implementation, RTN's grid recomputed from the latent weights vs the fixed grids of the others,
+straight-through gradients, QAT → export → reload equality for every quantizer, GPT-2 Conv1D, bad input."""
 
 import copy
 import json
@@ -12,8 +12,8 @@ from torch import nn
 
 from lm.hf import load_causal_lm
 from lm.quantization import (QUANTIZERS, FixedGridFakeQuantLinear, QuantizerConfig, awq_fold_scales,
-                             conv1d_to_linear, convert_qat, gptq_quantize_weight, prepare_qat, ptq_grids,
-                             quantize, quantize_rtn, save_quantized)
+                             conv1d_to_linear, convert_qat, fake_quantized_layers, gptq_quantize_weight, prepare_qat,
+                             ptq_grids, quantize, quantize_rtn, save_quantized)
 from tiny_models import TINY
 
 FIXTURES = Path(__file__).with_name("fixtures")
@@ -24,6 +24,11 @@ def _linear(weight: torch.Tensor) -> nn.Sequential:
     with torch.no_grad():
         lin.weight.copy_(weight)
     return nn.Sequential(lin)
+
+
+def _on_grid(latent: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int | None) -> nn.Sequential:
+    """One :class:`FixedGridFakeQuantLinear` with these latent weights on this grid."""
+    return nn.Sequential(FixedGridFakeQuantLinear.from_linear(_linear(latent)[0], latent, scale, bits, group_size))
 
 
 def _effective_weight(model: nn.Module, in_features: int) -> torch.Tensor:
@@ -48,11 +53,11 @@ def test_int4_symmetric_group_rtn_exact_values():
     w = torch.tensor([[1.875, -0.3, 0.6, 0.1, -0.9375, 0.2, 0.33, -0.05]])
     expected = torch.tensor([[1.75, -0.25, 0.5, 0.0, -1.0, 0.25, 0.375, 0.0]])
     model = prepare_qat(_linear(w), QuantizerConfig("rtn", 4, 4))
-    assert torch.equal(model[0].scale, torch.tensor([[0.25, 0.125]]))
     assert torch.equal(_effective_weight(model, 8), expected)
     convert_qat(model)  # real int codes + scales compute the same weight
     assert torch.equal(_effective_weight(model, 8), expected)
     assert model[0].weight.qdata.tolist() == [[7, -1, 2, 0, -8, 2, 3, 0]]
+    assert torch.equal(model[0].weight.scale.reshape(1, 2), torch.tensor([[0.25, 0.125]]))
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (4, None), (8, 32), (3, 16), (2, 16)])
@@ -72,9 +77,43 @@ def test_rtn_error_is_at_most_half_a_step_per_group(bits, group_size):
     assert not torch.equal(q, w)
 
 
-def test_grid_stays_fixed_and_straight_through_gradient_is_clipped_to_it():
-    w = torch.tensor([[1.875, -0.3, 0.6, 0.1]])  # scale 0.25 (max/7.5), codes [7, -1, 2, 0]
+def test_rtn_recomputes_its_scale_from_the_latent_weights_in_training_and_export():
+    """RTN's grid is a function of the weights: a latent update past the group's old maximum rescales the group in
+    the fake-quantized forward and in the export alike (a fixed grid would keep scale 0.25 and give
+    [1.75, −2.0, 0.5, −0.25])."""
+    w = torch.tensor([[1.875, -0.3, 0.6, 0.1]])  # scale 1.875/7.5 = 0.25
     model = prepare_qat(_linear(w), QuantizerConfig("rtn", 4, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[3.75, -2.1, 0.62, -0.13]]))
+    # new scale 3.75/7.5 = 0.5: w/s = [7.5, −4.2, 1.24, −0.26] -> codes [7 (8 clamped), −4, 1, 0]
+    expected = torch.tensor([[3.5, -2.0, 0.5, 0.0]])
+    assert torch.equal(_effective_weight(model, 4), expected)
+    convert_qat(model)
+    assert torch.equal(model[0].weight.scale.reshape(1, 1), torch.tensor([[0.5]]))
+    assert torch.equal(_effective_weight(model, 4), expected)
+
+
+def test_rtn_straight_through_gradient_reaches_latent_weights():
+    torch.manual_seed(0)
+    w = torch.randn(6, 8)
+    model = prepare_qat(_linear(w), QuantizerConfig("rtn", 4, 4))
+    x, c = torch.randn(5, 8), torch.randn(5, 6)
+    (model(x) * c).sum().backward()
+    # y = x·Q(w)ᵀ, L = Σ c∘y  =>  ∂L/∂Q(w) = cᵀx; the STE passes it unchanged to the latent weight...
+    latent, expected = model[0].weight, c.t() @ x
+    # ...except where torchao's clipped STE masks it: only a group's positive maximum can clip
+    # (max/scale = 7.5 may round to 8 > q_max = 7), so every other entry must match exactly.
+    groups = w.view(6, 2, 4)
+    clippable = ((groups == groups.abs().amax(-1, keepdim=True)) & (groups > 0)).view(6, 8)
+    assert torch.allclose(latent.grad[~clippable], expected[~clippable], atol=1e-5)
+    at_max = latent.grad[clippable]
+    assert bool(((at_max == 0) | torch.isclose(at_max, expected[clippable], atol=1e-5)).all())
+    assert torch.equal(latent.detach(), w)  # the latent fp weights are kept, only the forward is quantized
+
+
+def test_fixed_grid_stays_fixed_and_straight_through_gradient_is_clipped_to_it():
+    w = torch.tensor([[1.875, -0.3, 0.6, 0.1]])  # scale 0.25 (max/7.5), codes [7, -1, 2, 0]
+    model = _on_grid(w, torch.tensor([[0.25]]), 4, 4)
     layer = model[0]
     with torch.no_grad():  # a latent update that RTN would answer with a new scale (max 3.0 -> 0.4)
         layer.weight.copy_(torch.tensor([[3.0, -2.1, 0.62, -0.13]]))
@@ -87,11 +126,12 @@ def test_grid_stays_fixed_and_straight_through_gradient_is_clipped_to_it():
     expected = (c.t() @ x) * torch.tensor([[0.0, 1.0, 1.0, 1.0]])
     assert torch.allclose(layer.weight.grad, expected, atol=1e-6)
     assert torch.equal(layer.scale, torch.tensor([[0.25]]))
+    assert torch.equal(_effective_weight(convert_qat(model), 4), torch.tensor([[1.75, -2.0, 0.5, -0.25]]))
 
 
 def test_learned_scale_gets_the_lsq_gradient_and_is_exported():
     w = torch.tensor([[1.875, -0.3, 0.6, 0.1]])  # scale 0.25: w/s = [7.5, -1.2, 2.4, 0.4], codes [7 (8), -1, 2, 0]
-    model = prepare_qat(_linear(w), QuantizerConfig("rtn", 4, 4))
+    model = _on_grid(w, torch.tensor([[0.25]]), 4, 4)
     model[0].learn_scale()
     assert isinstance(model[0].scale, nn.Parameter) and "0.scale" in model.state_dict()
     x, c = torch.randn(5, 4), torch.randn(5, 1)
@@ -124,10 +164,7 @@ def test_gptq_matches_the_reference_implementation():
         group = None if case["groupsize"] == -1 else case["groupsize"]
         latent, scale = gptq_quantize_weight(weight, observed.hessian, case["bits"], group,
                                              lazy_block=case["blocksize"])
-        model = prepare_qat(_linear(weight), QuantizerConfig("rtn", case["bits"], group))
-        with torch.no_grad():
-            model[0].weight.copy_(latent)
-            model[0].scale.copy_(scale)
+        model = _on_grid(latent, scale, case["bits"], group)
         ours, expected = _effective_weight(model, 32), torch.tensor(case["quantized"])
         assert torch.allclose(ours, expected, atol=1e-5), case
         rtn = _effective_weight(prepare_qat(_linear(weight), QuantizerConfig("rtn", case["bits"], group)), 32)
@@ -149,11 +186,7 @@ def test_gptq_output_error_and_hqq_weight_error_are_below_rtn(bits):
     w, x = torch.randn(32, 64), _calibration_inputs(64)
     rtn = _effective_weight(prepare_qat(_linear(w), QuantizerConfig("rtn", bits, 16)), 64)
     latent, scale = gptq_quantize_weight(w, 2 / 256 * x.t() @ x, bits, 16)
-    gptq = prepare_qat(_linear(w), QuantizerConfig("rtn", bits, 16))
-    with torch.no_grad():
-        gptq[0].weight.copy_(latent)
-        gptq[0].scale.copy_(scale)
-    gptq = _effective_weight(gptq, 64)
+    gptq = _effective_weight(_on_grid(latent, scale, bits, 16), 64)
     assert ((x @ (w - gptq).t()) ** 2).sum() < ((x @ (w - rtn).t()) ** 2).sum()
     hqq = _effective_weight(prepare_qat(_linear(w), QuantizerConfig("hqq", bits, 16)), 64)
     assert ((w - hqq) ** 2).sum() < ((w - rtn) ** 2).sum()
@@ -214,24 +247,30 @@ def test_trained_fake_quantized_model_equals_the_exported_and_reloaded_one(name,
     with torch.no_grad():
         assert torch.equal(fake(ids).logits, ptq(ids).logits)  # QAT starts from the PTQ model
         assert (fake(ids).logits - fp(ids).logits).abs().max() > 1e-4
-    latents = [p for n, p in fake.named_parameters() if n.endswith("proj.weight")]
-    assert latents and all(isinstance(fake.get_submodule(n.rsplit(".", 1)[0]), FixedGridFakeQuantLinear)
-                           for n, _ in fake.named_parameters() if n.endswith("proj.weight"))
-    scales = [m.scale.clone() for m in fake.modules() if isinstance(m, FixedGridFakeQuantLinear)]
+    layers = fake_quantized_layers(fake)
+    latents = [m.weight for m in layers]
+    assert len(layers) == 7 and all(isinstance(m, FixedGridFakeQuantLinear) == (name != "rtn") for m in layers)
+    scales = [m.scale.clone() for m in layers if name != "rtn"]
     opt = torch.optim.SGD(latents, lr=0.5)
     for _ in range(2):  # train through the fake quantizer until some code moves
         opt.zero_grad()
         fake(ids, labels=ids).loss.backward()
         opt.step()
     fake.eval()
-    assert all(torch.equal(a, m.scale) for a, m in
-               zip(scales, [m for m in fake.modules() if isinstance(m, FixedGridFakeQuantLinear)]))
+    assert all(torch.equal(a, m.scale) for a, m in zip(scales, layers))  # hqq/gptq/awq: the PTQ grid stays
     with torch.no_grad():
         trained = fake(ids).logits
         assert not torch.equal(trained, ptq(ids).logits)
         real = convert_qat(copy.deepcopy(fake))
         assert torch.equal(real(ids).logits, trained)
-    assert type(real.model.layers[0].mlp.up_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    up = real.model.layers[0].mlp.up_proj.weight
+    if name == "rtn":  # the export's scales are RTN's of the trained latent weights: max|w_g| / 3.5 at 3 bits
+        trained_up = fake.model.layers[0].mlp.up_proj.weight.detach()
+        rtn_scale = trained_up.view(trained_up.shape[0], -1, 16).abs().amax(-1) / 3.5
+        assert torch.allclose(up.scale.reshape(rtn_scale.shape), rtn_scale, rtol=1e-6)
+        start = fp.model.layers[0].mlp.up_proj.weight.detach()
+        assert not torch.allclose(rtn_scale, start.view(start.shape[0], -1, 16).abs().amax(-1) / 3.5, rtol=1e-6)
+    assert type(up).__name__ == "IntxUnpackedToInt8Tensor"
     assert isinstance(real.lm_head.weight, nn.Parameter)  # lm_head kept in full precision
     loaded = load_causal_lm(str(save_quantized(real, tmp_path / name, config)))
     assert type(loaded.model.layers[0].self_attn.q_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"

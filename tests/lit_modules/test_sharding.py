@@ -179,13 +179,21 @@ def test_single_device_and_ddp_paths_do_not_shard():
 
 @pytest.mark.parametrize("kind", ["causal_lm", "dpo", "minillm_kd"])
 def test_networks_are_built_by_configure_model_once(kind, tmp_path):
-    """The constructor builds no network; configure_model builds them, and again is a no-op (Lightning calls
-    it at every fit/validate and in load_from_checkpoint); a checkpoint loads into the rebuilt networks."""
+    """The constructor declares every network on the meta device (architecture, no memory); configure_model
+    materialises them, and again is a no-op (Lightning calls it at every fit/validate and in
+    load_from_checkpoint); a checkpoint loads into the materialised networks. Using a declared network is one
+    clear error naming configure_model."""
     module = w.build(kind)[0]
-    assert module.__dict__["_modules"].keys() <= {"val_loss", "val_ppl", "val_metrics", "val_rouge", "val_length"}
+    names = module.trainable_networks + module.frozen_networks
+    declared = {n: getattr(module, n) for n in names}
+    assert all(isinstance(net, torch.nn.Module) for net in declared.values())
+    assert all(p.is_meta for net in declared.values() for p in net.parameters())
+    assert not module.networks_materialized
+    with pytest.raises(RuntimeError, match=r"call module.configure_model\(\) first"):
+        getattr(module, names[0])(torch.zeros(1, 3, dtype=torch.long))
     module.configure_model()
-    networks = {n: module.__dict__["_modules"].get(n) for n in module.trainable_networks + module.frozen_networks}
-    assert all(isinstance(net, torch.nn.Module) for net in networks.values())
+    networks = {n: getattr(module, n) for n in names}
+    assert module.networks_materialized and not any(p.is_meta for net in networks.values() for p in net.parameters())
     module.configure_model()
     assert all(module.__dict__["_modules"].get(n) is net for n, net in networks.items())
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
