@@ -13,15 +13,19 @@ full. The evaluation results of every seed are also written as TensorBoard runs 
 
 Quantizer grid (issue 25): does QDPO still help once a stronger post-training quantizer has closed part of the gap,
 and more where RTN collapses (low bits)? For each quantizer × bits cell of :data:`GRID` (group 32), the same
-experiment with that quantizer's PTQ model as the baseline and as QDPO's fixed grid (``lm/quantization.py``;
+experiment with that quantizer's PTQ model as the baseline and as QDPO's start (``lm/quantization.py``: ``rtn``
+trains with RTN's scales recomputed from the latent weights, ``hqq``/``gptq``/``awq`` on the PTQ grid kept fixed;
 GPTQ/AWQ calibrated on built-in training-side prompts, never the evaluated ones): one token-flip claim per cell,
 QDPO vs that PTQ model alone, paired by seed, and the cell's FP / PTQ / QDPO means in ``settings.quantizer_grid``.
-The RTN int4 cell is the main experiment's first seeds.
+The RTN int4 cell is the main experiment's first seeds. ``python -m benchmarks.claim_qdpo --update-docs RESULTS_JSON``
+writes the grid's table and per-cell answer into docs/qdpo.md (:func:`quantizer_table`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import statistics
 from pathlib import Path
 
@@ -131,3 +135,72 @@ def quantizer_grid(mode: str, main_runs: list[dict], s: dict, out_dir: Path, pro
             cells[cell] = {name: {key: [r["results"][src][key] for r in runs] for key, _, _ in METRICS}
                            for name, src in (("fp", "fp"), ("ptq", "rtn"), ("qdpo", "qdpo"))}
     return cells
+
+
+# ------------------------------------------------------------------------------ docs/qdpo.md's quantizer table
+DOC_BEGIN, DOC_END = "<!-- qdpo quantizer grid: begin (generated) -->", "<!-- qdpo quantizer grid: end -->"
+
+
+def grid_rows(result: dict) -> list[dict]:
+    """One row per quantizer × bits cell of a qdpo result (``results.json``'s ``papers.qdpo``): per-seed means of
+    every metric for FP, PTQ and PTQ + QDPO, and the token-flip claim QDPO vs PTQ by the report's rule —
+    d = mean(PTQ − QDPO) flip rate (lower is better), s = :func:`~benchmarks.claim_common.paired_spread`, verdict
+    :func:`benchmarks.reproduce.verdict`."""
+    from benchmarks.reproduce import verdict
+
+    rows = []
+    for cell, g in result["settings"]["quantizer_grid"]["per_seed"].items():
+        quantizer, bits = cell.rsplit("-int", 1)
+        means = {name: {key: statistics.mean(g[name][key]) for key, _, _ in METRICS} for name in ("fp", "ptq", "qdpo")}
+        ours, ptq = g["qdpo"]["flip_rate"], g["ptq"]["flip_rate"]
+        spread = paired_spread(ours, ptq)
+        rows.append({"quantizer": quantizer, "bits": int(bits), "seeds": len(ours), **means,
+                     "d": statistics.mean(ptq) - statistics.mean(ours), "spread": spread,
+                     "verdict": verdict(statistics.mean(ours), statistics.mean(ptq), False, spread)})
+    return rows
+
+
+def quantizer_table(result: dict, source: str) -> str:
+    """docs/qdpo.md's quantizer section from a qdpo result: the table of :func:`grid_rows` and the answer per cell,
+    ``source`` naming the results file it came from."""
+    fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = grid_rows(result)
+    lines = [f"Generated from `{source}` by `python -m benchmarks.claim_qdpo --update-docs {source}`. Token-flip rate "
+             "vs the FP model's greedy answers on held-out prompts (lower is better); d = PTQ − (PTQ + QDPO), "
+             "s = standard deviation over seeds of the paired difference; verdict: reproduced if d > 2s, not "
+             "reproduced if d < −2s, else inconclusive (the report's rule). Group size 32, `lm_head` in full "
+             "precision; FP log-lik = the FP model's mean per-token log-likelihood of the answers, check = valid-answer "
+             "rate of the task checker.", "",
+             "| quantizer | bits | seeds | flip FP | flip PTQ | flip +QDPO | d ± s | verdict | FP log-lik PTQ → +QDPO "
+             "| check PTQ → +QDPO |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['quantizer']} | {r['bits']} | {r['seeds']} | {fmt(r['fp']['flip_rate'])} | "
+                     f"{fmt(r['ptq']['flip_rate'])} | {fmt(r['qdpo']['flip_rate'])} | {fmt(r['d'])} ± "
+                     f"{fmt(r['spread'])} | {r['verdict']} | {fmt(r['ptq']['fp_loglik'])} → "
+                     f"{fmt(r['qdpo']['fp_loglik'])} | {fmt(r['ptq']['check_score'])} → "
+                     f"{fmt(r['qdpo']['check_score'])} |")
+    lines.append("")
+    for label in ("reproduced", "not reproduced", "inconclusive"):
+        cells = [f"{r['quantizer']} int{r['bits']}" for r in rows if r["verdict"] == label]
+        lines.append(f"- QDPO's gain over its PTQ start (token flips) **{label}**: {', '.join(cells) or 'none'}.")
+    return "\n".join(lines)
+
+
+def update_docs(results_json: Path, doc: Path) -> None:
+    """Rewrite the generated quantizer block of ``doc`` from the qdpo entry of the report ``results_json``."""
+    from benchmarks.claim_real import fill_block
+
+    result = json.loads(Path(results_json).read_text())["papers"]["qdpo"]
+    fill_block(Path(doc), DOC_BEGIN, DOC_END, quantizer_table(result, Path(results_json).as_posix()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="write docs/qdpo.md's quantizer table from a committed report")
+    parser.add_argument("--update-docs", type=Path, required=True, metavar="RESULTS_JSON")
+    parser.add_argument("--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "qdpo.md")
+    args = parser.parse_args(argv)
+    update_docs(args.update_docs, args.doc)
+
+
+if __name__ == "__main__":
+    main()

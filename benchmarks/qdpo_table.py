@@ -10,7 +10,8 @@ the MiniLLM teacher: a tiny byte-level Llama SFT'd on the built-in instruction t
 RTN = FP with every non-``lm_head`` linear weight quantized by the post-training quantizer ``--quantizer``
 (default symmetric per-group round-to-nearest; ``hqq``, ``gptq``, ``awq``: :mod:`lm.quantization`, GPTQ/AWQ
 calibrated on training-side prompts that the evaluation excludes) at ``--bits``/``--group-size``, no training;
-the results key stays ``rtn`` for every quantizer. QDPO = the same quantizer's grid, trained with sigmoid DPO (β = 0.1,
+the results key stays ``rtn`` for every quantizer. QDPO = the same quantizer (RTN's scales recomputed from the
+latent weights; the other quantizers' PTQ grid kept fixed: lm/quantization.py), trained with sigmoid DPO (β = 0.1,
 AdamW lr 2e-5 with cosine decay to 0.1×, batch 16 pairs, ``--epochs`` 1, only the quantized layers' latent weights)
 through fake quantization on pairs (FP greedy answer ≻ RTN greedy answer, identical pairs dropped) for the
 distinct prompts among ``--num-prompts`` built-in ones (``--prompts``: the checkable tasks, or the free-form
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quantizer", default="rtn", choices=["rtn", "hqq", "gptq", "awq"],
                         help="post-training quantizer of the baseline and of QDPO's grid (lm/quantization.py)")
     parser.add_argument("--train-scales", action="store_true",
-                        help="QDPO also trains the PTQ grid's scales (LSQ gradient); default: fixed grid")
+                        help="QDPO also trains the PTQ grid's scales (LSQ gradient; hqq/gptq/awq only); default: fixed grid")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=1, help="QDPO epochs over the pairs")
