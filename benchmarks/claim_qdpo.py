@@ -169,10 +169,10 @@ def quantizer_table(result: dict, source: str) -> str:
              "vs the FP model's greedy answers on held-out prompts (lower is better); d = PTQ − (PTQ + QDPO), "
              "s = standard deviation over seeds of the paired difference; verdict: reproduced if d > 2s, not "
              "reproduced if d < −2s, else inconclusive (the report's rule). Group size 32, `lm_head` in full "
-             "precision; FP log-lik = the FP model's mean per-token log-likelihood of the answers, check = valid-answer "
-             "rate of the task checker.", "",
-             "| quantizer | bits | seeds | flip FP | flip PTQ | flip +QDPO | d ± s | verdict | FP log-lik PTQ → +QDPO "
-             "| check PTQ → +QDPO |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "precision; FP log-lik = the FP model's mean per-token log-likelihood of the answers, check = "
+             "valid-answer rate of the task checker.", "",
+             "| quantizer | bits | seeds | flip FP | flip PTQ | flip +QDPO | d ± s | verdict "
+             "| FP log-lik PTQ → +QDPO | check PTQ → +QDPO |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['quantizer']} | {r['bits']} | {r['seeds']} | {fmt(r['fp']['flip_rate'])} | "
                      f"{fmt(r['ptq']['flip_rate'])} | {fmt(r['qdpo']['flip_rate'])} | {fmt(r['d'])} ± "

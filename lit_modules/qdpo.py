@@ -15,9 +15,9 @@ arXiv 2407.03051; docs/papers.md §4).
   in docs/papers.md), by default as reference log-probs precomputed once before training (:class:`DPO`).
 - Loss = :class:`DPO`'s (sigmoid DPO by default, any of ``lit_modules.PREFERENCE_LOSSES``).
 - At the end (``export_dir``) or on demand (:meth:`QDPO.export`, :meth:`QDPO.quantized_model`) the latent
-  weights are quantized by the same rule (RTN re-applied; the fixed grids) into real low-bit weights (:func:`~lm.quantization.convert_qat`) and
-  written with ``save_pretrained``: loading needs ``torchao`` installed, then plain
-  ``AutoModelForCausalLM.from_pretrained(dir)`` / ``lm.hf.load_causal_lm(dir)``.
+  weights are quantized by the same rule (RTN re-applied; the fixed grids) into real low-bit weights
+  (:func:`~lm.quantization.convert_qat`) and written with ``save_pretrained``: loading needs ``torchao`` installed,
+  then plain ``AutoModelForCausalLM.from_pretrained(dir)`` / ``lm.hf.load_causal_lm(dir)``.
 
 The frozen full-precision model stays in the module (``self.full_precision``): it generates the chosen
 answers and is the yardstick of :class:`callbacks.QuantizationEval`.

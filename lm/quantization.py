@@ -272,8 +272,9 @@ class _GridSTE(torch.autograd.Function):
 
 class FixedGridFakeQuantLinear(nn.Linear):
     """``nn.Linear`` whose forward multiplies by Q(weight) on a fixed per-group ``scale`` buffer (QAT of the
-    hqq/gptq/awq grids; module docstring); ``weight`` holds the trainable latent full-precision weights. :meth:`learn_scale` makes the scales
-    trainable too (LSQ gradient, see ``_GridSTE``); the export then holds the trained scales."""
+    hqq/gptq/awq grids; module docstring); ``weight`` holds the trainable latent full-precision weights.
+    :meth:`learn_scale` makes the scales trainable too (LSQ gradient, see ``_GridSTE``); the export then holds the
+    trained scales."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int | None,
                  device=None, dtype=None):
@@ -533,7 +534,8 @@ def prepare_qat(model: nn.Module, config: QuantizerConfig, calibration: list[Ten
 
 
 def fake_quantized_layers(model: nn.Module) -> list[nn.Linear]:
-    """The layers :func:`prepare_qat` made: torchao ``FakeQuantizedLinear`` (rtn) or :class:`FixedGridFakeQuantLinear`."""
+    """The layers :func:`prepare_qat` made: torchao ``FakeQuantizedLinear`` (rtn) or
+    :class:`FixedGridFakeQuantLinear`."""
     FakeQuantizedLinear = require("torchao.quantization.qat", "quant").FakeQuantizedLinear
     return [m for m in model.modules() if isinstance(m, (FakeQuantizedLinear, FixedGridFakeQuantLinear))]
 
