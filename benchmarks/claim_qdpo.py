@@ -40,9 +40,11 @@ METRICS = (("flip_rate", "token-flip rate vs the FP model's answers", False),
            ("check_score", "valid-answer rate (task checker)", True))
 
 
-#: quantizer × bits cells (PTQ alone vs PTQ + QDPO vs FP), seeds per cell
+#: quantizer × bits cells (PTQ alone vs PTQ + QDPO vs FP), seeds per cell. No 8-bit cells: on the built-in setup
+#: RTN int8's greedy answers equal the FP model's on all 577 distinct pair prompts of seed 0 (measured), so QDPO has
+#: no pair to train on.
 GRID = {"quick": {"quantizers": ("rtn", "gptq"), "bits": (4, 3), "seeds": 2},
-        "full": {"quantizers": ("rtn", "hqq", "gptq", "awq"), "bits": (2, 3, 4, 8), "seeds": 3}}
+        "full": {"quantizers": ("rtn", "hqq", "gptq", "awq"), "bits": (2, 3, 4), "seeds": 3}}
 
 DESIGN = ("int4 g32 round-to-nearest vs QDPO (DPO on FP-greedy ≻ RTN-greedy pairs through fake quantization, one "
           "epoch) from the same RTN start, per seed other pair prompts; both scored against the FP model's own "
