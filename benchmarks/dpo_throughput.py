@@ -8,15 +8,22 @@ so every batch has about the same sequence length), batch size, fp32 weights and
 (torch, non-fused; lr 1e-5 constant, β (0.9, 0.999), no weight decay), gradient clipping at 1.0, no gradient
 checkpointing, one process, no dataloader workers. TRL: ``DPOConfig(bf16=False, fp16=False,
 gradient_checkpointing=False, optim="adamw_torch", lr_scheduler_type="constant", max_grad_norm=1.0,
-report_to="none")``; ours: ``Trainer(precision="32-true", gradient_clip_val=1.0, logger=False)``.
+report_to="none", padding_free=True)`` (its log-probs come from its fused, chunked LM head; ``padding_free`` is asked
+for and the value TRL actually ran with is reported, ``trl_padding_free_effective``: TRL 1.16 switches it off;
+``use_liger_kernel`` is on where it can run: on CUDA with ``liger-kernel`` installed, its kernels being Triton; the
+JSON says which); ours: ``Trainer(precision="32-true", gradient_clip_val=1.0, logger=False)``.
+
+Our sides: ``ours`` = ``DPO(packed=True)`` (the default: each pair's chosen and rejected responses in one row behind
+one copy of the prompt, log-probs from the response positions' logits only; :mod:`lm.packing`), ``ours_eager`` =
+``DPO(packed=False)`` (the padded 2B-row forward); each also with ``_precompute``.
 
 Timing: each side runs in its own subprocess (clean peak-memory numbers); after ``warmup`` steps, the wall time
 to the end of the last of ``steps`` more steps is measured (forward + backward + optimizer step + each
 library's own per-step batch collation and metric bookkeeping; tokenization and reference precompute are
 excluded and the precompute time is reported separately). Sides alternate for ``repeats`` rounds (the order
-rotating each round); medians are
-reported, with ratios against TRL measured in the same run. With ``precompute_ref_logps`` (both sides'
-option) the reference forward is done once up front. Peak memory: the process's peak RSS (CPU) or
+rotating each round); medians are reported, with ratios against TRL measured in the same run (the ratio of the
+medians, and the median of the per-round ratios). With ``precompute_ref_logps`` (both sides' option) the
+reference forward is done once up front. Peak memory: the process's peak RSS (CPU) or
 ``torch.cuda.max_memory_allocated`` during training (CUDA). Without ``trl`` installed the TRL sides are skipped.
 
 ``--precision bf16-mixed`` trains both sides under bf16 autocast (fp32 weights; TRL ``bf16=True``, ours
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import platform
@@ -40,7 +48,7 @@ import sys
 import tempfile
 import time
 
-SIDES = ("ours", "ours_precompute", "trl", "trl_precompute")
+SIDES = ("ours", "ours_precompute", "ours_eager", "ours_eager_precompute", "trl", "trl_precompute")
 # dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name (first match);
 # NVIDIA datasheets: H100 SXM / H200 989.4, H100 PCIe 756, A100 312, L40S 362
 PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0))
@@ -85,6 +93,11 @@ def make_records(n: int, prompt_bytes: int) -> list[dict]:
     return rows
 
 
+def liger_usable(device: str) -> bool:
+    """TRL's ``use_liger_kernel`` can run: a CUDA device and ``liger-kernel`` installed (its kernels are Triton)."""
+    return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         import torch
@@ -110,7 +123,7 @@ def _result(times: list[float], args: argparse.Namespace, precompute_s: float | 
             "policy_params": sum(p.numel() for p in model.parameters()), **_peak(args.device)}
 
 
-def run_ours(args: argparse.Namespace, precompute: bool) -> dict:
+def run_ours(args: argparse.Namespace, precompute: bool, packed: bool = True) -> dict:
     import lightning as L
     import torch
 
@@ -135,7 +148,7 @@ def run_ours(args: argparse.Namespace, precompute: bool) -> dict:
     dm = PreferenceDataModule.from_records(make_records(n_steps * args.batch, args.prompt_bytes),
                                            batch_size=args.batch, val_fraction=0.0, max_prompt_length=1024,
                                            max_length=2048)
-    module = DPO(model=settings(args), loss="sigmoid", beta=0.1, lr=1e-5, lr_decay="constant",
+    module = DPO(model=settings(args), loss="sigmoid", beta=0.1, lr=1e-5, lr_decay="constant", packed=packed,
                  precompute_ref_logps=precompute, ref_cache_dir=tempfile.mkdtemp())
     timer = StepTimer()
     trainer = L.Trainer(max_steps=n_steps, accelerator=args.device, devices=1, precision=args.precision, logger=False,
@@ -175,6 +188,7 @@ def run_trl(args: argparse.Namespace, precompute: bool) -> dict:
                        optim="adamw_torch", beta=0.1, loss_type=["sigmoid"], fp16=False,
                        bf16=args.precision == "bf16-mixed",
                        gradient_checkpointing=False, precompute_ref_log_probs=precompute, max_length=None,
+                       padding_free=True, use_liger_kernel=liger_usable(args.device),
                        report_to="none", logging_steps=10**6, save_strategy="no", disable_tqdm=True,
                        dataloader_num_workers=0, use_cpu=args.device == "cpu", seed=0)
     timer = StepTimer()
@@ -184,7 +198,7 @@ def run_trl(args: argparse.Namespace, precompute: bool) -> dict:
                          train_dataset=Dataset.from_list(make_records(n_steps * args.batch, args.prompt_bytes)))
     precompute_s = time.perf_counter() - t0 if precompute else None  # includes TRL's tokenization map
     trainer.train()
-    return _result(timer.times, args, precompute_s, model)
+    return _result(timer.times, args, precompute_s, model) | {"trl_padding_free_effective": trainer.padding_free}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -193,8 +207,9 @@ def worker(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     side = args.worker
-    fn = run_trl if side.startswith("trl") else run_ours
-    print("RESULT " + json.dumps(fn(args, precompute=side.endswith("precompute"))), flush=True)
+    precompute = side.endswith("precompute")
+    result = run_trl(args, precompute) if side.startswith("trl") else run_ours(args, precompute, "eager" not in side)
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def main() -> None:
@@ -262,13 +277,22 @@ def main() -> None:
 
     def median(side: str, key: str) -> float | None:
         values = [x[key] for x in runs[side] if x[key] is not None]
+        if values and isinstance(values[0], bool):  # a setting the side ran with, not a measurement
+            return values[0] if len(set(values)) == 1 else values
         return statistics.median(values) if values else None
 
     summary = {s: {k: median(s, k) for k in runs[s][0]} for s in sides}
     rate = {s: summary[s]["pairs_per_s"] for s in sides}
-    ratios = {f"{a}_vs_{b}": rate[a] / rate[b] for a, b in
-              [("ours", "trl"), ("ours_precompute", "trl"), ("trl_precompute", "trl"),
-               ("ours_precompute", "trl_precompute"), ("ours_precompute", "ours")] if a in rate and b in rate}
+    pairs = [(a, b) for a, b in [("ours", "trl"), ("ours_precompute", "trl"), ("trl_precompute", "trl"),
+                                 ("ours_precompute", "trl_precompute"), ("ours_precompute", "ours"),
+                                 ("ours_eager", "trl"), ("ours_eager_precompute", "trl_precompute"),
+                                 ("ours", "ours_eager"), ("ours_precompute", "ours_eager_precompute")]
+             if a in rate and b in rate]
+    ratios = {f"{a}_vs_{b}": rate[a] / rate[b] for a, b in pairs}
+    # the same ratios within each round (the two runs minutes apart at most), then their median: steadier than the
+    # ratio of medians when the machine's load drifts
+    paired = {f"{a}_vs_{b}": statistics.median(x["pairs_per_s"] / y["pairs_per_s"] for x, y in zip(runs[a], runs[b]))
+              for a, b in pairs}
     import torch
 
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
@@ -294,9 +318,15 @@ def main() -> None:
                      "precision": args.precision, "torch_threads": args.threads,
                      "optimizer": "torch AdamW (non-fused), lr 1e-5 constant, clip 1.0",
                      "trl": f"DPOConfig(bf16={args.precision == 'bf16-mixed'}, fp16=False, "
-                            "gradient_checkpointing=False, optim='adamw_torch')",
-                     "ours": f"lit_modules.DPO + Lightning Trainer(precision={args.precision!r}, logger=False)"},
-        "median": summary, "ratios": ratios, "raw": runs,
+                            "gradient_checkpointing=False, optim='adamw_torch', padding_free=True, "
+                            f"use_liger_kernel={liger_usable(args.device)}); log-probs from TRL's fused chunked LM "
+                            "head; padding_free as TRL ran it: median.trl*.trl_padding_free_effective",
+                     "trl_use_liger_kernel": "on" if liger_usable(args.device) else (
+                         "off: needs CUDA (Triton kernels)" if args.device != "cuda" else
+                         "off: liger-kernel is not installed"),
+                     "ours": f"lit_modules.DPO(packed=True) (ours*) / DPO(packed=False) (ours_eager*) + Lightning "
+                             f"Trainer(precision={args.precision!r}, logger=False)"},
+        "median": summary, "ratios": ratios, "median_of_per_round_ratios": paired, "raw": runs,
     }
     print(json.dumps(result))
     if args.out:

@@ -48,7 +48,9 @@ def eval_speed(device: torch.device, steps: int, repeats: int) -> dict:
     from callbacks.return_alignment import rollout_returns
 
     torch.manual_seed(0)
-    model = RADT(state_dim=STATE_DIM, act_dim=ACT_DIM).to(device).eval()
+    model = RADT(state_dim=STATE_DIM, act_dim=ACT_DIM)
+    model.configure_model()
+    model = model.to(device).eval()
     make_env = lambda: gym.make("HalfCheetah-v5", max_episode_steps=steps)  # noqa: E731
     targets = [float(x) for x in torch.linspace(-400, 100, 7)]
     @torch.no_grad()

@@ -184,6 +184,9 @@ class DeferredNetworksModule(PaperModule):
         for name in self.trainable_networks + self.frozen_networks:
             if getattr(self, name) is not None:  # materialising replaces the network, and this hook with it
                 getattr(self, name).register_forward_pre_hook(functools.partial(_not_materialized, self, name))
+        if "_declared_hook" not in self.__dict__:  # the module's own forward, until materialised
+            self.__dict__["_declared_hook"] = self.register_forward_pre_hook(
+                functools.partial(_not_materialized, self, "forward"))
 
     def configure_model(self) -> None:
         """Materialise the networks the first time; later calls leave them as they are, except that networks
@@ -199,6 +202,8 @@ class DeferredNetworksModule(PaperModule):
         with torch.device("cpu"), _default_dtype(torch.float32):
             self.build_networks()
         self.__dict__["_networks_materialized"] = True
+        if "_declared_hook" in self.__dict__:
+            self.__dict__.pop("_declared_hook").remove()
 
 
 def _not_materialized(module: DeferredNetworksModule, name: str, *_) -> None:

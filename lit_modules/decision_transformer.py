@@ -45,9 +45,9 @@ class DecisionTransformer(ReturnConditionedPolicy):
                          max_timestep, rtg_scale, lr, weight_decay, betas, warmup_steps, lr_decay, min_lr_ratio,
                          optimizer, lr_scheduler)
         self.save_hyperparameters()
-        self.build_if_sized()
+        self.declare_if_sized()
 
-    def build_networks(self) -> None:
+    def build_layers(self) -> None:
         d = self.embed_dim
         self.build_token_embeddings("learned")
         self.embed_ln, self.embed_drop = nn.LayerNorm(d), nn.Dropout(self.dropout)

@@ -2,8 +2,10 @@
 and the rest of :mod:`lit_modules.preference_losses`; docs/papers.md §6).
 
 Per batch of B pairs (2B rows, chosen first — see :mod:`datamodules.preference`):
-1. one policy forward over the 2B concatenated sequences gives log π(y|x) = Σ_{t ∈ response} log π(x_t | x_<t)
-   per sequence (:func:`sequence_logps`; prompt tokens and padding never count);
+1. one policy forward gives log π(y|x) = Σ_{t ∈ response} log π(x_t | x_<t) per sequence (prompt tokens and
+   padding never count): by default over B rows, each pair's chosen and rejected response packed behind one copy
+   of their prompt (:mod:`lm.packing`, log-probs from the response positions' logits only, :mod:`lm.logprobs`);
+   with ``packed=False`` over the 2B padded sequences (:func:`sequence_logps`);
 2. the reference log-probs come from precomputed ones (``precompute_ref_logps``), from the batch
    (``ref_chosen_logps``/``ref_rejected_logps`` keys), or from a no-grad reference forward;
 3. loss = mean_i ℓ(π_w,i, π_l,i, ref_w,i, ref_l,i; β), rewards r = β·(log π − log π_ref).
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from lit_modules.base import DeferredNetworksModule, LRSchedulerCallable, OptimizerCallable
 from lit_modules.preference_losses import PREFERENCE_LOSSES, preference_loss, resolve_preference_loss
 from lm.hf import ModelSpec, load_causal_lm
+from lm.packing import packed_pair_logps, supports_packed_pairs
 from lm.sharding import build_causal_lm, export_pretrained, is_model_parallel
 from lm.tokenizers import load_tokenizer
 
@@ -96,6 +99,10 @@ class DPO(DeferredNetworksModule):
         length_normalize: use per-token mean log-probs instead of sums. ``None`` (default) = per-token means
             for ``ipo`` (as TRL's ``DPOTrainer`` does for IPO, both the version DiscoPOP subclassed and today's;
             docs/papers.md §6) and sums for every other loss; ``False`` gives IPO with summed log-probs.
+        packed: compute a pair's log-probs in one row, chosen and rejected responses behind one copy of the shared
+            prompt (:mod:`lm.packing`; same values and gradients, about half the tokens). Models it does not
+            support (no ``position_ids``/``logits_to_keep``, or an attention implementation other than ``sdpa``/
+            ``eager``) use the padded 2B-row forward, as ``packed=False`` does.
         dtype: parameter dtype of policy and reference (``"bf16"``...); ``None`` = checkpoint's/fp32.
         init_seed: seed of a config-dict model's random initialisation.
         export_dir: if set, ``save_pretrained`` the policy and tokenizer there when training ends.
@@ -118,7 +125,8 @@ class DPO(DeferredNetworksModule):
     def __init__(self, model: ModelSpec | None = None, ref_model: ModelSpec | None = None,
                  tokenizer: str | None = None, loss: str = "sigmoid", beta: float = 0.1,
                  loss_kwargs: dict[str, Any] | None = None, precompute_ref_logps: bool = False,
-                 ref_cache_dir: str | None = None, length_normalize: bool | None = None, dtype: str | None = None,
+                 ref_cache_dir: str | None = None, length_normalize: bool | None = None, packed: bool = True,
+                 dtype: str | None = None,
                  init_seed: int = 0, export_dir: str | None = None, lr: float = 5e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0, lr_decay: str = "cosine",
                  min_lr_ratio: float = 0.1, optimizer: OptimizerCallable | None = None,
@@ -136,7 +144,7 @@ class DPO(DeferredNetworksModule):
         probe = torch.zeros(2)  # fail at construction, not at the first step, on a wrong loss or loss_kwargs
         preference_loss(self.loss_fn, probe, probe, probe, probe, beta=beta, **self.loss_kwargs)
         self.precompute_ref_logps, self.ref_cache_dir = precompute_ref_logps, ref_cache_dir
-        self.length_normalize, self.export_dir = length_normalize, export_dir
+        self.length_normalize, self.export_dir, self.packed = length_normalize, export_dir, packed
         self.model_spec, self.ref_model_spec = ({} if model is None else model), ref_model
         self.param_dtype, self.init_seed = dtype, init_seed
         self.tokenizer = load_tokenizer(tokenizer, self.model_spec)
@@ -190,9 +198,14 @@ class DPO(DeferredNetworksModule):
         return model(**kwargs).logits
 
     def concatenated_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(chosen, rejected) log-probs, each (B,), from one forward over the 2B rows."""
-        logps = sequence_logps(self.forward_logits(model, batch), batch["input_ids"], batch["response_mask"],
-                               self.length_normalize)
+        """(chosen, rejected) log-probs, each (B,), from one forward: over B packed rows (``packed``, when the model
+        supports it) or over the 2B padded rows."""
+        if self.packed and supports_packed_pairs(model):
+            logps = packed_pair_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                                      self.length_normalize)
+        else:
+            logps = sequence_logps(self.forward_logits(model, batch), batch["input_ids"], batch["response_mask"],
+                                   self.length_normalize)
         return logps.chunk(2)
 
     @torch.no_grad()

@@ -181,9 +181,9 @@ class RADT(ReturnConditionedPolicy):
             raise ValueError(f"timestep_embedding must be 'sinusoid' or 'learned', got {timestep_embedding!r}")
         self.seqra, self.stepra, self.timestep_embedding = seqra, stepra, timestep_embedding
         self.save_hyperparameters()
-        self.build_if_sized()
+        self.declare_if_sized()
 
-    def build_networks(self) -> None:
+    def build_layers(self) -> None:
         d = self.embed_dim
         self.build_token_embeddings(self.timestep_embedding)
         self.blocks = nn.ModuleList(RADTBlock(d, self.n_heads, self.dropout, self.seqra, self.stepra)

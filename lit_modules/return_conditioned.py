@@ -10,13 +10,16 @@ Both read windows of K steps (states s, actions a, returns-to-go R̂, timesteps 
 * :meth:`act` returns the action for the newest position of each window (the evaluation rollouts in
   ``callbacks.ReturnAlignmentEval`` call it once per environment step for all episodes together).
 
-Subclasses set their own options, call ``save_hyperparameters()`` and :meth:`build_if_sized` in ``__init__``,
-and implement :meth:`build_networks` (``self.state_dim``/``self.act_dim`` are known) and
+Networks are built as every module here builds them (:class:`~lit_modules.base.DeferredNetworksModule`): declared on
+the meta device, materialised by ``configure_model``. Subclasses set their own options, call
+``save_hyperparameters()`` and :meth:`declare_if_sized` in ``__init__``, and implement :meth:`build_layers`
+(``self.state_dim``/``self.act_dim`` are known) and
 ``forward(states, actions, returns, timesteps, mask, newest_only=False) -> hidden state of each state token
 (B, K, d)`` on normalised states, scaled returns and embedded-ready actions (``newest_only``: only the newest
 step's state token, (B, d), computed without the newest action token — what :meth:`act` needs), and
-``cache=None`` (per-step values a rollout may keep between calls, see :meth:`act`). The state/action sizes may be left ``None`` and
-are then read from the datamodule at ``setup`` (and stored in the hyperparameters for ``load_from_checkpoint``).
+``cache=None`` (per-step values a rollout may keep between calls, see :meth:`act`). The state/action sizes may be left
+``None``: the networks are then declared at ``setup`` from the datamodule's ``spec`` (and the sizes stored in the
+hyperparameters for ``load_from_checkpoint``), before the trainer's ``configure_model``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from datamodules.contract import OfflineRLSpec
-from lit_modules.base import PaperModule
+from lit_modules.base import DeferredNetworksModule
 
 
 def token_attention_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -118,7 +121,7 @@ class MLP(nn.Sequential):
         super().__init__(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
 
 
-class ReturnConditionedPolicy(PaperModule):
+class ReturnConditionedPolicy(DeferredNetworksModule):
     """Base of :class:`~lit_modules.DecisionTransformer` and :class:`~lit_modules.RADT` (see module docstring).
 
     Args:
@@ -151,21 +154,34 @@ class ReturnConditionedPolicy(PaperModule):
         self.context_len, self.max_timestep, self.rtg_scale = context_len, max_timestep, rtg_scale
         self.state_dim, self.act_dim, self.discrete = state_dim, act_dim, bool(discrete)
         self.val_loss = torchmetrics.MeanMetric()
-        self.built = False
+        self._state_stats: tuple | None = None  # (mean, std) from the data spec, set at setup("fit")
 
-    def build_if_sized(self) -> None:
-        """Build the networks now if the sizes are known (subclasses call this at the end of ``__init__``)."""
-        if self.state_dim is not None and self.act_dim is not None:
-            self._build()
+    @property
+    def sized(self) -> bool:
+        return self.state_dim is not None and self.act_dim is not None
 
-    def _build(self) -> None:
-        self.register_buffer("state_mean", torch.zeros(self.state_dim))
-        self.register_buffer("state_std", torch.ones(self.state_dim))
-        self.build_networks()
+    def declare_if_sized(self) -> None:
+        """Declare the networks now if the sizes are known (subclasses call this at the end of ``__init__``);
+        else :meth:`setup` does, from the datamodule's spec."""
+        if self.sized:
+            self.declare_networks()
+
+    def build_networks(self) -> None:
+        """State statistics buffers (the data's, once :meth:`setup` has seen them), the subclass's layers, the
+        action head; GPT-2 initialisation, then the subclass's special ones."""
+        mean, std = self._state_stats or (torch.zeros(self.state_dim), torch.ones(self.state_dim))
+        self.register_buffer("state_mean", torch.as_tensor(mean, dtype=torch.float32).clone())
+        self.register_buffer("state_std", torch.as_tensor(std, dtype=torch.float32).clone())
+        self.build_layers()
         self.action_head = nn.Linear(self.embed_dim, self.act_dim)
         self.apply(self._init_weights)
         self.reset_special_parameters()
-        self.built = True
+
+    def configure_model(self) -> None:
+        if not self.sized:
+            raise ValueError(f"{type(self).__name__}: state_dim/act_dim not given and no OfflineRLDataModule "
+                             "attached to read them from")
+        super().configure_model()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -190,7 +206,8 @@ class ReturnConditionedPolicy(PaperModule):
         self.embed_state = nn.Linear(self.state_dim, d)
         self.embed_action = nn.Linear(self.act_dim, d)
 
-    def build_networks(self) -> None:  # pragma: no cover - abstract
+    def build_layers(self) -> None:  # pragma: no cover - abstract
+        """The subclass's embeddings and transformer blocks (on the current default device)."""
         raise NotImplementedError
 
     def reset_special_parameters(self) -> None:
@@ -202,14 +219,14 @@ class ReturnConditionedPolicy(PaperModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         spec: OfflineRLSpec | None = getattr(dm, "spec", None)
         if spec is None:
-            if not self.built:
+            if not self.sized:
                 raise ValueError(f"{type(self).__name__}: state_dim/act_dim not given and no OfflineRLDataModule "
                                  "attached to read them from")
             return
-        if not self.built:
+        if not self.sized:
             self.state_dim, self.act_dim, self.discrete = spec.state_dim, spec.act_dim, spec.discrete
             self.hparams.update(state_dim=spec.state_dim, act_dim=spec.act_dim, discrete=spec.discrete)
-            self._build()
+            self.declare_networks()
         elif (self.state_dim, self.act_dim, self.discrete) != (spec.state_dim, spec.act_dim, spec.discrete):
             raise ValueError(f"{type(self).__name__} was built for state_dim={self.state_dim}, act_dim="
                              f"{self.act_dim}, discrete={self.discrete} but the data has {spec.state_dim}, "
@@ -217,9 +234,11 @@ class ReturnConditionedPolicy(PaperModule):
         if spec.max_episode_len > self.max_timestep:
             raise ValueError(f"episodes of {spec.dataset} reach {spec.max_episode_len} steps > max_timestep="
                              f"{self.max_timestep}; raise --model.max_timestep")
-        if stage == "fit":
-            self.state_mean.copy_(torch.as_tensor(spec.state_mean))
-            self.state_std.copy_(torch.as_tensor(spec.state_std))
+        if stage == "fit":  # into the buffers now if they hold weights, else when configure_model builds them
+            self._state_stats = (spec.state_mean, spec.state_std)
+            if self.networks_materialized:
+                self.state_mean.copy_(torch.as_tensor(spec.state_mean))
+                self.state_std.copy_(torch.as_tensor(spec.state_std))
 
     # -- inputs and outputs ----------------------------------------------------------------------------------
     def prepare_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -71,6 +71,7 @@ def test_return_conditioned_policies_read_the_data_spec_and_nothing_else():
     module._trainer = SimpleNamespace(datamodule=SimpleNamespace(spec=spec))
     module.setup("fit")
     assert (module.state_dim, module.act_dim, module.discrete) == (3, 2, False)
+    module.configure_model()  # the trainer's next step: the networks get weights, the buffers the data's statistics
     assert module.state_mean.tolist() == [1.0, 2.0, 3.0] and module.state_std.tolist() == [0.5, 1.0, 2.0]
     too_long = OfflineRLSpec("toy", 3, 2, False, spec.state_mean, spec.state_std, max_episode_len=9)
     module._trainer = SimpleNamespace(datamodule=SimpleNamespace(spec=too_long))

@@ -12,7 +12,7 @@ from cli import build_cli
 from datamodules import PreferenceDataModule
 from lit_modules import DPO, CausalLM
 from lit_modules.dpo import response_logits_to_keep, sequence_logps
-from tiny_models import TINY
+from tiny_models import TINY, materialized
 
 # the real-model config needs the SmolLM2 weights (`make real`): its run is the slow test in test_claim_real.py
 CONFIGS = sorted(c for c in (Path(__file__).resolve().parents[2] / "configs" / "dpo").glob("*.yaml")
@@ -242,8 +242,34 @@ def test_ipo_uses_per_token_mean_logps_by_default_summed_as_option():
              "ref_rejected_logps": torch.zeros(1, dtype=torch.float64)}
     expected = {None: (math.log(2) - 1) ** 2, True: (math.log(2) - 1) ** 2, False: (math.log(4) - 1) ** 2}
     for length_normalize, want in expected.items():
-        module = DPO(model=TINY, loss="ipo", beta=0.5, length_normalize=length_normalize)
+        module = DPO(model=TINY, loss="ipo", beta=0.5, length_normalize=length_normalize, packed=False)
         module.configure_model()
         module.forward_logits = lambda model, batch: logits
         assert module.compute_loss(batch)[0].item() == pytest.approx(want, rel=1e-12)
     assert DPO(model=TINY, loss="sigmoid").length_normalize is False  # other losses keep summed log-probs
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])  # ipo: per-token mean log-probs
+def test_packed_step_has_the_eager_losses_metrics_and_gradients(loss):
+    """One pair per row behind a shared prompt (``packed=True``) vs the padded 2B-row forward: the same loss, metrics
+    and parameter gradients (≤ 1e-4 relative, fp32) for a policy moved away from the reference."""
+    pairs = PAIRS + [{"prompt": "hello", "chosen": "a", "rejected": "bcdefg"}]
+    modules = [materialized(DPO(model=dict(TINY, num_hidden_layers=2), loss=loss, init_seed=5, packed=packed))
+               for packed in (True, False)]
+    with torch.no_grad():
+        for p in modules[0].policy.parameters():
+            p.mul_(4)
+    modules[1].policy.load_state_dict(modules[0].policy.state_dict())
+    _, batch = make_batch(pairs)
+    results = []
+    for module in modules:
+        loss_value, metrics = module.compute_loss(batch)
+        loss_value.backward()
+        results.append((loss_value, metrics, [p.grad for p in module.policy.parameters()]))
+    (fast, fast_metrics, fast_grads), (eager, eager_metrics, eager_grads) = results
+    assert abs(eager.item() - math.log(2)) > 1e-3  # the policy differs from the reference
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=0)
+    for key in eager_metrics:
+        torch.testing.assert_close(fast_metrics[key], eager_metrics[key], rtol=1e-4, atol=1e-6)
+    for got, want in zip(fast_grads, eager_grads, strict=True):
+        assert ((got - want).norm() / want.norm()).item() <= 1e-4

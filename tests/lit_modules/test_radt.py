@@ -27,10 +27,17 @@ def inputs(B=2, seed=0):
             torch.randn(B, K, generator=g), torch.arange(K).repeat(B, 1), torch.ones(B, K))
 
 
+def materialized(module):
+    """``module`` with its declared networks built (tests/tiny_models.py has the same; this file is also imported
+    by the DDP subprocess below, where the tests folder is not on the path)."""
+    module.configure_model()
+    return module
+
+
 def small(cls, **kw):
     torch.manual_seed(0)
-    return cls(state_dim=S, act_dim=A, embed_dim=16, n_layers=2, n_heads=2, context_len=K, max_timestep=32,
-               **kw).eval()
+    return materialized(cls(state_dim=S, act_dim=A, embed_dim=16, n_layers=2, n_heads=2, context_len=K,
+                            max_timestep=32, **kw)).eval()
 
 
 def test_seqra_mask_hand_enumerated():
@@ -158,8 +165,8 @@ def reference_block(block, x, c, e, heads):
 def test_block_matches_reference_equations(kw):
     torch.manual_seed(0)
     d, heads = 8, 2
-    model = RADT(state_dim=S, act_dim=A, embed_dim=d, n_layers=1, n_heads=heads, context_len=3, max_timestep=16,
-                 **kw).double().eval()
+    model = materialized(RADT(state_dim=S, act_dim=A, embed_dim=d, n_layers=1, n_heads=heads, context_len=3,
+                              max_timestep=16, **kw)).double().eval()
     block = model.blocks[0]
     ln_weights = {id(m.weight) for m in block.modules() if isinstance(m, torch.nn.LayerNorm) and m.weight is not None}
     for p in block.parameters():  # every weight non-trivial, incl. the zero-initialised gate and adaLN
@@ -265,7 +272,8 @@ def test_masked_mse_and_cross_entropy_hand_computed():
     mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third step is padding
     # per step mean squared errors 1 and 0.25 -> mean over the two real steps
     assert model.action_loss(pred, actions, mask).item() == pytest.approx(0.625)
-    disc = RADT(state_dim=S, act_dim=3, discrete=True, embed_dim=16, n_layers=1, context_len=2, max_timestep=8)
+    disc = materialized(RADT(state_dim=S, act_dim=3, discrete=True, embed_dim=16, n_layers=1, context_len=2,
+                             max_timestep=8))
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]))
     loss = disc.action_loss(logits, torch.tensor([[1, 2]]), torch.tensor([[1.0, 1.0]]))
     assert loss.item() == pytest.approx(-(torch.log(torch.tensor(0.25)) + torch.log(torch.tensor(0.8))).item() / 2)
