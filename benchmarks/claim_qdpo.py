@@ -10,11 +10,22 @@ the FP model's per-token log-likelihood of the quantized model's answers, and th
 and reference cache lives in this report's folder (a new report never reuses pairs built by older code). Each seed
 draws other pair prompts and trains its own QDPO model: 3 seeds in quick (~35 CPU s once the FP model exists), 5 in
 full. The evaluation results of every seed are also written as TensorBoard runs (``tb/qdpo_table/seed<i>``).
+
+Quantizer grid (issue 25): does QDPO still help once a stronger post-training quantizer has closed part of the gap,
+and more where RTN collapses (low bits)? For each quantizer × bits cell of :data:`GRID` (group 32), the same
+experiment with that quantizer's PTQ model as the baseline and as QDPO's start (``lm/quantization.py``: ``rtn``
+trains with RTN's scales recomputed from the latent weights, ``hqq``/``gptq``/``awq`` on the PTQ grid kept fixed;
+GPTQ/AWQ calibrated on built-in training-side prompts, never the evaluated ones): one token-flip claim per cell,
+QDPO vs that PTQ model alone, paired by seed, and the cell's FP / PTQ / QDPO means in ``settings.quantizer_grid``.
+The RTN int4 cell is the main experiment's first seeds. ``python -m benchmarks.claim_qdpo --update-docs RESULTS_JSON``
+writes the grid's table and per-cell answer into docs/qdpo.md (:func:`quantizer_table`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import statistics
 from pathlib import Path
 
@@ -28,6 +39,12 @@ METRICS = (("flip_rate", "token-flip rate vs the FP model's answers", False),
            ("fp_loglik", "FP model's mean log-likelihood per token of the answers", True),
            ("check_score", "valid-answer rate (task checker)", True))
 
+
+#: quantizer × bits cells (PTQ alone vs PTQ + QDPO vs FP), seeds per cell. No 8-bit cells: on the built-in setup
+#: RTN int8's greedy answers equal the FP model's on all 577 distinct pair prompts of seed 0 (measured), so QDPO has
+#: no pair to train on.
+GRID = {"quick": {"quantizers": ("rtn", "gptq"), "bits": (4, 3), "seeds": 2},
+        "full": {"quantizers": ("rtn", "hqq", "gptq", "awq"), "bits": (2, 3, 4), "seeds": 3}}
 
 DESIGN = ("int4 g32 round-to-nearest vs QDPO (DPO on FP-greedy ≻ RTN-greedy pairs through fake quantization, one "
           "epoch) from the same RTN start, per seed other pair prompts; both scored against the FP model's own "
@@ -81,9 +98,111 @@ def run(mode: str, seeds: int | None, out_dir: Path, progress) -> dict:
         claims.append({"claim": f"QDPO closer to full precision than RTN (FP: {statistics.mean(per_seed['fp']):.4g})",
                        "metric": metric, "ours": ours, "baseline": rtn, "baseline_name": "RTN int4 g32",
                        "higher_is_better": higher, "spread": spread})
+    grid = quantizer_grid(mode, runs, s, out_dir, progress)
+    for cell, g in grid.items():
+        if cell != "rtn-int4":  # that cell's claim is the main one above
+            claims.append({"claim": f"QDPO closer to full precision than {cell} g32 PTQ alone "
+                                    f"(FP: {statistics.mean(g['fp']['flip_rate']):.4g})",
+                           "metric": METRICS[0][1], "ours": statistics.mean(g["qdpo"]["flip_rate"]),
+                           "baseline": statistics.mean(g["ptq"]["flip_rate"]), "baseline_name": f"{cell} g32 PTQ",
+                           "higher_is_better": False, "spread": paired_spread(g["qdpo"]["flip_rate"],
+                                                                               g["ptq"]["flip_rate"])})
     return {"claims": claims, "figures": [draw(per_metric, out_dir)],
             "settings": {**s, "design": DESIGN, "seeds": n_seeds, "per_seed": per_metric, "argv": argv, "qdpo_table_settings": table["settings"],
                          "median": table["median"], "recovered": table["recovered"],
                          "pairs_kept": [r["pairs_kept"] for r in runs],
                          "eval_prompts_used": [r["eval_prompts"] for r in runs],
-                         "timings_s": table["median_timings_s"], "fp_sft_s": table["fp_sft_s"]}}
+                         "timings_s": table["median_timings_s"], "fp_sft_s": table["fp_sft_s"],
+                         "quantizer_grid": {"cells": GRID[mode], "per_seed": grid}}}
+
+
+def quantizer_grid(mode: str, main_runs: list[dict], s: dict, out_dir: Path, progress) -> dict[str, dict]:
+    """Per cell ``"<quantizer>-int<bits>"``: {"fp"|"ptq"|"qdpo": {metric: per-seed values}} (module docstring)."""
+    from benchmarks import qdpo_table
+
+    g = GRID[mode]
+    cells = {}
+    for quantizer in g["quantizers"]:
+        for bits in g["bits"]:
+            cell = f"{quantizer}-int{bits}"
+            if (quantizer, bits) == ("rtn", 4) and len(main_runs) >= g["seeds"]:
+                runs = main_runs[:g["seeds"]]
+            else:
+                argv = ["--quantizer", quantizer, "--bits", str(bits), "--num-prompts", str(s["num_prompts"]),
+                        "--eval-prompts", str(s["eval_prompts"]), "--seeds", *map(str, range(g["seeds"])),
+                        "--cache", str(out_dir / "cache")]
+                progress(f"benchmarks.qdpo_table {' '.join(argv)}", None)
+                with open(out_dir / f"qdpo_table_{cell}.log", "w") as log, contextlib.redirect_stdout(log):
+                    runs = qdpo_table.main(argv)["runs"]
+            cells[cell] = {name: {key: [r["results"][src][key] for r in runs] for key, _, _ in METRICS}
+                           for name, src in (("fp", "fp"), ("ptq", "rtn"), ("qdpo", "qdpo"))}
+    return cells
+
+
+# ------------------------------------------------------------------------------ docs/qdpo.md's quantizer table
+DOC_BEGIN, DOC_END = "<!-- qdpo quantizer grid: begin (generated) -->", "<!-- qdpo quantizer grid: end -->"
+
+
+def grid_rows(result: dict) -> list[dict]:
+    """One row per quantizer × bits cell of a qdpo result (``results.json``'s ``papers.qdpo``): per-seed means of
+    every metric for FP, PTQ and PTQ + QDPO, and the token-flip claim QDPO vs PTQ by the report's rule —
+    d = mean(PTQ − QDPO) flip rate (lower is better), s = :func:`~benchmarks.claim_common.paired_spread`, verdict
+    :func:`benchmarks.reproduce.verdict`."""
+    from benchmarks.reproduce import verdict
+
+    rows = []
+    for cell, g in result["settings"]["quantizer_grid"]["per_seed"].items():
+        quantizer, bits = cell.rsplit("-int", 1)
+        means = {name: {key: statistics.mean(g[name][key]) for key, _, _ in METRICS} for name in ("fp", "ptq", "qdpo")}
+        ours, ptq = g["qdpo"]["flip_rate"], g["ptq"]["flip_rate"]
+        spread = paired_spread(ours, ptq)
+        rows.append({"quantizer": quantizer, "bits": int(bits), "seeds": len(ours), **means,
+                     "d": statistics.mean(ptq) - statistics.mean(ours), "spread": spread,
+                     "verdict": verdict(statistics.mean(ours), statistics.mean(ptq), False, spread)})
+    return rows
+
+
+def quantizer_table(result: dict, source: str) -> str:
+    """docs/qdpo.md's quantizer section from a qdpo result: the table of :func:`grid_rows` and the answer per cell,
+    ``source`` naming the results file it came from."""
+    fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = grid_rows(result)
+    lines = [f"Generated from `{source}` by `python -m benchmarks.claim_qdpo --update-docs {source}`. Token-flip rate "
+             "vs the FP model's greedy answers on held-out prompts (lower is better); d = PTQ − (PTQ + QDPO), "
+             "s = standard deviation over seeds of the paired difference; verdict: reproduced if d > 2s, not "
+             "reproduced if d < −2s, else inconclusive (the report's rule). Group size 32, `lm_head` in full "
+             "precision; FP log-lik = the FP model's mean per-token log-likelihood of the answers, check = "
+             "valid-answer rate of the task checker.", "",
+             "| quantizer | bits | seeds | flip FP | flip PTQ | flip +QDPO | d ± s | verdict "
+             "| FP log-lik PTQ → +QDPO | check PTQ → +QDPO |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['quantizer']} | {r['bits']} | {r['seeds']} | {fmt(r['fp']['flip_rate'])} | "
+                     f"{fmt(r['ptq']['flip_rate'])} | {fmt(r['qdpo']['flip_rate'])} | {fmt(r['d'])} ± "
+                     f"{fmt(r['spread'])} | {r['verdict']} | {fmt(r['ptq']['fp_loglik'])} → "
+                     f"{fmt(r['qdpo']['fp_loglik'])} | {fmt(r['ptq']['check_score'])} → "
+                     f"{fmt(r['qdpo']['check_score'])} |")
+    lines.append("")
+    for label in ("reproduced", "not reproduced", "inconclusive"):
+        cells = [f"{r['quantizer']} int{r['bits']}" for r in rows if r["verdict"] == label]
+        lines.append(f"- QDPO's gain over its PTQ start (token flips) **{label}**: {', '.join(cells) or 'none'}.")
+    return "\n".join(lines)
+
+
+def update_docs(results_json: Path, doc: Path) -> None:
+    """Rewrite the generated quantizer block of ``doc`` from the qdpo entry of the report ``results_json``."""
+    from benchmarks.claim_real import fill_block
+
+    result = json.loads(Path(results_json).read_text())["papers"]["qdpo"]
+    fill_block(Path(doc), DOC_BEGIN, DOC_END, quantizer_table(result, Path(results_json).as_posix()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="write docs/qdpo.md's quantizer table from a committed report")
+    parser.add_argument("--update-docs", type=Path, required=True, metavar="RESULTS_JSON")
+    parser.add_argument("--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "qdpo.md")
+    args = parser.parse_args(argv)
+    update_docs(args.update_docs, args.doc)
+
+
+if __name__ == "__main__":
+    main()

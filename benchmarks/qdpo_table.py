@@ -1,13 +1,17 @@
 """QDPO vs round-to-nearest PTQ vs the full-precision model: the offline proxies of docs/papers.md §4.
 
-    python -m benchmarks.qdpo_table [--device cpu|cuda] [--quick] [--model DIR] [--bits 4] [--group-size 32]
+    python -m benchmarks.qdpo_table [--device cpu|cuda] [--quick] [--model DIR] [--quantizer rtn] [--bits 4]
+                                    [--group-size 32]
                                     [--out docs/results/qdpo_table.json]
 
 Setup (the built-in one): the full-precision model (FP) is ``--model`` (default ``checkpoints/minillm_teacher``,
 the MiniLLM teacher: a tiny byte-level Llama SFT'd on the built-in instruction tasks; or a model alias such as
 ``smollm2-135m-instruct``); when that directory is missing it is trained first with ``configs/minillm/teacher_sft.yaml`` (``--sft-steps`` overrides its steps).
-RTN = FP with every non-``lm_head`` linear weight quantized by symmetric per-group round-to-nearest
-(``--bits``/``--group-size``), no training. QDPO = the same quantizer, trained with sigmoid DPO (β = 0.1,
+RTN = FP with every non-``lm_head`` linear weight quantized by the post-training quantizer ``--quantizer``
+(default symmetric per-group round-to-nearest; ``hqq``, ``gptq``, ``awq``: :mod:`lm.quantization`, GPTQ/AWQ
+calibrated on training-side prompts that the evaluation excludes) at ``--bits``/``--group-size``, no training;
+the results key stays ``rtn`` for every quantizer. QDPO = the same quantizer (RTN's scales recomputed from the
+latent weights; the other quantizers' PTQ grid kept fixed: lm/quantization.py), trained with sigmoid DPO (β = 0.1,
 AdamW lr 2e-5 with cosine decay to 0.1×, batch 16 pairs, ``--epochs`` 1, only the quantized layers' latent weights)
 through fake quantization on pairs (FP greedy answer ≻ RTN greedy answer, identical pairs dropped) for the
 distinct prompts among ``--num-prompts`` built-in ones (``--prompts``: the checkable tasks, or the free-form
@@ -74,11 +78,12 @@ def run_seed(args, seed: int, device: torch.device, accelerator: str, references
     from callbacks.quantization_eval import evaluate_against_full_precision
     from datamodules.qdpo_pairs import QDPOPairsDataModule
     from lit_modules import QDPO
-    from lm.quantization import quantize_rtn
+    from lm.quantization import quantize
     from lm.sampling import generate_answers
 
     L.seed_everything(seed, verbose=False)
-    module = QDPO(model=str(args.model), bits=args.bits, group_size=args.group_size, beta=args.beta, lr=args.lr,
+    module = QDPO(model=str(args.model), quantizer=args.quantizer, bits=args.bits, group_size=args.group_size,
+                  train_scales=args.train_scales, beta=args.beta, lr=args.lr,
                   warmup_steps=args.warmup_steps, ref_cache_dir=args.cache, train_quantized_only=not args.train_all)
     dm = QDPOPairsDataModule(prompts=args.prompts, num_prompts=args.num_prompts, prompt_seed=1 + seed, max_new_tokens=args.max_new_tokens,
                              generation_batch_size=args.generation_batch_size, batch_size=args.batch_size,
@@ -97,14 +102,15 @@ def run_seed(args, seed: int, device: torch.device, accelerator: str, references
     timings["train_s"] = time.perf_counter() - start
 
     tok = module.tokenizer
-    records = eval_records(args.eval_prompts, {r["prompt"] for r in rows}, tok, args.prompts)
+    records = eval_records(args.eval_prompts, {r["prompt"] for r in rows} | set(module.calibration_prompts()), tok,
+                           args.prompts)
     fp = module.full_precision.to(device)
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size)
     start = time.perf_counter()
     key = tuple(r["prompt"] for r in records)
     if key not in references:  # FP and RTN do not depend on the seed: once per held-out prompt set
         fp_answers = generate_answers(fp, tok, list(key), **gen)
-        rtn = quantize_rtn(fp, args.bits, args.group_size).to(device)
+        rtn = quantize(fp, module.quantizer, module.calibration_ids(fp)).to(device)
         references[key] = fp_answers, {name: evaluate_against_full_precision(fp, m, tok, records, fp_answers, **gen)
                                        for name, m in (("fp", fp), ("rtn", rtn))}
     fp_answers, reference = references[key]
@@ -136,12 +142,12 @@ def recovered(table: dict) -> dict[str, float | None]:
     return out
 
 
-def markdown(table: dict, rec: dict) -> str:
+def markdown(table: dict, rec: dict, quantizer: str = "rtn") -> str:
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    for name, label in (("fp", "full precision (ceiling)"), ("rtn", "RTN (PTQ baseline)"), ("qdpo", "QDPO")):
+    for name, label in (("fp", "full precision (ceiling)"), ("rtn", f"{quantizer} (PTQ baseline)"), ("qdpo", "QDPO")):
         lines.append(f"| {label} | " + " | ".join(fmt(table[name][k]) for k in METRICS) + " |")
-    lines.append("| recovered (QDPO−RTN)/(FP−RTN) | " + " | ".join(fmt(rec[k]) for k in METRICS) + " |")
+    lines.append("| recovered (QDPO−PTQ)/(FP−PTQ) | " + " | ".join(fmt(rec[k]) for k in METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -152,6 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", type=Path, default=Path("checkpoints/minillm_teacher"))
     parser.add_argument("--sft-steps", type=int, default=None,
                         help="FP training steps when --model is missing (default: the config's)")
+    parser.add_argument("--quantizer", default="rtn", choices=["rtn", "hqq", "gptq", "awq"],
+                        help="post-training quantizer of the baseline and of QDPO's grid (lm/quantization.py)")
+    parser.add_argument("--train-scales", action="store_true",
+                        help="QDPO also trains the PTQ grid's scales (LSQ gradient; hqq/gptq/awq only); "
+                             "default: fixed grid")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=1, help="QDPO epochs over the pairs")
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = median_table(runs)
     rec = recovered(table)
     print(f"pairs kept per seed: {[r['pairs_kept'] for r in runs]}, eval prompts: {[r['eval_prompts'] for r in runs]}")
-    print(markdown(table, rec))
+    print(markdown(table, rec, args.quantizer))
     out = {
         "benchmark": "qdpo_table",
         "command": "python -m benchmarks.qdpo_table " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -142,7 +142,8 @@ class QuantizationEval(L.Callback):
         num_prompts: prompts drawn (built-in) before deduplication and removing training prompts.
         seed: seed of the built-in prompt generator (different from the pairs' ``prompt_seed``).
         max_new_tokens, batch_size, max_prompt_length: generation settings (greedy).
-        exclude_training_prompts: drop prompts the datamodule trains on (its ``records()``' ``prompt``).
+        exclude_training_prompts: drop prompts the datamodule trains on (its ``records()``' ``prompt``) and those the
+            module's quantizer calibrates on (``calibration_prompts()``, GPTQ/AWQ).
         template: prompt template; ``None`` (default) = the full-precision model's own prompt format (its
             tokenizer's chat template, :func:`lm.tokenizers.resolve_prompt_template`).
     """
@@ -182,10 +183,12 @@ class QuantizationEval(L.Callback):
         records, _ = unique_prompt_records(load_prompt_records(prompts, self.path, self.num_prompts, self.seed,
                                                                template, split="heldout",
                                                                where="QuantizationEval.prompts"))
-        if self.exclude_training_prompts and dm is not None and hasattr(dm, "records"):
-            train_prompts = {row["prompt"] for row in dm.records() if "prompt" in row}
+        if self.exclude_training_prompts:
+            train_prompts = set(getattr(pl_module, "calibration_prompts", list)())  # the quantizer's (GPTQ/AWQ)
+            if dm is not None and hasattr(dm, "records"):
+                train_prompts |= {row["prompt"] for row in dm.records() if "prompt" in row}
             kept = [r for r in records if r["prompt"] not in train_prompts]
-            log.info("QuantizationEval: %d of %d eval prompts also used for training were removed",
+            log.info("QuantizationEval: %d of %d eval prompts also used for training or calibration were removed",
                      len(records) - len(kept), len(records))
             records = kept
         if not records:

@@ -3,16 +3,21 @@ arXiv 2407.03051; docs/papers.md §4).
 
 - Pairs (:class:`datamodules.QDPOPairsDataModule`): for each prompt, chosen = the full-precision model's
   answer, rejected = the quantized model's answer; identical pairs carry no signal and are dropped.
-- Policy = the full-precision model with fake-quantized weights (:func:`lm.quantization.prepare_qat`:
-  weight-only symmetric round-to-nearest, ``bits``/``group_size``); gradients reach the latent fp weights
-  through the rounding with the straight-through estimator (quantization-aware training).
-- Reference = the initial quantized model (= the RTN model; the paper's reference is marked *unverified*
+- Policy = the full-precision model with fake-quantized weights (:func:`lm.quantization.prepare_qat`) of the
+  post-training quantizer ``quantizer`` (``rtn``, ``hqq``, ``gptq``, ``awq``; ``bits``/``group_size``); gradients
+  reach the latent fp weights through the rounding with the straight-through estimator (quantization-aware
+  training). The grid follows :mod:`lm.quantization`'s rule: ``rtn``'s scales are a function of the weights, so they
+  are recomputed from the latent weights at every step and the export re-applies RTN (the paper's "re-quantized at
+  the end", docs/papers.md §4); ``hqq``/``gptq``/``awq`` grids come from an optimiser or calibration data, so the
+  grid the PTQ method chose stays fixed. GPTQ and AWQ calibrate on built-in training-side prompts
+  (:meth:`QDPO.calibration_prompts`), never on the held-out evaluation ones.
+- Reference = the initial quantized model (= the PTQ model; the paper's reference is marked *unverified*
   in docs/papers.md), by default as reference log-probs precomputed once before training (:class:`DPO`).
 - Loss = :class:`DPO`'s (sigmoid DPO by default, any of ``lit_modules.PREFERENCE_LOSSES``).
 - At the end (``export_dir``) or on demand (:meth:`QDPO.export`, :meth:`QDPO.quantized_model`) the latent
-  weights are re-quantized into real low-bit weights (:func:`~lm.quantization.convert_qat`) and
-  written with ``save_pretrained``: loading needs ``torchao`` installed, then plain
-  ``AutoModelForCausalLM.from_pretrained(dir)`` / ``lm.hf.load_causal_lm(dir)``.
+  weights are quantized by the same rule (RTN re-applied; the fixed grids) into real low-bit weights
+  (:func:`~lm.quantization.convert_qat`) and written with ``save_pretrained``: loading needs ``torchao`` installed,
+  then plain ``AutoModelForCausalLM.from_pretrained(dir)`` / ``lm.hf.load_causal_lm(dir)``.
 
 The frozen full-precision model stays in the module (``self.full_precision``): it generates the chosen
 answers and is the yardstick of :class:`callbacks.QuantizationEval`.
@@ -25,16 +30,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from datamodules.contract import PairModels
+from datamodules.freeform_prompts import load_prompt_records
 from lit_modules.base import LRSchedulerCallable, OptimizerCallable
 from lit_modules.builtin_checkpoints import ensure_built_in
 from lit_modules.dpo import DPO, module_fingerprint
-from lm.extras import require
 from lm.hf import ModelSpec
-from lm.quantization import convert_qat, prepare_qat, quantization_tag, save_quantized
+from lm.quantization import QuantizerConfig, convert_qat, fake_quantized_layers, prepare_qat, save_quantized
 from lm.sharding import is_model_parallel
+from lm.tokenizers import resolve_prompt_template
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +56,17 @@ class QDPO(DPO):
         model: the full-precision model — a ``save_pretrained`` directory (e.g. the export of
             ``configs/minillm/teacher_sft.yaml``), a hub name in the local cache, or a config dict (tests).
         tokenizer: tokenizer name/path; ``None`` = the model directory's, else byte-level.
+        quantizer: the post-training quantizer whose grid QDPO trains on and exports: ``"rtn"`` (round to
+            nearest), ``"hqq"``, ``"gptq"`` or ``"awq"`` (:mod:`lm.quantization`).
         bits: weight bit-width, 2..8.
         group_size: input columns sharing one scale (must divide every quantized layer's input width);
             ``None`` = one scale per output row.
         include_lm_head: quantize the output projection too (default: kept in full precision).
+        quantizer_options: further :class:`lm.quantization.QuantizerConfig` fields, e.g. ``{calibration: freeform,
+            calibration_size: 128}`` (GPTQ/AWQ calibration prompts), ``percdamp``, ``awq_grid``.
+        train_scales: hqq/gptq/awq only: also train the per-group scales the PTQ method chose (LSQ gradient);
+            default: the grid stays fixed and only the latent weights move. Either way the export holds the trained
+            grid. (``rtn``'s scales are recomputed from the weights, never trained: an error.)
         train_quantized_only: train only the latent weights of the quantized layers; embeddings, norms and the
             (unquantized) ``lm_head`` stay frozen at their full-precision values, as they are in the exported
             model. Measured on the built-in setup, training them too moved the model away from FP much faster.
@@ -70,8 +84,10 @@ class QDPO(DPO):
 
     frozen_networks = ("ref_model", "full_precision")
 
-    def __init__(self, model: ModelSpec | None = None, tokenizer: str | None = None, bits: int = 4,
-                 group_size: int | None = 32, include_lm_head: bool = False, train_quantized_only: bool = True,
+    def __init__(self, model: ModelSpec | None = None, tokenizer: str | None = None, quantizer: str = "rtn",
+                 bits: int = 4, group_size: int | None = 32, include_lm_head: bool = False,
+                 quantizer_options: dict[str, Any] | None = None, train_scales: bool = False,
+                 train_quantized_only: bool = True,
                  export_dir: str | None = None,
                  loss: str = "sigmoid", beta: float = 0.1, loss_kwargs: dict[str, Any] | None = None,
                  precompute_ref_logps: bool = True, ref_cache_dir: str | None = None,
@@ -79,9 +95,11 @@ class QDPO(DPO):
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
                  lr_decay: str = "cosine", min_lr_ratio: float = 0.1, optimizer: OptimizerCallable | None = None,
                  lr_scheduler: LRSchedulerCallable | None = None):
-        self.quant_tag = quantization_tag(bits, group_size, include_lm_head)  # validates bits/group_size
-        self.bits, self.group_size, self.include_lm_head = bits, group_size, include_lm_head
-        self.train_quantized_only = train_quantized_only
+        self.quantizer = quantizer_config(quantizer, bits, group_size, include_lm_head, quantizer_options)
+        if train_scales and self.quantizer.name == "rtn":
+            raise ValueError("train_scales=True needs a fixed-grid quantizer (hqq, gptq, awq): quantizer 'rtn' "
+                             "recomputes its scales from the latent weights at every step (lm/quantization.py)")
+        self.train_quantized_only, self.train_scales = train_quantized_only, train_scales
         ensure_built_in(model)  # before the tokenizer is read from it
         try:
             super().__init__(model=model, ref_model=None, tokenizer=tokenizer, loss=loss, beta=beta,
@@ -97,16 +115,41 @@ class QDPO(DPO):
 
     # ------------------------------------------------------------------ networks
     def build_policy(self) -> nn.Module:
-        """Keep the loaded model as the frozen full-precision yardstick; return a fake-quantized copy."""
-        FakeQuantizedLinear = require("torchao.quantization.qat", "quant").FakeQuantizedLinear
+        """Keep the loaded model as the frozen full-precision yardstick; return a fake-quantized copy
+        (:func:`lm.quantization.prepare_qat`; GPTQ/AWQ calibrated on :meth:`calibration_prompts`, on real weights:
+        declared on the meta device, only the layers are swapped)."""
         full_precision = super().build_policy()
-        policy = prepare_qat(copy.deepcopy(full_precision), self.bits, self.group_size, self.include_lm_head)
+        declared = any(p.is_meta for p in full_precision.parameters())
+        policy = prepare_qat(copy.deepcopy(full_precision), self.quantizer,
+                             None if declared else self.calibration_ids(full_precision))
+        fakes = fake_quantized_layers(policy)
+        if self.train_scales:
+            for m in fakes:
+                m.learn_scale()
         if self.train_quantized_only:
-            quantized = {id(m.weight) for m in policy.modules() if isinstance(m, FakeQuantizedLinear)}
+            quantized = {id(p) for m in fakes for p in (m.weight, getattr(m, "scale", None))
+                         if isinstance(p, nn.Parameter)}
             for p in policy.parameters():
                 p.requires_grad_(id(p) in quantized)
         self.full_precision = self._frozen(full_precision)
         return policy
+
+    def calibration_prompts(self) -> list[str]:
+        """GPTQ/AWQ's calibration prompts: ``quantizer.calibration_size`` built-in prompts of source
+        ``quantizer.calibration`` (``"tasks"`` or ``"freeform"``, its training split) in the model's prompt format;
+        empty for quantizers without calibration. :class:`callbacks.QuantizationEval` never evaluates on them."""
+        q = self.quantizer
+        if not q.calibrated:
+            return []
+        template = resolve_prompt_template(self.tokenizer, None, "QDPO calibration")
+        return [r["prompt"] for r in load_prompt_records(q.calibration, None, q.calibration_size, q.calibration_seed,
+                                                          template, split="train", where="quantizer calibration")]
+
+    def calibration_ids(self, model: nn.Module) -> list[torch.Tensor]:
+        """:meth:`calibration_prompts` as token-id sequences on ``model``'s device."""
+        device = next(model.parameters()).device
+        return [torch.tensor(self.tokenizer(p, add_special_tokens=False)["input_ids"], device=device)
+                for p in self.calibration_prompts()]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -133,12 +176,13 @@ class QDPO(DPO):
         self.configure_model()
         if self._fingerprint is None:
             self._fingerprint = {"full_precision": module_fingerprint(self.full_precision),
-                                 "quantization": self.quant_tag}
+                                 "quantization": self.quantizer.key()}
         return PairModels(self.full_precision, self.policy, self.tokenizer, self._fingerprint)
 
     def quantized_model(self) -> nn.Module:
-        """A copy of the policy with its latent weights re-quantized into real low-bit weights."""
-        return convert_qat(copy.deepcopy(self.policy), self.bits, self.group_size)
+        """A copy of the policy with its latent weights quantized into real low-bit weights (RTN re-applied to the
+        trained weights for ``rtn``, the fixed grids otherwise): the same forward as the fake-quantized policy."""
+        return convert_qat(copy.deepcopy(self.policy))
 
     # ------------------------------------------------------------------ logging and export
     def on_train_start(self) -> None:
@@ -149,7 +193,19 @@ class QDPO(DPO):
 
     def export(self, path: str | Path) -> Path:
         """Convert to real low-bit weights and ``save_pretrained`` model + tokenizer into ``path``."""
-        path = save_quantized(self.quantized_model().cpu(), path, self.bits, self.group_size,
-                              self.include_lm_head, tokenizer=self.tokenizer)
-        log.info("QDPO: saved the %s model to %s (load with torchao installed)", self.quant_tag, path)
+        path = save_quantized(self.quantized_model().cpu(), path, self.quantizer, tokenizer=self.tokenizer)
+        log.info("QDPO: saved the %s model to %s (load with torchao installed)", self.quantizer.tag, path)
         return path
+
+
+def quantizer_config(quantizer: str = "rtn", bits: int = 4, group_size: int | None = 32, include_lm_head: bool = False,
+                     quantizer_options: dict[str, Any] | None = None) -> QuantizerConfig:
+    """QDPO's quantizer arguments as one validated :class:`lm.quantization.QuantizerConfig` (no model needed):
+    one ``ValueError`` naming the option for an unknown quantizer, unsupported bits, a bad group size or an
+    unknown ``quantizer_options`` key."""
+    options = dict(quantizer_options or {})
+    known = set(QuantizerConfig.__dataclass_fields__) - {"name", "bits", "group_size", "include_lm_head"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"quantizer_options has unknown key(s) {unknown}: choose from {sorted(known)}")
+    return QuantizerConfig(quantizer, bits, group_size, include_lm_head, **options)

@@ -240,3 +240,55 @@ def test_qdpo_figure_draws_every_metric(tmp_path):
     per_metric = {key: {"fp": [0.0, 0.0], "rtn": [0.3, 0.2], "qdpo": [0.1, 0.15]} for key, _, _ in claim_qdpo.METRICS}
     name = claim_qdpo.draw(per_metric, tmp_path)
     assert name.endswith(".png") and (tmp_path / name).stat().st_size > 10_000
+
+
+def test_qdpo_quantizer_grid_runs_every_cell_once_and_reuses_the_main_rtn_int4_seeds(tmp_path, monkeypatch):
+    from benchmarks import claim_qdpo, qdpo_table
+
+    calls = []
+
+    def fake_table(argv):  # flip rates encode (bits, seed, model) so every value's origin is checkable
+        bits = int(argv[argv.index("--bits") + 1])
+        calls.append((argv[argv.index("--quantizer") + 1], bits, argv[argv.index("--seeds") + 1:][:3]))
+        return {"runs": [{"results": {n: {k: bits + seed / 10 + off for k, _, _ in claim_qdpo.METRICS}
+                                      for n, off in (("fp", 0.0), ("rtn", 0.5), ("qdpo", 0.25))}}
+                         for seed in range(2)]}
+
+    monkeypatch.setattr(qdpo_table, "main", fake_table)
+    main_runs = [{"results": {n: {k: 100 + seed for k, _, _ in claim_qdpo.METRICS} for n in ("fp", "rtn", "qdpo")}}
+                 for seed in range(3)]
+    grid = claim_qdpo.quantizer_grid("quick", main_runs, {"num_prompts": 8, "eval_prompts": 8}, tmp_path,
+                                     lambda *a: None)
+    assert [c[:2] for c in calls] == [("rtn", 3), ("gptq", 4), ("gptq", 3)]
+    assert all(c[2] == ["0", "1", "--cache"] for c in calls)  # seeds 0 1 per cell
+    assert grid["rtn-int4"]["ptq"]["flip_rate"] == [100, 101]  # the main run's first two seeds
+    assert grid["gptq-int3"] == {"fp": {k: [3.0, 3.1] for k, _, _ in claim_qdpo.METRICS},
+                                 "ptq": {k: [3.5, 3.6] for k, _, _ in claim_qdpo.METRICS},
+                                 "qdpo": {k: [3.25, 3.35] for k, _, _ in claim_qdpo.METRICS}}
+
+
+def test_qdpo_quantizer_docs_table_verdicts_by_the_report_rule(tmp_path, root):
+    from benchmarks import claim_qdpo
+
+    def cell(ptq, qdpo):
+        return {"fp": {k: [0.0] * len(ptq) for k, _, _ in claim_qdpo.METRICS},
+                "ptq": {k: ptq for k, _, _ in claim_qdpo.METRICS}, "qdpo": {k: qdpo for k, _, _ in claim_qdpo.METRICS}}
+
+    # PTQ − QDPO flip rate per seed: gptq-int3 [.2, .15, .15] -> d = 1/6, s = stdev = 0.02887 < d/2: reproduced;
+    # hqq-int2 [−.1, −.11] -> d = −0.105, s = 0.00707: not reproduced; rtn-int4 [.05, −.1] -> d = −0.025, s = 0.1061
+    grid = {"rtn-int4": cell([0.1, 0.2], [0.05, 0.3]), "hqq-int2": cell([0.1, 0.1], [0.2, 0.21]),
+            "gptq-int3": cell([0.30, 0.20, 0.25], [0.10, 0.05, 0.10])}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"papers": {"qdpo": {"settings": {"quantizer_grid": {"per_seed": grid}}}}}))
+    doc = tmp_path / "qdpo.md"
+    doc.write_text(f"intro\n{claim_qdpo.DOC_BEGIN}\nold\n{claim_qdpo.DOC_END}\noutro\n")
+    claim_qdpo.main(["--update-docs", str(results), "--doc", str(doc)])
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "| gptq | 3 | 3 | 0.0000 | 0.2500 | 0.0833 | 0.1667 ± 0.0289 | reproduced |" in text
+    assert "| hqq | 2 | 2 | 0.0000 | 0.1000 | 0.2050 | -0.1050 ± 0.0071 | not reproduced |" in text
+    assert "| rtn | 4 | 2 | 0.0000 | 0.1500 | 0.1750 | -0.0250 ± 0.1061 | inconclusive |" in text
+    assert "token flips) **reproduced**: gptq int3." in text and "**not reproduced**: hqq int2." in text
+    assert "**inconclusive**: rtn int4." in text
+    doc_text = (root / "docs/qdpo.md").read_text()  # the repository's doc has the block to fill
+    assert claim_qdpo.DOC_BEGIN in doc_text and claim_qdpo.DOC_END in doc_text

@@ -130,3 +130,21 @@ def test_qdpo_table_on_free_form_prompts_runs_on_a_tiny_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         qdpo_table.main(["--prompts", "chat"])
     assert "invalid choice: 'chat'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["tasks", "freeform"])
+def test_quantizer_calibration_prompts_never_meet_the_held_out_eval_prompts(source, monkeypatch):
+    # calibration drawn with the evaluation's own seed: only the split (freeform) or the exclusion (tasks) keeps
+    # them apart
+    module = QDPO(model=TINY, quantizer="gptq", group_size=16,
+                  quantizer_options={"calibration": source, "calibration_size": 100, "calibration_seed": 12345})
+    calibration = set(module.calibration_prompts())
+    assert len(calibration) > 20
+    monkeypatch.setattr(quantization_eval, "generate_answers", lambda model, tok, prompts, **kw: [""] * len(prompts))
+    kept, unfiltered = QuantizationEval(prompts=source, num_prompts=200), QuantizationEval(
+        prompts=source, num_prompts=200, exclude_training_prompts=False)
+    for evaluation in (kept, unfiltered):
+        evaluation._prepare(SimpleNamespace(datamodule=None), module)
+    assert kept.records and not calibration & {r["prompt"] for r in kept.records}
+    overlap = calibration & {r["prompt"] for r in unfiltered.records}
+    assert (not overlap) if source == "freeform" else overlap  # tasks: the exclusion is what keeps them apart

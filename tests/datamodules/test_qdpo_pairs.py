@@ -10,6 +10,7 @@ import torch
 import datamodules.qdpo_pairs as qdpo_pairs
 from datamodules.qdpo_pairs import QDPOPairsDataModule, unique_prompt_records
 from lit_modules import QDPO
+from lm.quantization import QuantizerConfig
 from lm.sampling import generate_answers
 from tiny_models import TINY
 
@@ -67,7 +68,7 @@ def test_cache_hit_does_not_regenerate_and_key_tracks_settings(fake_generation, 
     assert len(calls) == 4
     _attach(QDPOPairsDataModule(num_prompts=31), module).prepare_data()  # prompts changed
     assert len(calls) == 6
-    module.quant_tag, module._fingerprint = "int8-g16", None  # quantization changed
+    module.quantizer, module._fingerprint = QuantizerConfig("rtn", 8, 16), None  # quantization changed
     _attach(QDPOPairsDataModule(num_prompts=30), module).prepare_data()
     assert len(calls) == 8
 

@@ -12,9 +12,9 @@ from cli import build_cli
 from datamodules.instruction import load_instruction_records
 from lit_modules import QDPO
 from lm.hf import load_causal_lm
-from lm.quantization import quantize_rtn
+from lm.quantization import QuantizerConfig, quantize, quantize_rtn
 from lm.tokenizers import byte_tokenizer
-from tiny_models import TINY
+from tiny_models import TINY, materialized
 
 
 
@@ -66,6 +66,33 @@ def test_bad_arguments_are_clear(tmp_path):
         QDPO(model=str(tmp_path / "missing_export"))
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    ({"quantizer": "gguf"}, "quantizer name 'gguf' is unknown"),
+    ({"quantizer": "hqq", "bits": 1}, "quantizer bits=1 is not supported by 'hqq'"),
+    ({"group_size": 0}, "quantizer group_size must be an integer >= 2"),
+    ({"quantizer": "gptq", "quantizer_options": {"calibration_prompts": 8}}, "quantizer_options has unknown key"),
+    ({"train_scales": True}, "train_scales=True needs a fixed-grid quantizer .* 'rtn' recomputes its scales"),
+])
+def test_bad_quantizer_options_fail_before_any_model_is_loaded(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):  # not the FileNotFoundError of the missing model
+        QDPO(model=str(tmp_path / "missing_export"), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["hqq", "gptq", "awq"])
+def test_policy_starts_as_the_quantizers_ptq_model_and_exports_it(name, tmp_path):
+    module = materialized(QDPO(model=TINY, quantizer=name, bits=3, group_size=16,
+                               quantizer_options={"calibration_size": 4}))
+    config = QuantizerConfig(name, 3, 16, calibration_size=4)
+    assert module.quantizer == config and len(module.calibration_prompts()) == (4 if config.calibrated else 0)
+    ids = torch.randint(3, 259, (2, 10))
+    ptq = quantize(module.full_precision, config, module.calibration_ids(module.full_precision))
+    with torch.no_grad():
+        policy = module.policy.eval()(ids).logits
+        assert torch.equal(policy, ptq(ids).logits)
+        assert torch.equal(module.quantized_model()(ids).logits, policy)
+        assert torch.equal(load_causal_lm(str(module.export(tmp_path / name)))(ids).logits, policy)
+
+
 def _tiny_fp_export(path: Path) -> str:
     tok = byte_tokenizer()
     load_causal_lm({}, vocab_size=len(tok), seed=0).save_pretrained(path)
@@ -89,7 +116,8 @@ def test_int4_config_missing_fp_model_says_what_to_run(root):
                   run=False)
 
 
-def test_int4_config_runs_end_to_end(root, tmp_path):
+@pytest.mark.parametrize("quantizer", ["rtn", "awq"])
+def test_int4_config_runs_end_to_end(quantizer, root, tmp_path):
     fp_dir = _tiny_fp_export(tmp_path / "fp")
     small = tmp_path / "small.yaml"
     small.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.QuantizationEval\n"
@@ -97,18 +125,20 @@ def test_int4_config_runs_end_to_end(root, tmp_path):
     cli = build_cli(["fit", "--config", str(root / "configs/qdpo/int4.yaml"), "--config", str(small),
                      "--model.model", fp_dir, "--model.export_dir", "exported", "--trainer.max_steps", "2",
                      "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
-                     "--data.num_prompts", "40", "--data.max_new_tokens", "6", "--data.batch_size", "4"])
+                     "--data.num_prompts", "40", "--data.max_new_tokens", "6", "--data.batch_size", "4",
+                     "--model.quantizer", quantizer, "--model.quantizer_options", "{calibration_size: 8}"])
     assert cli.trainer.global_step == 2
     stages = [r["stage"] for r in cli.trainer.callbacks[0].results]
     assert stages[:2] == ["val/fp", "val/quant"] and stages[-1] == "val/quant_final"
     assert (Path(cli.trainer.log_dir) / "quantization_eval.json").exists()
     flip_curve = cli.trainer.callbacks[0].figure().axes[0].lines[0].get_ydata()
     assert list(flip_curve) == [r["flip_rate"] for r in cli.trainer.callbacks[0].results if r["stage"] == "val/quant"]
+    assert cli.model.quantizer.name == quantizer
     loaded = load_causal_lm("exported")  # real int4 weights, loadable with torchao installed
     assert type(loaded.model.layers[0].mlp.down_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
     ids = torch.randint(3, 259, (1, 8))
     with torch.no_grad():
-        assert torch.allclose(loaded(ids).logits, cli.model.policy.eval()(ids).logits, atol=1e-5)
+        assert torch.equal(loaded(ids).logits, cli.model.policy.eval()(ids).logits)  # the trained model, exactly
 
 
 def test_precomputed_reference_logps_are_the_rtn_models_live_logps(tmp_path):
@@ -156,3 +186,18 @@ def test_default_fp_path_is_trained_before_its_tokenizer_and_format_are_read(mon
     module = QDPO(model="checkpoints/minillm_teacher", group_size=16)
     module.configure_model()
     assert model_prompt_template(module.tokenizer) == "Q: {instruction}\nA: "
+
+
+def test_trained_scales_are_trainable_and_exported(tmp_path):
+    module = materialized(QDPO(model=TINY, quantizer="hqq", bits=3, group_size=16, train_scales=True))
+    trainable = dict(module.trainable_parameters())
+    assert sum(n.endswith(".scale") for n in trainable) == 7 and len(trainable) == 14
+    ids = torch.randint(3, 259, (2, 10))
+    opt = torch.optim.SGD(trainable.values(), lr=0.05)
+    module.policy(ids, labels=ids).loss.backward()
+    opt.step()
+    start = quantize(module.full_precision, QuantizerConfig("hqq", 3, 16))
+    with torch.no_grad():
+        policy = module.policy.eval()(ids).logits
+        assert not torch.equal(policy, start(ids).logits)
+        assert torch.equal(load_causal_lm(str(module.export(tmp_path / "q")))(ids).logits, policy)
