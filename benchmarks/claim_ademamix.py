@@ -190,6 +190,7 @@ def train_run(name: str, lr: float, steps: int, seed: int, data: dict, s: dict, 
     batch replaces the drawn one at step ``steps // 2`` and the forgetting probe is measured."""
     config = yaml.safe_load(CONFIG.read_text())["model"]["init_args"]
     module = CausalLM(model=config["model"], init_seed=seed, weight_decay=0.1)
+    module.configure_model()  # materialise the declared network: trained here without a Trainer
     model = module.model
     model.train()
     optimizer = make_optimizer(name, module.parameter_groups(), lr, steps)

@@ -163,7 +163,9 @@ def main() -> None:
         sft(args, sft_dir)
         sft_s = time.perf_counter() - t0
     eval_examples = generate_examples(args.eval_prompts, seed=2)
-    start = CausalLM(model=sft_dir).to(args.device)
+    start = CausalLM(model=sft_dir)
+    start.configure_model()
+    start = start.to(args.device)
     prompts = [format_prompt(ex["instruction"], ex["context"]) for ex in eval_examples]
     start_valid = validity(eval_examples, greedy_answers(start.model, start.tokenizer, prompts, args.device))
     del start
