@@ -161,9 +161,9 @@ def test_training_reads_the_seeds_order_and_the_probe_once(monkeypatch):
     seen: dict[int, list[list[int]]] = {}
 
     class Spy(claim_ademamix.CausalLM):
-        def __init__(self, *args, init_seed, **kwargs):
-            super().__init__(*args, init_seed=init_seed, **kwargs)
-            record = seen.setdefault(init_seed, [])
+        def configure_model(self):  # the materialised network is the one trained
+            super().configure_model()
+            record = seen.setdefault(self.init_seed, [])
             self.model.register_forward_pre_hook(
                 lambda mod, args, kwargs: record.append(kwargs["input_ids"][:, 0].tolist()) if mod.training else None,
                 with_kwargs=True)
