@@ -14,7 +14,8 @@ full. The evaluation results of every seed are also written as TensorBoard runs 
 Quantizer grid (issue 25): does QDPO still help once a stronger post-training quantizer has closed part of the gap,
 and more where RTN collapses (low bits)? For each quantizer × bits cell of :data:`GRID` (group 32), the same
 experiment with that quantizer's PTQ model as the baseline and as QDPO's start (``lm/quantization.py``: ``rtn``
-trains with RTN's scales recomputed from the latent weights, ``hqq``/``gptq``/``awq`` on the PTQ grid kept fixed;
+and ``awq`` (after folding its scales) train with RTN's scales recomputed from the latent weights, ``hqq``/``gptq`` on
+the PTQ grid kept fixed;
 GPTQ/AWQ calibrated on built-in training-side prompts, never the evaluated ones): one token-flip claim per cell,
 QDPO vs that PTQ model alone, paired by seed, and the cell's FP / PTQ / QDPO means in ``settings.quantizer_grid``.
 The RTN int4 cell is the main experiment's first seeds. ``python -m benchmarks.claim_qdpo --update-docs RESULTS_JSON``

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quantizer", default="rtn", choices=["rtn", "hqq", "gptq", "awq"],
                         help="post-training quantizer of the baseline and of QDPO's grid (lm/quantization.py)")
     parser.add_argument("--train-scales", action="store_true",
-                        help="QDPO also trains the PTQ grid's scales (LSQ gradient; hqq/gptq/awq only); "
+                        help="QDPO also trains the PTQ grid's scales (LSQ gradient; hqq/gptq only); "
                              "default: fixed grid")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=32)

@@ -8,8 +8,9 @@ arXiv 2407.03051; docs/papers.md §4).
   reach the latent fp weights through the rounding with the straight-through estimator (quantization-aware
   training). The grid follows :mod:`lm.quantization`'s rule: ``rtn``'s scales are a function of the weights, so they
   are recomputed from the latent weights at every step and the export re-applies RTN (the paper's "re-quantized at
-  the end", docs/papers.md §4); ``hqq``/``gptq``/``awq`` grids come from an optimiser or calibration data, so the
-  grid the PTQ method chose stays fixed. GPTQ and AWQ calibrate on built-in training-side prompts
+  the end", docs/papers.md §4), and so are ``awq``'s once its calibrated scales are folded into the model (RTN of
+  the folded weights); ``hqq``/``gptq`` grids come from an optimiser or calibration data, so the grid the PTQ method
+  chose stays fixed. GPTQ and AWQ calibrate on built-in training-side prompts
   (:meth:`QDPO.calibration_prompts`), never on the held-out evaluation ones.
 - Reference = the initial quantized model (= the PTQ model; the paper's reference is marked *unverified*
   in docs/papers.md), by default as reference log-probs precomputed once before training (:class:`DPO`).
@@ -39,7 +40,8 @@ from lit_modules.base import LRSchedulerCallable, OptimizerCallable
 from lit_modules.builtin_checkpoints import ensure_built_in
 from lit_modules.dpo import DPO, module_fingerprint
 from lm.hf import ModelSpec
-from lm.quantization import QuantizerConfig, convert_qat, fake_quantized_layers, prepare_qat, save_quantized
+from lm.quantization import (FIXED_GRID, QuantizerConfig, convert_qat, fake_quantized_layers, prepare_qat,
+                             save_quantized)
 from lm.sharding import is_model_parallel
 from lm.tokenizers import resolve_prompt_template
 
@@ -64,9 +66,9 @@ class QDPO(DPO):
         include_lm_head: quantize the output projection too (default: kept in full precision).
         quantizer_options: further :class:`lm.quantization.QuantizerConfig` fields, e.g. ``{calibration: freeform,
             calibration_size: 128}`` (GPTQ/AWQ calibration prompts), ``percdamp``, ``awq_grid``.
-        train_scales: hqq/gptq/awq only: also train the per-group scales the PTQ method chose (LSQ gradient);
+        train_scales: hqq/gptq only: also train the per-group scales the PTQ method chose (LSQ gradient);
             default: the grid stays fixed and only the latent weights move. Either way the export holds the trained
-            grid. (``rtn``'s scales are recomputed from the weights, never trained: an error.)
+            grid. (``rtn``'s and ``awq``'s scales are recomputed from the weights, never trained: an error.)
         train_quantized_only: train only the latent weights of the quantized layers; embeddings, norms and the
             (unquantized) ``lm_head`` stay frozen at their full-precision values, as they are in the exported
             model. Measured on the built-in setup, training them too moved the model away from FP much faster.
@@ -96,9 +98,10 @@ class QDPO(DPO):
                  lr_decay: str = "cosine", min_lr_ratio: float = 0.1, optimizer: OptimizerCallable | None = None,
                  lr_scheduler: LRSchedulerCallable | None = None):
         self.quantizer = quantizer_config(quantizer, bits, group_size, include_lm_head, quantizer_options)
-        if train_scales and self.quantizer.name == "rtn":
-            raise ValueError("train_scales=True needs a fixed-grid quantizer (hqq, gptq, awq): quantizer 'rtn' "
-                             "recomputes its scales from the latent weights at every step (lm/quantization.py)")
+        if train_scales and self.quantizer.name not in FIXED_GRID:
+            raise ValueError(f"train_scales=True needs a fixed-grid quantizer {FIXED_GRID}: quantizer "
+                             f"{self.quantizer.name!r} recomputes its scales from the latent weights at every step "
+                             "(lm/quantization.py)")
         self.train_quantized_only, self.train_scales = train_quantized_only, train_scales
         ensure_built_in(model)  # before the tokenizer is read from it
         try:

@@ -47,8 +47,12 @@ QAT trains on follows from what each quantizer's grid is a function of:
   ``FakeQuantizedLinear`` with ``IntxFakeQuantizeConfig``, symmetric) and the export re-applies RTN to the
   trained weights (torchao ``QATConfig(IntxWeightOnlyConfig, step="convert")``): moving a group's largest weight
   rescales the whole group, in training and in the export alike.
-- ``hqq``, ``gptq``, ``awq``: the grid comes from an optimiser or from calibration data and cannot be recomputed
-  from the weights alone, so the grid the PTQ method chose stays fixed during QAT (:class:`FixedGridFakeQuantLinear`,
+- ``awq``: the activation-aware scales s come from calibration and are folded into the model once (before QAT);
+  what is then quantized is RTN of the folded weights W·diag(s) (no clip search here), a function of those weights
+  alone. So, by the same rule as ``rtn``, QAT recomputes RTN's scales from the folded latent weights and the
+  export re-applies RTN to them.
+- ``hqq``, ``gptq``: the grid comes from an optimiser or from calibration data and cannot be recomputed from the
+  weights alone, so the grid the PTQ method chose stays fixed during QAT (:class:`FixedGridFakeQuantLinear`,
   latent weights initialised so that the fake-quantized model equals the PTQ model) and the export rounds the
   trained weights onto it; with ``QDPO(train_scales=True)`` the fixed grid's scales train too (LSQ gradient).
 :func:`save_quantized` writes it with ``save_pretrained`` (safetensors and a ``TorchAoConfig``);
@@ -77,6 +81,8 @@ SUPPORTED_BITS: dict[str, tuple[int, ...]] = {name: tuple(range(2, 9)) for name 
 QUANTIZERS = tuple(SUPPORTED_BITS)
 #: quantizers that need calibration prompts
 CALIBRATED = ("gptq", "awq")
+#: Quantizers whose grid the PTQ method fixes (QAT trains the latent weights on it); the others recompute RTN.
+FIXED_GRID = ("hqq", "gptq")
 CALIBRATION_SOURCES = ("tasks", "freeform")
 
 
@@ -272,7 +278,7 @@ class _GridSTE(torch.autograd.Function):
 
 class FixedGridFakeQuantLinear(nn.Linear):
     """``nn.Linear`` whose forward multiplies by Q(weight) on a fixed per-group ``scale`` buffer (QAT of the
-    hqq/gptq/awq grids; module docstring); ``weight`` holds the trainable latent full-precision weights.
+    hqq/gptq grids; module docstring); ``weight`` holds the trainable latent full-precision weights.
     :meth:`learn_scale` makes the scales trainable too (LSQ gradient, see ``_GridSTE``); the export then holds the
     trained scales."""
 
@@ -476,25 +482,23 @@ def awq_fold_scales(model: nn.Module, config: QuantizerConfig, calibration: list
 
 def ptq_grids(model: nn.Module, config: QuantizerConfig,
               calibration: list[Tensor] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
-    """Run the PTQ method of ``config`` on ``model`` (AWQ also rescales it in place, function unchanged) and
-    return ``{layer name: (latent weight, scale)}`` for every layer to quantize."""
+    """Run the fixed-grid PTQ method of ``config`` (``hqq`` or ``gptq``) on ``model`` and return
+    ``{layer name: (latent weight, scale)}`` for every layer to quantize."""
+    if config.name not in FIXED_GRID:
+        raise ValueError(f"ptq_grids: quantizer {config.name!r} has no fixed grid (fixed grids: {FIXED_GRID}); its "
+                         "scales are recomputed from the weights (prepare_qat)")
     conv1d_to_linear(model)
     names = quantizable_linears(model, config.group_size, config.include_lm_head)
     if config.calibrated and not calibration:
         raise ValueError(f"quantizer name {config.name!r} needs calibration sequences (token ids), got none")
-    if config.name == "awq":
-        awq_fold_scales(model, config, calibration)
     hessians = _gptq_hessians(model, names, calibration) if config.name == "gptq" else {}
     grids = {}
     for name in names:
         w = model.get_submodule(name).weight.detach()
-        block = config.block_size(w.shape[1])
         if config.name == "gptq":
             grids[name] = gptq_quantize_weight(w, hessians[name], config.bits, config.group_size, config.percdamp)
-        elif config.name == "hqq":
-            grids[name] = (w, hqq_scale(w, config.bits, block))
-        else:  # rtn (its grid at these weights; QAT recomputes it, prepare_qat), and awq on its rescaled weights
-            grids[name] = (w, rtn_scale(w, config.bits, block))
+        else:
+            grids[name] = (w, hqq_scale(w, config.bits, config.block_size(w.shape[1])))
     return grids
 
 
@@ -505,11 +509,24 @@ def prepare_qat(model: nn.Module, config: QuantizerConfig, calibration: list[Ten
     - ``rtn``: each layer becomes torchao's ``FakeQuantizedLinear`` (``quantize_(model, QATConfig(weight_config=
       IntxFakeQuantizeConfig(...), step="prepare"))``), RTN's scales recomputed from the latent weights at every
       forward.
-    - ``hqq``/``gptq``/``awq``: the PTQ method chooses each layer's grid (:func:`ptq_grids`; ``calibration`` token-id
-      sequences for GPTQ/AWQ) and the layer becomes a :class:`FixedGridFakeQuantLinear` on it. On a model declared
-      on the meta device (no weights) only the layers are swapped and checked: no grid can be computed there.
+    - ``awq``: the AWQ scales are folded into the model first (:func:`awq_fold_scales`, ``calibration`` token-id
+      sequences), then as ``rtn`` on the folded weights.
+    - ``hqq``/``gptq``: the PTQ method chooses each layer's grid (:func:`ptq_grids`; ``calibration`` for GPTQ) and
+      the layer becomes a :class:`FixedGridFakeQuantLinear` on it.
+
+    On a model declared on the meta device (no weights) only the layers are swapped and checked: no scale or grid
+    can be computed there.
     """
-    if config.name == "rtn":
+    on_meta = any(p.is_meta for p in model.parameters())
+    if config.name == "awq":
+        conv1d_to_linear(model)
+        if on_meta:
+            _decoder_layers(model)  # the Llama-style layout AWQ folds into, checked on the architecture
+        else:
+            if not calibration:
+                raise ValueError("quantizer name 'awq' needs calibration sequences (token ids), got none")
+            awq_fold_scales(model, config, calibration)
+    if config.name in ("rtn", "awq"):
         quantize_ = require("torchao.quantization", "quant").quantize_
         QATConfig = require("torchao.quantization.qat", "quant").QATConfig
         conv1d_to_linear(model)
@@ -517,10 +534,8 @@ def prepare_qat(model: nn.Module, config: QuantizerConfig, calibration: list[Ten
         quantize_(model, QATConfig(weight_config=fake_quantize_config(config.bits, config.group_size), step="prepare"),
                   filter_fn=lambda module, fqn: fqn in targets and isinstance(module, nn.Linear))
         return model
-    if any(p.is_meta for p in model.parameters()):
+    if on_meta:
         conv1d_to_linear(model)
-        if config.name == "awq":
-            _decoder_layers(model)
         grids = {}
         for name in quantizable_linears(model, config.group_size, config.include_lm_head):
             w = model.get_submodule(name).weight

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lm.hf import load_causal_lm
-from lm.quantization import (QUANTIZERS, FixedGridFakeQuantLinear, QuantizerConfig, awq_fold_scales,
+from lm.quantization import (FIXED_GRID, QUANTIZERS, FixedGridFakeQuantLinear, QuantizerConfig, awq_fold_scales,
                              conv1d_to_linear, convert_qat, fake_quantized_layers, gptq_quantize_weight, prepare_qat,
                              ptq_grids, quantize, quantize_rtn, save_quantized)
 from tiny_models import TINY
@@ -249,26 +249,27 @@ def test_trained_fake_quantized_model_equals_the_exported_and_reloaded_one(name,
         assert (fake(ids).logits - fp(ids).logits).abs().max() > 1e-4
     layers = fake_quantized_layers(fake)
     latents = [m.weight for m in layers]
-    assert len(layers) == 7 and all(isinstance(m, FixedGridFakeQuantLinear) == (name != "rtn") for m in layers)
-    scales = [m.scale.clone() for m in layers if name != "rtn"]
+    fixed = name in FIXED_GRID
+    assert len(layers) == 7 and all(isinstance(m, FixedGridFakeQuantLinear) == fixed for m in layers)
+    scales = [m.scale.clone() for m in layers if fixed]
     opt = torch.optim.SGD(latents, lr=0.5)
     for _ in range(2):  # train through the fake quantizer until some code moves
         opt.zero_grad()
         fake(ids, labels=ids).loss.backward()
         opt.step()
     fake.eval()
-    assert all(torch.equal(a, m.scale) for a, m in zip(scales, layers))  # hqq/gptq/awq: the PTQ grid stays
+    assert all(torch.equal(a, m.scale) for a, m in zip(scales, layers))  # hqq/gptq: the PTQ grid stays
     with torch.no_grad():
         trained = fake(ids).logits
         assert not torch.equal(trained, ptq(ids).logits)
         real = convert_qat(copy.deepcopy(fake))
         assert torch.equal(real(ids).logits, trained)
     up = real.model.layers[0].mlp.up_proj.weight
-    if name == "rtn":  # the export's scales are RTN's of the trained latent weights: max|w_g| / 3.5 at 3 bits
+    if not fixed:  # rtn, awq: the export's scales are RTN's of the trained (folded) latent weights: max|w_g| / 3.5
         trained_up = fake.model.layers[0].mlp.up_proj.weight.detach()
         rtn_scale = trained_up.view(trained_up.shape[0], -1, 16).abs().amax(-1) / 3.5
         assert torch.allclose(up.scale.reshape(rtn_scale.shape), rtn_scale, rtol=1e-6)
-        start = fp.model.layers[0].mlp.up_proj.weight.detach()
+        start = prepare_qat(copy.deepcopy(fp), config, cal).model.layers[0].mlp.up_proj.weight.detach()
         assert not torch.allclose(rtn_scale, start.view(start.shape[0], -1, 16).abs().amax(-1) / 3.5, rtol=1e-6)
     assert type(up).__name__ == "IntxUnpackedToInt8Tensor"
     assert isinstance(real.lm_head.weight, nn.Parameter)  # lm_head kept in full precision
