@@ -55,7 +55,7 @@ import torchmetrics
 from transformers import PreTrainedModel
 
 from lit_modules.base import DeferredNetworksModule, LRSchedulerCallable, OptimizerCallable
-from lit_modules.builtin_checkpoints import ensure_built_in
+from lit_modules.builtin_checkpoints import require_built_in
 from lm.hf import ModelSpec, check_same_vocabulary, keep_layers, load_causal_lm
 from lm.sampling import Rollout, response_logits, sample_mixed
 from lm.sharding import build_causal_lm, export_pretrained, is_model_parallel, truncate_at_eos
@@ -261,7 +261,7 @@ class MiniLLM(DeferredNetworksModule):
                        "teacher": None if objective == "sft" else (teacher_how, init_seed + 1, teacher_dtype)}
         if self._specs["teacher"] is not None:  # a clear error now, from the configs alone (meta device: no weights)
             for how in (student_how, teacher_how):
-                ensure_built_in(how[1])  # a missing built-in checkpoint is trained now, not on the meta device
+                require_built_in(how[1])  # a missing built-in checkpoint: the error naming its step, now
             with torch.device("meta"):
                 check_same_vocabulary(self._load("student"), self._load("teacher"))
         elif student_layers is not None:  # the layer list checked now, on the architecture alone
@@ -435,10 +435,10 @@ class MiniLLM(DeferredNetworksModule):
 
 
 def _clear_load_error(role: str, spec: ModelSpec, config: str, load):
-    """Run ``load()``, after training ``spec`` if it is a missing built-in checkpoint
-    (:func:`~lit_modules.builtin_checkpoints.ensure_built_in`); a model/tokenizer path that cannot be loaded
+    """Run ``load()``, after checking that ``spec`` is not a missing built-in checkpoint
+    (:func:`~lit_modules.builtin_checkpoints.require_built_in`); a model/tokenizer path that cannot be loaded
     becomes an error saying how to make it."""
-    ensure_built_in(spec)
+    require_built_in(spec)
     try:
         return load()
     except (OSError, ValueError) as e:

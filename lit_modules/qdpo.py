@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lit_modules.base import LRSchedulerCallable, OptimizerCallable
-from lit_modules.builtin_checkpoints import ensure_built_in
+from lit_modules.builtin_checkpoints import require_built_in
 from lit_modules.dpo import DPO, module_fingerprint
 from lm.extras import require
 from lm.hf import ModelSpec
@@ -82,7 +82,7 @@ class QDPO(DPO):
         self.quant_tag = quantization_tag(bits, group_size, include_lm_head)  # validates bits/group_size
         self.bits, self.group_size, self.include_lm_head = bits, group_size, include_lm_head
         self.train_quantized_only = train_quantized_only
-        ensure_built_in(model)  # before the tokenizer is read from it
+        require_built_in(model)  # before the tokenizer is read from it
         try:
             super().__init__(model=model, ref_model=None, tokenizer=tokenizer, loss=loss, beta=beta,
                              loss_kwargs=loss_kwargs, precompute_ref_logps=precompute_ref_logps,
