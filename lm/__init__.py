@@ -3,6 +3,6 @@ format a model carries (:mod:`lm.tokenizers`), model aliases and GGUF conversion
 one sampler (:mod:`lm.sampling`), padding (:mod:`lm.tensors`), weight quantizers (:mod:`lm.quantization`), FSDP2
 sharding (:mod:`lm.sharding`) and the optional-extra checks (:mod:`lm.extras`).
 
-It imports nothing from ``datamodules``, ``lit_modules``, ``callbacks``, ``discovery`` or ``cli``; every other
-package may import it. Nothing is imported here, so ``import lm`` stays cheap.
+It imports nothing from ``datamodules``, ``lit_modules``, ``callbacks``, ``training``, ``discovery`` or ``cli``;
+every other package may import it. Nothing is imported here, so ``import lm`` stays cheap.
 """

@@ -1,5 +1,5 @@
 """Nothing lost: last.ckpt is the final state, Ctrl-C and errors save a checkpoint and say where, a NaN loss stops
-the run before it reaches the weights (callbacks/lifecycle.py, wired in by cli.py)."""
+the run before it reaches the weights (callbacks/lifecycle.py, wired in by training/cli.py)."""
 
 import math
 import os
