@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/litpapers reproduce --quick --jobs $(JOBS) --out reports/quick
 	@echo "Report: reports/quick/report.md  (TensorBoard: $(VENV)/bin/tensorboard --logdir reports/quick)"
 
-# The MiniLLM and QDPO configs start from trained models (trained on first use when missing); the whole chain:
+# The MiniLLM and QDPO configs start from trained models (`litpapers fit` trains the missing ones first); the chain:
 minillm: $(STAMP)
 	$(VENV)/bin/litpapers fit --config configs/minillm/teacher_sft.yaml
 	$(VENV)/bin/litpapers fit --config configs/minillm/sft.yaml

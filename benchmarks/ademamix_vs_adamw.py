@@ -2,7 +2,7 @@
 
     python -m benchmarks.ademamix_vs_adamw [--device cpu|cuda] [--quick] [--steps N] [--seeds 0 1]
 
-Both runs go through the real CLI (``cli.build_cli``) with ``configs/ademamix/quick_adamw.yaml`` and
+Both runs go through the real CLI (``training.cli.build_cli``) with ``configs/ademamix/quick_adamw.yaml`` and
 ``configs/ademamix/quick.yaml``: same model (hidden 64, 2 layers, byte-level vocabulary), built-in corpus
 (``pydoc_data.topics``), block 128, batch 16, lr 3e-3 with 30 warm-up steps and cosine decay to 10%, weight decay
 0.1 on matrices, gradient clipping 1.0, fp32. Only the optimizer differs: AdamW β = (0.9, 0.999) vs AdEMAMix
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-import cli
+from training.cli import build_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ademamix"
 
@@ -36,7 +36,7 @@ def train(config: str, steps: int, seed: int, accelerator: str, extra: list[str]
                 "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
                 "--trainer.logger.init_args.save_dir", logs, *extra]
         start = time.perf_counter()
-        run = cli.build_cli(args)
+        run = build_cli(args)
         seconds = time.perf_counter() - start
     metrics = run.trainer.callback_metrics
     return {"val_loss": float(metrics["val/loss"]), "train_loss": float(metrics["train/loss"]),

@@ -20,7 +20,7 @@ distillation method starts from that SFT'd student). Steps, all on the built-in 
    sampling at temperature 1; the teacher must beat the *better* of the two student runs by ``margin``, else the
    benchmark stops with an error instead of giving a verdict on a regime the paper does not study.
 3. KD (word-level), SeqKD and MiniLLM (``configs/minillm/base.yaml`` composed with ``kd.yaml`` / ``seqkd.yaml``
-   through ``cli.build_cli``, teacher and student paths overridden) each start from the same plateaued student and
+   through ``build_cli``, teacher and student paths overridden) each start from the same plateaued student and
    run the same number of optimizer steps. Each method's learning rate is chosen on a grid fixed in advance
    (``lr_grid``), by valid-answer rate on a *development* set of prompts (the task generator with another seed),
    training with ``tune_seed``, which is not one of the evaluation training seeds 0 .. seeds−1.
@@ -150,7 +150,7 @@ def sft(recipe: dict, export: Path, seed: int = 0) -> float:
 
 def _fit(args: list[str]) -> None:
     """``litpapers fit`` with ``args`` (one place, so tests can record the runs)."""
-    from cli import build_cli
+    from training.cli import build_cli
 
     build_cli(["fit", *args])
 

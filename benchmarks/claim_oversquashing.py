@@ -58,6 +58,27 @@ def train_model(steps: int, seed: int) -> CausalLM:
     return module
 
 
+def probe_claims(values: dict[str, list[float]], short: int, long: int, seeds: int) -> list[dict]:
+    """The paper's four probe claims from the per-seed ``values`` (``delta_ones_fp32_long``/``_short``,
+    ``delta_ones_bf16w_long``, ``noise_ones_bf16w_long``, ``delta_commas_fp32_long``, ``start_over_middle``) at the
+    shortest and longest lengths; also the real model's (``benchmarks.claim_real.probes``)."""
+    return [
+        claim("Last-token states of [x, a] and [x, a, a] converge as the sequence grows (Thm 4.2)",
+              f"‖Δ‖∞ final layer, fp32, ones, n={long}", values["delta_ones_fp32_long"],
+              values["delta_ones_fp32_short"], f"same at n={short}", higher_is_better=False),
+        claim("In bf16 the long pair collapses: Δ falls to the rounding noise floor (§4.2)",
+              f"‖Δ‖∞ final layer, bf16 weights, ones, n={long}", values["delta_ones_bf16w_long"],
+              values["noise_ones_bf16w_long"], "bf16 noise floor ε_a + ε_b (vs a float64 copy)",
+              higher_is_better=False),
+        claim("Commas every third digit keep the representations apart (§4.3)",
+              f"‖Δ‖∞ final layer, fp32, ones with commas, n={long}", values["delta_commas_fp32_long"],
+              values["delta_ones_fp32_long"], "plain ones", higher_is_better=True),
+        claim("The last token is more sensitive to the first tokens than to the middle ones (Thm 5.1)",
+              "sensitivity start/middle (positions ≤ 10% vs 40-60%, profiles normalised to mean 1)",
+              values["start_over_middle"], [1.0] * seeds, "flat profile", higher_is_better=True),
+    ]
+
+
 def run(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Callable[[str], None],
         overrides: dict | None = None) -> dict:
     """Train, probe and return the claims (see the module docstring); ``overrides`` replaces ``MODES[mode]``
@@ -99,22 +120,7 @@ def run(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Callable[
                                          (sensitivity, profile, "oversquashing_sensitivity.png")):
                 probe.figure(results).savefig(out_dir / name, dpi=90)
                 figures.append(name)
-    seeds_n = settings["seeds"]
-    claims = [
-        claim("Last-token states of [x, a] and [x, a, a] converge as the sequence grows (Thm 4.2)",
-              f"‖Δ‖∞ final layer, fp32, ones, n={long}", values["delta_ones_fp32_long"],
-              values["delta_ones_fp32_short"], f"same at n={short}", higher_is_better=False),
-        claim("In bf16 the long pair collapses: Δ falls to the rounding noise floor (§4.2)",
-              f"‖Δ‖∞ final layer, bf16 weights, ones, n={long}", values["delta_ones_bf16w_long"],
-              values["noise_ones_bf16w_long"], "bf16 noise floor ε_a + ε_b (vs a float64 copy)",
-              higher_is_better=False),
-        claim("Commas every third digit keep the representations apart (§4.3)",
-              f"‖Δ‖∞ final layer, fp32, ones with commas, n={long}", values["delta_commas_fp32_long"],
-              values["delta_ones_fp32_long"], "plain ones", higher_is_better=True),
-        claim("The last token is more sensitive to the first tokens than to the middle ones (Thm 5.1)",
-              "sensitivity start/middle (positions ≤ 10% vs 40-60%, profiles normalised to mean 1)",
-              values["start_over_middle"], [1.0] * seeds_n, "flat profile", higher_is_better=True),
-    ]
+    claims = probe_claims(values, short, long, settings["seeds"])
     settings.update(config=str(CONFIG.relative_to(CONFIG.parents[2])), precisions=PRECISIONS,
                     collapse_prefix="count:", sensitivity_prefix="odd:", model="tiny Llama trained on the tasks",
                     spread="sample std over seeds of the paired difference ours - baseline (None for one seed)")

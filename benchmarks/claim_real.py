@@ -130,6 +130,7 @@ def probes(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progre
            overrides: dict | None = None) -> dict:
     """Collapse, sensitivity and task accuracy on :data:`MODEL` (module docstring); claims as in
     :mod:`benchmarks.claim_oversquashing`, plus counting accuracy at the longest vs the shortest length."""
+    from benchmarks.claim_oversquashing import probe_claims
     from callbacks import OverSquashingProbe, RepresentationalCollapseProbe
     from callbacks.oversquashing import eval_mode
 
@@ -173,20 +174,7 @@ def probes(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progre
         measurements.append({"seed": seed, "prefix": prefix,
                              "collapse": {f"{f}/{p}/{n}": r for (f, p, n), r in final.items()},
                              "sensitivity": ratios, "task_accuracy": accuracy})
-    claims = [
-        claim("Last-token states of [x, a] and [x, a, a] converge as the sequence grows (Thm 4.2)",
-              f"‖Δ‖∞ final layer, fp32, ones, n={long}", values["delta_ones_fp32_long"],
-              values["delta_ones_fp32_short"], f"same at n={short}", higher_is_better=False),
-        claim("In bf16 the long pair collapses: Δ falls to the rounding noise floor (§4.2)",
-              f"‖Δ‖∞ final layer, bf16 weights, ones, n={long}", values["delta_ones_bf16w_long"],
-              values["noise_ones_bf16w_long"], "bf16 noise floor ε_a + ε_b (vs a float64 copy)",
-              higher_is_better=False),
-        claim("Commas every third digit keep the representations apart (§4.3)",
-              f"‖Δ‖∞ final layer, fp32, ones with commas, n={long}", values["delta_commas_fp32_long"],
-              values["delta_ones_fp32_long"], "plain ones", higher_is_better=True),
-        claim("The last token is more sensitive to the first tokens than to the middle ones (Thm 5.1)",
-              "sensitivity start/middle (positions ≤ 10% vs 40-60%, profiles normalised to mean 1)",
-              values["start_over_middle"], [1.0] * s["seeds"], "flat profile", higher_is_better=True),
+    claims = probe_claims(values, short, long, s["seeds"]) + [
         claim("Counting fails as the sequence grows (§6)", f"counting accuracy (greedy, chat prompt), n={task_lengths[-1]}",
               values["count_acc_long"], values["count_acc_short"], f"same at n={task_lengths[0]}",
               higher_is_better=False),
@@ -298,8 +286,8 @@ def _fit(configs: list[str], extra: list[str], export: pathlib.Path, steps: int 
          log_dir: pathlib.Path, version: str) -> None:
     """``litpapers fit`` of ``configs`` (+ ``extra``) exporting to ``export``, on one CPU process, no validation
     or checkpoint during training (the export is the result); skipped when ``export`` is finished already."""
-    from cli import build_cli
     from lit_modules.builtin_checkpoints import is_finished_export
+    from training.cli import build_cli
 
     if is_finished_export(export):
         return

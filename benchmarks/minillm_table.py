@@ -53,7 +53,7 @@ def config_args(config: str) -> list[str]:
 
 
 def _fit(config: str, steps: int, extra: list[str], device: str):
-    from cli import build_cli
+    from training.cli import build_cli
 
     args = ["fit", *config_args(config), "--trainer.max_steps", str(steps),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

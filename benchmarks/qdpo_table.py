@@ -46,15 +46,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train_full_precision(path: Path, steps: int | None, accelerator: str) -> float:
     """SFT the FP model with the MiniLLM teacher config and export it to ``path``; returns seconds."""
-    import cli
+    from training.cli import build_cli
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as logs:
         steps_args = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)] if steps else []
-        cli.build_cli(["fit", "--config", str(ROOT / "configs/minillm/teacher_sft.yaml"), *steps_args,
-                       "--trainer.accelerator", accelerator, "--trainer.devices", "1",
-                       "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
-                       "--trainer.logger.init_args.save_dir", logs, "--model.export_dir", str(path)])
+        build_cli(["fit", "--config", str(ROOT / "configs/minillm/teacher_sft.yaml"), *steps_args,
+                   "--trainer.accelerator", accelerator, "--trainer.devices", "1",
+                   "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
+                   "--trainer.logger.init_args.save_dir", logs, "--model.export_dir", str(path)])
     return time.perf_counter() - start
 
 

@@ -591,8 +591,8 @@ def child_command(key: str, index: int, total: int, start: float, args: argparse
 def run_children(keys: list[str], args: argparse.Namespace, jobs: int, start: float) -> dict[str, int]:
     """Run each paper of ``keys`` in its own process (:func:`child_command`), at most ``jobs`` at once; each saves
     its result to ``<out>/papers/<key>.json`` and prints its own progress lines. Returns each process's exit code."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(  # this checkout first, then what the parent imports from
-        [str(Path(__file__).resolve().parents[1]), *(p for p in sys.path if p and Path(p).is_dir())]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(  # the children import what the parent imports
+        p for p in sys.path if p and Path(p).is_dir()))
     queue = [(args.keys.index(key) + 1, key) for key in keys]
     running: dict[str, subprocess.Popen] = {}
     codes: dict[str, int] = {}

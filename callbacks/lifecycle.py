@@ -1,6 +1,6 @@
 """Nothing lost: checkpoints at the end, on Ctrl-C and on errors; random state in the checkpoint; NaN stops a run.
 
-``litpapers fit`` adds these by default (see ``cli.py``); in your own Lightning code add them to ``callbacks``:
+``litpapers fit`` adds these by default (see ``training/cli.py``); in your own Lightning code add them to ``callbacks``:
 
 - :class:`LastCheckpoint` — a ``ModelCheckpoint`` whose ``last.ckpt`` is always the final state of the run
   (Lightning 2.6 leaves an earlier ``last.ckpt`` untouched at the end of training when it was written by

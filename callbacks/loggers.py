@@ -4,7 +4,7 @@ Lightning's ``TensorBoardLogger``/``CSVLogger`` pick ``version_N`` as one more t
 but create it only when the first file is written: two ``litpapers fit`` of the same config started at the same
 time both pick ``version_0`` and then overwrite each other's ``config.yaml`` and ``last.ckpt``. These subclasses
 create the folder with ``os.mkdir`` (which fails if it exists) and move on to the next number when another
-process got there first. ``litpapers fit`` uses them in place of Lightning's classes (``cli.py``); in your own
+process got there first. ``litpapers fit`` uses them in place of Lightning's classes (``training/cli.py``); in your own
 Lightning code use them instead of Lightning's.
 """
 

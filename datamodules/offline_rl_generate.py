@@ -8,7 +8,7 @@ episode draws its own open-loop *phase-oscillator gait*
 with per-joint amplitudes A ~ U(0.2, 1), a frequency f ~ U(0.5, 4) Hz, per-joint phases φ ~ U(0, 2π) and
 action noise σ ~ U(0, 0.4); a fraction ``random_fraction`` of episodes are uniform random actions instead.
 Depending on the phases the gait runs forwards, backwards or flips, which gives returns from strongly negative
-to strongly positive (``python -m benchmarks.radt`` prints the distribution of the built-in datasets).
+to strongly positive (``python -m benchmarks.speed.radt`` prints the distribution of the built-in datasets).
 Rollouts run ``num_envs`` episodes at a time in a ``gymnasium.vector.SyncVectorEnv`` and are written with
 ``minari.create_dataset_from_buffers`` from whole-episode ``EpisodeBuffer``s (no jax needed).
 """

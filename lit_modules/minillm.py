@@ -55,7 +55,7 @@ import torchmetrics
 from transformers import PreTrainedModel
 
 from lit_modules.base import DeferredNetworksModule, LRSchedulerCallable, OptimizerCallable
-from lit_modules.builtin_checkpoints import ensure_built_in
+from lit_modules.builtin_checkpoints import require_built_in
 from lm.hf import ModelSpec, check_same_vocabulary, keep_layers, load_causal_lm
 from lm.sampling import Rollout, response_logits, sample_mixed
 from lm.sharding import build_causal_lm, export_pretrained, is_model_parallel, truncate_at_eos
@@ -431,10 +431,10 @@ class MiniLLM(DeferredNetworksModule):
 
 
 def _clear_load_error(role: str, spec: ModelSpec, config: str, load):
-    """Run ``load()``, after training ``spec`` if it is a missing built-in checkpoint
-    (:func:`~lit_modules.builtin_checkpoints.ensure_built_in`); a model/tokenizer path that cannot be loaded
+    """Run ``load()``, after checking that ``spec`` is not a missing built-in checkpoint
+    (:func:`~lit_modules.builtin_checkpoints.require_built_in`); a model/tokenizer path that cannot be loaded
     becomes an error saying how to make it."""
-    ensure_built_in(spec)
+    require_built_in(spec)
     try:
         return load()
     except (OSError, ValueError) as e:

@@ -37,7 +37,7 @@ from torch import nn
 from datamodules.contract import PairModels
 from datamodules.freeform_prompts import load_prompt_records
 from lit_modules.base import LRSchedulerCallable, OptimizerCallable
-from lit_modules.builtin_checkpoints import ensure_built_in
+from lit_modules.builtin_checkpoints import require_built_in
 from lit_modules.dpo import DPO, module_fingerprint
 from lm.hf import ModelSpec
 from lm.quantization import (FIXED_GRID, QuantizerConfig, convert_qat, fake_quantized_layers, prepare_qat,
@@ -103,7 +103,7 @@ class QDPO(DPO):
                              f"{self.quantizer.name!r} recomputes its scales from the latent weights at every step "
                              "(lm/quantization.py)")
         self.train_quantized_only, self.train_scales = train_quantized_only, train_scales
-        ensure_built_in(model)  # before the tokenizer is read from it
+        require_built_in(model)  # before the tokenizer is read from it
         try:
             super().__init__(model=model, ref_model=None, tokenizer=tokenizer, loss=loss, beta=beta,
                              loss_kwargs=loss_kwargs, precompute_ref_logps=precompute_ref_logps,

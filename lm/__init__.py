@@ -4,6 +4,6 @@ one sampler (:mod:`lm.sampling`), padding (:mod:`lm.tensors`), preference pairs 
 (:mod:`lm.packing`), chunked per-token log-probs (:mod:`lm.logprobs`), weight quantizers (:mod:`lm.quantization`), FSDP2
 sharding (:mod:`lm.sharding`) and the optional-extra checks (:mod:`lm.extras`).
 
-It imports nothing from ``datamodules``, ``lit_modules``, ``callbacks``, ``discovery`` or ``cli``; every other
-package may import it. Nothing is imported here, so ``import lm`` stays cheap.
+It imports nothing from ``datamodules``, ``lit_modules``, ``callbacks``, ``training``, ``discovery`` or ``cli``;
+every other package may import it. Nothing is imported here, so ``import lm`` stays cheap.
 """

@@ -1,25 +1,24 @@
 """Imports go down the floors only (DESIGN.md): ``lm/`` (the language-model toolkit's ground floor) imports nothing
-from ``datamodules/``, ``lit_modules/``, ``callbacks/``, ``discovery/``, ``benchmarks/`` or ``cli.py``; ``optimizers/``
-and ``datamodules/`` nothing from ``lit_modules/`` and above; ``lit_modules/`` nothing from ``callbacks/`` and above;
-``callbacks/`` nothing from ``discovery/`` or ``cli.py``; ``discovery/`` nothing from ``cli.py``. Every package may import
-``lm``. Checked on every import statement of every file (those inside functions included), by ast; and no lower floor
-reaches a higher one by a side door either: ``importlib.import_module("<higher>...")`` or a ``python -m <higher>``
-subprocess (a subprocess is an import too)."""
+from ``datamodules/``, ``lit_modules/``, ``callbacks/``, ``training/``, ``discovery/``, ``benchmarks/`` or ``cli.py``;
+``optimizers/`` and ``datamodules/`` nothing from ``lit_modules/`` and above; ``lit_modules/`` nothing from
+``callbacks/`` and above; ``callbacks/`` nothing from ``training/`` and above; ``training/`` (the LightningCLI and the
+built-in checkpoints' training) nothing from ``discovery/``, ``benchmarks/`` or ``cli.py``; ``discovery/`` and
+``benchmarks/`` (the claim code behind ``litpapers reproduce``) nothing from ``cli.py``, the top. Every package may
+import ``lm``. Checked on every import statement of every file (those inside functions included), by ast; and no lower
+floor reaches a higher one by a side door either: ``importlib.import_module("<higher>...")`` or a ``python -m
+<higher>`` subprocess (a subprocess is an import too)."""
 
 import ast
 import re
 from pathlib import Path
 
-FORBIDDEN = {"lm": {"datamodules", "lit_modules", "callbacks", "discovery", "benchmarks", "cli"},
-             "optimizers": {"lit_modules", "callbacks", "discovery", "benchmarks", "cli"},
-             "datamodules": {"lit_modules", "callbacks", "discovery", "benchmarks", "cli"},
-             "lit_modules": {"callbacks", "discovery", "benchmarks", "cli"},
-             "callbacks": {"discovery", "benchmarks", "cli"}, "discovery": {"benchmarks", "cli"}}
-
-#: Dynamic upward paths that exist today and are planned away; any other one fails the test. Issue 26 item 3:
-#: the built-in checkpoints are trained by ``python -m cli fit`` from lit_modules (to be restructured there; drop
-#: this entry then).
-KNOWN_DYNAMIC = {"lit_modules/builtin_checkpoints.py": {"-m cli"}}
+FORBIDDEN = {"lm": {"datamodules", "lit_modules", "callbacks", "training", "discovery", "benchmarks", "cli"},
+             "optimizers": {"lit_modules", "callbacks", "training", "discovery", "benchmarks", "cli"},
+             "datamodules": {"lit_modules", "callbacks", "training", "discovery", "benchmarks", "cli"},
+             "lit_modules": {"callbacks", "training", "discovery", "benchmarks", "cli"},
+             "callbacks": {"training", "discovery", "benchmarks", "cli"},
+             "training": {"discovery", "benchmarks", "cli"},
+             "discovery": {"benchmarks", "cli"}, "benchmarks": {"cli"}}
 
 
 def upward_imports(path: Path, forbidden: set[str]) -> list[str]:
@@ -94,11 +93,8 @@ def test_no_import_module_or_dash_m_path_runs_up_a_floor(root):
     violations = {}
     for package, forbidden in FORBIDDEN.items():
         for f in sorted((root / package).rglob("*.py")):
-            name = f.relative_to(root).as_posix()
-            known = KNOWN_DYNAMIC.get(name, set())
-            hits = [h for h in dynamic_upward_paths(f, forbidden) if h.split(": ", 1)[1] not in known]
-            if hits:
-                violations[name] = hits
+            if hits := dynamic_upward_paths(f, forbidden):
+                violations[f.relative_to(root).as_posix()] = hits
     assert violations == {}
 
 
@@ -120,3 +116,23 @@ def f(name):
 ''')
     assert dynamic_upward_paths(source, {"callbacks", "cli", "benchmarks"}) == [
         "9: import_module callbacks.figures", "10: import_module cli", "11: -m cli", "12: -m benchmarks"]
+
+
+def test_the_training_floor_is_checked_from_below_and_above(tmp_path):
+    """``training/`` sits above ``callbacks/``: a module below it that imports it or starts ``python -m training``
+    fails, and so does ``training/`` (or the claim code in ``benchmarks/``) reaching up to ``cli``/``benchmarks``."""
+    lower = tmp_path / "lower.py"
+    lower.write_text('import subprocess, sys\nfrom training.builtin_checkpoints import ensure_built_in\n\ndef f():\n'
+                     '    subprocess.run([sys.executable, "-m", "training", "fit"])\n')
+    for package in ("lm", "datamodules", "lit_modules", "callbacks"):
+        assert upward_imports(lower, FORBIDDEN[package]) == ["2: training.builtin_checkpoints"]
+        assert dynamic_upward_paths(lower, FORBIDDEN[package]) == ["5: -m training"]
+    upper = tmp_path / "upper.py"
+    upper.write_text('import importlib, subprocess, sys\nimport callbacks, lit_modules\nfrom cli import build_cli\n\n'
+                     'def f():\n    importlib.import_module("benchmarks.reproduce")\n'
+                     '    subprocess.run([sys.executable, "-m", "cli", "fit"])\n'
+                     '    subprocess.run([sys.executable, "-m", "training", "fit"])\n')
+    assert upward_imports(upper, FORBIDDEN["training"]) == ["3: cli"]
+    assert dynamic_upward_paths(upper, FORBIDDEN["training"]) == ["6: import_module benchmarks.reproduce", "7: -m cli"]
+    assert upward_imports(upper, FORBIDDEN["benchmarks"]) == ["3: cli"]
+    assert dynamic_upward_paths(upper, FORBIDDEN["benchmarks"]) == ["7: -m cli"]

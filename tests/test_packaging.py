@@ -85,8 +85,8 @@ def test_license_metadata_and_installed_packages():
     setuptools_req = next(r for r in data["build-system"]["requires"] if r.startswith("setuptools"))
     assert floor([setuptools_req], "setuptools") >= (77,)  # first setuptools that reads SPDX license strings
     include = data["tool"]["setuptools"]["packages"]["find"]["include"]
-    assert not any(p.startswith("benchmarks") for p in include)
-    assert {"lit_modules*", "datamodules*", "callbacks*", "optimizers*"} <= set(include)
+    # every floor is a package, the claim code behind `litpapers reproduce` too (reached by a plain import)
+    assert {"lit_modules*", "datamodules*", "callbacks*", "optimizers*", "training*", "benchmarks*"} <= set(include)
 
 
 def test_require_returns_the_module_or_names_the_extra():
@@ -161,21 +161,23 @@ def run_outside_checkout(env_dir: Path, code: str, cwd: Path) -> subprocess.Comp
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_non_editable_install_imports_every_module(core_install, tmp_path):
-    """Every module imports from the installed copy, outside the checkout, with no extra installed;
-    `benchmarks` is not installed; the console script starts."""
+    """Every module imports from the installed copy, outside the checkout, with no extra installed; the console
+    script starts, and `litpapers reproduce` (which runs the configs of a source checkout) says where to run it."""
     out = run_outside_checkout(core_install, """
-        import importlib, importlib.util
-        for name in ["cli", "optimizers", "lit_modules", "datamodules", "callbacks", "discovery",
-                     "datamodules.contract", "lm.extras"]:
+        import importlib
+        for name in ["cli", "optimizers", "lit_modules", "datamodules", "callbacks", "training", "discovery",
+                     "benchmarks", "datamodules.contract", "lm.extras"]:
             module = importlib.import_module(name)
             assert "site-packages" in module.__file__, (name, module.__file__)
-        assert importlib.util.find_spec("benchmarks") is None, "benchmarks was installed"
         print("ok")
     """, tmp_path)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
     help_out = subprocess.run([str(core_install / "bin" / "litpapers"), "--help"], cwd=tmp_path,
                               capture_output=True, text=True, timeout=600)
     assert help_out.returncode == 0, help_out.stderr[-3000:]
+    reproduce = subprocess.run([str(core_install / "bin" / "litpapers"), "reproduce", "--quick"], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=600)
+    assert reproduce.returncode == 2 and "runs from a source checkout" in reproduce.stderr, reproduce.stderr[-3000:]
 
 
 @pytest.mark.slow

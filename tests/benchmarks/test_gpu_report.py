@@ -1,7 +1,7 @@
 """The README's GPU table is rendered from the committed gpu_check JSON, and each target's verdict is computed."""
 import copy
 
-from benchmarks import gpu_report
+from benchmarks.gpu import gpu_report
 
 
 def test_readme_gpu_block_is_the_rendering_of_the_committed_json(root):

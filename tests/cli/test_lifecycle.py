@@ -1,5 +1,5 @@
 """Nothing lost: last.ckpt is the final state, Ctrl-C and errors save a checkpoint and say where, a NaN loss stops
-the run before it reaches the weights (callbacks/lifecycle.py, wired in by cli.py)."""
+the run before it reaches the weights (callbacks/lifecycle.py, wired in by training/cli.py)."""
 
 import math
 import os
@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 import cli
+import training.cli
 from callbacks import LastCheckpoint, NonFiniteLossError, NonFiniteLossGuard
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +31,7 @@ def _step(path) -> int:
 
 def test_last_ckpt_is_the_final_step_when_the_period_does_not_divide_max_steps(monkeypatch):
     # Lightning 2.6 alone leaves last.ckpt at step 3 here (written by every_n_train_steps, not rewritten at the end).
-    monkeypatch.setattr(cli, "DEFAULT_CHECKPOINT_EVERY", 3)
+    monkeypatch.setattr(training.cli, "DEFAULT_CHECKPOINT_EVERY", 3)
     run = cli.build_cli(["fit", "--config", QUICK, "--trainer.max_steps", "5", "--trainer.val_check_interval", "5",
                          *FAST])
     (last,) = Path("logs").rglob("last.ckpt")

@@ -154,7 +154,8 @@ def test_builtin_teacher_pairs_pass_the_checker_at_its_own_eval_rate(root):
     pair generator's greedy FP answers on held-out built-in prompts pass the checker at the rate of the model's own
     eval in its training format (configs/minillm/teacher_sft.yaml's "Q: …\nA: "), not at ~0."""
     from datamodules.instruction_tasks import check_answer
-    from lit_modules.builtin_checkpoints import ensure_built_in, is_finished_export
+    from lit_modules.builtin_checkpoints import is_finished_export
+    from training.builtin_checkpoints import ensure_built_in
 
     teacher = root / "checkpoints/minillm_teacher"
     if not is_finished_export(teacher):

@@ -166,28 +166,6 @@ def test_precomputed_reference_logps_are_the_rtn_models_live_logps(tmp_path):
         assert module.ref_logps_table[pair["index"]].tolist() == pytest.approx(live, abs=2e-4)
 
 
-def test_default_fp_path_is_trained_before_its_tokenizer_and_format_are_read(monkeypatch):
-    """A fresh clone: `QDPO(model="checkpoints/minillm_teacher")` trains the built-in checkpoint first (here a fake
-    training run that writes a tiny export with the teacher config's template), then reads its tokenizer from it."""
-    import subprocess
-
-    from lit_modules import builtin_checkpoints as builtin
-    from lm.hf import save_pretrained_with_tokenizer
-    from lm.tokenizers import model_prompt_template, set_prompt_template
-
-    def fake_fit(command, check, **kwargs):
-        tok = byte_tokenizer()
-        set_prompt_template(tok, "Q: {instruction}\nA: ")
-        save_pretrained_with_tokenizer(load_causal_lm(TINY, vocab_size=len(tok), seed=0), tok,
-                                       "checkpoints/minillm_teacher")
-        return subprocess.CompletedProcess(command, 0)
-
-    monkeypatch.setattr(builtin.subprocess, "run", fake_fit)
-    module = QDPO(model="checkpoints/minillm_teacher", group_size=16)
-    module.configure_model()
-    assert model_prompt_template(module.tokenizer) == "Q: {instruction}\nA: "
-
-
 def test_trained_scales_are_trainable_and_exported(tmp_path):
     module = materialized(QDPO(model=TINY, quantizer="hqq", bits=3, group_size=16, train_scales=True))
     trainable = dict(module.trainable_parameters())

@@ -211,7 +211,7 @@ def test_networks_are_built_by_configure_model_once(kind, tmp_path):
 def test_docs_memory_tables_are_generated_from_the_committed_json(name):
     import json
 
-    from benchmarks.sharding_memory import markers, render_table
+    from benchmarks.speed.sharding_memory import markers, render_table
 
     report = json.loads((w.ROOT / "docs" / "results" / f"{name}.json").read_text())
     doc = (w.ROOT / "docs" / "sharding.md").read_text()

@@ -1,5 +1,6 @@
-"""Built-in checkpoints trained on first use: the real `litpapers fit` subprocess, the wiring in MiniLLM/QDPO,
-finished-export detection and a clear error when training fails."""
+"""Built-in checkpoints trained by the explicit step of the training floor: the real `python -m training fit`
+subprocess, the CLI training the missing ones a config names (MiniLLM, QDPO) before building the model, the lock,
+resume, and a clear error when training fails."""
 
 import fcntl
 import os
@@ -13,18 +14,20 @@ import pytest
 import torch
 
 from lit_modules import MiniLLM
-from lit_modules import builtin_checkpoints as builtin
+from lit_modules.builtin_checkpoints import BUILT_IN, is_finished_export
 from lm.hf import load_causal_lm, save_pretrained_with_tokenizer
-from lm.tokenizers import byte_tokenizer
+from lm.tokenizers import byte_tokenizer, model_prompt_template, set_prompt_template
 from tiny_models import TINY
+from training import builtin_checkpoints as builtin
+from training.cli import build_cli
 
 QUICK = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
          "--data.init_args.num_examples", "64", "--data.init_args.num_val", "4", "--data.init_args.batch_size", "4"]
 
 
 def test_missing_teacher_is_trained_by_its_config_once_then_loaded(monkeypatch):
-    builtin.ensure_built_in("checkpoints/minillm_teacher", *QUICK)  # a real `litpapers fit` in a subprocess
-    assert builtin.is_finished_export("checkpoints/minillm_teacher")
+    builtin.ensure_built_in("checkpoints/minillm_teacher", *QUICK)  # a real `python -m training fit` subprocess
+    assert is_finished_export("checkpoints/minillm_teacher")
     # the training run's logs stay beside the checkpoints: no `logs/` in the working directory (issue 27 item 7)
     assert not Path("logs").exists() and not Path("lightning_logs").exists()
     assert list(Path("checkpoints/logs/teacher_sft").glob("version_*/config.yaml"))
@@ -43,12 +46,16 @@ def test_missing_teacher_is_trained_by_its_config_once_then_loaded(monkeypatch):
 
 
 def _fake_fit(commands: list[list[str]], returncode: int = 0):
-    """Stand-in for the training subprocess: records the command and writes a tiny export where the config would."""
+    """Stand-in for the training subprocess: records the command and writes a tiny export where the config would.
+    Other subprocesses (a library's own, while the CLI builds its classes) run as usual."""
+    real_run = subprocess.run
 
-    def run(command, check, **kwargs):
+    def run(command, check=False, **kwargs):
+        if command[1:3] != ["-m", "training"]:
+            return real_run(command, check=check, **kwargs)
         commands.append(command)
         config = Path(command[command.index("--config") + 1]).as_posix()
-        target = next(spec for spec, cfg in builtin.BUILT_IN.items() if config.endswith(cfg))
+        target = next(spec for spec, cfg in BUILT_IN.items() if config.endswith(cfg))
         if returncode == 0:
             save_pretrained_with_tokenizer(load_causal_lm(TINY, vocab_size=259, seed=0), byte_tokenizer(), target)
         return subprocess.CompletedProcess(command, returncode)
@@ -56,15 +63,24 @@ def _fake_fit(commands: list[list[str]], returncode: int = 0):
     return run
 
 
-def test_minillm_with_the_default_paths_builds_student_and_teacher_first(monkeypatch):
+MINILLM = Path(__file__).resolve().parents[2] / "configs" / "minillm" / "base.yaml"
+QDPO_INT4 = Path(__file__).resolve().parents[2] / "configs" / "qdpo" / "int4.yaml"
+
+
+def test_minillm_config_with_the_default_paths_trains_student_and_teacher_first(monkeypatch, capsys):
+    """``litpapers fit --config configs/minillm/base.yaml`` on a fresh clone: the CLI trains both built-in checkpoints
+    the model's arguments name (a line says so), then builds the model from them."""
     commands: list[list[str]] = []
     monkeypatch.setattr(builtin.subprocess, "run", _fake_fit(commands))
-    module = MiniLLM(student="checkpoints/minillm_student_sft", teacher="checkpoints/minillm_teacher")
+    cli = build_cli(["--config", str(MINILLM), "--trainer.logger", "false"], run=False)
     configs = [Path(c[c.index("--config") + 1]).name for c in commands]
     assert configs == ["sft.yaml", "teacher_sft.yaml"]
-    assert all(c[:4] == [builtin.sys.executable, "-m", "cli", "fit"] for c in commands)
+    assert all(c[:4] == [builtin.sys.executable, "-m", "training", "fit"] for c in commands)
+    assert "checkpoints/minillm_teacher not found: training it first" in capsys.readouterr().out
+    module = cli.model
+    module.configure_model()
     assert module.teacher is not None and not module.teacher.training
-    MiniLLM(student="checkpoints/minillm_student_sft", teacher="checkpoints/minillm_teacher")
+    build_cli(["--config", str(MINILLM), "--trainer.logger", "false"], run=False)
     assert len(commands) == 2  # both exist now: nothing is trained again
     # other paths are never trained: a missing one is the loader's error
     with pytest.raises(FileNotFoundError, match="make it first"):
@@ -72,26 +88,34 @@ def test_minillm_with_the_default_paths_builds_student_and_teacher_first(monkeyp
     assert len(commands) == 2
 
 
+def test_qdpo_config_on_a_fresh_clone_trains_the_fp_model_before_its_tokenizer_and_format_are_read(monkeypatch):
+    """A fresh clone: ``configs/qdpo/int4.yaml`` (``model: checkpoints/minillm_teacher``) trains the built-in
+    checkpoint first (here a fake training run that writes a tiny export with the teacher config's template), then
+    QDPO reads its tokenizer from it."""
+
+    def fake_fit(command, check, **kwargs):
+        tok = byte_tokenizer()
+        set_prompt_template(tok, "Q: {instruction}\nA: ")
+        save_pretrained_with_tokenizer(load_causal_lm(TINY, vocab_size=len(tok), seed=0), tok,
+                                       "checkpoints/minillm_teacher")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(builtin.subprocess, "run", fake_fit)
+    module = build_cli(["--config", str(QDPO_INT4), "--model.init_args.group_size", "16",
+                        "--trainer.logger", "false"], run=False).model
+    assert model_prompt_template(module.tokenizer) == "Q: {instruction}\nA: "
+
+
 def test_unfinished_export_is_retrained_and_a_failed_run_is_a_clear_error(monkeypatch):
     partial = Path("checkpoints/minillm_teacher")
     partial.mkdir(parents=True)
     (partial / "config.json").write_text("{}")  # an interrupted save: config but no weights
-    assert not builtin.is_finished_export(partial)
+    assert not is_finished_export(partial)
     commands: list[list[str]] = []
     monkeypatch.setattr(builtin.subprocess, "run", _fake_fit(commands, returncode=1))
     with pytest.raises(RuntimeError, match="litpapers fit --config configs/minillm/teacher_sft.yaml"):
         builtin.ensure_built_in("checkpoints/minillm_teacher")
     assert len(commands) == 1
-
-
-def test_export_is_atomic_and_replaces_an_older_one(tmp_path):
-    target = tmp_path / "model"
-    save_pretrained_with_tokenizer(load_causal_lm(TINY, vocab_size=259, seed=0), byte_tokenizer(), target)
-    newer = load_causal_lm(TINY, vocab_size=259, seed=1)
-    save_pretrained_with_tokenizer(newer, byte_tokenizer(), target)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no .partial / .old left behind
-    for k, v in newer.state_dict().items():
-        assert torch.equal(load_causal_lm(str(target)).state_dict()[k], v)
 
 
 def _children(pid: int) -> list[int]:
@@ -107,17 +131,15 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_training_child_holds_the_lock_and_dies_with_its_killed_parent(root):
-    # The parent runs ensure_built_in (module loaded by file: no heavy package import); its child is the real
-    # `litpapers fit` of the teacher. SIGKILL the parent: the child must not go on training as an orphan.
-    code = ("import importlib.util, sys; sys.path.insert(0, sys.argv[1]); "
-            "spec = importlib.util.spec_from_file_location('b', sys.argv[1] + '/lit_modules/builtin_checkpoints.py');"
-            " b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "
-            "b.ensure_built_in('checkpoints/minillm_teacher', '--trainer.max_steps', '100000')")
-    parent = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.DEVNULL,
+    # The parent runs ensure_built_in; its child is the real `python -m training fit` of the teacher. SIGKILL the
+    # parent: the child must not go on training as an orphan.
+    code = ("from training.builtin_checkpoints import ensure_built_in; "
+            "ensure_built_in('checkpoints/minillm_teacher', '--trainer.max_steps', '100000')")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(root)))
     child = None
     try:
-        deadline = time.time() + 30
+        deadline = time.time() + 60  # the parent imports lit_modules (torch, transformers) first
         while not _children(parent.pid) and time.time() < deadline:
             time.sleep(0.1)
         (child,) = _children(parent.pid)
@@ -145,7 +167,7 @@ def test_training_child_holds_the_lock_and_dies_with_its_killed_parent(root):
 def test_an_interrupted_built_in_training_resumes_from_its_last_checkpoint(monkeypatch):
     """A killed run left ``last.ckpt`` in its log folder: the next start continues from it (``--ckpt_path``), and
     once the export is complete the training checkpoints are removed (the logs stay)."""
-    spec, config = "checkpoints/minillm_teacher", builtin.BUILT_IN["checkpoints/minillm_teacher"]
+    spec, config = "checkpoints/minillm_teacher", BUILT_IN["checkpoints/minillm_teacher"]
     runs = builtin.training_log_dir(spec) / Path(config).stem
     older, newer = (runs / f"version_{i}" / "checkpoints" / "last.ckpt" for i in (0, 1))
     for i, path in enumerate((older, newer)):

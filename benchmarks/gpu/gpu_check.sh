@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one go (≤ 5 minutes on one GPU), run from the repo root:
 #
-#     bash benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]        (OUT_DIR default: gpu_results)
+#     bash benchmarks/gpu/gpu_check.sh [--dry-run] [OUT_DIR]        (OUT_DIR default: gpu_results)
 #
 # 1. the CUDA tests (static-cache sampler with CUDA graphs, AdEMAMix CUDA/triton paths; skipped without a GPU);
 # 2. the GPU benchmarks, each against its anchor in the same run:
@@ -57,21 +57,21 @@ step cuda_tests 90 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/c
   -k "cuda or triton_path or fall_back"
 
 if [ "$CUDA" = 1 ] && [ "$DRY" = 0 ]; then
-  step minillm_rollout 140 "$PY" -m benchmarks.minillm_rollout --device cuda --size 100m --batch 64 --prompt-len 64 \
+  step minillm_rollout 140 "$PY" -m benchmarks.speed.minillm_rollout --device cuda --size 100m --batch 64 --prompt-len 64 \
     --new-tokens 256 --dtype bf16 --repeats 3 --no-train-step --out "$OUT/minillm_rollout.json"
-  step dpo_throughput 220 "$PY" -m benchmarks.dpo_throughput --device cuda --precision bf16-mixed --hidden 768 \
+  step dpo_throughput 220 "$PY" -m benchmarks.speed.dpo_throughput --device cuda --precision bf16-mixed --hidden 768 \
     --layers 12 --batch 64 --prompt-bytes 248 --steps 15 --warmup 3 --repeats 3 --sides ours,trl \
     --out "$OUT/dpo_throughput.json"
-  step optimizer_step 90 "$PY" -m benchmarks.optimizer_step --device cuda
-  step probe_overhead 45 "$PY" -m benchmarks.probe_overhead --device cuda --quick
+  step optimizer_step 90 "$PY" -m benchmarks.speed.optimizer_step --device cuda
+  step probe_overhead 45 "$PY" -m benchmarks.speed.probe_overhead --device cuda --quick
 elif [ "$DRY" = 1 ]; then
-  step minillm_rollout 300 "$PY" -m benchmarks.minillm_rollout --device cpu --size tiny --batch 4 --prompt-len 8 \
+  step minillm_rollout 300 "$PY" -m benchmarks.speed.minillm_rollout --device cpu --size tiny --batch 4 --prompt-len 8 \
     --new-tokens 12 --repeats 1 --no-train-step --out "$OUT/minillm_rollout.json"
-  step dpo_throughput 300 "$PY" -m benchmarks.dpo_throughput --device cpu --precision bf16-mixed --hidden 64 \
+  step dpo_throughput 300 "$PY" -m benchmarks.speed.dpo_throughput --device cpu --precision bf16-mixed --hidden 64 \
     --layers 1 --batch 2 --prompt-bytes 16 --steps 2 --warmup 2 --repeats 1 --peak-tflops 1 \
     --out "$OUT/dpo_throughput.json"
-  step optimizer_step 300 "$PY" -m benchmarks.optimizer_step --device cpu --quick --repeats 1 --steps 2
-  step probe_overhead 300 "$PY" -m benchmarks.probe_overhead --device cpu --quick --repeats 1
+  step optimizer_step 300 "$PY" -m benchmarks.speed.optimizer_step --device cpu --quick --repeats 1 --steps 2
+  step probe_overhead 300 "$PY" -m benchmarks.speed.probe_overhead --device cpu --quick --repeats 1
 else
   for name in minillm_rollout dpo_throughput optimizer_step probe_overhead; do
     skip "$name" "no CUDA device (torch.cuda.is_available() is False); --dry-run runs it on the CPU at tiny settings"
@@ -118,7 +118,7 @@ for row in open(os.path.join(out, "steps.tsv")).read().splitlines():
         entry["result"] = result_of(name)
     steps[name] = entry
 report = {
-    "check": "benchmarks/gpu_check.sh", "command": f"bash {cmd}".strip(), "started": started, "dry_run": dry,
+    "check": "benchmarks/gpu/gpu_check.sh", "command": f"bash {cmd}".strip(), "started": started, "dry_run": dry,
     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                 "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,

@@ -1,6 +1,6 @@
 """DPO training throughput: ``lit_modules.DPO`` (Lightning Trainer) vs TRL's ``DPOTrainer``, same model and data.
 
-    python -m benchmarks.dpo_throughput [--device cpu|cuda] [--quick] [--precision 32-true|bf16-mixed] [--out FILE]
+    python -m benchmarks.speed.dpo_throughput [--device cpu|cuda] [--quick] [--precision 32-true|bf16-mixed] [--out FILE]
 
 Both sides train the same tiny Llama (identical initial weights, byte-level tokenizer) with the sigmoid (DPO)
 loss, β = 0.1, on the same built-in preference pairs (prompts padded to a fixed length with a constant prefix,
@@ -260,7 +260,7 @@ def main() -> None:
         for side in sides[r % len(sides):] + sides[:r % len(sides)]:  # rotate the order: no side always first
             if side not in sides:  # a TRL side failed in an earlier round
                 continue
-            out = subprocess.run([sys.executable, "-m", "benchmarks.dpo_throughput", f"--worker={side}", *forwarded],
+            out = subprocess.run([sys.executable, "-m", "benchmarks.speed.dpo_throughput", f"--worker={side}", *forwarded],
                                  capture_output=True, text=True, env=env)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if (out.returncode or not line) and side.startswith("trl"):

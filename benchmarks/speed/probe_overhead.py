@@ -1,6 +1,6 @@
 """Overhead of the over-squashing probes on a training run (target: ≤ 5% at default settings).
 
-    python -m benchmarks.probe_overhead [--device cpu|cuda] [--quick] [--config configs/probes/tasks_quick.yaml]
+    python -m benchmarks.speed.probe_overhead [--device cpu|cuda] [--quick] [--config configs/probes/tasks_quick.yaml]
 
 Model, data and probes come from the config (``configs/probes/tasks_quick.yaml``: tiny Llama, batch 32,
 fp32; the three probes at their settings there, run at every validation). Interleaved, ``--repeats`` times:
@@ -36,7 +36,7 @@ from types import SimpleNamespace
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def instantiate(spec: dict):

@@ -1,7 +1,7 @@
-"""The GPU numbers of the README, rendered from the committed JSON of ``benchmarks/gpu_check.sh``.
+"""The GPU numbers of the README, rendered from the committed JSON of ``benchmarks/gpu/gpu_check.sh``.
 
-    python -m benchmarks.gpu_report                       # print the table
-    python -m benchmarks.gpu_report --update-readme       # rewrite README.md between the gpu markers
+    python -m benchmarks.gpu.gpu_report                       # print the table
+    python -m benchmarks.gpu.gpu_report --update-readme       # rewrite README.md between the gpu markers
 
 Reads ``docs/results/gpu/gpu_check.json`` (the whole check: CUDA tests, rollout, DPO step, optimizer step) and, when
 present, ``docs/results/gpu/dpo_throughput_ours_vs_trl.json`` (the DPO step against TRL with interleaved repeats,
@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results" / "gpu"
 BEGIN, END = "<!-- gpu:begin -->\n", "<!-- gpu:end -->"
 
@@ -67,8 +67,8 @@ def render(check: dict, dpo: dict | None = None) -> str:
     passed = tests["tests"] - tests["failures"] - tests["errors"] - tests["skipped"]
     m = check["machine"]
     lines = [f"Measured on one **{check['device']}** (torch {m['torch']}, transformers {m['transformers']}), "
-             f"{check['started'][:10]}, by `bash benchmarks/gpu_check.sh`"
-             + (" and `python -m benchmarks.dpo_throughput --device cuda --repeats 3 --sides ours,trl ...`" if dpo
+             f"{check['started'][:10]}, by `bash benchmarks/gpu/gpu_check.sh`"
+             + (" and `python -m benchmarks.speed.dpo_throughput --device cuda --repeats 3 --sides ours,trl ...`" if dpo
                 else "")
              + f"; CUDA tests {passed}/{tests['tests']} passed. Source: `docs/results/gpu/`.", "",
              "| measure | ours | anchor | ratio | target |", "|---|---|---|---|---|"]

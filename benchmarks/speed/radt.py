@@ -1,7 +1,7 @@
 """RADT speed: vectorized return-alignment evaluation vs a one-episode-at-a-time loop, and RADT's training step
 vs Decision Transformer's at equal size.
 
-    python -m benchmarks.radt [--device cpu|cuda] [--quick] [--threads N]
+    python -m benchmarks.speed.radt [--device cpu|cuda] [--quick] [--threads N]
 
 1. **Evaluation** (needs gymnasium + MuJoCo; skipped with a note otherwise): an untrained paper-size RADT
    (embed 128, 3 layers, 1 head, K 20) acts in ``HalfCheetah-v5`` limited to ``steps`` steps per episode

@@ -1,6 +1,6 @@
 """Optimizer step time and state memory: AdEMAMix's three paths against ``torch.optim.AdamW`` on one parameter set.
 
-    python -m benchmarks.optimizer_step [--device cpu|cuda] [--quick] [--size NAME] [--threads N] [--only NAME ...]
+    python -m benchmarks.speed.optimizer_step [--device cpu|cuda] [--quick] [--size NAME] [--threads N] [--only NAME ...]
 
 Every optimizer gets identical fp32 copies of a small Llama-shaped parameter list (embedding, per layer q/k/v/o,
 gate/up/down and two norms, final norm, untied head) and the same fixed random gradients. Each is warmed up

@@ -19,10 +19,10 @@ memory grows by about the unsharded model during its first forward. ``--malloc-m
 ``MALLOC_MMAP_THRESHOLD_`` environment variable of every run) makes glibc return every freed block of 128 KiB
 or more at once, so the resident memory follows the live tensors, as a GPU's caching allocator would reuse them.
 
-    OMP_NUM_THREADS=1 python benchmarks/sharding_memory.py --malloc-mmap-threshold 131072 \
+    OMP_NUM_THREADS=1 python -m benchmarks.speed.sharding_memory --malloc-mmap-threshold 131072 \
         --out docs/results/sharding_memory.json
-    OMP_NUM_THREADS=1 python benchmarks/sharding_memory.py --out docs/results/sharding_memory_glibc_default.json
-    python benchmarks/sharding_memory.py --out docs/results/sharding_memory.json --render-docs docs/sharding.md
+    OMP_NUM_THREADS=1 python -m benchmarks.speed.sharding_memory --out docs/results/sharding_memory_glibc_default.json
+    python -m benchmarks.speed.sharding_memory --out docs/results/sharding_memory.json --render-docs docs/sharding.md
 """
 
 from __future__ import annotations
@@ -39,16 +39,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from lit_modules import DPO, CausalLM  # noqa: E402
-from lm.hf import load_causal_lm  # noqa: E402
-from lm.sharding import FSDP2Strategy, memory_per_rank  # noqa: E402
+from lit_modules import DPO, CausalLM
+from lm.hf import load_causal_lm
+from lm.sharding import FSDP2Strategy, memory_per_rank
 
 LLAMA_134M = {"model_type": "llama", "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
               "num_attention_heads": 12, "num_key_value_heads": 12, "vocab_size": 32000,
@@ -170,7 +168,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for run in args.runs:
             part = Path(tmp) / f"{run.replace('/', '_')}.json"
-            subprocess.run([sys.executable, __file__, "--run", run, "--part", str(part), "--devices",
+            subprocess.run([sys.executable, "-m", __spec__.name, "--run", run, "--part", str(part), "--devices",
                             str(args.devices), "--seq", str(args.seq)], check=True, env=env)
             results[run] = json.loads(part.read_text())
             print(run, json.dumps(results[run]), flush=True)
@@ -182,7 +180,7 @@ def main() -> None:
                                                 for k in KEYS} for p in results[run]["per_rank"]]
     with torch.device("meta"):
         n_params = sum(p.numel() for p in load_causal_lm(LLAMA_134M).parameters())
-    report = {"command": "OMP_NUM_THREADS=1 nice -n 10 python " + " ".join(sys.argv),
+    report = {"command": f"OMP_NUM_THREADS=1 nice -n 10 python -m {__spec__.name} " + " ".join(sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"2-core CPU shared with other jobs ({platform.processor() or platform.machine()}), "
                          f"torch {torch.__version__}, lightning {L.__version__}, gloo",

@@ -1,7 +1,7 @@
 """Rollout speed of MiniLLM's teacher-mixed sampler vs the anchor: the student's HF ``generate`` plus one
 teacher forward over its output (what a sampler without mixing needs for the rewards).
 
-    python -m benchmarks.minillm_rollout [--device cpu|cuda] [--quick] [--size tiny|100m] [--no-train-step]
+    python -m benchmarks.speed.minillm_rollout [--device cpu|cuda] [--quick] [--size tiny|100m] [--no-train-step]
                                          [--caches static,dynamic] [--out FILE]
 
 Both sides: same random-init Llama student/teacher (config dicts), same left-padded prompt batch, the same
