@@ -43,6 +43,7 @@ def test_a_finished_default_export_is_loaded_as_it_is():
                                    "checkpoints/minillm_teacher")
     module = MiniLLM(student=TINY, teacher="checkpoints/minillm_teacher", objective="kd")
     module.configure_model()
+    module.configure_model()
     for k, v in load_causal_lm("checkpoints/minillm_teacher").state_dict().items():
         assert torch.equal(module.teacher.state_dict()[k], v)
 

@@ -40,6 +40,7 @@ def test_missing_teacher_is_trained_by_its_config_once_then_loaded(monkeypatch):
     monkeypatch.setattr(builtin.subprocess, "run", no_second_run)
     builtin.ensure_built_in("checkpoints/minillm_teacher")
     module = MiniLLM(student=TINY, teacher="checkpoints/minillm_teacher", objective="kd")
+    module.configure_model()
     exported = load_causal_lm("checkpoints/minillm_teacher")
     for k, v in exported.state_dict().items():
         assert torch.equal(module.teacher.state_dict()[k], v)
