@@ -109,3 +109,12 @@ def run_and_record(run: Callable[..., dict], args: argparse.Namespace, overrides
         write_record(result, args.json, f"benchmarks.{name}", sys.argv[1:] if argv is None else argv)
     print(json.dumps(result, default=str))
     return result
+
+
+def fill_block(doc: pathlib.Path, begin: str, end: str, text: str) -> None:
+    """Replace what lies between the markers ``begin`` and ``end`` in ``doc`` by ``text``."""
+    content = doc.read_text()
+    if begin not in content or end not in content:
+        raise ValueError(f"{doc}: no block between {begin!r} and {end!r} to fill")
+    head, rest = content.split(begin, 1)
+    doc.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")

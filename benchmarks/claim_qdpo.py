@@ -191,7 +191,7 @@ def quantizer_table(result: dict, source: str) -> str:
 
 def update_docs(results_json: Path, doc: Path) -> None:
     """Rewrite the generated quantizer block of ``doc`` from the qdpo entry of the report ``results_json``."""
-    from benchmarks.claim_real import fill_block
+    from benchmarks.claim_common import fill_block
 
     result = json.loads(Path(results_json).read_text())["papers"]["qdpo"]
     fill_block(Path(doc), DOC_BEGIN, DOC_END, quantizer_table(result, Path(results_json).as_posix()))

@@ -44,7 +44,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.claim_common import claim, mode_settings, write_record
+from benchmarks.claim_common import claim, fill_block, mode_settings, write_record
 
 #: The real model (tests point this at a tiny local model).
 MODEL = "smollm2-135m-instruct"
@@ -446,15 +446,6 @@ def readme_table(results_dir: pathlib.Path) -> str:
                      f"{c['baseline']:.3g} ({c['baseline_name']}): **{c['verdict']}** | {_verdict_counts(claims)} | "
                      f"{record['seconds'] / 60:.0f} min ({record['mode']} mode, {record['date'][:10]}) |")
     return "\n".join(lines)
-
-
-def fill_block(doc: pathlib.Path, begin: str, end: str, text: str) -> None:
-    """Replace what lies between the markers ``begin`` and ``end`` in ``doc`` by ``text``."""
-    content = doc.read_text()
-    if begin not in content or end not in content:
-        raise ValueError(f"{doc}: no block between {begin!r} and {end!r} to fill")
-    head, rest = content.split(begin, 1)
-    doc.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def update_doc(doc: pathlib.Path, results_dir: pathlib.Path) -> None:
