@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shlex
 import shutil
 import statistics
 import struct
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "greedy_token_match_vs_fp": (tokens[tag] == tokens["fp32"]).float().mean().item()}
     result = {
         "benchmark": "quantized_export",
-        "command": "python -m benchmarks.speed.quantized_export " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.speed.quantized_export " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(device), "device": args.device, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "note": args.note,
