@@ -169,10 +169,8 @@ class LitPapersCLI(LightningCLI):
         on errors (:class:`~callbacks.LastCheckpoint`) with the random states in it
         (:class:`~callbacks.ExactResume`), so a run resumes exactly with
         ``--ckpt_path logs/<name>/version_N/checkpoints/last.ckpt``, and :class:`~callbacks.NonFiniteLossGuard`.
-        Each is skipped when the matching switch is off. Missing built-in checkpoints are trained first
-        (:meth:`_train_missing_built_ins`)."""
+        Each is skipped when the matching switch is off."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        self._train_missing_built_ins(config)
         self._move_optimizer_into_model(config)
         self._name_run_after_config(config)
         self._claim_log_versions(config)
@@ -247,14 +245,23 @@ class LitPapersCLI(LightningCLI):
             if isinstance(one, Namespace) and str(one.get("class_path")) in VERSIONED_LOGGERS:
                 one["class_path"] = VERSIONED_LOGGERS[str(one["class_path"])]
 
+    def instantiate_classes(self) -> None:
+        """Train the missing built-in checkpoints the model needs (:meth:`_train_missing_built_ins`), then build
+        the classes: the explicit step happens when a run is about to use them, never when a config is only
+        parsed."""
+        self._train_missing_built_ins(self.config[self.subcommand] if self.subcommand else self.config)
+        super().instantiate_classes()
+
     @staticmethod
     def _train_missing_built_ins(config: Namespace) -> None:
         """Train each built-in checkpoint (``checkpoints/minillm_teacher``, ...) that one of the model's arguments
         names and that is not there yet (:func:`~training.builtin_checkpoints.ensure_built_in`), in argument order,
-        before the model is built: the modules only load them. ``export_dir`` is the run's output, not an input."""
+        before the model is built: the modules only load them. ``export_dir`` is the run's output, not an input,
+        and a MiniLLM ``teacher`` is not read under ``objective: sft``."""
         model_args = config.model.get("init_args") if isinstance(config.get("model"), Namespace) else None
+        unused = {"export_dir"} | ({"teacher"} if (model_args or {}).get("objective") == "sft" else set())
         for key, value in vars(model_args or Namespace()).items():
-            if key != "export_dir" and isinstance(value, str):
+            if key not in unused and isinstance(value, str):
                 ensure_built_in(value)
 
     @staticmethod

@@ -19,7 +19,7 @@ from lm.hf import load_causal_lm, save_pretrained_with_tokenizer
 from lm.tokenizers import byte_tokenizer, model_prompt_template, set_prompt_template
 from tiny_models import TINY
 from training import builtin_checkpoints as builtin
-from training.cli import build_cli
+from training.cli import LitPapersCLI, build_cli
 
 QUICK = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
          "--data.init_args.num_examples", "64", "--data.init_args.num_val", "4", "--data.init_args.batch_size", "4"]
@@ -87,6 +87,20 @@ def test_minillm_config_with_the_default_paths_trains_student_and_teacher_first(
     with pytest.raises(FileNotFoundError, match="make it first"):
         MiniLLM(student=TINY, teacher="elsewhere/minillm_teacher")
     assert len(commands) == 2
+
+
+def test_parsing_a_config_trains_nothing_and_an_sft_row_does_not_need_the_teacher(monkeypatch):
+    """Only a run that builds its classes trains missing built-in checkpoints: parsing a config (``--help``, the
+    run-name tests, a config check) never does; and ``objective: sft`` never reads the default teacher."""
+    commands: list[list[str]] = []
+    monkeypatch.setattr(builtin.subprocess, "run", _fake_fit(commands))
+    monkeypatch.setattr(LitPapersCLI, "instantiate_classes", lambda self: None)
+    build_cli(["--config", str(MINILLM), "--trainer.logger", "false"], run=False)
+    assert commands == []
+    monkeypatch.undo()
+    monkeypatch.setattr(builtin.subprocess, "run", _fake_fit(commands))
+    build_cli(["--config", str(MINILLM), "--model.init_args.objective", "sft", "--trainer.logger", "false"], run=False)
+    assert [Path(c[c.index("--config") + 1]).name for c in commands] == ["sft.yaml"]
 
 
 def test_qdpo_config_on_a_fresh_clone_trains_the_fp_model_before_its_tokenizer_and_format_are_read(monkeypatch):
