@@ -459,10 +459,12 @@ def test_in_place_edits_of_the_loss_inputs_do_not_change_the_metrics():
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     honest = DPO(model=TINY, loss="sigmoid", beta=0.05, init_seed=0)
+    honest.configure_model()
     _, want = honest.compute_loss(batch)
     for edit in EDITS:
         for ref_in_batch in (False, True):
             gamer = DPO(model=TINY, loss=load_candidate(in_place_gamer(edit)), beta=0.05, init_seed=0)
+            gamer.configure_model()
             b = dict(batch)
             if ref_in_batch:  # precomputed / supplied reference log-probs: the candidate must not edit them either
                 b["ref_chosen_logps"], b["ref_rejected_logps"] = honest.reference_logps(batch)
