@@ -18,7 +18,7 @@ where the two distributions do).
 
 Generated pairs are cached as JSONL under ``$LITPAPERS_CACHE/qdpo_pairs/<key>.jsonl``, the key hashing the
 model fingerprint, the quantization, the prompts and the decoding settings; a rerun reads the file instead
-of generating. ``prepare_data`` (rank 0) generates, ``setup`` (every rank) reads.
+of generating. In ``setup`` the first process of each node generates while the others wait, then every rank reads.
 """
 
 from __future__ import annotations
@@ -181,5 +181,15 @@ class QDPOPairsDataModule(PreferenceDataModule):
         return [{"prompt": r["prompt"], "chosen": c, "rejected": q, "example": r}
                 for r, c, q in zip(prompts, *answers)]
 
-    def prepare_data(self) -> None:
-        self.records()
+    def setup(self, stage: str | None = None) -> None:
+        """Every rank first asks the module for its models (:meth:`pair_models`: the module's start-up checks, e.g.
+        QDPO's refusal of sharding, then fail on every rank alike, before any pair exists); the first process of each
+        node generates the pairs into the cache while the others wait, then every rank reads them."""
+        if self.pairs is None:
+            self.pair_models()
+            trainer = getattr(self, "trainer", None)
+            if getattr(trainer, "world_size", 1) > 1:  # a real Trainer of several processes
+                if trainer.local_rank == 0:
+                    self.records()
+                trainer.strategy.barrier("qdpo_pairs")
+        super().setup(stage)

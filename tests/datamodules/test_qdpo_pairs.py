@@ -53,23 +53,23 @@ def test_identical_pairs_dropped_and_counted(fake_generation):
 def test_cache_hit_does_not_regenerate_and_key_tracks_settings(fake_generation, tmp_path):
     module, calls = fake_generation
     first = _attach(QDPOPairsDataModule(num_prompts=30), module)
-    first.prepare_data()
+    first.records()
     first.setup("fit")
     assert len(calls) == 2 and first.cache_file.exists()
 
     again = _attach(QDPOPairsDataModule(num_prompts=30), module)
-    again.prepare_data()
+    again.records()
     again.setup("fit")
     assert len(calls) == 2  # read from disk
     assert again.cache_file == first.cache_file
     assert [p["chosen_ids"] for p in again.pairs] == [p["chosen_ids"] for p in first.pairs]
 
-    _attach(QDPOPairsDataModule(num_prompts=30, max_new_tokens=8), module).prepare_data()  # decoding changed
+    _attach(QDPOPairsDataModule(num_prompts=30, max_new_tokens=8), module).records()  # decoding changed
     assert len(calls) == 4
-    _attach(QDPOPairsDataModule(num_prompts=31), module).prepare_data()  # prompts changed
+    _attach(QDPOPairsDataModule(num_prompts=31), module).records()  # prompts changed
     assert len(calls) == 6
     module.quantizer, module._fingerprint = QuantizerConfig("rtn", 8, 16), None  # quantization changed
-    _attach(QDPOPairsDataModule(num_prompts=30), module).prepare_data()
+    _attach(QDPOPairsDataModule(num_prompts=30), module).records()
     assert len(calls) == 8
 
 
@@ -82,9 +82,9 @@ def test_prompt_deduplication_keeps_first():
 def test_needs_a_module_with_pair_models():
     dm = QDPOPairsDataModule(num_prompts=5)
     with pytest.raises(RuntimeError, match="pair_models"):
-        dm.prepare_data()
+        dm.records()
     with pytest.raises(RuntimeError, match="pair_models"):
-        _attach(QDPOPairsDataModule(num_prompts=5), torch.nn.Linear(2, 2)).prepare_data()
+        _attach(QDPOPairsDataModule(num_prompts=5), torch.nn.Linear(2, 2)).records()
 
 
 def test_prompt_file_errors_name_the_line(tmp_path, fake_generation):
@@ -92,7 +92,7 @@ def test_prompt_file_errors_name_the_line(tmp_path, fake_generation):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"instruction": "Say hi."}\n{"text": "no prompt"}\n')
     with pytest.raises(KeyError, match=r"prompts.jsonl:2.*neither 'instruction' nor 'prompt'"):
-        _attach(QDPOPairsDataModule(path=str(path)), module).prepare_data()
+        _attach(QDPOPairsDataModule(path=str(path)), module).records()
 
 
 def test_all_identical_answers_raise_a_clear_error(monkeypatch):
@@ -100,7 +100,7 @@ def test_all_identical_answers_raise_a_clear_error(monkeypatch):
     module.configure_model()
     monkeypatch.setattr(qdpo_pairs, "generate_answers", lambda model, tok, prompts, **decoding: ["same"] * len(prompts))
     with pytest.raises(ValueError, match="identical answers to all .* no preference pair"):
-        _attach(QDPOPairsDataModule(num_prompts=10), module).prepare_data()
+        _attach(QDPOPairsDataModule(num_prompts=10), module).records()
 
 
 def test_pairs_and_eval_prompt_the_full_precision_model_in_its_own_format(tmp_path, monkeypatch):
