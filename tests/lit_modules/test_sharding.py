@@ -52,6 +52,7 @@ def test_sharded_matches_single_process(sharded, single, kind):
         assert torch.allclose(weights[kind][name], value, atol=TOL, rtol=0), name
     # the weights moved: the comparison is not between two untouched initialisations
     init = w.build(kind)[0]
+    init.configure_model()
     net = init.model if kind != "dpo" else init.policy
     moved = max(float((net.state_dict()[n] - v).abs().max()) for n, v in ref.items())
     assert moved > 100 * TOL
@@ -117,7 +118,9 @@ def test_export_from_sharded_run_loads_with_transformers(sharded):
     for name, value in weights["causal_lm"].items():
         assert torch.equal(state[name], value), name
     ids = w.token_rows(2)
-    reference = w.build("causal_lm")[0].model
+    reference = w.build("causal_lm")[0]
+    reference.configure_model()
+    reference = reference.model
     reference.load_state_dict(weights["causal_lm"])
     assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-6)
 
