@@ -39,6 +39,10 @@ SETTINGS = {"quick": {"seeds": 3, "num_prompts": 1500, "eval_prompts": 1000},
 METRICS = (("flip_rate", "token-flip rate vs the FP model's answers", False),
            ("fp_loglik", "FP model's mean log-likelihood per token of the answers", True),
            ("check_score", "valid-answer rate (task checker)", True))
+#: the grid's measures: the claims' metrics, Rouge-L to the FP answers, and perplexity on held-out text (built-in task
+#: examples here; CPython's documentation on SmolLM2: callbacks.quantization_eval.heldout_text)
+GRID_METRICS = (*METRICS, ("rouge_l", "Rouge-L F1 of the answers vs the FP model's answers", True),
+                ("perplexity", "perplexity of held-out text", False))
 
 
 #: quantizer × bits cells (PTQ alone vs PTQ + QDPO vs FP), seeds per cell. No 8-bit cells: on the built-in setup
@@ -135,9 +139,15 @@ def quantizer_grid(mode: str, main_runs: list[dict], s: dict, out_dir: Path, pro
                 progress(f"benchmarks.qdpo_table {' '.join(argv)}", None)
                 with open(out_dir / f"qdpo_table_{cell}.log", "w") as log, contextlib.redirect_stdout(log):
                     runs = qdpo_table.main(argv)["runs"]
-            cells[cell] = {name: {key: [r["results"][src][key] for r in runs] for key, _, _ in METRICS}
-                           for name, src in (("fp", "fp"), ("ptq", "rtn"), ("qdpo", "qdpo"))}
+            cells[cell] = per_seed_cell(runs)
     return cells
+
+
+def per_seed_cell(runs: list[dict]) -> dict[str, dict[str, list]]:
+    """{"fp"|"ptq"|"qdpo": {metric of :data:`GRID_METRICS`: per-seed values}} of one cell's ``qdpo_table`` runs
+    (its PTQ model is reported under the key ``rtn`` whatever the quantizer)."""
+    return {name: {key: [r["results"][src][key] for r in runs] for key, _, _ in GRID_METRICS}
+            for name, src in (("fp", "fp"), ("ptq", "rtn"), ("qdpo", "qdpo"))}
 
 
 # ------------------------------------------------------------------------------ docs/qdpo.md's quantizer table
@@ -145,16 +155,18 @@ DOC_BEGIN, DOC_END = "<!-- qdpo quantizer grid: begin (generated) -->", "<!-- qd
 
 
 def grid_rows(result: dict) -> list[dict]:
-    """One row per quantizer × bits cell of a qdpo result (``results.json``'s ``papers.qdpo``): per-seed means of
-    every metric for FP, PTQ and PTQ + QDPO, and the token-flip claim QDPO vs PTQ by the report's rule —
-    d = mean(PTQ − QDPO) flip rate (lower is better), s = :func:`~benchmarks.claim_common.paired_spread`, verdict
-    :func:`benchmarks.reproduce.verdict`."""
+    """One row per quantizer × bits cell of a result with ``settings.quantizer_grid.per_seed`` (``results.json``'s
+    ``papers.qdpo``, or the SmolLM2 record ``real_qdpo.json``): per-seed means of every metric for FP, PTQ and
+    PTQ + QDPO (``None`` where a metric has no value, e.g. the checker on free-form prompts), and the token-flip claim
+    QDPO vs PTQ by the report's rule — d = mean(PTQ − QDPO) flip rate (lower is better), s =
+    :func:`~benchmarks.claim_common.paired_spread`, verdict :func:`benchmarks.reproduce.verdict`."""
     from benchmarks.reproduce import verdict
 
+    mean = lambda v: None if not v or None in v else statistics.mean(v)  # noqa: E731
     rows = []
     for cell, g in result["settings"]["quantizer_grid"]["per_seed"].items():
         quantizer, bits = cell.rsplit("-int", 1)
-        means = {name: {key: statistics.mean(g[name][key]) for key, _, _ in METRICS} for name in ("fp", "ptq", "qdpo")}
+        means = {name: {key: mean(g[name].get(key)) for key, _, _ in GRID_METRICS} for name in ("fp", "ptq", "qdpo")}
         ours, ptq = g["qdpo"]["flip_rate"], g["ptq"]["flip_rate"]
         spread = paired_spread(ours, ptq)
         rows.append({"quantizer": quantizer, "bits": int(bits), "seeds": len(ours), **means,
@@ -163,25 +175,27 @@ def grid_rows(result: dict) -> list[dict]:
     return rows
 
 
-def quantizer_table(result: dict, source: str) -> str:
-    """docs/qdpo.md's quantizer section from a qdpo result: the table of :func:`grid_rows` and the answer per cell,
-    ``source`` naming the results file it came from."""
-    fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
+def quantizer_table(result: dict, source: str, text: str = "built-in task examples") -> str:
+    """A generated block of docs/qdpo.md from a result with a quantizer grid: the table of :func:`grid_rows` and the
+    answer per cell, ``source`` naming the results file it came from, ``text`` the perplexity's held-out text."""
+    fmt = lambda v, f=".4f": "–" if v is None else format(v, f)  # noqa: E731
+    pair = lambda r, key, f=".4f": f"{fmt(r['ptq'][key], f)} → {fmt(r['qdpo'][key], f)}"  # noqa: E731
     rows = grid_rows(result)
     lines = [f"Generated from `{source}` by `python -m benchmarks.claim_qdpo --update-docs {source}`. Token-flip rate "
-             "vs the FP model's greedy answers on held-out prompts (lower is better); d = PTQ − (PTQ + QDPO), "
-             "s = standard deviation over seeds of the paired difference; verdict: reproduced if d > 2s, not "
-             "reproduced if d < −2s, else inconclusive (the report's rule). Group size 32, `lm_head` in full "
-             "precision; FP log-lik = the FP model's mean per-token log-likelihood of the answers, check = "
-             "valid-answer rate of the task checker.", "",
-             "| quantizer | bits | seeds | flip FP | flip PTQ | flip +QDPO | d ± s | verdict "
-             "| FP log-lik PTQ → +QDPO | check PTQ → +QDPO |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "vs the FP model's greedy answers on held-out prompts (lower is better; FP's own is 0); d = PTQ − "
+             "(PTQ + QDPO), s = standard deviation over seeds of the paired difference; verdict: reproduced if "
+             "d > 2s, not reproduced if d < −2s, else inconclusive (the report's rule). Group size 32, `lm_head` in "
+             "full precision. FP log-lik = the FP model's mean per-token log-likelihood of the answers; Rouge-L = F1 "
+             "of the answers vs FP's; check = valid-answer rate of the task checker (– without one); ppl = "
+             f"perplexity of held-out text ({text}), FP's in its own column.", "",
+             "| quantizer | bits | seeds | flip PTQ → +QDPO | d ± s | verdict | FP log-lik PTQ → +QDPO "
+             "| Rouge-L PTQ → +QDPO | check PTQ → +QDPO | ppl FP | ppl PTQ → +QDPO |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['quantizer']} | {r['bits']} | {r['seeds']} | {fmt(r['fp']['flip_rate'])} | "
-                     f"{fmt(r['ptq']['flip_rate'])} | {fmt(r['qdpo']['flip_rate'])} | {fmt(r['d'])} ± "
-                     f"{fmt(r['spread'])} | {r['verdict']} | {fmt(r['ptq']['fp_loglik'])} → "
-                     f"{fmt(r['qdpo']['fp_loglik'])} | {fmt(r['ptq']['check_score'])} → "
-                     f"{fmt(r['qdpo']['check_score'])} |")
+        lines.append(f"| {r['quantizer']} | {r['bits']} | {r['seeds']} | {pair(r, 'flip_rate')} | {fmt(r['d'])} ± "
+                     f"{fmt(r['spread'])} | {r['verdict']} | {pair(r, 'fp_loglik')} | {pair(r, 'rouge_l', '.3f')} | "
+                     f"{pair(r, 'check_score', '.3f')} | {fmt(r['fp']['perplexity'], '.3f')} | "
+                     f"{pair(r, 'perplexity', '.3f')} |")
     lines.append("")
     for label in ("reproduced", "not reproduced", "inconclusive"):
         cells = [f"{r['quantizer']} int{r['bits']}" for r in rows if r["verdict"] == label]
@@ -189,17 +203,27 @@ def quantizer_table(result: dict, source: str) -> str:
     return "\n".join(lines)
 
 
+REAL_BEGIN, REAL_END = "<!-- qdpo quantizer grid smollm2: begin (generated) -->", "<!-- qdpo quantizer grid smollm2: end -->"
+
+
 def update_docs(results_json: Path, doc: Path) -> None:
-    """Rewrite the generated quantizer block of ``doc`` from the qdpo entry of the report ``results_json``."""
+    """Rewrite a generated quantizer block of ``doc``: from a report's ``results.json`` (its qdpo entry: the
+    built-in grid), or from the SmolLM2 record ``real_qdpo.json`` (:mod:`benchmarks.claim_real`: its own block)."""
     from benchmarks.claim_common import fill_block
 
-    result = json.loads(Path(results_json).read_text())["papers"]["qdpo"]
-    fill_block(Path(doc), DOC_BEGIN, DOC_END, quantizer_table(result, Path(results_json).as_posix()))
+    data = json.loads(Path(results_json).read_text())
+    source = Path(results_json).as_posix()
+    if "papers" in data:
+        fill_block(Path(doc), DOC_BEGIN, DOC_END, quantizer_table(data["papers"]["qdpo"], source))
+    else:
+        fill_block(Path(doc), REAL_BEGIN, REAL_END,
+                   quantizer_table(data, source, "CPython's documentation, 32 blocks of 128 tokens"))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="write docs/qdpo.md's quantizer table from a committed report")
-    parser.add_argument("--update-docs", type=Path, required=True, metavar="RESULTS_JSON")
+    parser = argparse.ArgumentParser(description="write docs/qdpo.md's quantizer tables from committed results")
+    parser.add_argument("--update-docs", type=Path, required=True, metavar="RESULTS_JSON",
+                        help="a report's results.json (built-in grid) or docs/results/real_qdpo.json (SmolLM2 grid)")
     parser.add_argument("--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "qdpo.md")
     args = parser.parse_args(argv)
     update_docs(args.update_docs, args.doc)

@@ -18,11 +18,12 @@ claims built by :func:`benchmarks.claim_common.claim` (per-seed values, paired).
   the instruct model's counting / copying accuracy, prompted in its chat template with an answer prefix
   (:func:`task_accuracy`). No training: "seed" s picks the prompt prefix ``PREFIXES[s]`` (and the random digits),
   so the spread is over prompt contexts.
-- ``qdpo`` (Lee et al. 2024): :func:`benchmarks.qdpo_table.main` on the real model, int4 RTN vs QDPO vs FP in the
-  model's chat template, once per prompt kind: held-out built-in instructions (``tasks``) and held-out free-form
-  instructions (``freeform``, :mod:`datamodules.freeform_prompts`, scored by agreement with the FP answers and FP
-  likelihood: there is no checker); a few dozen pairs, one epoch; seeds draw other pair prompts and train their
-  own QDPO model.
+- ``qdpo`` (Lee et al. 2024): :func:`benchmarks.qdpo_table.main` on the real model, PTQ vs PTQ + QDPO vs FP in the
+  model's chat template: int4 RTN on held-out built-in instructions (``tasks``), and the quantizer × bits grid
+  (issue 25: rtn, hqq, gptq, awq × 2, 3, 4 bits) on held-out free-form instructions (``freeform``,
+  :mod:`datamodules.freeform_prompts`, scored by agreement with the FP answers and FP likelihood: there is no
+  checker; :func:`qdpo_grid`); perplexity on CPython's documentation throughout; a few dozen pairs, one epoch, the
+  int4 settings in every cell (fixed before the grid ran); seeds draw other pair prompts and train their own model.
 - ``dpo`` (paper ``discopop``; Lu et al. 2024): DPO vs LRML (τ = 0.05) at β = 0.05 on the built-in preference
   pairs, a few steps from the instruct model itself (no SFT), held-out reward accuracy; seeds = training seeds.
 - ``minillm`` (Gu et al., ICLR 2024): the shipped configs ``configs/minillm/smollm2*.yaml`` through the CLI — the
@@ -38,6 +39,7 @@ import argparse
 import json
 import pathlib
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -65,11 +67,13 @@ MODES = {
         "full": dict(seeds=3, lengths=[8, 32, 128, 256], sensitivity_lengths=[32], sensitivity_samples=2,
                      projections=32, task_lengths=[4, 8, 16, 32], task_samples=6),
     },
+    # grid: the quantizer × bits cells, on free-form prompts, with the settings of the int4 rows
     "qdpo": {
-        "quick": dict(seeds=2, prompts=["tasks", "freeform"], bits=4, num_prompts=24, eval_prompts=12, batch_size=4,
-                      lr=1e-5, max_new_tokens=16),
-        "full": dict(seeds=2, prompts=["tasks", "freeform"], bits=4, num_prompts=48, eval_prompts=16, batch_size=4,
-                     lr=1e-5, max_new_tokens=16),
+        "quick": dict(seeds=2, prompts=["tasks"], bits=4, num_prompts=24, eval_prompts=12, batch_size=4, lr=1e-5,
+                      max_new_tokens=16, grid=dict(prompts="freeform", quantizers=["rtn", "gptq"], bits=[4], seeds=2)),
+        "full": dict(seeds=3, prompts=["tasks"], bits=4, num_prompts=48, eval_prompts=16, batch_size=4, lr=1e-5,
+                     max_new_tokens=16, grid=dict(prompts="freeform", quantizers=["rtn", "hqq", "gptq", "awq"],
+                                                  bits=[2, 3, 4], seeds=3)),
     },
     "dpo": {
         "quick": dict(seeds=2, steps=8, pairs=120, batch_size=4, lr=2e-5, val_fraction=0.2),
@@ -193,27 +197,21 @@ def qdpo(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress
          overrides: dict | None = None) -> dict:
     """:func:`benchmarks.qdpo_table.main` on :data:`MODEL` once per prompt kind of ``s["prompts"]`` (the checkable
     built-in tasks; the free-form instructions of :mod:`datamodules.freeform_prompts`, pairs from their training
-    topics, evaluated on the held-out ones); claims per kind on :data:`benchmarks.claim_qdpo.METRICS` (the checker
-    score exists only for the tasks) and on Rouge-L to the FP answers (agreement beyond the first flipped token)."""
-    import contextlib
-    import io
-
-    from benchmarks import qdpo_table
+    topics, evaluated on the held-out ones), claims per kind on :data:`benchmarks.claim_qdpo.METRICS` (the checker
+    score exists only for the tasks) and on Rouge-L to the FP answers (agreement beyond the first flipped token);
+    then :func:`qdpo_grid` (``s["grid"]``), with a token-flip claim per cell. ``overrides["jobs"]``: grid cells run
+    at the same time (not a setting: the results do not depend on it)."""
     from benchmarks.claim_qdpo import METRICS
 
+    overrides = dict(overrides or {})
+    jobs = overrides.pop("jobs", 1)
     s = mode_settings(MODES["qdpo"], mode, seeds, overrides)
     metrics = (*METRICS, ("rouge_l", "Rouge-L F1 of the answers vs the FP model's answers", True))
-    claims, measurements, argvs, tables = [], {}, {}, {}
+    claims, measurements, argvs, tables, template = [], {}, {}, {}, None
     for kind in s["prompts"]:
-        argv = ["--model", MODEL, "--prompts", kind, "--bits", str(s["bits"]), "--num-prompts", str(s["num_prompts"]),
-                "--eval-prompts", str(s["eval_prompts"]), "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
-                "--max-new-tokens", str(s["max_new_tokens"]), "--generation-batch-size", "16",
-                "--seeds", *map(str, range(s["seeds"])), "--cache", str(out_dir / "cache")]
+        argv = [*_qdpo_argv(s, kind, out_dir), "--bits", str(s["bits"]), "--seeds", *map(str, range(s["seeds"]))]
         progress(f"qdpo: benchmarks.qdpo_table {' '.join(argv)}")
-        with contextlib.redirect_stdout(io.StringIO()):
-            table = qdpo_table.main(argv)
-        if "skipped" in table:
-            raise RuntimeError(f"qdpo_table skipped: {table['skipped']}")
+        table = _qdpo_table(argv)
         runs = table["runs"]
         label = {"tasks": "built-in tasks", "freeform": "free-form prompts"}[kind]
         for key, metric, higher in metrics:
@@ -228,8 +226,86 @@ def qdpo(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress
                               "timings_s": table["median_timings_s"],
                               "runs": [{k: r[k] for k in ("seed", "pairs_generated", "pairs_kept", "eval_prompts",
                                                            "final_train_loss", "timings_s", "results")} for r in runs]}
-    s.update(model=MODEL, argv=argvs, qdpo_table_settings=tables, prompt_template=table["prompt_template"])
+        template = table["prompt_template"]
+    if s.get("grid"):
+        grid, cell_argvs = qdpo_grid(s, out_dir, progress, jobs)
+        label = {"tasks": "built-in tasks", "freeform": "free-form prompts"}[s["grid"]["prompts"]]
+        for cell, g in grid.items():
+            claims.append(claim(f"QDPO closer to full precision than {cell} g32 PTQ alone, held-out {label} "
+                                f"(FP: {statistics.fmean(g['fp']['flip_rate']):.4g})", metrics[0][1],
+                                g["qdpo"]["flip_rate"], g["ptq"]["flip_rate"], f"{cell} g32 PTQ",
+                                higher_is_better=False))
+        s["quantizer_grid"] = {"cells": s["grid"], "argv": cell_argvs, "per_seed": grid}
+    s.update(model=MODEL, argv=argvs, qdpo_table_settings=tables, prompt_template=template,
+             perplexity_text="CPython's documentation (callbacks.quantization_eval.heldout_text('docs'))")
     return {"claims": claims, "settings": s, "measurements": measurements}
+
+
+def _qdpo_argv(s: dict, kind: str, out_dir: pathlib.Path) -> list[str]:
+    """``benchmarks.qdpo_table``'s arguments shared by every real-model QDPO run (all but bits, quantizer, seeds)."""
+    return ["--model", MODEL, "--prompts", kind, "--num-prompts", str(s["num_prompts"]),
+            "--eval-prompts", str(s["eval_prompts"]), "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]),
+            "--max-new-tokens", str(s["max_new_tokens"]), "--generation-batch-size", "16",
+            "--perplexity-text", "docs", "--cache", str(out_dir / "cache")]
+
+
+def _qdpo_table(argv: list[str]) -> dict:
+    """:func:`benchmarks.qdpo_table.main` (its printing silenced); an error when it had to skip (no torchao)."""
+    import contextlib
+    import io
+
+    from benchmarks import qdpo_table
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        table = qdpo_table.main(argv)
+    if "skipped" in table:
+        raise RuntimeError(f"qdpo_table skipped: {table['skipped']}")
+    return table
+
+
+def qdpo_grid(s: dict, out_dir: pathlib.Path, progress: Progress, jobs: int = 1) -> tuple[dict, dict]:
+    """Each quantizer × bits cell of ``s["grid"]``: :func:`benchmarks.qdpo_table.main` on its ``prompts`` with
+    ``seeds`` seeds, that quantizer's PTQ model as the baseline and as QDPO's start, the int4 rows' other settings.
+    Each cell writes ``out_dir/grid/<cell>.json`` when done; a rerun reuses a cell whose file has the same command,
+    so an interrupted grid resumes where it stopped. ``jobs`` cells run at the same time (child processes).
+    Returns ({cell: :func:`benchmarks.claim_qdpo.per_seed_cell`}, {cell: its argv})."""
+    import concurrent.futures
+    import multiprocessing
+
+    from benchmarks.claim_qdpo import per_seed_cell
+
+    g = s["grid"]
+    argvs, todo = {}, []
+    for quantizer in g["quantizers"]:
+        for bits in g["bits"]:
+            cell = f"{quantizer}-int{bits}"
+            path = out_dir / "grid" / f"{cell}.json"
+            argvs[cell] = [*_qdpo_argv(s, g["prompts"], out_dir), "--quantizer", quantizer, "--bits", str(bits),
+                           "--seeds", *map(str, range(g["seeds"])), "--out", str(path)]
+            done = path.is_file() and json.loads(path.read_text())["command"] == _table_command(argvs[cell])
+            progress(f"qdpo grid {cell}: " + ("reusing " + str(path) if done else
+                                              f"benchmarks.qdpo_table {' '.join(argvs[cell])}"))
+            if not done:
+                todo.append(cell)
+    if jobs > 1 and len(todo) > 1:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context) as pool:
+            futures = {pool.submit(_qdpo_table, argvs[cell]): cell for cell in todo}
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+                progress(f"qdpo grid {futures[future]}: done")
+    else:
+        for cell in todo:
+            _qdpo_table(argvs[cell])
+            progress(f"qdpo grid {cell}: done")
+    cells = {cell: per_seed_cell(json.loads((out_dir / "grid" / f"{cell}.json").read_text())["runs"])
+             for cell in argvs}
+    return cells, argvs
+
+
+def _table_command(argv: list[str]) -> str:
+    """The ``command`` a ``benchmarks.qdpo_table`` result records for ``argv``."""
+    return "python -m benchmarks.qdpo_table " + " ".join(argv)
 
 
 # --------------------------------------------------------------------------------------------------- dpo
@@ -462,6 +538,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", default=",".join(RUNNERS), help=f"comma-separated subset of {list(RUNNERS)}")
     parser.add_argument("--quick", action="store_true", help="smaller settings (default: full)")
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="qdpo: quantizer-grid cells run at the same time, each in its own process")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("docs/results"),
                         help="writes <out>/real_<name>.json")
     parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("reports") / "real",
@@ -480,7 +558,8 @@ def main(argv: list[str] | None = None) -> dict:
     mode = "quick" if args.quick else "full"
     out = {}
     for name in names:
-        result = run(name, mode, args.seeds, args.work / f"real_{name}", print)
+        result = run(name, mode, args.seeds, args.work / f"real_{name}", lambda msg: print(msg, flush=True),
+                     {"jobs": args.jobs} if name == "qdpo" else None)
         result["mode"] = mode
         write_record(result, args.out / f"real_{name}.json", "benchmarks.claim_real",
                      sys.argv[1:] if argv is None else argv)

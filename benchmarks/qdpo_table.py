@@ -18,8 +18,10 @@ distinct prompts among ``--num-prompts`` built-in ones (``--prompts``: the check
 instructions of :mod:`datamodules.freeform_prompts`, scored without a checker), then converted to real low-bit weights. Every prompt is
 in FP's own prompt format (the template its export carries, :mod:`lm.tokenizers`). All three are
 evaluated by :func:`callbacks.quantization_eval.evaluate_against_full_precision` on the same held-out
-prompts (none used for training), greedy decoding, fp32. ``recovered`` = (QDPO − RTN) / (FP − RTN) per metric:
-1 = back to FP.
+prompts (none used for training), greedy decoding, fp32, and by their perplexity on held-out text
+(``--perplexity-text``: built-in task examples, or CPython's documentation for a pretrained model:
+:func:`callbacks.quantization_eval.heldout_text`). ``recovered`` = (QDPO − RTN) / (FP − RTN) per metric: 1 = back
+to FP.
 Timings are wall-clock seconds of each stage (one run per seed; medians over seeds); FP and RTN are evaluated
 once per distinct held-out prompt set (a later seed with the same set reuses them: its ``eval_s`` is QDPO's alone).
 """
@@ -40,7 +42,8 @@ from types import SimpleNamespace
 
 import torch
 
-METRICS = ("flip_rate", "fp_margin_at_flips", "quant_margin", "fp_loglik", "rouge_l", "same_answer", "check_score")
+METRICS = ("flip_rate", "fp_margin_at_flips", "quant_margin", "fp_loglik", "rouge_l", "same_answer", "check_score",
+           "perplexity")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,9 +73,11 @@ def eval_records(n: int, exclude: set[str], tokenizer, prompts: str = "tasks") -
     return [r for r in records if r["prompt"] not in exclude]
 
 
-def run_seed(args, seed: int, device: torch.device, accelerator: str, references: dict) -> dict:
-    """One QDPO model trained and evaluated with FP and RTN; ``references`` memoizes FP's answers and the FP/RTN
-    results per held-out prompt set (the same for every seed when no training prompt had to be removed)."""
+def run_seed(args, seed: int, device: torch.device, accelerator: str, references: dict,
+             texts: list[str]) -> dict:
+    """One QDPO model trained and evaluated with FP and RTN (perplexity on ``texts``); ``references`` memoizes FP's
+    answers and the FP/RTN results per held-out prompt set (the same for every seed when no training prompt had to be
+    removed)."""
     import lightning as L
 
     from callbacks.quantization_eval import evaluate_against_full_precision
@@ -105,11 +110,12 @@ def run_seed(args, seed: int, device: torch.device, accelerator: str, references
     records = eval_records(args.eval_prompts, {r["prompt"] for r in rows} | set(module.calibration_prompts()), tok,
                            args.prompts)
     fp = module.full_precision.to(device)
-    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size)
+    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size, texts=texts)
     start = time.perf_counter()
     key = tuple(r["prompt"] for r in records)
     if key not in references:  # FP and RTN do not depend on the seed: once per held-out prompt set
-        fp_answers = generate_answers(fp, tok, list(key), **gen)
+        fp_answers = generate_answers(fp, tok, list(key), max_new_tokens=args.max_new_tokens,
+                                      batch_size=args.generation_batch_size)
         rtn = quantize(fp, module.quantizer, module.calibration_ids(fp)).to(device)
         references[key] = fp_answers, {name: evaluate_against_full_precision(fp, m, tok, records, fp_answers, **gen)
                                        for name, m in (("fp", fp), ("rtn", rtn))}
@@ -172,6 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="built-in prompts: the checkable tasks, or free-form instructions (no checker: "
                              "check_score is null; datamodules/freeform_prompts.py, pairs from its train split, "
                              "evaluation on its held-out split)")
+    parser.add_argument("--perplexity-text", default="tasks", choices=["tasks", "docs"],
+                        help="held-out text of the perplexity column: built-in task examples (the built-in FP "
+                             "model's domain) or CPython's documentation (English prose, for a pretrained model)")
     parser.add_argument("--num-prompts", type=int, default=1500, help="pair prompts drawn (before dedup)")
     parser.add_argument("--eval-prompts", type=int, default=None, help="eval prompts drawn (default 1000, quick 400)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
@@ -194,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     device = torch.device(args.device)
 
+    from callbacks.quantization_eval import heldout_text
     from lm.model_aliases import ALIASES
     from lm.tokenizers import load_tokenizer, resolve_prompt_template
 
@@ -201,7 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
     if str(args.model) not in ALIASES and not (args.model / "config.json").exists():
         sft_s = train_full_precision(args.model, args.sft_steps, accelerator)
     references: dict = {}
-    runs = [run_seed(args, seed, device, accelerator, references) for seed in seeds]
+    template = resolve_prompt_template(load_tokenizer(None, str(args.model)))
+    texts = heldout_text(args.perplexity_text, template)
+    runs = [run_seed(args, seed, device, accelerator, references, texts) for seed in seeds]
     table = median_table(runs)
     rec = recovered(table)
     print(f"pairs kept per seed: {[r['pairs_kept'] for r in runs]}, eval prompts: {[r['eval_prompts'] for r in runs]}")
@@ -214,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
                    + f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
                    + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"seeds": seeds},
-        "prompt_template": resolve_prompt_template(load_tokenizer(None, str(args.model))),
+        "prompt_template": template,
         "fp_sft_s": sft_s,
         "median": table,
         "recovered": rec,

@@ -13,7 +13,10 @@ On a held-out prompt set, against the full-precision model (FP):
 - ``same_answer``: fraction of answers identical to FP's;
 - ``check_score``: fraction of answers the built-in task's :func:`~datamodules.instruction_tasks.check_answer`
   accepts (only for built-in task prompts, which carry ``task``/``params``; ``None`` on free-form prompts, which
-  have no checker: there flip rate, FP likelihood and Rouge-L / same answer vs FP are the measures).
+  have no checker: there flip rate, FP likelihood and Rouge-L / same answer vs FP are the measures);
+- ``perplexity`` (when held-out ``texts`` are given, :func:`heldout_text`): the model's perplexity on that text,
+  the usual measure of quantization damage, which the QDPO paper finds blind to the conversational damage the
+  measures above see (§1, §4 of docs/papers.md).
 
 :func:`evaluate_against_full_precision` is the pure evaluation (the benchmark calls it for RTN, QDPO and FP);
 :class:`QuantizationEval` runs it on a :class:`lit_modules.QDPO`: at train start (= the RTN model), after
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from pathlib import Path
 
 import lightning as L
@@ -38,8 +42,9 @@ from torch import Tensor, nn
 from torchmetrics.text.rouge import ROUGEScore
 
 from datamodules.freeform_prompts import check_prompt_source, load_prompt_records
-from datamodules.instruction_tasks import check_answer
+from datamodules.instruction_tasks import check_answer, format_prompt, generate_examples
 from datamodules.qdpo_pairs import unique_prompt_records
+from datamodules.text import builtin_documents, pack_blocks
 from lm.sampling import generate_answers
 from lm.tensors import pad_sequences
 from lm.tokenizers import check_prompt_template, resolve_prompt_template
@@ -60,6 +65,57 @@ def token_flip_stats(fp_logits: Tensor, q_logits: Tensor) -> dict[str, Tensor]:
     q_other = q_lp.scatter(-1, a[:, None], float("-inf")).amax(-1)
     return {"flipped": q_lp.argmax(-1) != a, "fp_margin": top2.values[:, 0] - top2.values[:, 1],
             "quant_margin": q_top - q_other}
+
+
+#: sources of :func:`heldout_text`
+PERPLEXITY_TEXTS = ("tasks", "docs")
+
+
+def heldout_text(source: str, template: str, seed: int = 54321, n: int = 1000) -> list[str]:
+    """Held-out documents for :func:`perplexity`, in a seeded order.
+
+    ``"tasks"``: ``n`` built-in instruction-task examples (:func:`datamodules.instruction_tasks.generate_examples`
+    with generator seed ``seed``: fresh draws of the distribution the built-in FP model was SFT'd on, so a prompt may
+    coincide with one drawn elsewhere: the task space is finite), each prompt in ``template`` followed by its
+    reference answer. ``"docs"``: every topic of CPython's documentation (:func:`datamodules.text.builtin_documents`,
+    English prose, the kind of text a pretrained model's perplexity is measured on), shuffled with ``seed``; QDPO
+    never trains, calibrates or prompts on it."""
+    if source not in PERPLEXITY_TEXTS:
+        raise ValueError(f"perplexity text must be one of {PERPLEXITY_TEXTS}, got {source!r}")
+    if source == "tasks":
+        return [format_prompt(ex["instruction"], ex["context"], template) + ex["response"]
+                for ex in generate_examples(n, seed)]
+    docs = [text for _, text in builtin_documents() if text.strip()]
+    random.Random(seed).shuffle(docs)
+    return docs
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, texts: list[str], block_size: int = 128, max_blocks: int = 32,
+               batch_size: int = 8) -> float:
+    """exp(−(1/T) Σ_t log p(x_t | x_<t)) of ``model`` on ``texts``.
+
+    The texts are tokenized in order, each followed by EOS, concatenated and cut into blocks of ``block_size``
+    tokens (:func:`datamodules.text.pack_blocks`, as a :class:`~datamodules.TextDataModule` trains on them; only as
+    many texts are tokenized as the first ``max_blocks`` blocks need). Each block is scored on its own: its first
+    token is context only, so T = blocks × (block_size − 1)."""
+    need, ids = block_size * max_blocks, []
+    for text in texts:
+        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if sum(len(t) + 1 for t in ids) >= need:
+            break
+    blocks = pack_blocks(ids, block_size, tokenizer.eos_token_id)[:max_blocks]
+    if len(blocks) == 0:
+        raise ValueError(f"perplexity: the texts give no block of {block_size} tokens")
+    device, mode = next(model.parameters()).device, model.training
+    model.eval()
+    nll = 0.0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start:start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+    model.train(mode)
+    return math.exp(nll / (blocks.numel() - len(blocks)))
 
 
 def _answer_batch(tokenizer, prompts: list[str], answers: list[str], max_prompt_length: int):
@@ -92,10 +148,12 @@ def _teacher_forced(models: list[nn.Module], tokenizer, prompts: list[str], answ
 
 def evaluate_against_full_precision(full_precision: nn.Module, model: nn.Module, tokenizer, records: list[dict],
                                     fp_answers: list[str] | None = None, max_new_tokens: int = 32,
-                                    batch_size: int = 64, max_prompt_length: int = 128) -> dict[str, float | None]:
+                                    batch_size: int = 64, max_prompt_length: int = 128,
+                                    texts: list[str] | None = None) -> dict[str, float | None]:
     """The metrics of the module docstring for ``model`` on ``records`` (rows with ``prompt``; built-in rows
     also ``task``/``params``). ``fp_answers``: FP's greedy answers, generated when not given. Answers are decoded
-    greedily with the package's one sampler (:func:`lm.sampling.generate_answers`)."""
+    greedily with the package's one sampler (:func:`lm.sampling.generate_answers`). ``texts``: held-out text for
+    ``perplexity`` (:func:`perplexity`; ``None`` when not given)."""
     prompts = [r["prompt"] for r in records]
     gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_length=max_prompt_length)
     modes = [full_precision.training, model.training]
@@ -126,6 +184,7 @@ def evaluate_against_full_precision(full_precision: nn.Module, model: nn.Module,
         "rouge_l": float(ROUGEScore(rouge_keys="rougeL")(answers, fp_answers)["rougeL_fmeasure"]),
         "same_answer": sum(a == b for a, b in zip(answers, fp_answers)) / len(answers),
         "check_score": (sum(check_answer(r, a) for r, a in checkable) / len(checkable)) if checkable else None,
+        "perplexity": perplexity(model, tokenizer, texts) if texts else None,
         "num_prompts": len(records),
     }
 
@@ -146,12 +205,21 @@ class QuantizationEval(L.Callback):
             module's quantizer calibrates on (``calibration_prompts()``, GPTQ/AWQ).
         template: prompt template; ``None`` (default) = the full-precision model's own prompt format (its
             tokenizer's chat template, :func:`lm.tokenizers.resolve_prompt_template`).
+        perplexity_text: also log ``perplexity`` on held-out text from this source of :func:`heldout_text`
+            (``"tasks"``: built-in task examples; ``"docs"``: CPython's documentation, for a pretrained model);
+            ``None`` (default): not measured.
     """
 
     def __init__(self, path: str | None = None, prompts: str | None = None, num_prompts: int = 256, seed: int = 12345,
                  max_new_tokens: int = 32, batch_size: int = 64, max_prompt_length: int = 128,
-                 exclude_training_prompts: bool = True, template: str | None = None):
+                 exclude_training_prompts: bool = True, template: str | None = None,
+                 perplexity_text: str | None = None):
         super().__init__()
+        if perplexity_text is not None and perplexity_text not in PERPLEXITY_TEXTS:
+            raise ValueError(f"QuantizationEval.perplexity_text must be one of {PERPLEXITY_TEXTS} or None, "
+                             f"got {perplexity_text!r}")
+        self.perplexity_text = perplexity_text
+        self.texts: list[str] | None = None
         if template is not None:
             check_prompt_template(template, "QuantizationEval.template")
         if prompts is not None:
@@ -194,13 +262,15 @@ class QuantizationEval(L.Callback):
         if not records:
             raise ValueError("QuantizationEval: no evaluation prompts left after removing training prompts")
         self.records = records
+        if self.perplexity_text is not None:
+            self.texts = heldout_text(self.perplexity_text, template)
         self.fp_answers = generate_answers(pl_module.full_precision, pl_module.tokenizer,
                                            [r["prompt"] for r in records], **self.gen)
 
     def _run(self, trainer: L.Trainer, pl_module, model: nn.Module, prefix: str) -> dict:
         self._prepare(trainer, pl_module)
         metrics = evaluate_against_full_precision(pl_module.full_precision, model, pl_module.tokenizer, self.records,
-                                                  self.fp_answers, **self.gen)
+                                                  self.fp_answers, **self.gen, texts=self.texts)
         self.results.append({"stage": prefix, "step": trainer.global_step, **metrics})
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()

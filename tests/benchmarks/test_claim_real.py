@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks import claim_real
 from callbacks.oversquashing import representational_collapse
+from callbacks.quantization_eval import heldout_text, perplexity
 from datamodules.sequence_tasks import encode_prompt
 from lm.hf import load_causal_lm
 from lm.tokenizers import byte_tokenizer
@@ -71,9 +72,9 @@ def test_task_accuracy_scores_the_leading_integer_after_the_answer_prefix(tiny_m
 def test_dpo_and_qdpo_claims_and_the_json_record(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setitem(claim_real.MODES["dpo"], "quick", dict(seeds=2, steps=2, pairs=40, batch_size=4, lr=1e-3,
                                                                val_fraction=0.25))
-    monkeypatch.setitem(claim_real.MODES["qdpo"], "quick", dict(seeds=2, prompts=["tasks", "freeform"], bits=2,
-                                                                num_prompts=24, eval_prompts=16, batch_size=4,
-                                                                lr=1e-3, max_new_tokens=4))
+    monkeypatch.setitem(claim_real.MODES["qdpo"], "quick", dict(
+        seeds=2, prompts=["tasks"], bits=2, num_prompts=24, eval_prompts=16, batch_size=4, lr=1e-3, max_new_tokens=4,
+        grid=dict(prompts="freeform", quantizers=["rtn"], bits=[2], seeds=2)))
     out = claim_real.main(["--only", "dpo,qdpo", "--quick", "--out", str(tmp_path / "results"),
                            "--work", str(tmp_path / "work")])
     record = json.loads((tmp_path / "results" / "real_dpo.json").read_text())
@@ -88,18 +89,30 @@ def test_dpo_and_qdpo_claims_and_the_json_record(tiny_model, tmp_path, monkeypat
     qdpo = out["qdpo"]
     flips, loglik = "token-flip rate vs the FP model's answers", "FP model's mean log-likelihood per token of the answers"
     rouge = "Rouge-L F1 of the answers vs the FP model's answers"
-    # per prompt kind: flip rate, FP likelihood, Rouge-L (+ the checker score on the tasks only: free-form has none)
-    assert [c["metric"] for c in qdpo["claims"]] == [flips, loglik, "valid-answer rate (task checker)", rouge,
-                                                     flips, loglik, rouge]
-    assert ["held-out built-in tasks" in c["claim"] for c in qdpo["claims"]] == [True] * 4 + [False] * 3
-    assert all("held-out free-form prompts" in c["claim"] for c in qdpo["claims"][4:])
+    # the tasks: flip rate, FP likelihood, the checker's score, Rouge-L; then one flip-rate claim per grid cell
+    assert [c["metric"] for c in qdpo["claims"]] == [flips, loglik, "valid-answer rate (task checker)", rouge, flips]
+    assert ["held-out built-in tasks" in c["claim"] for c in qdpo["claims"]] == [True] * 4 + [False]
     assert qdpo["claims"][0]["baseline_name"] == "RTN int2 g32"
-    for kind, row, key in (("tasks", qdpo["claims"][0], "flip_rate"), ("freeform", qdpo["claims"][4], "flip_rate"),
-                           ("freeform", qdpo["claims"][6], "rouge_l")):
-        runs = qdpo["measurements"][kind]["runs"]
-        assert row["ours"] == pytest.approx(sum(r["results"]["qdpo"][key] for r in runs) / 2)
-        assert all(r["results"]["fp"]["flip_rate"] == 0.0 for r in runs)  # FP never flips against itself
-    assert all(r["results"]["qdpo"]["check_score"] is None for r in qdpo["measurements"]["freeform"]["runs"])
+    runs = qdpo["measurements"]["tasks"]["runs"]
+    assert qdpo["claims"][0]["ours"] == pytest.approx(sum(r["results"]["qdpo"]["flip_rate"] for r in runs) / 2)
+    assert all(r["results"]["fp"]["flip_rate"] == 0.0 for r in runs)  # FP never flips against itself
+    # the grid cell: free-form prompts (no checker), its own qdpo_table run, resumable from its file
+    cell = tmp_path / "work" / "real_qdpo" / "grid" / "rtn-int2.json"
+    cell_runs = json.loads(cell.read_text())["runs"]
+    grid_claim = qdpo["claims"][4]
+    assert "rtn-int2 g32 PTQ alone, held-out free-form prompts" in grid_claim["claim"]
+    assert grid_claim["ours"] == pytest.approx(sum(r["results"]["qdpo"]["flip_rate"] for r in cell_runs) / 2)
+    assert grid_claim["baseline"] == pytest.approx(sum(r["results"]["rtn"]["flip_rate"] for r in cell_runs) / 2)
+    per_seed = qdpo["settings"]["quantizer_grid"]["per_seed"]["rtn-int2"]
+    assert per_seed["qdpo"]["check_score"] == [None, None] and len(per_seed["ptq"]["perplexity"]) == 2
+    # perplexity on CPython's docs in every run: FP's is the pure function's on that text
+    fp_ppl = perplexity(load_causal_lm(tiny_model), byte_tokenizer(), heldout_text("docs", ""))
+    assert [r["results"]["fp"]["perplexity"] for r in runs + cell_runs] == pytest.approx([fp_ppl] * 4)
+    assert all(math.isfinite(r["results"][m]["perplexity"]) for r in runs + cell_runs for m in ("rtn", "qdpo"))
+    said = []
+    settings = dict(claim_real.MODES["qdpo"]["quick"])
+    again, _ = claim_real.qdpo_grid(settings, tmp_path / "work" / "real_qdpo", said.append)
+    assert again["rtn-int2"] == per_seed and said == [f"qdpo grid rtn-int2: reusing {cell}"]
     assert (tmp_path / "results" / "real_qdpo.json").is_file()
 
 
