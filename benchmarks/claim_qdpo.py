@@ -17,7 +17,8 @@ experiment with that quantizer's PTQ model as the baseline and as QDPO's start (
 and ``awq`` (after folding its scales) train with RTN's scales recomputed from the latent weights, ``hqq``/``gptq`` on
 the PTQ grid kept fixed;
 GPTQ/AWQ calibrated on built-in training-side prompts, never the evaluated ones): one token-flip claim per cell,
-QDPO vs that PTQ model alone, paired by seed, and the cell's FP / PTQ / QDPO means in ``settings.quantizer_grid``.
+QDPO vs that PTQ model alone, paired by seed, and the cell's FP / PTQ / QDPO per-seed values of :data:`GRID_METRICS`
+(with Rouge-L to the FP answers and the perplexity of held-out built-in task text) in ``settings.quantizer_grid``.
 The RTN int4 cell is the main experiment's first seeds. ``python -m benchmarks.claim_qdpo --update-docs RESULTS_JSON``
 writes the grid's table and per-cell answer into docs/qdpo.md (:func:`quantizer_table`).
 """

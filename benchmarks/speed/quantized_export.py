@@ -331,26 +331,29 @@ def docs_block(result: dict, source: str) -> str:
                      f"| {r['reload_max_abs_logit_diff']:.3g} | {r['greedy_token_match_vs_fp']:.0%} |")
     lines.append("")
     fp = rows["fp32"]
-    for tag, r in rows.items():
-        if tag == "fp32":
-            continue
-        bits = r["config"]["bits"]
-        shrink = 1 / r["quantized_layers_bytes_vs_fp"]
-        ideal = fp["quantized_layers_tensor_bytes"] / r["packed_ideal_quantized_layers_bytes"]
-        speed = r["decode_speed_vs_fp"]
+    quantized = {tag: r for tag, r in rows.items() if tag != "fp32"}
+    span = lambda v, f: f"{min(v):{f}}" if f"{min(v):{f}}" == f"{max(v):{f}}" else f"{min(v):{f}}–{max(v):{f}}"  # noqa: E731
+    for bits in sorted({r["config"]["bits"] for r in quantized.values()}):
+        same = [r for r in quantized.values() if r["config"]["bits"] == bits]
+        shrink = span([1 / r["quantized_layers_bytes_vs_fp"] for r in same], ".2f")
+        packed = span([r["quantized_layers_tensor_bytes"] / r["packed_ideal_quantized_layers_bytes"] for r in same],
+                      ".2f")
+        ideal = span([fp["quantized_layers_tensor_bytes"] / r["packed_ideal_quantized_layers_bytes"] for r in same],
+                     ".2f")
         lines.append(
-            f"- **{tag}**: the quantized layers take {shrink:.2f}× less room than in fp32 — codes are stored one per "
-            f"byte (int8), plus an fp32 scale and an int8 zero point per group, so int{bits} is "
-            f"{r['quantized_layers_tensor_bytes'] / r['packed_ideal_quantized_layers_bytes']:.2f}× the size of packed "
-            f"int{bits} codes with fp32 scales ({ideal:.2f}× smaller than fp32). The whole weight file is "
-            f"{1 / r['disk_bytes_vs_fp']:.2f}× smaller: embeddings and norms stay fp32"
-            + (" (the embedding is tied to the output layer, which is not quantized)" if s["tied_embeddings"] else "")
-            + f". Decoding is {speed:.2f}× FP's speed ("
-            + (f"{1 / speed:.1f}× slower: on this CPU the weights are dequantized to fp32 in every matmul"
-               if speed < 0.95 else "about FP's speed" if speed <= 1.05 else "faster than fp32")
-            + f"); prefill {r['prefill_speed_vs_fp']:.2f}× FP's. Reloaded vs in-memory logits: max abs diff "
-            f"{r['reload_max_abs_logit_diff']:.3g}" + (" (the export is exact)." if r["reload_max_abs_logit_diff"] == 0
-                                                         else "."))
+            f"- **int{bits}** ({', '.join(t for t, r in quantized.items() if r['config']['bits'] == bits)}): the "
+            f"quantized layers take {shrink}× less room than in fp32 — codes are stored one per byte (int8), plus an "
+            f"fp32 scale and an int8 zero point per group, so int{bits} is {packed}× the size of packed int{bits} "
+            f"codes with fp32 scales ({ideal}× smaller than fp32). The whole weight file is "
+            f"{span([1 / r['disk_bytes_vs_fp'] for r in same], '.2f')}× smaller: embeddings and norms stay fp32"
+            + (" (the embedding is tied to the output layer, which is not quantized)." if s["tied_embeddings"] else "."))
+    decode, prefill = [r["decode_speed_vs_fp"] for r in quantized.values()], [r["prefill_speed_vs_fp"]
+                                                                                 for r in quantized.values()]
+    exact = [t for t, r in quantized.items() if r["reload_max_abs_logit_diff"] == 0]
+    lines.append(f"- **Speed**: decoding at {span(decode, '.2f')}× FP's tokens/s"
+                 + (" (slower: on this CPU the weights are dequantized to fp32 in every matmul)" if max(decode) < 0.95
+                    else "") + f", prefill {span(prefill, '.2f')}× FP's. Reloaded vs in-memory logits: max abs diff 0 "
+                 f"(the export is exact) for {len(exact)} of {len(quantized)} variants.")
     if result.get("note"):
         lines += ["", f"Note on the run: {result['note']}"]
     return "\n".join(lines)

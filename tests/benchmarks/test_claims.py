@@ -250,29 +250,30 @@ def test_qdpo_quantizer_grid_runs_every_cell_once_and_reuses_the_main_rtn_int4_s
     def fake_table(argv):  # flip rates encode (bits, seed, model) so every value's origin is checkable
         bits = int(argv[argv.index("--bits") + 1])
         calls.append((argv[argv.index("--quantizer") + 1], bits, argv[argv.index("--seeds") + 1:][:3]))
-        return {"runs": [{"results": {n: {k: bits + seed / 10 + off for k, _, _ in claim_qdpo.METRICS}
+        return {"runs": [{"results": {n: {k: bits + seed / 10 + off for k, _, _ in claim_qdpo.GRID_METRICS}
                                       for n, off in (("fp", 0.0), ("rtn", 0.5), ("qdpo", 0.25))}}
                          for seed in range(2)]}
 
     monkeypatch.setattr(qdpo_table, "main", fake_table)
-    main_runs = [{"results": {n: {k: 100 + seed for k, _, _ in claim_qdpo.METRICS} for n in ("fp", "rtn", "qdpo")}}
+    main_runs = [{"results": {n: {k: 100 + seed for k, _, _ in claim_qdpo.GRID_METRICS} for n in ("fp", "rtn", "qdpo")}}
                  for seed in range(3)]
     grid = claim_qdpo.quantizer_grid("quick", main_runs, {"num_prompts": 8, "eval_prompts": 8}, tmp_path,
                                      lambda *a: None)
     assert [c[:2] for c in calls] == [("rtn", 3), ("gptq", 4), ("gptq", 3)]
     assert all(c[2] == ["0", "1", "--cache"] for c in calls)  # seeds 0 1 per cell
     assert grid["rtn-int4"]["ptq"]["flip_rate"] == [100, 101]  # the main run's first two seeds
-    assert grid["gptq-int3"] == {"fp": {k: [3.0, 3.1] for k, _, _ in claim_qdpo.METRICS},
-                                 "ptq": {k: [3.5, 3.6] for k, _, _ in claim_qdpo.METRICS},
-                                 "qdpo": {k: [3.25, 3.35] for k, _, _ in claim_qdpo.METRICS}}
+    assert grid["gptq-int3"] == {"fp": {k: [3.0, 3.1] for k, _, _ in claim_qdpo.GRID_METRICS},
+                                 "ptq": {k: [3.5, 3.6] for k, _, _ in claim_qdpo.GRID_METRICS},
+                                 "qdpo": {k: [3.25, 3.35] for k, _, _ in claim_qdpo.GRID_METRICS}}
 
 
 def test_qdpo_quantizer_docs_table_verdicts_by_the_report_rule(tmp_path, root):
     from benchmarks import claim_qdpo
 
     def cell(ptq, qdpo):
-        return {"fp": {k: [0.0] * len(ptq) for k, _, _ in claim_qdpo.METRICS},
-                "ptq": {k: ptq for k, _, _ in claim_qdpo.METRICS}, "qdpo": {k: qdpo for k, _, _ in claim_qdpo.METRICS}}
+        return {"fp": {k: [0.0] * len(ptq) for k, _, _ in claim_qdpo.GRID_METRICS},
+                "ptq": {k: ptq for k, _, _ in claim_qdpo.GRID_METRICS},
+                "qdpo": {k: qdpo for k, _, _ in claim_qdpo.GRID_METRICS}}
 
     # PTQ − QDPO flip rate per seed: gptq-int3 [.2, .15, .15] -> d = 1/6, s = stdev = 0.02887 < d/2: reproduced;
     # hqq-int2 [−.1, −.11] -> d = −0.105, s = 0.00707: not reproduced; rtn-int4 [.05, −.1] -> d = −0.025, s = 0.1061
@@ -285,10 +286,23 @@ def test_qdpo_quantizer_docs_table_verdicts_by_the_report_rule(tmp_path, root):
     claim_qdpo.main(["--update-docs", str(results), "--doc", str(doc)])
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
-    assert "| gptq | 3 | 3 | 0.0000 | 0.2500 | 0.0833 | 0.1667 ± 0.0289 | reproduced |" in text
-    assert "| hqq | 2 | 2 | 0.0000 | 0.1000 | 0.2050 | -0.1050 ± 0.0071 | not reproduced |" in text
-    assert "| rtn | 4 | 2 | 0.0000 | 0.1500 | 0.1750 | -0.0250 ± 0.1061 | inconclusive |" in text
+    # flips PTQ → +QDPO, d ± s, verdict, FP log-lik, Rouge-L, check, ppl FP, ppl PTQ → +QDPO (means over seeds)
+    assert ("| gptq | 3 | 3 | 0.2500 → 0.0833 | 0.1667 ± 0.0289 | reproduced | 0.2500 → 0.0833 | 0.250 → 0.083 | "
+            "0.250 → 0.083 | 0.000 | 0.250 → 0.083 |") in text
+    assert "| hqq | 2 | 2 | 0.1000 → 0.2050 | -0.1050 ± 0.0071 | not reproduced |" in text
+    assert "| rtn | 4 | 2 | 0.1500 → 0.1750 | -0.0250 ± 0.1061 | inconclusive |" in text
     assert "token flips) **reproduced**: gptq int3." in text and "**not reproduced**: hqq int2." in text
     assert "**inconclusive**: rtn int4." in text
-    doc_text = (root / "docs/qdpo.md").read_text()  # the repository's doc has the block to fill
-    assert claim_qdpo.DOC_BEGIN in doc_text and claim_qdpo.DOC_END in doc_text
+    # the SmolLM2 record (claim_real's real_qdpo.json) fills its own block; free-form prompts have no checker
+    grid["gptq-int3"]["ptq"]["check_score"] = grid["gptq-int3"]["qdpo"]["check_score"] = [None] * 3
+    record = tmp_path / "real_qdpo.json"
+    record.write_text(json.dumps({"settings": {"quantizer_grid": {"per_seed": grid}}}))
+    doc.write_text(f"{claim_qdpo.DOC_BEGIN}\nbuilt-in\n{claim_qdpo.DOC_END}\n{claim_qdpo.REAL_BEGIN}\nold\n"
+                   f"{claim_qdpo.REAL_END}\n")
+    claim_qdpo.main(["--update-docs", str(record), "--doc", str(doc)])
+    text = doc.read_text()
+    assert "built-in" in text and "old" not in text and "CPython's documentation" in text
+    assert "| reproduced | 0.2500 → 0.0833 | 0.250 → 0.083 | – → – | 0.000 | 0.250 → 0.083 |" in text
+    doc_text = (root / "docs/qdpo.md").read_text()  # the repository's doc has the blocks to fill
+    assert all(m in doc_text for m in (claim_qdpo.DOC_BEGIN, claim_qdpo.DOC_END, claim_qdpo.REAL_BEGIN,
+                                       claim_qdpo.REAL_END))

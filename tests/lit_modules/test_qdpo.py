@@ -7,13 +7,13 @@ import pytest
 import torch
 import yaml
 
-from callbacks.quantization_eval import evaluate_against_full_precision, token_flip_stats
+from callbacks.quantization_eval import evaluate_against_full_precision, heldout_text, perplexity, token_flip_stats
 from cli import build_cli
 from datamodules.instruction import load_instruction_records
 from lit_modules import QDPO
 from lm.hf import load_causal_lm
 from lm.quantization import QuantizerConfig, quantize, quantize_rtn
-from lm.tokenizers import byte_tokenizer
+from lm.tokenizers import byte_tokenizer, resolve_prompt_template
 from tiny_models import TINY, materialized
 
 
@@ -121,7 +121,7 @@ def test_int4_config_runs_end_to_end(quantizer, root, tmp_path):
     fp_dir = _tiny_fp_export(tmp_path / "fp")
     small = tmp_path / "small.yaml"
     small.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.QuantizationEval\n"
-                     "      init_args: {num_prompts: 24, max_new_tokens: 6}\n")
+                     "      init_args: {num_prompts: 24, max_new_tokens: 6, perplexity_text: tasks}\n")
     cli = build_cli(["fit", "--config", str(root / "configs/qdpo/int4.yaml"), "--config", str(small),
                      "--model.model", fp_dir, "--model.export_dir", "exported", "--trainer.max_steps", "2",
                      "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
@@ -139,6 +139,11 @@ def test_int4_config_runs_end_to_end(quantizer, root, tmp_path):
     ids = torch.randint(3, 259, (1, 8))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, cli.model.policy.eval()(ids).logits)  # the trained model, exactly
+    # perplexity of held-out task text, logged at every stage: the final one is the exported model's
+    texts = heldout_text("tasks", resolve_prompt_template(byte_tokenizer()))
+    results = cli.trainer.callbacks[0].results
+    assert results[-1]["perplexity"] == pytest.approx(perplexity(loaded, byte_tokenizer(), texts), rel=1e-5)
+    assert all(r["perplexity"] > 1 for r in results)
 
 
 def test_precomputed_reference_logps_are_the_rtn_models_live_logps(tmp_path):
