@@ -74,7 +74,7 @@ def eval_records(n: int, exclude: set[str], tokenizer, prompts: str = "tasks") -
 
 
 def run_seed(args, seed: int, device: torch.device, accelerator: str, references: dict,
-             texts: list[str]) -> dict:
+             texts: list[tuple[str, str]]) -> dict:
     """One QDPO model trained and evaluated with FP and RTN (perplexity on ``texts``); ``references`` memoizes FP's
     answers and the FP/RTN results per held-out prompt set (the same for every seed when no training prompt had to be
     removed)."""

@@ -71,51 +71,67 @@ def token_flip_stats(fp_logits: Tensor, q_logits: Tensor) -> dict[str, Tensor]:
 PERPLEXITY_TEXTS = ("tasks", "docs")
 
 
-def heldout_text(source: str, template: str, seed: int = 54321, n: int = 1000) -> list[str]:
-    """Held-out documents for :func:`perplexity`, in a seeded order.
+def heldout_text(source: str, template: str, seed: int = 54321, n: int = 1000) -> list[tuple[str, str]]:
+    """Held-out text for :func:`perplexity` as (context, text) pairs, in a seeded order.
 
     ``"tasks"``: ``n`` built-in instruction-task examples (:func:`datamodules.instruction_tasks.generate_examples`
     with generator seed ``seed``: fresh draws of the distribution the built-in FP model was SFT'd on, so a prompt may
-    coincide with one drawn elsewhere: the task space is finite), each prompt in ``template`` followed by its
-    reference answer. ``"docs"``: every topic of CPython's documentation (:func:`datamodules.text.builtin_documents`,
-    English prose, the kind of text a pretrained model's perplexity is measured on), shuffled with ``seed``; QDPO
-    never trains, calibrates or prompts on it."""
+    coincide with one drawn elsewhere: the task space is finite): context = the prompt in ``template``, text = its
+    reference answer (an SFT model is trained on answers given prompts, never on the prompts themselves).
+    ``"docs"``: every topic of CPython's documentation (:func:`datamodules.text.builtin_documents`, English prose, the
+    kind of text a pretrained model's perplexity is measured on), shuffled with ``seed``, no context; QDPO never
+    trains, calibrates or prompts on it."""
     if source not in PERPLEXITY_TEXTS:
         raise ValueError(f"perplexity text must be one of {PERPLEXITY_TEXTS}, got {source!r}")
     if source == "tasks":
-        return [format_prompt(ex["instruction"], ex["context"], template) + ex["response"]
+        return [(format_prompt(ex["instruction"], ex["context"], template), ex["response"])
                 for ex in generate_examples(n, seed)]
     docs = [text for _, text in builtin_documents() if text.strip()]
     random.Random(seed).shuffle(docs)
-    return docs
+    return [("", text) for text in docs]
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer, texts: list[str], block_size: int = 128, max_blocks: int = 32,
-               batch_size: int = 8) -> float:
-    """exp(−(1/T) Σ_t log p(x_t | x_<t)) of ``model`` on ``texts``.
+def perplexity(model: nn.Module, tokenizer, texts: list[tuple[str, str]], block_size: int = 128,
+               max_blocks: int = 32, batch_size: int = 8) -> float:
+    """exp(−(1/T) Σ_t log p(x_t | x_<t)) of ``model`` over the T scored tokens of ``texts`` ((context, text) pairs,
+    :func:`heldout_text`), in at most ``max_blocks`` rows of at most ``block_size`` tokens, each row scored on its own.
 
-    The texts are tokenized in order, each followed by EOS, concatenated and cut into blocks of ``block_size``
-    tokens (:func:`datamodules.text.pack_blocks`, as a :class:`~datamodules.TextDataModule` trains on them; only as
-    many texts are tokenized as the first ``max_blocks`` blocks need). Each block is scored on its own: its first
-    token is context only, so T = blocks × (block_size − 1)."""
-    need, ids = block_size * max_blocks, []
-    for text in texts:
-        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if sum(len(t) + 1 for t in ids) >= need:
+    Without context, the texts are tokenized in order, each followed by EOS, concatenated and cut into rows of
+    ``block_size`` tokens (:func:`datamodules.text.pack_blocks`, as :class:`~datamodules.TextDataModule` trains on
+    them); every token but a row's first is scored. With a context, a pair is one row, context + text + EOS (cut to
+    ``block_size``), scoring the text and EOS only."""
+    eos = tokenizer.eos_token_id
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rows, docs = [], []  # rows: (ids, scored 0/1 per position)
+    for context, text in texts:
+        ids = encode(text)
+        if context:
+            ctx = encode(context)
+            rows.append(((ctx + ids + [eos])[:block_size], ([0] * len(ctx) + [1] * (len(ids) + 1))[:block_size]))
+        else:
+            docs.append(ids)
+        if len(rows) + sum(len(d) + 1 for d in docs) // block_size >= max_blocks:
             break
-    blocks = pack_blocks(ids, block_size, tokenizer.eos_token_id)[:max_blocks]
-    if len(blocks) == 0:
+    rows += [(block.tolist(), [1] * block_size) for block in pack_blocks(docs, block_size, eos)]
+    rows = rows[:max_blocks]
+    if not rows:
         raise ValueError(f"perplexity: the texts give no block of {block_size} tokens")
     device, mode = next(model.parameters()).device, model.training
     model.eval()
-    nll = 0.0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start:start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+    nll, scored_tokens = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        ids = pad_sequences([r[0] for r in batch], tokenizer.pad_token_id).to(device)
+        scored = pad_sequences([r[1] for r in batch], 0)[:, 1:].to(device)
+        padded = len({len(r[0]) for r in batch}) > 1
+        attn = pad_sequences([[1] * len(r[0]) for r in batch], 0).to(device) if padded else None
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+        token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        nll += float((token_nll * scored).sum())
+        scored_tokens += int(scored.sum())
     model.train(mode)
-    return math.exp(nll / (blocks.numel() - len(blocks)))
+    return math.exp(nll / scored_tokens)
 
 
 def _answer_batch(tokenizer, prompts: list[str], answers: list[str], max_prompt_length: int):
@@ -149,7 +165,7 @@ def _teacher_forced(models: list[nn.Module], tokenizer, prompts: list[str], answ
 def evaluate_against_full_precision(full_precision: nn.Module, model: nn.Module, tokenizer, records: list[dict],
                                     fp_answers: list[str] | None = None, max_new_tokens: int = 32,
                                     batch_size: int = 64, max_prompt_length: int = 128,
-                                    texts: list[str] | None = None) -> dict[str, float | None]:
+                                    texts: list[tuple[str, str]] | None = None) -> dict[str, float | None]:
     """The metrics of the module docstring for ``model`` on ``records`` (rows with ``prompt``; built-in rows
     also ``task``/``params``). ``fp_answers``: FP's greedy answers, generated when not given. Answers are decoded
     greedily with the package's one sampler (:func:`lm.sampling.generate_answers`). ``texts``: held-out text for
@@ -219,7 +235,7 @@ class QuantizationEval(L.Callback):
             raise ValueError(f"QuantizationEval.perplexity_text must be one of {PERPLEXITY_TEXTS} or None, "
                              f"got {perplexity_text!r}")
         self.perplexity_text = perplexity_text
-        self.texts: list[str] | None = None
+        self.texts: list[tuple[str, str]] | None = None
         if template is not None:
             check_prompt_template(template, "QuantizationEval.template")
         if prompts is not None:

@@ -279,8 +279,10 @@ class DPO(DeferredNetworksModule):
             return
         loaders = self._ref_loaders()
         reference = self._frozen(self.build_reference()).to(self.device)
+        # packed and eager log-probs agree to ~1e-6, not bit for bit: one table per path, so the numbers of a run do
+        # not depend on which path filled the cache first
         key = hashlib.sha256(f"{module_fingerprint(reference)}|{self._data_fingerprint(loaders)}|"
-                             f"{self.length_normalize}".encode()).hexdigest()[:20]
+                             f"{self.length_normalize}|packed={self.packed}".encode()).hexdigest()[:20]
         from datamodules.common import cache_dir  # here, not at the top: datamodules imports lit_modules
 
         path = Path(self.ref_cache_dir) if self.ref_cache_dir else cache_dir("dpo_ref_logps")

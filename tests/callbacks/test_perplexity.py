@@ -20,7 +20,7 @@ class Bigram(nn.Module):
         super().__init__()
         self.table = nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)))
 
-    def forward(self, input_ids, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
         return SimpleNamespace(logits=self.table[input_ids])
 
 
@@ -35,7 +35,7 @@ def test_perplexity_is_exp_of_the_mean_next_token_nll_of_each_block():
     blocks = [stream[i * 5:(i + 1) * 5] for i in range(3)]
     logp = torch.log_softmax(model.table.detach().double(), -1)
     nll = -sum(float(logp[b[j - 1], b[j]]) for b in blocks for j in range(1, 5))
-    got = perplexity(model, tok, texts, block_size=5, max_blocks=3, batch_size=2)
+    got = perplexity(model, tok, [("", t) for t in texts], block_size=5, max_blocks=3, batch_size=2)
     assert got == pytest.approx(math.exp(nll / 12), rel=1e-6)
     assert model.training  # mode restored
 
@@ -45,26 +45,43 @@ def test_a_uniform_model_has_the_vocabulary_size_as_perplexity():
     model = Bigram(len(tok))
     with torch.no_grad():
         model.table.zero_()
-    assert perplexity(model, tok, ["abcdefgh" * 10], block_size=16, max_blocks=4) == pytest.approx(len(tok))
+    assert perplexity(model, tok, [("", "abcdefgh" * 10)], block_size=16, max_blocks=4) == pytest.approx(len(tok))
+    assert perplexity(model, tok, [("question", "answer")] * 3, batch_size=2) == pytest.approx(len(tok))
+
+
+def test_with_a_context_only_the_text_and_eos_are_scored_one_row_per_pair():
+    tok = byte_tokenizer()
+    model = Bigram(len(tok))
+    pairs = [("Q: 1+1?", "2"), ("Say hi.", "hello"), ("x", "longer answer")]
+    logp = torch.log_softmax(model.table.detach().double(), -1)
+    nll, n = 0.0, 0
+    for context, text in pairs:  # by hand: ids = context bytes, text bytes, EOS; targets = the text's bytes and EOS
+        ids = [b + 3 for b in (context + text).encode()] + [tok.eos_token_id]
+        for j in range(len(context.encode()), len(ids)):
+            nll -= float(logp[ids[j - 1], ids[j]])
+            n += 1
+    assert n == 2 + 6 + 14
+    got = perplexity(model, tok, pairs, batch_size=2)  # rows of different lengths share a padded batch
+    assert got == pytest.approx(math.exp(nll / n), rel=1e-6)
 
 
 def test_too_little_text_is_a_clear_error():
     tok = byte_tokenizer()
     with pytest.raises(ValueError, match="no block of 64 tokens"):
-        perplexity(Bigram(len(tok)), tok, ["short"], block_size=64)
+        perplexity(Bigram(len(tok)), tok, [("", "short")], block_size=64)
 
 
 def test_heldout_text_sources():
     tasks = heldout_text("tasks", PROMPT_TEMPLATE, n=20)
     examples = generate_examples(20, 54321)
     assert len(tasks) == 20
-    for text, ex in zip(tasks, examples):  # prompt in the template, then the reference answer, which checks
-        prompt = PROMPT_TEMPLATE.format(instruction=ex["instruction"], context="", context_block="",
-                                        user=ex["instruction"])
-        assert text.startswith(prompt) and check_answer(ex, text[len(prompt):])
+    for (context, text), ex in zip(tasks, examples):  # the prompt in the template, then the reference answer
+        assert context == PROMPT_TEMPLATE.format(instruction=ex["instruction"], context="", context_block="",
+                                                 user=ex["instruction"])
+        assert text == ex["response"] and check_answer(ex, text)
     docs = heldout_text("docs", PROMPT_TEMPLATE)
     assert docs == heldout_text("docs", PROMPT_TEMPLATE) != heldout_text("docs", PROMPT_TEMPLATE, seed=1)
-    assert len(docs) > 50 and all(d.strip() for d in docs)
+    assert len(docs) > 50 and all(context == "" and text.strip() for context, text in docs)
     with pytest.raises(ValueError, match="perplexity text must be one of"):
         heldout_text("wiki", PROMPT_TEMPLATE)
     with pytest.raises(ValueError, match="QuantizationEval.perplexity_text"):
