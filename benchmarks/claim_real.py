@@ -211,7 +211,7 @@ def qdpo(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress
     for kind in s["prompts"]:
         argv = [*_qdpo_argv(s, kind, out_dir), "--bits", str(s["bits"]), "--seeds", *map(str, range(s["seeds"]))]
         progress(f"qdpo: benchmarks.qdpo_table {' '.join(argv)}")
-        table = _qdpo_table(argv)
+        table = _qdpo_table(argv, out_dir / f"{kind}.json")
         runs = table["runs"]
         label = {"tasks": "built-in tasks", "freeform": "free-form prompts"}[kind]
         for key, metric, higher in metrics:
@@ -249,13 +249,20 @@ def _qdpo_argv(s: dict, kind: str, out_dir: pathlib.Path) -> list[str]:
             "--perplexity-text", "docs", "--cache", str(out_dir / "cache")]
 
 
-def _qdpo_table(argv: list[str]) -> dict:
-    """:func:`benchmarks.qdpo_table.main` (its printing silenced); an error when it had to skip (no torchao)."""
+def _qdpo_table(argv: list[str], out: pathlib.Path) -> dict:
+    """:func:`benchmarks.qdpo_table.main` with ``--out out`` (its printing silenced; an error when it had to skip: no
+    torchao), or the result already in ``out`` when that file records the same command: an interrupted experiment
+    resumes where it stopped."""
     import contextlib
     import io
 
     from benchmarks import qdpo_table
 
+    argv = [*argv, "--out", str(out)]
+    if out.is_file():
+        saved = json.loads(out.read_text())
+        if saved.get("command") == "python -m benchmarks.qdpo_table " + " ".join(argv):
+            return saved
     with contextlib.redirect_stdout(io.StringIO()):
         table = qdpo_table.main(argv)
     if "skipped" in table:
@@ -266,8 +273,9 @@ def _qdpo_table(argv: list[str]) -> dict:
 def qdpo_grid(s: dict, out_dir: pathlib.Path, progress: Progress, jobs: int = 1) -> tuple[dict, dict]:
     """Each quantizer × bits cell of ``s["grid"]``: :func:`benchmarks.qdpo_table.main` on its ``prompts`` with
     ``seeds`` seeds, that quantizer's PTQ model as the baseline and as QDPO's start, the int4 rows' other settings.
-    Each cell writes ``out_dir/grid/<cell>.json`` when done; a rerun reuses a cell whose file has the same command,
-    so an interrupted grid resumes where it stopped. ``jobs`` cells run at the same time (child processes).
+    Each cell writes ``out_dir/grid/<cell>.json`` when done; a rerun reuses a cell whose file has the same command
+    (:func:`_qdpo_table`), so an interrupted grid resumes where it stopped. ``jobs`` cells run at the same time
+    (child processes).
     Returns ({cell: :func:`benchmarks.claim_qdpo.per_seed_cell`}, {cell: its argv})."""
     import concurrent.futures
     import multiprocessing
@@ -275,37 +283,27 @@ def qdpo_grid(s: dict, out_dir: pathlib.Path, progress: Progress, jobs: int = 1)
     from benchmarks.claim_qdpo import per_seed_cell
 
     g = s["grid"]
-    argvs, todo = {}, []
+    argvs, paths = {}, {}
     for quantizer in g["quantizers"]:
         for bits in g["bits"]:
             cell = f"{quantizer}-int{bits}"
-            path = out_dir / "grid" / f"{cell}.json"
+            paths[cell] = out_dir / "grid" / f"{cell}.json"
             argvs[cell] = [*_qdpo_argv(s, g["prompts"], out_dir), "--quantizer", quantizer, "--bits", str(bits),
-                           "--seeds", *map(str, range(g["seeds"])), "--out", str(path)]
-            done = path.is_file() and json.loads(path.read_text())["command"] == _table_command(argvs[cell])
-            progress(f"qdpo grid {cell}: " + ("reusing " + str(path) if done else
-                                              f"benchmarks.qdpo_table {' '.join(argvs[cell])}"))
-            if not done:
-                todo.append(cell)
-    if jobs > 1 and len(todo) > 1:
+                           "--seeds", *map(str, range(g["seeds"]))]
+            progress(f"qdpo grid {cell}: benchmarks.qdpo_table {' '.join(argvs[cell])} (result: {paths[cell]})")
+    if jobs > 1 and len(argvs) > 1:
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context) as pool:
-            futures = {pool.submit(_qdpo_table, argvs[cell]): cell for cell in todo}
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(argvs)), mp_context=context) as pool:
+            futures = {pool.submit(_qdpo_table, argvs[cell], paths[cell]): cell for cell in argvs}
             for future in concurrent.futures.as_completed(futures):
                 future.result()
                 progress(f"qdpo grid {futures[future]}: done")
     else:
-        for cell in todo:
-            _qdpo_table(argvs[cell])
+        for cell in argvs:
+            _qdpo_table(argvs[cell], paths[cell])
             progress(f"qdpo grid {cell}: done")
-    cells = {cell: per_seed_cell(json.loads((out_dir / "grid" / f"{cell}.json").read_text())["runs"])
-             for cell in argvs}
-    return cells, argvs
-
-
-def _table_command(argv: list[str]) -> str:
-    """The ``command`` a ``benchmarks.qdpo_table`` result records for ``argv``."""
-    return "python -m benchmarks.qdpo_table " + " ".join(argv)
+    cells = {cell: per_seed_cell(json.loads(paths[cell].read_text())["runs"]) for cell in argvs}
+    return cells, {cell: [*argv, "--out", str(paths[cell])] for cell, argv in argvs.items()}
 
 
 # --------------------------------------------------------------------------------------------------- dpo

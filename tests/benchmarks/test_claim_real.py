@@ -109,10 +109,12 @@ def test_dpo_and_qdpo_claims_and_the_json_record(tiny_model, tmp_path, monkeypat
     fp_ppl = perplexity(load_causal_lm(tiny_model), byte_tokenizer(), heldout_text("docs", ""))
     assert [r["results"]["fp"]["perplexity"] for r in runs + cell_runs] == pytest.approx([fp_ppl] * 4)
     assert all(math.isfinite(r["results"][m]["perplexity"]) for r in runs + cell_runs for m in ("rtn", "qdpo"))
-    said = []
-    settings = dict(claim_real.MODES["qdpo"]["quick"])
-    again, _ = claim_real.qdpo_grid(settings, tmp_path / "work" / "real_qdpo", said.append)
-    assert again["rtn-int2"] == per_seed and said == [f"qdpo grid rtn-int2: reusing {cell}"]
+    # an interrupted experiment resumes: every qdpo_table run left its result file, so a rerun trains nothing
+    from benchmarks import qdpo_table
+
+    monkeypatch.setattr(qdpo_table, "main", lambda argv: pytest.fail(f"ran again: {argv}"))
+    again = claim_real.run("qdpo", "quick", None, tmp_path / "work" / "real_qdpo", lambda msg: None)
+    assert again["claims"] == qdpo["claims"] and again["settings"]["quantizer_grid"]["per_seed"]["rtn-int2"] == per_seed
     assert (tmp_path / "results" / "real_qdpo.json").is_file()
 
 
