@@ -149,6 +149,10 @@ class PreferenceDataModule(L.LightningDataModule):
         return dm
 
     # ---------------------------------------------------------------- rows
+    #: answers are a model's own generations: an empty one means the model ended at once, and its response is EOS
+    #: alone (a real answer, and often the worst); in a user's file an empty answer is a broken row (an error)
+    generated_answers = False
+
     def source_name(self) -> str:
         return str(self.path) if self.path is not None else ("records" if self._records is not None else "built-in")
 
@@ -166,8 +170,9 @@ class PreferenceDataModule(L.LightningDataModule):
         if missing:
             raise KeyError(f"{where}: missing field(s) {missing} (fields: {sorted(k for k in row if k != '_line')})")
         prompt, chosen, rejected = (row[f] for f in self.fields)
-        for field, answer in zip(self.fields[1:], (chosen, rejected)):
-            _check_answer_not_empty(answer, field, where)
+        if not self.generated_answers:
+            for field, answer in zip(self.fields[1:], (chosen, rejected)):
+                _check_answer_not_empty(answer, field, where)
         if all(isinstance(v, str) for v in (prompt, chosen, rejected)):
             return prompt, chosen, rejected
         for field, value in zip(self.fields, (prompt, chosen, rejected)):

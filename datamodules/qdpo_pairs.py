@@ -80,6 +80,8 @@ class QDPOPairsDataModule(PreferenceDataModule):
     ``pair_models() -> PairModels(full_precision, quantized, tokenizer, fingerprint)``, asked once.
     """
 
+    generated_answers = True  # a quantized model that ends its answer at once is rejected for it, not an error
+
     def __init__(self, path: str | None = None, prompts: str = "tasks", num_prompts: int = 1000, prompt_seed: int = 1,
                  tasks: list[str] | None = None, template: str | None = None, max_new_tokens: int = 32,
                  generation_batch_size: int = 64, do_sample: bool = False, temperature: float = 1.0,

@@ -34,3 +34,15 @@ def test_readme_row_by_hand(tmp_path):
         "| minillm | `configs/minillm/smollm2.yaml` | c — m: 0.9 vs 0.5 (b): **reproduced** | "
         "3: 1 reproduced, 1 not reproduced, 1 inconclusive | 2 min (full mode, 2026-11-27) |\n"
         f"{claim_real.README_END}\nend\n")
+
+
+def test_qdpo_quantizer_tables_are_generated_from_the_committed_results(root, monkeypatch, tmp_path):
+    """docs/qdpo.md's two grid tables (built-in model, SmolLM2) are what --update-docs writes from the records."""
+    from benchmarks import claim_qdpo
+
+    monkeypatch.chdir(root)  # the blocks name their source by the path given: docs/results/...
+    doc = tmp_path / "qdpo.md"
+    doc.write_text((root / "docs" / "qdpo.md").read_text())
+    for source in ("docs/results/full/results.json", "docs/results/real_qdpo.json"):
+        claim_qdpo.update_docs(pathlib.Path(source), doc)
+    assert doc.read_text() == (root / "docs" / "qdpo.md").read_text()

@@ -50,6 +50,23 @@ def test_identical_pairs_dropped_and_counted(fake_generation):
     assert row["chosen"] != row["rejected"] and row["chosen"].startswith("a") and "task" in row["example"]
 
 
+def test_an_empty_generated_answer_is_a_pair_whose_response_is_eos_alone(monkeypatch):
+    """A quantized model that ends at once (SmolLM2 at 3 bits did, on a free-form prompt) answered "": that pair is
+    kept, its rejected response is EOS alone (in a user's file an empty answer stays an error:
+    tests/datamodules/test_preference_data.py)."""
+    module = QDPO(model=TINY, group_size=16)
+    module.configure_model()
+    monkeypatch.setattr(qdpo_pairs, "generate_answers", lambda model, tok, prompts, **kw: [
+        "" if model is not module.full_precision and i == 0 else f"a{i}" for i in range(len(prompts))])
+    dm = _attach(QDPOPairsDataModule(num_prompts=12, val_fraction=0.0), module)
+    dm.setup("fit")
+    (pair,) = [p for p in dm.pairs if p["row"]["rejected"] == ""]
+    eos = module.tokenizer.eos_token_id
+    assert pair["rejected_ids"] == [eos]
+    assert pair["chosen_ids"] == module.tokenizer("a0", add_special_tokens=False)["input_ids"] + [eos]
+    assert len(dm.pairs) == 1 and dm.num_dropped_identical == len(dm.prompt_records()) - 1
+
+
 def test_cache_hit_does_not_regenerate_and_key_tracks_settings(fake_generation, tmp_path):
     module, calls = fake_generation
     first = _attach(QDPOPairsDataModule(num_prompts=30), module)
