@@ -115,6 +115,8 @@ def test_dpo_and_qdpo_claims_and_the_json_record(tiny_model, tmp_path, monkeypat
     monkeypatch.setattr(qdpo_table, "main", lambda argv: pytest.fail(f"ran again: {argv}"))
     again = claim_real.run("qdpo", "quick", None, tmp_path / "work" / "real_qdpo", lambda msg: None)
     assert again["claims"] == qdpo["claims"] and again["settings"]["quantizer_grid"]["per_seed"]["rtn-int2"] == per_seed
+    stages = sum(sum(r["timings_s"].values()) for r in runs + cell_runs)  # what the runs cost, reused or not
+    assert again["runs_seconds"] == pytest.approx(stages) == qdpo["runs_seconds"] and again["seconds"] < stages
     assert (tmp_path / "results" / "real_qdpo.json").is_file()
 
 
