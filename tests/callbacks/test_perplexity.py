@@ -65,6 +65,31 @@ def test_with_a_context_only_the_text_and_eos_are_scored_one_row_per_pair():
     assert got == pytest.approx(math.exp(nll / n), rel=1e-6)
 
 
+class LowRank(nn.Module):
+    """A large vocabulary (49152, SmolLM2's) with large logits (offset 100), the case where float32 loses bits."""
+
+    def __init__(self, vocab: int = 49152):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = nn.Parameter(torch.randn(259, 16, generator=g))
+        self.out = nn.Parameter(torch.randn(16, vocab, generator=g))
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return SimpleNamespace(logits=self.emb[input_ids] @ self.out + 100.0)
+
+
+def test_perplexity_matches_float64_on_a_large_vocabulary_with_large_logits():
+    tok, model = byte_tokenizer(), LowRank()
+    texts = [("", "some held-out text, " * 40)]
+    blocks = torch.tensor([[b + 3 for b in ("some held-out text, " * 40).encode()][:128 * 3]]).view(3, 128)
+    with torch.no_grad():  # the model's own float32 logits, normalised in float64
+        logp = model(blocks).logits.double().log_softmax(-1)[:, :-1]
+    nll = -float(logp.gather(-1, blocks[:, 1:, None]).sum())
+    got = perplexity(model, tok, texts, block_size=128, max_blocks=3)
+    # float32 log-softmax: 3.6e-6 off here; the (B, V, T) cross-entropy layout was 6.3e-5 off
+    assert got == pytest.approx(math.exp(nll / (3 * 127)), rel=1e-5)
+
+
 def test_too_little_text_is_a_clear_error():
     tok = byte_tokenizer()
     with pytest.raises(ValueError, match="no block of 64 tokens"):
