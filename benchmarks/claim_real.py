@@ -231,9 +231,8 @@ def qdpo(mode: str, seeds: int | None, out_dir: pathlib.Path, progress: Progress
                                                            "final_train_loss", "timings_s", "results")} for r in runs]}
         template = table["prompt_template"]
     if s.get("grid"):
-        grid, cell_argvs = qdpo_grid(s, out_dir, progress, jobs)
-        runs_seconds += sum(sum(r["timings_s"].values()) for cell in cell_argvs
-                            for r in json.loads(pathlib.Path(cell_argvs[cell][-1]).read_text())["runs"])
+        grid, cell_argvs, grid_seconds = qdpo_grid(s, out_dir, progress, jobs)
+        runs_seconds += grid_seconds
         label = {"tasks": "built-in tasks", "freeform": "free-form prompts"}[s["grid"]["prompts"]]
         for cell, g in grid.items():
             claims.append(claim(f"QDPO closer to full precision than {cell} g32 PTQ alone, held-out {label} "
@@ -275,13 +274,13 @@ def _qdpo_table(argv: list[str], out: pathlib.Path) -> dict:
     return table
 
 
-def qdpo_grid(s: dict, out_dir: pathlib.Path, progress: Progress, jobs: int = 1) -> tuple[dict, dict]:
+def qdpo_grid(s: dict, out_dir: pathlib.Path, progress: Progress, jobs: int = 1) -> tuple[dict, dict, float]:
     """Each quantizer × bits cell of ``s["grid"]``: :func:`benchmarks.qdpo_table.main` on its ``prompts`` with
     ``seeds`` seeds, that quantizer's PTQ model as the baseline and as QDPO's start, the int4 rows' other settings.
     Each cell writes ``out_dir/grid/<cell>.json`` when done; a rerun reuses a cell whose file has the same command
     (:func:`_qdpo_table`), so an interrupted grid resumes where it stopped. ``jobs`` cells run at the same time
     (child processes).
-    Returns ({cell: :func:`benchmarks.claim_qdpo.per_seed_cell`}, {cell: its argv})."""
+    Returns ({cell: :func:`benchmarks.claim_qdpo.per_seed_cell`}, {cell: its argv}, the cells' stage seconds summed)."""
     import concurrent.futures
     import multiprocessing
 
@@ -307,8 +306,10 @@ def qdpo_grid(s: dict, out_dir: pathlib.Path, progress: Progress, jobs: int = 1)
         for cell in argvs:
             _qdpo_table(argvs[cell], paths[cell])
             progress(f"qdpo grid {cell}: done")
-    cells = {cell: per_seed_cell(json.loads(paths[cell].read_text())["runs"]) for cell in argvs}
-    return cells, {cell: [*argv, "--out", str(paths[cell])] for cell, argv in argvs.items()}
+    runs = {cell: json.loads(paths[cell].read_text())["runs"] for cell in argvs}
+    seconds = sum(sum(r["timings_s"].values()) for cell_runs in runs.values() for r in cell_runs)
+    return ({cell: per_seed_cell(cell_runs) for cell, cell_runs in runs.items()},
+            {cell: [*argv, "--out", str(paths[cell])] for cell, argv in argvs.items()}, seconds)
 
 
 # --------------------------------------------------------------------------------------------------- dpo

@@ -103,7 +103,7 @@ def perplexity(model: nn.Module, tokenizer, texts: list[tuple[str, str]], block_
     ``block_size``), scoring the text and EOS only."""
     eos = tokenizer.eos_token_id
     encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-    rows, docs = [], []  # rows: (ids, scored 0/1 per position)
+    rows, docs, doc_tokens = [], [], 0  # rows: (ids, scored 0/1 per position)
     for context, text in texts:
         ids = encode(text)
         if context:
@@ -111,7 +111,8 @@ def perplexity(model: nn.Module, tokenizer, texts: list[tuple[str, str]], block_
             rows.append(((ctx + ids + [eos])[:block_size], ([0] * len(ctx) + [1] * (len(ids) + 1))[:block_size]))
         else:
             docs.append(ids)
-        if len(rows) + sum(len(d) + 1 for d in docs) // block_size >= max_blocks:
+            doc_tokens += len(ids) + 1
+        if len(rows) + doc_tokens // block_size >= max_blocks:
             break
     rows += [(block.tolist(), [1] * block_size) for block in pack_blocks(docs, block_size, eos)]
     rows = rows[:max_blocks]
